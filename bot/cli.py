@@ -1,0 +1,177 @@
+"""`bot` command line: a thin map from subcommands onto library functions."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .assets import default_adapters_dir
+from .errors import BotError
+
+
+def _command_line(argv) -> str:
+    return "bot " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _backbone(args):
+    from .backbone import Backbone
+
+    print(f"loading backbone {args.backbone or 'SmolLM2-135M-Instruct (embedded)'} ...", file=sys.stderr)
+    bb = Backbone.load(args.backbone)
+    print(f"  loaded in {bb.info.seconds:.1f}s{' (first run: converted GGUF into the cache)' if bb.info.converted else ''}",
+          file=sys.stderr)
+    return bb
+
+
+# ------------------------------------------------------------------ commands
+def cmd_train(args) -> int:
+    from .spec import AdapterSpec
+    from .train import train_adapter
+
+    folder = Path(args.adapters_dir) / args.name
+    spec = AdapterSpec.from_dir(folder)
+    bb = _backbone(args)
+    metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
+                            eval_examples=args.eval_examples, command=args.command_line)
+    print(_summary(metrics))
+    print(f"saved {folder} (metrics.json has the held-out scores and the exact command)")
+    return 0
+
+
+def _summary(m: dict) -> str:
+    h = m["heldout"]
+    if m["kind"] == "generate":
+        score = f"held-out perplexity {h['ppl_base']:.2f} (base) -> {h['ppl_adapter']:.2f} (adapter), {h['ppl_change']:+.1%}"
+    else:
+        score = ", ".join(f"{view} accuracy {v['accuracy']:.1%} (n={v['n']})" for view, v in h.items())
+    return f"{m['adapter']}: {score}; trained {m['train_seconds']:.0f}s on {m['examples_seen']} examples"
+
+
+def cmd_list(args) -> int:
+    import json
+
+    from .spec import discover
+
+    for spec in discover(args.adapters_dir):
+        mpath = spec.folder / "metrics.json"
+        state = _summary(json.loads(mpath.read_text())) if mpath.exists() else "not trained yet"
+        print(f"{spec.name:12s} {spec.kind:9s} {spec.description}\n{'':22s}{state}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import backbone_info
+
+    print(backbone_info(args))
+    return 0
+
+
+def cmd_add(args) -> int:
+    from .add import add_adapter
+
+    path = add_adapter(args)
+    print(f"wrote {path}\nnext: bot train {args.name} && bot eval {args.name}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args)
+
+
+def cmd_chat(args) -> int:
+    from .chat import run_terminal_chat
+
+    return run_terminal_chat(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def cmd_demo(args) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo.app import launch
+
+    return launch(args)
+
+
+# -------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bot", description="One backbone, many LoRA adapters, a router and a demo.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--backbone", default=os.environ.get("BOT_BACKBONE"),
+                        help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    common.add_argument("--adapters-dir", default=str(default_adapters_dir()),
+                        help="folder holding <name>/adapter.yaml (default: %(default)s)")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", parents=[common], help="train one adapter from its adapter.yaml")
+    t.add_argument("name")
+    t.add_argument("--epochs", type=float, help="override train.epochs")
+    t.add_argument("--max-examples", type=int, help="cap the training examples (quick runs)")
+    t.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored (default 1000)")
+    t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("add", parents=[common], help="scaffold a new adapter from a CSV/JSONL file")
+    a.add_argument("name")
+    a.add_argument("--from", dest="source", required=True, help="CSV, TSV, JSONL or JSON file")
+    a.add_argument("--kind", choices=["classify", "generate"], default="classify")
+    a.add_argument("--text-col", default="text")
+    a.add_argument("--label-col", default="label")
+    a.add_argument("--prompt-col", default="prompt")
+    a.add_argument("--reply-col", default="reply")
+    a.add_argument("--description", default="")
+    a.add_argument("--force", action="store_true", help="overwrite an existing adapter.yaml")
+    a.set_defaults(func=cmd_add)
+
+    e = sub.add_parser("eval", parents=[common], help="per-task accuracy, router quality, transfer report")
+    e.add_argument("names", nargs="*", help="adapters to evaluate (default: all)")
+    e.add_argument("--data", help="evaluate one adapter on your own CSV/JSONL (same columns as its manifest)")
+    e.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    e.add_argument("--max-examples", type=int, default=400, help="held-out examples per task (default 400)")
+    e.add_argument("--curve", help="learning curve sizes, e.g. 32,128,512,ALL")
+    e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("chat", parents=[common], help="chat in the terminal")
+    c.set_defaults(func=cmd_chat)
+
+    sub.add_parser("list", parents=[common], help="list adapters and their held-out scores").set_defaults(func=cmd_list)
+    sub.add_parser("info", parents=[common], help="backbone, parameters, load time, adapters, memory").set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", parents=[common], help="speed benchmark; writes a markdown table")
+    b.add_argument("--out", default="reports/bench.md")
+    b.add_argument("--tokens", type=int, default=64)
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", parents=[common], help="launch the Gradio demo on 127.0.0.1:7860")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=int(os.environ.get("BOT_PORT", 7860)))
+    d.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = _command_line(argv)
+    try:
+        return args.func(args)
+    except BotError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was overwritten", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Exceptions users see. Each message names the file or field and says how to fix it."""
+
+
+class BotError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class AssetMissingError(BotError):
+    """A bundled model or data package is not installed."""
+
+
+class BackboneError(BotError):
+    """The backbone could not be found or loaded."""
+
+
+class AdapterError(BotError):
+    """An adapter folder is missing, corrupt, or belongs to another backbone."""
+
+
+class FingerprintMismatch(AdapterError):
+    """An adapter was trained on a different backbone than the one loaded."""
+
+
+class SpecError(BotError):
+    """A manifest (adapter.yaml) is malformed."""
+
+
+class DataError(BotError):
+    """A data file cannot be read or does not have the expected columns/labels."""

@@ -1,0 +1,265 @@
+"""Evaluation metrics, plots and the TF-IDF baseline used by the eval report.
+
+Everything here is a pure function of its arguments (plots only write the file
+they are given), so it can be tested without a backbone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+SEED = 0
+BAR_SERIES = ("adapter", "base zero-shot", "tfidf baseline")
+
+
+def _extend_labels(labels: Sequence[str], *seqs: Sequence[str]) -> list[str]:
+    """Declared labels first, then unseen values (e.g. "(fallback)") in order of appearance."""
+    out = list(dict.fromkeys(labels))
+    seen = set(out)
+    for seq in seqs:
+        for y in seq:
+            if y not in seen:
+                out.append(y)
+                seen.add(y)
+    return out
+
+
+def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict:
+    """Accuracy, macro-F1, per-class P/R/F1 and the confusion matrix.
+
+    Args:
+        y_true: gold labels.
+        y_pred: predicted labels; values outside ``labels`` become extra labels.
+        labels: declared label order (rows/cols of ``confusion``).
+
+    Returns:
+        dict with ``n``, ``accuracy``, ``macro_f1``, ``per_class``, ``confusion``
+        (rows = true, cols = pred) and ``labels`` (declared + extras). ``macro_f1``
+        averages over labels that are declared or occur in ``y_true``: a
+        prediction-only label like "(fallback)" has no support, and counting its
+        F1 of 0 would punish the model twice for the same error. ``accuracy`` and
+        ``macro_f1`` are None when there are no examples.
+    """
+    y_true, y_pred = list(y_true), list(y_pred)
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}")
+    all_labels = _extend_labels(labels, y_true, y_pred)
+    n = len(y_true)
+    if n == 0:
+        k = len(all_labels)
+        zero = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+        return {"n": 0, "accuracy": None, "macro_f1": None, "labels": all_labels,
+                "per_class": {lab: dict(zero) for lab in all_labels},
+                "confusion": [[0] * k for _ in range(k)]}
+    with warnings.catch_warnings():
+        # sklearn warns about a single label even when `labels` is passed, as it is here.
+        warnings.filterwarnings("ignore", message="A single label was found")
+        p, r, f, s = precision_recall_fscore_support(
+            y_true, y_pred, labels=all_labels, average=None, zero_division=0)
+        cm = confusion_matrix(y_true, y_pred, labels=all_labels)
+    macro_labels = set(_extend_labels(labels, y_true))
+    macro = [f[i] for i, lab in enumerate(all_labels) if lab in macro_labels]
+    return {
+        "n": n,
+        "accuracy": float(np.trace(cm) / n),
+        "macro_f1": float(np.mean(macro)),
+        "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]),
+                            "f1": float(f[i]), "support": int(s[i])}
+                      for i, lab in enumerate(all_labels)},
+        "confusion": cm.astype(int).tolist(),
+        "labels": all_labels,
+    }
+
+
+def perplexity(token_nll_sum: float, n_tokens: int) -> float:
+    """exp(mean negative log-likelihood per token).
+
+    Args:
+        token_nll_sum: summed natural-log NLL over all scored tokens.
+        n_tokens: number of scored tokens (> 0).
+    """
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    try:
+        return math.exp(token_nll_sum / n_tokens)
+    except OverflowError:  # a diverged model should show as inf, not crash the report
+        return math.inf
+
+
+def perplexity_from_logprobs(logprobs: Sequence[float]) -> float:
+    """Perplexity from per-token natural-log probabilities.
+
+    Args:
+        logprobs: log p(token) for every scored token.
+    """
+    return perplexity(-float(np.sum(logprobs)), len(logprobs))
+
+
+def router_metrics(y_true: Sequence[str], y_pred: Sequence[str], fallback_flags: Sequence[bool],
+                   labels: Sequence[str] | None = None) -> dict:
+    """Classification metrics over adapter names plus the fallback rate.
+
+    Args:
+        y_true: gold adapter names.
+        y_pred: routed adapter names (may include a fallback route).
+        fallback_flags: True where the router fell back instead of choosing.
+        labels: route order; defaults to the sorted gold adapter names.
+    """
+    if len(fallback_flags) != len(y_true):
+        raise ValueError(f"{len(fallback_flags)} fallback flags for {len(y_true)} examples")
+    out = classification_metrics(y_true, y_pred, sorted(set(y_true)) if labels is None else labels)
+    out["fallback_rate"] = float(np.mean(fallback_flags)) if len(fallback_flags) else None
+    return out
+
+
+def _save(fig: Figure, path) -> Path:
+    # Figure + Agg canvas directly: no pyplot global state, safe inside a web server.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], title: str, path) -> Path:
+    """Confusion-matrix heat map: colour = row-normalised rate, text = raw count.
+
+    Args:
+        confusion: square counts, rows = true, cols = pred.
+        labels: names for rows/cols.
+        title: figure title.
+        path: PNG file to write.
+    """
+    cm = np.asarray(confusion, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    # Normalise per true class so small classes are as visible as large ones.
+    rate = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    k = len(labels)
+    side = max(3.5, 0.6 * k + 2)
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.add_subplot()
+    im = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_xticks(range(k), labels=labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels=labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+                    color="white" if rate[i, j] > 0.5 else "black", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_learning_curve(points: dict[str, Sequence[tuple[int, float]]], title: str, path) -> Path:
+    """Held-out accuracy against number of training examples (log x), one line per series.
+
+    Args:
+        points: series name -> [(n_train, accuracy), ...].
+        title: figure title.
+        path: PNG file to write.
+    """
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for name, pts in points.items():
+        pts = sorted((int(n), float(a)) for n, a in pts)
+        if pts:
+            ax.plot([n for n, _ in pts], [a for _, a in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("training examples")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if points:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_bar_summary(rows: Sequence[dict], path, title: str = "Held-out accuracy per task") -> Path:
+    """Grouped bars: accuracy per task for adapter, base zero-shot and TF-IDF baseline.
+
+    Args:
+        rows: [{"task": str, "adapter": float, "base zero-shot": float,
+            "tfidf baseline": float}, ...]; missing or None values draw no bar.
+        path: PNG file to write.
+        title: figure title.
+    """
+    tasks = [str(r["task"]) for r in rows]
+    x = np.arange(len(tasks))
+    width = 0.8 / len(BAR_SERIES)
+    fig = Figure(figsize=(max(4, 1.6 * len(tasks) + 2), 4))
+    ax = fig.add_subplot()
+    for i, series in enumerate(BAR_SERIES):
+        vals = [r.get(series) for r in rows]
+        vals = [np.nan if v is None else float(v) for v in vals]
+        ax.bar(x + (i - 1) * width, vals, width, label=series)
+    ax.set_xticks(x, labels=tasks)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(BAR_SERIES), frameon=False)
+    return _save(fig, path)
+
+
+def tfidf_baseline(train_texts: Sequence[str], train_labels: Sequence[str],
+                   test_texts: Sequence[str]) -> list[str]:
+    """TF-IDF (word 1-2 grams) + logistic regression: the no-transfer reference.
+
+    Args:
+        train_texts: training inputs.
+        train_labels: their labels.
+        test_texts: inputs to label.
+
+    Returns:
+        predicted label per test text.
+    """
+    if not test_texts:
+        return []
+    classes = sorted(set(train_labels))
+    if len(classes) < 2:  # LogisticRegression refuses one class; the answer is trivial anyway
+        return [classes[0] if classes else ""] * len(test_texts)
+    vec = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1)
+    clf = LogisticRegression(max_iter=2000, C=10.0, random_state=SEED)
+    clf.fit(vec.fit_transform(train_texts), list(train_labels))
+    return [str(y) for y in clf.predict(vec.transform(test_texts))]
+
+
+def transfer_verdict(adapter_acc: float, baseline_acc: float | None,
+                     zero_shot_acc: float | None = None) -> str:
+    """One plain-words sentence comparing the adapter with its references.
+
+    Args:
+        adapter_acc: adapter held-out accuracy in [0, 1].
+        baseline_acc: TF-IDF baseline accuracy in [0, 1], or None if not run.
+        zero_shot_acc: base-backbone zero-shot accuracy in [0, 1], or None.
+    """
+    if adapter_acc is None:
+        return "The adapter was not evaluated."
+    if baseline_acc is not None and adapter_acc <= baseline_acc:
+        return (f"The adapter ({100 * adapter_acc:.1f} %) does not beat the TF-IDF baseline "
+                f"({100 * baseline_acc:.1f} %): transfer did not help this task.")
+    if baseline_acc is None and zero_shot_acc is None:
+        return f"The adapter reaches {100 * adapter_acc:.1f} %; no reference was run."
+    clauses = []
+    if baseline_acc is not None:
+        clauses.append(f"beats the TF-IDF baseline by {100 * (adapter_acc - baseline_acc):+.1f} points")
+    if zero_shot_acc is not None:
+        gain = 100 * (adapter_acc - zero_shot_acc)
+        if gain >= 0:
+            clauses.append(f"{'' if clauses else 'beats '}the zero-shot backbone by {gain:+.1f} points")
+        else:  # possible when pre-training already covers the task
+            clauses.append(f"trails the zero-shot backbone by {-gain:.1f} points")
+    joiner = " but " if zero_shot_acc is not None and adapter_acc < zero_shot_acc else " and "
+    return "The adapter " + joiner.join(clauses) + "."

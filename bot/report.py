@@ -1,0 +1,261 @@
+"""Write the evaluation report: ``eval.json`` (machine readable) and ``eval.md`` (for people).
+
+``results`` schema (every part except ``tasks`` is optional)::
+
+    {
+      "meta": {"command": str, "backbone": str, "machine": str, "date": str, "seconds": float},
+      "tasks": {
+        "<name>": {                       # a classify task, e.g. "topic"
+          "kind": "classify", "status": "ok", "n_test": int,
+          "adapter": <classification_metrics>,
+          "zero_shot": <classification_metrics> | None,
+          "baseline": <classification_metrics> | None,     # TF-IDF + logistic regression
+          "views": {"<view>": <classification_metrics>},   # e.g. "headline"; optional
+          "verdict": str,                 # optional; derived with transfer_verdict if absent
+          "confusion_png": "topic_confusion.png"          # optional; file name in out_dir
+        },
+        "<name>": {                       # a generate task, e.g. "chat"
+          "kind": "generate", "status": "ok",
+          "ppl_base": float, "ppl_adapter": float,         # held-out perplexity
+          "samples": [{"prompt": str, "base": str, "adapter": str}],
+          "verdict": str                  # optional
+        },
+        "<name>": {"status": "failed", "error": str}
+      },
+      "router": <router_metrics> + {"confusion_png": str} | None,
+      "curves": {"<task>": {"points": {"<series>": [[n_train, accuracy], ...]}, "png": str}}
+    }
+
+``<classification_metrics>`` and ``<router_metrics>`` are the dicts returned by
+``bot.metrics``. Accuracies are fractions in [0, 1]. PNG names are relative to
+``out_dir``; a named (or default) PNG that does not exist yet is drawn from the
+data when ``plots`` is true, so the markdown never links a missing image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bot import metrics
+
+DASH = "—"
+MAX_CELL = 300  # long generations would make the markdown tables unreadable
+
+
+def _jsonable(obj):
+    """Plain JSON types only; NaN/inf become None so the file is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Temp file in the same directory + os.replace: readers never see a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pct(x) -> str:
+    return DASH if x is None else f"{100 * x:.1f} %"
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return DASH if x is None else format(x, fmt)
+
+
+def _cell(text) -> str:
+    """Make arbitrary text safe inside one markdown table cell."""
+    s = str(text if text is not None else "").strip()
+    if len(s) > MAX_CELL:
+        s = s[:MAX_CELL] + "…"
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _acc(task: dict, key: str):
+    m = task.get(key)
+    return m.get("accuracy") if isinstance(m, dict) else None
+
+
+def _kind(task: dict) -> str:
+    return task.get("kind") or ("generate" if "ppl_adapter" in task else "classify")
+
+
+def _failed(task: dict) -> bool:
+    return task.get("status", "ok") != "ok"
+
+
+def _ppl_change(task: dict) -> str:
+    base, ada = task.get("ppl_base"), task.get("ppl_adapter")
+    if base is None or ada is None:
+        return f"held-out perplexity {_num(base, '.2f')} → {_num(ada, '.2f')}"
+    rel = f" ({100 * (ada - base) / base:+.1f} %)" if base and math.isfinite(base) else ""
+    return f"held-out perplexity {base:.2f} → {ada:.2f}{rel}"
+
+
+def _verdict(task: dict) -> str:
+    if task.get("verdict"):
+        return task["verdict"]
+    if _kind(task) == "generate":
+        return _ppl_change(task)
+    return metrics.transfer_verdict(_acc(task, "adapter"), _acc(task, "baseline"), _acc(task, "zero_shot"))
+
+
+def _ensure_png(out_dir: Path, given: str | None, default: str, draw, plots: bool) -> str | None:
+    """Return the image name if it exists after optionally drawing it, else None.
+
+    A name the caller gave is drawn only when missing (the caller may have drawn it);
+    a default name is always redrawn so a stale file from an earlier run is not linked.
+    """
+    name = given or default
+    if plots and (not given or not (out_dir / name).exists()):
+        draw(out_dir / name)
+    return name if (out_dir / name).exists() else None
+
+
+def _summary(tasks: dict) -> list[str]:
+    rows = []
+    for name, t in tasks.items():
+        if _failed(t):
+            rows.append([name, "failed", DASH, DASH, t.get("error", "")])
+        elif _kind(t) == "generate":
+            rows.append([name, f"ppl {_num(t.get('ppl_adapter'), '.2f')}",
+                         f"ppl {_num(t.get('ppl_base'), '.2f')}", DASH,
+                         _ppl_change(t) + ("" if not t.get("verdict") else f". {t['verdict']}")])
+        else:
+            rows.append([name, _pct(_acc(t, "adapter")), _pct(_acc(t, "zero_shot")),
+                         _pct(_acc(t, "baseline")), _verdict(t)])
+    return _table(["task", "adapter", "base zero-shot", "TF-IDF baseline", "verdict"], rows)
+
+
+def _prf_rows(m: dict) -> list[list]:
+    return [[lab, _num(c["precision"]), _num(c["recall"]), _num(c["f1"]), c["support"]]
+            for lab, c in m.get("per_class", {}).items()]
+
+
+def _router(r: dict, out_dir: Path, plots: bool) -> list[str]:
+    lines = ["## Router", "",
+             f"Accuracy {_pct(r.get('accuracy'))} on {r.get('n', DASH)} prompts, "
+             f"macro-F1 {_num(r.get('macro_f1'))}, fallback rate {_pct(r.get('fallback_rate'))}.", ""]
+    lines += _table(["route", "precision", "recall", "F1", "support"], _prf_rows(r)) + [""]
+    png = _ensure_png(out_dir, r.get("confusion_png"), "router_confusion.png",
+                      lambda p: metrics.plot_confusion(r["confusion"], r["labels"], "router", p),
+                      plots and "confusion" in r)
+    if png:
+        lines += [f"![router confusion matrix]({png})", ""]
+    return lines
+
+
+def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[str]:
+    ada = t.get("adapter") or {}
+    lines = [f"## {name} (classify)", "",
+             f"{t.get('n_test', ada.get('n', DASH))} held-out examples. "
+             f"Accuracy: adapter {_pct(_acc(t, 'adapter'))}, base zero-shot {_pct(_acc(t, 'zero_shot'))}, "
+             f"TF-IDF baseline {_pct(_acc(t, 'baseline'))}. Adapter macro-F1 {_num(ada.get('macro_f1'))}.",
+             "", _verdict(t), ""]
+    if ada.get("per_class"):
+        lines += _table(["class", "precision", "recall", "F1", "support"], _prf_rows(ada)) + [""]
+    png = _ensure_png(out_dir, t.get("confusion_png"), f"{name}_confusion.png",
+                      lambda p: metrics.plot_confusion(ada["confusion"], ada["labels"], f"{name} adapter", p),
+                      plots and "confusion" in ada)
+    if png:
+        lines += [f"![{name} confusion matrix]({png})", ""]
+    views = t.get("views") or {}
+    if views:
+        lines += ["Views of the same test set:", ""]
+        lines += _table(["view", "n", "accuracy", "macro-F1"],
+                        [[v, m.get("n", DASH), _pct(m.get("accuracy")), _num(m.get("macro_f1"))]
+                         for v, m in views.items()]) + [""]
+    return lines
+
+
+def _generate_section(name: str, t: dict) -> list[str]:
+    change = _ppl_change(t)
+    lines = [f"## {name} (generate)", "", change[0].upper() + change[1:] + ".", ""]
+    if t.get("verdict"):
+        lines += [t["verdict"], ""]
+    samples = t.get("samples") or []
+    if samples:
+        lines += _table(["prompt", "base", "adapter"],
+                        [[s.get("prompt"), s.get("base"), s.get("adapter")] for s in samples]) + [""]
+    return lines
+
+
+def _curves(curves: dict, out_dir: Path, plots: bool) -> list[str]:
+    lines = []
+    for name, c in curves.items():
+        pts = c.get("points") or {}
+        png = _ensure_png(out_dir, c.get("png"), f"{name}_learning_curve.png",
+                          lambda p, n=name, q=pts: metrics.plot_learning_curve(q, f"{n} learning curve", p),
+                          plots and bool(pts))
+        if png:
+            lines += [f"![{name} learning curve]({png})", ""]
+    return (["## Learning curves", ""] + lines) if lines else []
+
+
+def write_report(results: dict, out_dir, plots: bool = True) -> tuple[Path, Path]:
+    """Write ``eval.json`` and ``eval.md`` into ``out_dir``.
+
+    Args:
+        results: dict following the module docstring schema.
+        out_dir: directory to write into (created if needed).
+        plots: draw referenced PNGs that are missing from ``out_dir``.
+
+    Returns:
+        (path of eval.json, path of eval.md).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = results.get("tasks") or {}
+    ok = {n: t for n, t in tasks.items() if not _failed(t)}
+
+    lines = ["# Evaluation report", ""] + _summary(tasks) + [""]
+    bars = [{"task": n, "adapter": _acc(t, "adapter"), "base zero-shot": _acc(t, "zero_shot"),
+             "tfidf baseline": _acc(t, "baseline")}
+            for n, t in ok.items() if _kind(t) == "classify"]
+    png = _ensure_png(out_dir, None, "summary.png", lambda p: metrics.plot_bar_summary(bars, p), plots and bool(bars))
+    if png and bars:
+        lines += [f"![accuracy per task]({png})", ""]
+    meta = results.get("meta") or {}
+    if meta:
+        lines += ["Run: " + ", ".join(f"{k} `{v}`" for k, v in meta.items()), ""]
+    if results.get("router"):
+        lines += _router(results["router"], out_dir, plots)
+    for name, t in ok.items():
+        lines += _generate_section(name, t) if _kind(t) == "generate" else _classify_section(name, t, out_dir, plots)
+    lines += _curves(results.get("curves") or {}, out_dir, plots)
+    failed = {n: t for n, t in tasks.items() if _failed(t)}
+    if failed:
+        lines += ["## Failed adapters", ""]
+        lines += [f"- **{n}** ({t.get('status', 'failed')}): {_cell(t.get('error', 'no error message'))}"
+                  for n, t in failed.items()] + [""]
+
+    json_path, md_path = out_dir / "eval.json", out_dir / "eval.md"
+    _atomic_write(json_path, json.dumps(_jsonable(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    _atomic_write(md_path, "\n".join(lines))
+    return json_path, md_path

@@ -1,0 +1,99 @@
+"""Shared pieces of every task kind: the optimisation loop and batching."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+
+class Task:
+    """One adapter's task logic on a Backbone.
+
+    Args:
+        spec: the AdapterSpec.
+        backbone: the Backbone carrying (or about to carry) the adapter ``spec.name``.
+    """
+
+    kind = ""
+
+    def __init__(self, spec, backbone):
+        self.spec = spec
+        self.backbone = backbone
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Modules besides LoRA that train and are saved (e.g. a head)."""
+        return []
+
+    def save_extra(self, folder) -> None:
+        """Write task-specific files beside the LoRA weights."""
+
+    def load_extra(self, folder) -> None:
+        """Read what ``save_extra`` wrote."""
+
+
+def length_bucketed_batches(items: list, length, batch_size: int, rng: random.Random) -> list[list]:
+    """Shuffle, then sort within windows of 16 batches so each batch pads little."""
+    items = list(items)
+    rng.shuffle(items)
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(items), window):
+        chunk = sorted(items[start:start + window], key=length)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def lora_parameters(backbone, name: str) -> list[torch.nn.Parameter]:
+    params = [p for n, p in backbone.peft.named_parameters() if "lora_" in n and f".{name}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, epochs: float,
+             desc: str, log_every: int = 1) -> dict:
+    """AdamW with linear warm-up (6 %) and linear decay; a tqdm bar shows loss and ETA.
+
+    Args:
+        groups: optimizer parameter groups (each with its own ``lr``).
+        batches: one epoch of batches; ``epochs`` may be fractional.
+        loss_fn: ``batch -> scalar loss``.
+    Returns:
+        {"steps", "seconds", "final_loss", "losses"}.
+    """
+    total = max(1, math.ceil(len(batches) * epochs))
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    warm = max(1, int(0.06 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    losses, ema = [], None
+    t0 = time.perf_counter()
+    backbone.peft.train()
+    try:
+        with backbone.lock:
+            backbone.peft.set_adapter(name)
+            bar = tqdm(range(total), desc=desc, unit="step", dynamic_ncols=True)
+            for step in bar:
+                loss = loss_fn(batches[step % len(batches)])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                ema = losses[-1] if ema is None else 0.9 * ema + 0.1 * losses[-1]
+                if step % log_every == 0:
+                    bar.set_postfix(loss=f"{ema:.4f}")
+    finally:
+        backbone.peft.eval()
+    return {"steps": total, "seconds": time.perf_counter() - t0,
+            "final_loss": ema, "losses": losses[:: max(1, len(losses) // 200)]}

@@ -1,0 +1,121 @@
+"""Train one adapter from its manifest, evaluate it on held-out data, save atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .errors import DataError
+from .registry import load_task
+from .spec import AdapterSpec
+from .tasks import task_class
+
+METRICS = "metrics.json"
+CHECK_N = 100  # the integration test re-measures the first CHECK_N held-out examples
+
+
+def training_rows(spec: AdapterSpec, max_examples: int | None = None):
+    """(spec with labels filled in, Splits) for a manifest; checks user data first."""
+    rows = data_mod.load_source(spec.data, spec.kind)
+    where = spec.data.get("path") or spec.data.get("bundled")
+    if spec.kind == "classify":
+        found = data_mod.check_classify_rows(rows, where)
+        if not spec.labels:
+            spec = spec.replace(labels=found)
+        unknown = sorted(set(found) - set(spec.labels))
+        if unknown:
+            raise DataError(f"{where}: label(s) {unknown} are not in the manifest's labels "
+                            f"{spec.labels}. Fix: add them under 'labels:' in adapter.yaml")
+    splits = data_mod.split(rows, seed=spec.train.seed)
+    cap = max_examples or spec.train.max_examples
+    if cap and len(splits.train) > cap:
+        rng = random.Random(spec.train.seed)
+        splits.train = rng.sample(splits.train, cap)
+    return spec, splits
+
+
+def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: float | None = None,
+                  max_examples: int | None = None, eval_examples: int | None = 1000,
+                  command: str = "") -> dict:
+    """Train ``spec`` on ``backbone`` and write the adapter folder ``out_dir`` atomically.
+
+    Nothing is written to ``out_dir`` until training and evaluation have finished, so a
+    crash or Ctrl-C leaves the previous adapter intact.
+
+    Returns:
+        the metrics dict also written to ``metrics.json``.
+    """
+    spec, splits = training_rows(spec, max_examples)
+    epochs = epochs if epochs is not None else spec.train.epochs
+    torch.manual_seed(spec.train.seed)
+    backbone.drop_adapter(spec.name)
+    backbone.add_adapter(spec.name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
+    task = task_class(spec.kind)(spec, backbone)
+    t0 = time.perf_counter()
+    stats = task.fit(splits.train, epochs, spec.train.seed)
+    train_seconds = time.perf_counter() - t0
+
+    test = splits.test[:eval_examples] if eval_examples else splits.test
+    t1 = time.perf_counter()
+    heldout = task.evaluate(test)
+    check = task.evaluate(splits.test[:CHECK_N])
+    spec = spec.replace(backbone={"name": backbone.info.name, "fingerprint": backbone.fingerprint})
+    metrics = {
+        "adapter": spec.name, "kind": spec.kind,
+        "heldout": heldout, f"heldout_first_{CHECK_N}": _headline(check),
+        "split_sizes": splits.sizes(), "eval_examples": len(test),
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
+        "examples_seen": stats["examples_seen"], "steps": stats["steps"], "epochs": epochs,
+        "final_loss": stats["final_loss"], "loss_curve": stats["losses"],
+        "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    save_adapter_folder(spec, backbone, task, metrics, out_dir)
+    return metrics
+
+
+def _headline(evaluation: dict) -> dict:
+    """Only the numbers the integration test compares (accuracy per view, or perplexity)."""
+    if "ppl_adapter" in evaluation:
+        return {"ppl_adapter": evaluation["ppl_adapter"], "ppl_base": evaluation["ppl_base"]}
+    return {view: {"accuracy": m["accuracy"], "n": m["n"]} for view, m in evaluation.items()}
+
+
+def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path) -> Path:
+    """Write manifest + LoRA + task extras + metrics into a temp folder, then swap it in."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        spec.save(tmp)
+        backbone.save_adapter(spec.name, tmp)
+        task.save_extra(tmp)
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        for stale in ("README.md",):  # peft writes a model card we do not want
+            (tmp / stale).unlink(missing_ok=True)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def reload_check(spec_dir: str | Path, backbone):
+    """Load a saved adapter folder into a task (used by tests and eval)."""
+    return load_task(backbone, AdapterSpec.from_dir(spec_dir))

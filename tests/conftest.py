@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random Llama with a byte-level tokenizer, built in memory.
+
+No download and no bundled weights: the logic tests run in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer():
+    """Byte-level BPE with no merges: every byte is a token (vocab 256 + 3 specials)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", bos_token="<|im_start|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_model(seed: int = 0, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=260, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         pad_token_id=256, eos_token_id=258, bos_token_id=257)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_backbone(seed: int = 0, name: str = "tiny-llama"):
+    from bot.backbone import Backbone
+
+    return Backbone.from_model(make_tiny_model(seed), make_tokenizer(), name=name)
+
+
+@pytest.fixture
+def tiny_backbone():
+    return make_tiny_backbone()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()

@@ -1,0 +1,105 @@
+"""Metrics checked against values worked out by hand."""
+
+import math
+
+import pytest
+
+from bot import metrics
+
+# Hand-worked example.
+#   y_true = a a a b b c
+#   y_pred = a a b b c c
+# Confusion (rows = true, cols = pred, order a b c):
+#   a: [2, 1, 0]   two a's right, one a called b
+#   b: [0, 1, 1]   one b right, one b called c
+#   c: [0, 0, 1]   the c right
+# accuracy = (2 + 1 + 1) / 6 = 2/3
+# a: P = 2/2 = 1,   R = 2/3, F1 = 2*1*(2/3) / (1 + 2/3) = 4/5
+# b: P = 1/2 (pred b: a->b, b->b), R = 1/2, F1 = 1/2
+# c: P = 1/2 (pred c: b->c, c->c), R = 1/1, F1 = 2*(1/2)*1 / (3/2) = 2/3
+# macro-F1 = (4/5 + 1/2 + 2/3) / 3 = (24 + 15 + 20) / 90 = 59/90
+Y_TRUE = ["a", "a", "a", "b", "b", "c"]
+Y_PRED = ["a", "a", "b", "b", "c", "c"]
+
+
+def test_classification_metrics_hand_worked():
+    m = metrics.classification_metrics(Y_TRUE, Y_PRED, ["a", "b", "c"])
+    assert m["n"] == 6
+    assert m["labels"] == ["a", "b", "c"]
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    expected = {
+        "a": (1.0, 2 / 3, 4 / 5, 3),
+        "b": (1 / 2, 1 / 2, 1 / 2, 2),
+        "c": (1 / 2, 1.0, 2 / 3, 1),
+    }
+    for lab, (p, r, f, s) in expected.items():
+        c = m["per_class"][lab]
+        assert (c["precision"], c["recall"], c["f1"]) == pytest.approx((p, r, f)), lab
+        assert c["support"] == s
+    assert m["macro_f1"] == pytest.approx(59 / 90)
+
+
+def test_confusion_follows_given_label_order():
+    m = metrics.classification_metrics(Y_TRUE, Y_PRED, ["c", "b", "a"])
+    # Same matrix as above with rows and columns reversed.
+    assert m["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 1, 2]]
+
+
+def test_prediction_outside_labels_becomes_extra_column():
+    # labels a b; the model once answered "(fallback)" for a true b.
+    # Confusion (a, b, (fallback)): a [1,0,0], b [0,1,1], (fallback) [0,0,0]
+    # a: P=1 R=1 F1=1; b: P=1 R=1/2 F1=2/3; macro over declared a,b = 5/6
+    # (the prediction-only label has no support and is left out of the macro mean).
+    m = metrics.classification_metrics(["a", "b", "b"], ["a", "(fallback)", "b"], ["a", "b"])
+    assert m["labels"] == ["a", "b", "(fallback)"]
+    assert m["confusion"] == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx(5 / 6)
+    assert m["per_class"]["(fallback)"]["support"] == 0
+
+
+def test_empty_and_mismatched_inputs():
+    assert metrics.classification_metrics([], [], ["a"])["accuracy"] is None
+    with pytest.raises(ValueError):
+        metrics.classification_metrics(["a"], [], ["a"])
+
+
+def test_perplexity_known_distributions():
+    # Uniform over 4 tokens: every token costs ln 4 nats, so perplexity = 4.
+    assert metrics.perplexity(10 * math.log(4), 10) == pytest.approx(4.0)
+    # exp(-(ln .5 + ln .25) / 2) = exp(ln 8 / 2) = sqrt(8)
+    assert metrics.perplexity_from_logprobs([math.log(0.5), math.log(0.25)]) == pytest.approx(math.sqrt(8))
+    assert metrics.perplexity(1e6, 1) == math.inf
+    with pytest.raises(ValueError):
+        metrics.perplexity(1.0, 0)
+
+
+def test_router_metrics_fallback_rate():
+    y_true = ["topic", "chat", "sentiment", "chat"]
+    y_pred = ["topic", "chat", "chat", "(fallback)"]
+    m = metrics.router_metrics(y_true, y_pred, [False, False, False, True])
+    assert m["fallback_rate"] == pytest.approx(0.25)
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["labels"] == ["chat", "sentiment", "topic", "(fallback)"]
+    # chat row: one right, one fell back.
+    assert m["confusion"][0] == [1, 0, 0, 1]
+
+
+def test_tfidf_baseline_separable_toy_set():
+    train = ["good great nice", "great lovely good", "nice good fun",
+             "bad awful terrible", "terrible horrid bad", "awful bad sad"]
+    labels = ["pos", "pos", "pos", "neg", "neg", "neg"]
+    preds = metrics.tfidf_baseline(train, labels, ["so good and nice", "awful and terrible", "lovely"])
+    assert preds == ["pos", "neg", "pos"]
+    assert metrics.tfidf_baseline(train, labels, []) == []
+
+
+def test_transfer_verdict_wording():
+    below = metrics.transfer_verdict(0.81, 0.82, 0.50)
+    assert "transfer did not help" in below
+    assert "81.0 %" in below and "82.0 %" in below
+    assert "transfer did not help" in metrics.transfer_verdict(0.82, 0.82, 0.50)  # a tie is no gain
+    above = metrics.transfer_verdict(0.90, 0.80, 0.50)
+    assert "transfer did not help" not in above
+    assert "+10.0 points" in above and "+40.0 points" in above

