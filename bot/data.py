@@ -286,12 +286,18 @@ def split(rows: list[dict], seed: int = 0, test: float = 0.2, val: float = 0.1) 
     return out
 
 
-def load_source(source: dict, kind: str) -> list[dict]:
-    """Rows for a manifest's ``data`` section (bundled id or user file)."""
+def load_source(source: dict, kind: str, base_dir: Path | None = None) -> list[dict]:
+    """Rows for a manifest's ``data`` section (bundled id or user file).
+
+    A relative ``path`` is resolved against ``base_dir`` (the adapter folder).
+    """
     if source.get("bundled"):
         name = source["bundled"]
         if name not in BUNDLED:
             raise DataError(f"unknown bundled data set '{name}'; known: {sorted(BUNDLED)}")
         return BUNDLED[name]()
-    return load_user_file(source["path"], kind, **{k: v for k, v in source.items()
+    path = Path(source["path"]).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return load_user_file(path, kind, **{k: v for k, v in source.items()
                                                    if k.endswith("_col")})

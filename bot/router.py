@@ -174,21 +174,28 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _best_cut(values: np.ndarray, accuracy_at) -> float:
-    """The cut maximising ``accuracy_at(cut)``; among ties the middle one (widest safety gap)."""
+def _best_cut(values: np.ndarray, accuracy_at, n: int) -> float:
+    """A cut on ``values`` that routes held-out turns about as well as the best cut does.
+
+    Small held-out sets give a jagged accuracy curve whose single peak is luck, so every cut
+    within one standard error of the best accuracy (the "one-SE rule") qualifies, and the
+    qualifying cut nearest the middle of their range is taken: it keeps the widest safety gap.
+    """
     points = np.unique(values)
     if len(points) > 1000:  # keep fitting fast on big held-out sets
         points = np.unique(np.quantile(points, np.linspace(0, 1, 1000)))
     cuts = np.concatenate([[0.0], (points[:-1] + points[1:]) / 2, [points[-1] + 1e-6]])
     accuracy = np.array([accuracy_at(cut) for cut in cuts])
-    tied = np.flatnonzero(accuracy == accuracy.max())
-    return float(cuts[tied[len(tied) // 2]])
+    best = accuracy.max()
+    good = cuts[accuracy >= best - np.sqrt(best * (1 - best) / max(n, 1)) - 1e-12]
+    middle = (good.min() + good.max()) / 2
+    return float(good[np.abs(good - middle).argmin()])
 
 
 class Router:
     """Route chat turns to adapters by similarity to example turns."""
 
-    def __init__(self, encoder, fallback: str = "chat", per_adapter_k: int = 5,
+    def __init__(self, encoder, fallback: str = "chat", per_adapter_k: int = 3,
                  threshold: float = 0.0, margin: float = DEFAULT_MARGIN,
                  cache_size: int = 1024, max_chars: int = 2000):
         """``encoder`` needs ``encode(list[str], normalize_embeddings=True) -> array``.
@@ -452,7 +459,7 @@ class Router:
     def _fit_threshold(self, scores: np.ndarray, labels: np.ndarray) -> float:
         """The cut on the best score that routes the most held-out turns correctly."""
         return _best_cut(scores.max(axis=1),
-                         lambda cut: float((self._predict(scores, cut) == labels).mean()))
+                         lambda cut: float((self._predict(scores, cut) == labels).mean()), len(labels))
 
     def _fit_margin(self, scores: np.ndarray, labels: np.ndarray) -> float:
         """Margin that best balances follow-ups that should stay and topic changes that should switch.
@@ -479,7 +486,7 @@ class Router:
             # Balanced: there are n_routes - 1 replays that should switch per one that should stay.
             return float(right[should_stay].mean() + right[~should_stay].mean()) / 2
 
-        return _best_cut(lead, accuracy)
+        return _best_cut(lead, accuracy, len(rows))
 
     def _report(self, scores: np.ndarray | None = None, labels: np.ndarray | None = None) -> dict:
         """The fitted values (and held-out accuracy when scores and labels are given)."""

@@ -32,7 +32,7 @@ class LoraSettings:
                                                                "gate_proj", "up_proj", "down_proj"])
     """Linear layers that get a LoRA pair."""
     layers: list[int] | None = None
-    """Only these decoder layers get LoRA (None = all). Upper layers only = cheaper backward."""
+    """Only these decoder layers get LoRA (None = all; negative = from the top). Upper layers only = cheaper backward."""
 
     def check(self, where: str) -> None:
         _require(self.r >= 1, where, "lora.r", "an integer >= 1", self.r)
@@ -45,7 +45,10 @@ class LoraSettings:
 
         layers = self.layers
         if layers is not None and num_layers is not None:
-            layers = [i if i >= 0 else num_layers + i for i in layers]
+            # negative indices count from the top; indices the model lacks are dropped,
+            # so "the top 16 layers" also works on a smaller backbone
+            layers = sorted({i if i >= 0 else num_layers + i for i in layers} & set(range(num_layers)))
+            layers = layers or None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.target_modules), layers_to_transform=layers,
                           bias="none")

@@ -25,7 +25,7 @@ CHECK_N = 100  # the integration test re-measures the first CHECK_N held-out exa
 
 def training_rows(spec: AdapterSpec, max_examples: int | None = None):
     """(spec with labels filled in, Splits) for a manifest; checks user data first."""
-    rows = data_mod.load_source(spec.data, spec.kind)
+    rows = data_mod.load_source(spec.data, spec.kind, spec.folder)
     where = spec.data.get("path") or spec.data.get("bundled")
     if spec.kind == "classify":
         found = data_mod.check_classify_rows(rows, where)

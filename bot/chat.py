@@ -1,0 +1,217 @@
+"""ChatSession and Turn: route a message, run the adapter, explain what happened.
+
+One session = one conversation (its own history and previous adapter). Sessions share
+the backbone, the tasks and the router; the backbone's lock keeps adapters from
+leaking between concurrent sessions.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .assets import default_adapters_dir
+from .tasks.classify import ClassifyTask, analyse
+
+MAX_CHARS = 2000
+MAX_NEW_TOKENS = 160
+
+
+@dataclass
+class Turn:
+    """One answered message."""
+
+    user: str
+    reply: str
+    adapter: str | None
+    route: object | None = None
+    label_scores: dict[str, float] | None = None
+    analysis: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    notice: str = ""
+
+    def chips(self) -> str:
+        """e.g. ``sentiment: negative 0.93 · topic: tech 0.64``."""
+        parts = []
+        for name, probs in self.analysis.items():
+            label = max(probs, key=probs.get)
+            parts.append(f"{name}: {label} {probs[label]:.2f}")
+        return " · ".join(parts)
+
+    def explain(self) -> str:
+        """Adapter, confidence, runner-up and latency on one line."""
+        if self.route is None:
+            return self.notice
+        r = self.route
+        runner = f", runner-up {r.runner_up} {r.runner_up_score:.2f}" if r.runner_up else ""
+        ms = self.timings.get("total_ms", 0.0)
+        return f"adapter {self.adapter} ({r.score:.2f}{runner}) · {ms:.0f} ms · {r.reason}"
+
+
+class ChatSession:
+    """A conversation over shared tasks and router.
+
+    Args:
+        backbone: the loaded Backbone.
+        tasks: {adapter name: Task} (see bot.registry.load_all).
+        router: a fitted bot.router.Router.
+        max_chars: longer messages are cut, with a notice.
+    """
+
+    def __init__(self, backbone, tasks: dict, router, max_chars: int = MAX_CHARS,
+                 max_new_tokens: int = MAX_NEW_TOKENS):
+        self.backbone = backbone
+        self.tasks = tasks
+        self.router = router
+        self.max_chars = max_chars
+        self.max_new_tokens = max_new_tokens
+        self.history: list[dict] = []
+        self.previous: str | None = None
+        self.failures: dict[str, str] = {}
+
+    @classmethod
+    def from_dir(cls, backbone=None, adapters_dir=None, encoder=None, **kwargs) -> ChatSession:
+        """Load every adapter in ``adapters_dir`` and build (or reuse) the fitted router."""
+        from .backbone import Backbone
+        from .registry import load_all
+        from .routing import build_router
+
+        backbone = backbone or Backbone.load()
+        tasks, failures = load_all(backbone, adapters_dir or default_adapters_dir())
+        router = build_router([t.spec for t in tasks.values()], encoder)
+        session = cls(backbone, tasks, router, **kwargs)
+        session.failures = failures
+        return session
+
+    def fork(self) -> ChatSession:
+        """A fresh conversation sharing this one's models (one per browser tab)."""
+        other = ChatSession(self.backbone, self.tasks, self.router, self.max_chars, self.max_new_tokens)
+        other.failures = self.failures
+        return other
+
+    @property
+    def classifiers(self) -> list[ClassifyTask]:
+        return [t for t in self.tasks.values() if isinstance(t, ClassifyTask)]
+
+    # ------------------------------------------------------------------ turns
+    def send(self, text: str, force: str | None = None) -> Turn:
+        """Answer ``text`` and return the finished Turn."""
+        turn = None
+        for _, turn in self.stream(text, force):
+            pass
+        return turn
+
+    def stream(self, text: str, force: str | None = None) -> Iterator[tuple[str, Turn | None]]:
+        """Yield (reply so far, None) while generating, then (reply, Turn) once."""
+        t0 = time.perf_counter()
+        text = (text or "").strip()
+        if not text:
+            yield "", Turn(user="", reply="", adapter=None, notice="Type a message to start.")
+            return
+        notice = ""
+        if len(text) > self.max_chars:
+            notice = f"Your message was cut to {self.max_chars} of its {len(text)} characters."
+            text = text[: self.max_chars]
+        if force and force != "auto":
+            text = f"/{force} {text}" if not text.startswith("/") else text
+        route = self.router.route(text, previous=self.previous)
+        t_route = time.perf_counter()
+        body = route.text or text
+        if route.adapter == "help":
+            turn = Turn(text, self.router.help_text(), "help", route, notice=notice)
+            yield turn.reply, self._finish(turn, t0, t_route, t_route)
+            return
+        adapter = route.adapter if route.adapter in self.tasks else self._fallback()
+        analysis = analyse(self.backbone, self.classifiers, body)
+        t_analysis = time.perf_counter()
+        task = self.tasks.get(adapter)
+        if task is None:
+            turn = Turn(text, "No adapter is loaded; train one with `bot train NAME`.", None, route,
+                        analysis=analysis, notice=notice)
+            yield turn.reply, self._finish(turn, t0, t_route, t_analysis)
+            return
+        if isinstance(task, ClassifyTask):
+            probs = analysis[adapter]
+            turn = Turn(text, task.reply(probs), adapter, route, probs, analysis, notice=notice)
+            yield turn.reply, self._finish(turn, t0, t_route, t_analysis)
+            return
+        reply, first = "", None
+        for piece in self._generate(task, body):
+            first = first or time.perf_counter()
+            reply += piece
+            yield reply, None
+        turn = Turn(text, reply.strip(), adapter, route, None, analysis, notice=notice)
+        turn.timings["first_token_ms"] = ((first or time.perf_counter()) - t0) * 1000
+        yield turn.reply, self._finish(turn, t0, t_route, t_analysis)
+
+    def _fallback(self) -> str | None:
+        if self.router.fallback in self.tasks:
+            return self.router.fallback
+        return next(iter(self.tasks), None)
+
+    def _generate(self, task, text: str) -> Iterator[str]:
+        """Stream a generated reply: decoding runs in a thread, pieces arrive here."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.backbone.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=True, timeout=300)
+        errors = []
+
+        def work():
+            try:
+                task.generate(text, history=self.history, max_new_tokens=self.max_new_tokens,
+                              streamer=streamer)
+            except BaseException as err:  # surface it in this thread, never hang the stream
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def _finish(self, turn: Turn, t0: float, t_route: float, t_analysis: float) -> Turn:
+        now = time.perf_counter()
+        turn.timings.update(route_ms=(t_route - t0) * 1000, analysis_ms=(t_analysis - t_route) * 1000,
+                            total_ms=(now - t0) * 1000)
+        if turn.adapter and turn.adapter != "help":
+            self.previous = turn.adapter
+            self.history += [{"role": "user", "content": turn.user},
+                             {"role": "assistant", "content": turn.reply}]
+        return turn
+
+
+def run_terminal_chat(args) -> int:
+    """`bot chat`: the same session in the terminal."""
+    from .backbone import Backbone
+
+    bb = Backbone.load(args.backbone)
+    session = ChatSession.from_dir(bb, Path(args.adapters_dir))
+    for name, err in session.failures.items():
+        print(f"note: adapter {name} not loaded: {err}", file=sys.stderr)
+    print(f"adapters: {', '.join(session.tasks)}. /help lists commands; Ctrl-D quits.")
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        printed = 0
+        print("bot> ", end="", flush=True)
+        for partial, turn in session.stream(text):
+            print(partial[printed:], end="", flush=True)
+            printed = len(partial)
+            if turn is not None:
+                print()
+                if turn.notice:
+                    print(f"     ({turn.notice})")
+                if turn.route is not None:
+                    print(f"     [{turn.explain()}]")
+                    if turn.chips():
+                        print(f"     [{turn.chips()}]")

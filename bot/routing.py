@@ -1,0 +1,115 @@
+"""Build a fitted Router from the adapter manifests in ``adapters/``.
+
+Each adapter's route is its ``route_examples`` plus a sample of its *training* texts;
+thresholds are fitted on its *validation* split; ``bot eval`` scores the router on the
+*test* splits plus the hand-written turns in ``tests/data/chat_turns.jsonl``. The three
+sets never overlap (bot.data.split). A fitted router is cached under ``$BOT_CACHE`` keyed
+by everything that shapes it, so a new adapter folder is picked up with no code change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from .assets import cache_dir, repo_root
+from .data import load_source, split
+from .errors import BotError
+
+ROUTE_TRAIN_SAMPLE = 150
+FIT_SAMPLE = 120
+HANDWRITTEN = repo_root() / "tests" / "data" / "chat_turns.jsonl"
+
+
+def turn_texts(rows: list[dict], rng: random.Random, n: int) -> list[str]:
+    """What users would type for these rows: a prompt, a headline, or a text's first 300 chars."""
+    rows = rng.sample(rows, min(n, len(rows)))
+    out = []
+    for r in rows:
+        if "prompt" in r:
+            out.append(r["prompt"])
+            continue
+        out.append(r["text"][:300])
+        for view in r.get("views", {}).values():
+            out.append(view)
+    return out
+
+
+def spec_splits(spec):
+    rows = load_source(spec.data, spec.kind, spec.folder)
+    return split(rows, seed=spec.train.seed)
+
+
+def router_key(specs, encoder_name: str) -> str:
+    blob = json.dumps([[s.name, s.kind, s.route_examples, s.data, s.train.seed, s.description]
+                       for s in specs] + [encoder_name, ROUTE_TRAIN_SAMPLE, FIT_SAMPLE], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_router(specs, encoder=None, use_cache: bool = True, fallback: str = "chat"):
+    """A Router over ``specs`` (AdapterSpec list), fitted on their validation splits."""
+    from .router import Router, load_encoder
+
+    encoder = encoder or load_encoder()
+    key = router_key(specs, getattr(encoder, "name_hint", "minilm"))
+    cached = cache_dir() / "router" / key
+    if use_cache and (cached / "router.json").exists():
+        try:
+            router = Router.load(cached, encoder)
+            _describe(router, specs)
+            return router
+        except Exception:  # a stale or partial cache is rebuilt, never fatal
+            pass
+    router = Router(encoder, fallback=fallback)
+    heldout = {}
+    for spec in specs:
+        rng = random.Random(spec.train.seed)
+        try:
+            parts = spec_splits(spec)
+            corpus = turn_texts(parts.train, rng, ROUTE_TRAIN_SAMPLE)
+            heldout[spec.name] = turn_texts(parts.val, rng, FIT_SAMPLE)
+        except BotError:
+            corpus = []  # data not available: route on the examples alone
+        router.add_route(spec.name, list(spec.route_examples) + corpus)
+    if len(heldout) >= 2:
+        router.fit(heldout)
+    _describe(router, specs)
+    if use_cache:
+        try:
+            router.save(cached)
+        except OSError:
+            pass
+    return router
+
+
+def _describe(router, specs) -> None:
+    for spec in specs:
+        router.describe[spec.name] = spec.description or spec.kind
+
+
+def router_test_set(specs, per_adapter: int = 200) -> list[tuple[str, str]]:
+    """(text, adapter) pairs: test splits of every adapter + the hand-written chat turns."""
+    pairs = []
+    for spec in specs:
+        rng = random.Random(spec.train.seed + 1)
+        try:
+            parts = spec_splits(spec)
+        except BotError:
+            continue
+        pairs += [(t, spec.name) for t in turn_texts(parts.test, rng, per_adapter)]
+    pairs += load_handwritten({s.name for s in specs})
+    return pairs
+
+
+def load_handwritten(names: set[str], path: Path = HANDWRITTEN) -> list[tuple[str, str]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row["adapter"] in names:
+                out.append((row["text"], row["adapter"]))
+    return out

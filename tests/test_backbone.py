@@ -1,0 +1,195 @@
+"""The multi-adapter backbone on a tiny random Llama: isolation, mixed batches, threads, files."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import make_tiny_backbone, make_tiny_model
+from peft import LoraConfig
+
+from bot.backbone import Backbone
+from bot.errors import AdapterError, BackboneError, FingerprintMismatch
+
+TEXTS = ["hello there", "the cat sat on the mat", "stocks fell", "a much longer sentence here ok"]
+
+
+def lora(seed: int) -> LoraConfig:
+    torch.manual_seed(seed)
+    # init_lora_weights=False: B is random too, so the adapter really changes outputs
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                      init_lora_weights=False)
+
+
+def add(bb: Backbone, name: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    bb.add_adapter(name, lora(seed))
+
+
+def logits(bb: Backbone, texts, adapters) -> torch.Tensor:
+    with torch.inference_mode():
+        batch = bb.encode(texts)
+        return bb.forward(batch, adapters).logits
+
+
+def test_adapters_are_isolated(tiny_backbone):
+    add(tiny_backbone, "one", 1)
+    add(tiny_backbone, "two", 2)
+    la, lb = logits(tiny_backbone, TEXTS, "one"), logits(tiny_backbone, TEXTS, "two")
+    assert not torch.allclose(la, lb, atol=1e-3)
+
+
+def test_base_equals_model_without_peft():
+    bb = make_tiny_backbone(seed=3)
+    plain = make_tiny_model(seed=3)
+    add(bb, "one", 1)
+    with torch.inference_mode():
+        expected = plain(**bb.encode(TEXTS)).logits
+    assert torch.allclose(logits(bb, TEXTS, None), expected, atol=1e-6)
+    assert not torch.allclose(logits(bb, TEXTS, "one"), expected, atol=1e-3)
+
+
+def test_mixed_batch_rows_equal_single_runs(tiny_backbone):
+    add(tiny_backbone, "one", 1)
+    add(tiny_backbone, "two", 2)
+    names = ["one", "two", None, "one"]
+    mixed = tiny_backbone.pooled(TEXTS, names)
+    for i, (text, name) in enumerate(zip(TEXTS, names)):
+        alone = tiny_backbone.pooled([text], name)
+        assert torch.allclose(mixed[i], alone[0], atol=1e-4), f"row {i} ({name}) differs"
+
+
+def test_adding_an_adapter_leaves_others_unchanged(tiny_backbone):
+    add(tiny_backbone, "one", 1)
+    before = logits(tiny_backbone, TEXTS, "one")
+    add(tiny_backbone, "two", 2)
+    tiny_backbone.drop_adapter("two")
+    add(tiny_backbone, "three", 3)
+    assert torch.equal(logits(tiny_backbone, TEXTS, "one"), before)
+
+
+def test_threads_match_sequential(tiny_backbone):
+    add(tiny_backbone, "one", 1)
+    add(tiny_backbone, "two", 2)
+    plan = [("one" if i % 3 == 0 else "two" if i % 3 == 1 else None, TEXTS[i % 4]) for i in range(48)]
+    expected = [tiny_backbone.pooled([t], n)[0] for n, t in plan]
+    results: list = [None] * len(plan)
+
+    def worker(k: int) -> None:
+        for i in range(k, len(plan), 8):
+            name, text = plan[i]
+            results[i] = tiny_backbone.pooled([text], name)[0]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (got, want) in enumerate(zip(results, expected)):
+        assert torch.equal(got, want), f"call {i} ran on the wrong adapter"
+
+
+def test_save_load_round_trip(tiny_backbone, tmp_path):
+    add(tiny_backbone, "one", 1)
+    before = logits(tiny_backbone, TEXTS, "one")
+    tiny_backbone.save_adapter("one", tmp_path / "one")
+    assert (tmp_path / "one" / "adapter_model.safetensors").exists()
+    other = make_tiny_backbone()
+    other.load_adapter("one", tmp_path / "one", expected_fingerprint=tiny_backbone.fingerprint)
+    assert torch.allclose(logits(other, TEXTS, "one"), before, atol=1e-6)
+
+
+def test_fingerprint_mismatch_names_both(tiny_backbone, tmp_path):
+    add(tiny_backbone, "one", 1)
+    tiny_backbone.save_adapter("one", tmp_path / "one")
+    other = make_tiny_backbone(seed=9, name="other-llama")
+    assert other.fingerprint != tiny_backbone.fingerprint
+    with pytest.raises(FingerprintMismatch) as err:
+        other.load_adapter("one", tmp_path / "one", expected_fingerprint=tiny_backbone.fingerprint)
+    assert tiny_backbone.fingerprint in str(err.value) and other.fingerprint in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated", "pickle-only"])
+def test_bad_weight_file_is_named_and_others_keep_working(tiny_backbone, tmp_path, damage):
+    add(tiny_backbone, "good", 1)
+    add(tiny_backbone, "bad", 2)
+    tiny_backbone.save_adapter("bad", tmp_path / "bad")
+    weights = tmp_path / "bad" / "adapter_model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    elif damage == "corrupt":
+        weights.write_bytes(b"\x00garbage" * 10)
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    else:
+        weights.rename(weights.with_name("adapter_model.bin"))
+    tiny_backbone.drop_adapter("bad")
+    before = logits(tiny_backbone, TEXTS, "good")
+    with pytest.raises(AdapterError) as err:
+        tiny_backbone.load_adapter("bad", tmp_path / "bad")
+    assert "adapter_model.safetensors" in str(err.value)
+    assert tiny_backbone.adapters == ["good"]
+    assert torch.equal(logits(tiny_backbone, TEXTS, "good"), before)
+
+
+def test_weights_from_another_architecture_are_refused(tmp_path):
+    big = Backbone.from_model(make_tiny_model(hidden=64), make_tiny_backbone().tokenizer, "big")
+    add(big, "one", 1)
+    big.save_adapter("one", tmp_path / "one")
+    small = make_tiny_backbone()
+    add(small, "keep", 2)
+    with pytest.raises(AdapterError, match="does not fit this backbone"):
+        small.load_adapter("one", tmp_path / "one")
+    assert small.adapters == ["keep"]
+
+
+def test_unknown_adapter_name_is_clear(tiny_backbone):
+    add(tiny_backbone, "one", 1)
+    with pytest.raises(AdapterError, match="not loaded"):
+        tiny_backbone.pooled(["x"], "nope")
+
+
+def test_fast_engine_matches_unmerged_peft(tiny_backbone):
+    add(tiny_backbone, "one", 1)
+    fast = tiny_backbone.fast()
+    fast.mode = "fp32"
+    ids = tiny_backbone.encode(["hello"])["input_ids"]
+    with torch.inference_mode():
+        want = tiny_backbone.forward({"input_ids": ids}, "one").logits
+        got = fast.engine("one")(input_ids=ids).logits
+        base = fast.engine(None)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(base, logits(tiny_backbone, ["hello"], None), atol=1e-5)
+
+
+def test_fast_engine_w8_is_close_and_greedy_tokens_match_fp32(tiny_backbone):
+    add(tiny_backbone, "one", 1)
+    fast = tiny_backbone.fast()
+    ids = tiny_backbone.encode(["hello"])["input_ids"]
+    fast.mode = "fp32"
+    ref = fast.generate(ids, "one", max_new_tokens=6)
+    fast.mode = "w8"
+    with torch.inference_mode():
+        q = fast.engine("one")(input_ids=ids).logits.float()
+        f = fast._engines[("one", "fp32")](input_ids=ids).logits
+    assert torch.allclose(torch.softmax(q, -1), torch.softmax(f, -1), atol=0.02)
+    assert ref.shape == (1, 6)
+
+
+def test_engine_cache_forgets_retrained_adapter(tiny_backbone):
+    add(tiny_backbone, "one", 1)
+    fast = tiny_backbone.fast()
+    first = fast.engine("one")
+    tiny_backbone.drop_adapter("one")
+    add(tiny_backbone, "one", 5)
+    assert fast.engine("one") is not first
+
+
+def test_missing_backbone_folder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="could not load backbone"):
+        Backbone.load("no-such-org/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackboneError, match="config.json"):
+        Backbone.load(str(tmp_path / "empty"))
