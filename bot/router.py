@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -117,8 +118,6 @@ def _bundled_encoder_dir() -> Path:
 
 def _offline() -> bool:
     """True when the environment asks for no hub access (HF_HUB_OFFLINE=1)."""
-    import os
-
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
@@ -349,6 +348,8 @@ class Router:
 
     def _command(self, name: str, rest: str, text: str) -> RouteChoice:
         """``/help``, ``/<adapter> text`` or an unknown ``/foo``."""
+        # Commands are typed by hand: "/Sentiment" means the same as "/sentiment".
+        name = next((n for n in self.names if n.lower() == name.lower()), name)
         if name.lower() == HELP:
             return RouteChoice(HELP, 1.0, None, 0.0, {HELP: 1.0}, "override /help",
                                override=True, text=self.help_text())

@@ -76,6 +76,12 @@ def test_override_wins_and_strips_prefix():
     assert choice.reason == "override /topic"
 
 
+def test_override_is_case_insensitive_and_may_be_empty():
+    assert make_router().route("/Sentiment  great").adapter == "sentiment"
+    choice = make_router().route("/topic")
+    assert (choice.adapter, choice.override, choice.text) == ("topic", True, "")
+
+
 def test_override_of_fallback_without_examples():
     choice = make_router().route("/chat shares fall as bank profits drop")
     assert (choice.adapter, choice.override, choice.text) == ("chat", True,

@@ -1,0 +1,261 @@
+"""`bot eval`: per-task accuracy, transfer against baselines, router quality, learning curves.
+
+Every number comes from the held-out *test* split (bot.data.split), which training and
+router fitting never see. Baselines are trained on the same *train* split.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .errors import BotError, DataError
+from .registry import load_task
+from .spec import AdapterSpec, discover
+from .tasks.classify import ClassifyTask
+from .train import training_rows
+
+HELPFUL_PROMPTS = ["How do I boil an egg?", "Give me two tips for sleeping better."]
+
+
+# ------------------------------------------------------------ zero-shot base
+@torch.inference_mode()
+def zero_shot(task: ClassifyTask, texts: list[str], batch_size: int = 8, progress=None) -> list[str]:
+    """Ask the bare instruct backbone to pick a label; score each label's first token.
+
+    One forward pass per text: the label whose first token is most likely right after the
+    assistant header wins (lower- and capitalised spellings both count).
+    """
+    bb, tok = task.backbone, task.backbone.tokenizer
+    options = ", ".join(task.labels)
+    firsts = {lab: {tok(v, add_special_tokens=False)["input_ids"][0] for v in (lab, lab.capitalize())}
+              for lab in task.labels}
+    preds = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        prompts = [tok.apply_chat_template(
+            [{"role": "user", "content": f"{t[:1500]}\n\nWhich label fits this text best: {options}? "
+                                         "Answer with the label only."}],
+            add_generation_prompt=True, tokenize=False) for t in chunk]
+        enc = bb.encode(prompts, max_length=512)
+        with bb.lock:
+            out = bb.forward(enc, None)
+        last = enc["attention_mask"].sum(1) - 1
+        logp = torch.log_softmax(out.logits[torch.arange(len(chunk)), last].float(), -1)
+        for row in logp:
+            scores = {lab: max(float(row[i]) for i in ids) for lab, ids in firsts.items()}
+            preds.append(max(scores, key=scores.get))
+        if progress:
+            progress(len(chunk))
+    return preds
+
+
+# --------------------------------------------------------------- per adapter
+def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], bar) -> dict:
+    labels = task.labels
+    truth = [r["label"] for r in test]
+    result = task.evaluate(test, progress=bar.update)
+    adapter = result.pop("text")
+    zs = zero_shot(task, [r["text"] for r in test], progress=bar.update)
+    base = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train],
+                            [r["text"] for r in test])
+    out = {"kind": "classify", "status": "ok", "n_test": len(test), "n_train": len(train),
+           "adapter": adapter, "views": result,
+           "zero_shot": M.classification_metrics(truth, zs, labels),
+           "baseline": M.classification_metrics(truth, base, labels)}
+    for view, m in result.items():  # the baseline on each view too, for a fair comparison
+        vtest = [r for r in test if view in r.get("views", {})]
+        vpred = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train],
+                                 [r["views"][view] for r in vtest])
+        out.setdefault("views_baseline", {})[view] = M.classification_metrics(
+            [r["label"] for r in vtest], vpred, labels)
+    out["verdict"] = M.transfer_verdict(adapter["accuracy"], out["baseline"]["accuracy"],
+                                        out["zero_shot"]["accuracy"])
+    return out
+
+
+def eval_generate(task, test: list[dict], bar) -> dict:
+    res = task.evaluate(test, progress=bar.update)
+    samples = []
+    for prompt in [r["prompt"] for r in test[:3]] + HELPFUL_PROMPTS:
+        samples.append({"prompt": prompt,
+                        "base": task.generate(prompt, adapter=None, max_new_tokens=48),
+                        "adapter": task.generate(prompt, max_new_tokens=48)})
+    change = res["ppl_change"]
+    verdict = (f"Held-out reply perplexity {res['ppl_base']:.2f} -> {res['ppl_adapter']:.2f} "
+               f"({change:+.1%}). " + ("The adapter fits the dialogue data better than the base model."
+                                       if change < 0 else "transfer did not help this task."))
+    return {"kind": "generate", "status": "ok", "n_test": len(test), "ppl_base": res["ppl_base"],
+            "ppl_adapter": res["ppl_adapter"], "samples": samples, "verdict": verdict}
+
+
+def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = None) -> dict:
+    """Evaluate one adapter; any failure becomes ``{"status": "failed", "error": ...}``."""
+    try:
+        task = load_task(bb, spec)
+        if data_file:
+            test = user_test_rows(spec, data_file)
+            train = training_rows(spec)[1].train if spec.kind == "classify" else []
+        else:
+            spec_f, splits = training_rows(spec)
+            test, train = splits.test[:max_examples], splits.train
+        per_row = 2 + len(test[0].get("views", {})) if test and "text" in test[0] else 2
+        with tqdm(total=len(test) * per_row, desc=f"eval {spec.name}", unit="ex", file=sys.stderr) as bar:
+            if spec.kind == "classify":
+                return eval_classify(task, test, train, bar)
+            return eval_generate(task, test, bar)
+    except BotError as err:
+        return {"kind": spec.kind, "status": "failed", "error": str(err)}
+
+
+def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
+    """Rows from a user's file with the manifest's columns; unknown labels are an error."""
+    from .data import load_user_file
+
+    cols = {k: v for k, v in spec.data.items() if k.endswith("_col")}
+    rows = load_user_file(path, spec.kind, **cols)
+    if spec.kind == "classify":
+        unknown = sorted({r["label"] for r in rows} - set(spec.labels))
+        if unknown:
+            raise DataError(f"{path}: label(s) {unknown} are not labels of adapter '{spec.name}' "
+                            f"({spec.labels}). Fix: relabel those rows or retrain the adapter")
+    return rows
+
+
+# -------------------------------------------------------------------- router
+def eval_router(specs: list[AdapterSpec], session=None) -> dict:
+    from .routing import build_router, router_test_set
+
+    router = session.router if session else build_router(specs)
+    pairs = router_test_set(specs)
+    times, truth, pred, fell = [], [], [], []
+    for text, want in tqdm(pairs, desc="eval router", unit="turn", file=sys.stderr):
+        t0 = time.perf_counter()
+        choice = router.route(text)
+        times.append((time.perf_counter() - t0) * 1000)
+        truth.append(want)
+        pred.append(choice.adapter)
+        fell.append(choice.fallback)
+    out = M.router_metrics(truth, pred, fell, labels=[s.name for s in specs])
+    out["median_route_ms"] = statistics.median(times)
+    out["n_handwritten"] = sum(1 for _ in __import__("bot.routing", fromlist=["x"]).load_handwritten(
+        {s.name for s in specs}))
+    return out
+
+
+def eval_latency(session, n: int = 12) -> dict:
+    """Median end-to-end times of classification turns and first streamed chat tokens."""
+    from .routing import load_handwritten
+
+    turns = load_handwritten(set(session.tasks))
+    cls_turns = [t for t, a in turns if a != "chat"][:n]
+    chat_turns = [t for t, a in turns if a == "chat"][: max(3, n // 2)]
+    cls_ms, first_ms, route_ms = [], [], []
+    for text in cls_turns:
+        turn = session.fork().send(text)
+        route_ms.append(turn.timings["route_ms"])
+        if turn.adapter in session.tasks and session.tasks[turn.adapter].kind == "classify":
+            cls_ms.append(turn.timings["total_ms"])
+    for text in chat_turns:
+        s = session.fork()
+        s.max_new_tokens = 8
+        turn = s.send(f"/chat {text}")
+        first_ms.append(turn.timings.get("first_token_ms", float("nan")))
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    return {"classify_turn_ms": med(cls_ms), "first_token_ms": med(first_ms),
+            "route_ms": med(route_ms), "n_classify": len(cls_ms), "n_chat": len(first_ms)}
+
+
+# --------------------------------------------------------------------- curve
+def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dict:
+    """Short runs on nested subsets; held-out accuracy of adapter and TF-IDF baseline."""
+    spec, splits = training_rows(spec)
+    pool = list(splits.train)
+    random.Random(spec.train.seed).shuffle(pool)  # nested: each subset extends the previous
+    test = splits.test[:max_examples]
+    truth = [r["label"] for r in test]
+    points = {"adapter": [], "tfidf+logreg": []}
+    for size in sizes:
+        n = len(pool) if size == "ALL" else min(int(size), len(pool))
+        subset = pool[:n]
+        name = f"{spec.name}-curve{n}"
+        cspec = spec.replace(name=name)
+        # at least ~40 optimiser steps even on tiny subsets, so small n is not just undertrained
+        epochs = max(spec.train.epochs, 40 * spec.train.batch_size / max(1, n))
+        bb.drop_adapter(name)
+        torch.manual_seed(spec.train.seed)
+        bb.add_adapter(name, spec.lora.to_peft(bb.base.config.num_hidden_layers))
+        task = ClassifyTask(cspec, bb)
+        task.fit(subset, epochs, spec.train.seed)
+        acc = task.evaluate(test)["text"]["accuracy"]
+        bb.drop_adapter(name)
+        base = M.tfidf_baseline([r["text"] for r in subset], [r["label"] for r in subset],
+                                [r["text"] for r in test])
+        points["adapter"].append([n, acc])
+        points["tfidf+logreg"].append([n, M.classification_metrics(truth, base, spec.labels)["accuracy"]])
+        print(f"  curve {spec.name} n={n}: adapter {acc:.3f}, tfidf {points['tfidf+logreg'][-1][1]:.3f}",
+              file=sys.stderr)
+    return {"points": points, "png": f"{spec.name}_learning_curve.png"}
+
+
+# ----------------------------------------------------------------------- CLI
+def run_eval(args) -> int:
+    from .backbone import Backbone
+    from .report import write_report
+
+    t0 = time.perf_counter()
+    specs = [s for s in discover(args.adapters_dir) if not args.names or s.name in args.names]
+    if args.names and len(specs) != len(args.names):
+        missing = sorted(set(args.names) - {s.name for s in specs})
+        raise DataError(f"no adapter folder for {missing} under {args.adapters_dir}")
+    if args.data and len(specs) != 1:
+        raise DataError("--data evaluates exactly one adapter: bot eval NAME --data FILE")
+    bb = Backbone.load(args.backbone)
+    results = {"tasks": {}, "meta": {
+        "command": args.command_line, "backbone": bb.fingerprint,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d %H:%M")}}
+    for spec in specs:
+        results["tasks"][spec.name] = eval_one(spec, bb, args.max_examples, args.data)
+        _print_line(spec.name, results["tasks"][spec.name])
+    ok_specs = [s for s in specs if results["tasks"][s.name]["status"] == "ok"]
+    if not args.no_router and not args.data and len(ok_specs) >= 2:
+        from .chat import ChatSession
+        from .registry import load_all
+        from .routing import build_router
+
+        all_specs = [s for s in discover(args.adapters_dir)]
+        tasks, _ = load_all(bb, args.adapters_dir)
+        session = ChatSession(bb, tasks, build_router([t.spec for t in tasks.values()]))
+        results["router"] = eval_router([t.spec for t in tasks.values()] or all_specs, session)
+        results["latency"] = eval_latency(session)
+        print(f"router: accuracy {results['router']['accuracy']:.1%}, median {results['router']['median_route_ms']:.1f} ms/turn",
+              file=sys.stderr)
+    if args.curve:
+        sizes = [s if s == "ALL" else int(s) for s in args.curve.upper().split(",")]
+        results["curves"] = {s.name: learning_curve(s, bb, sizes, args.max_examples)
+                             for s in ok_specs if s.kind == "classify"}
+    results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    json_path, md_path = write_report(results, args.out)
+    print(f"wrote {md_path} and {json_path}")
+    failed = [n for n, t in results["tasks"].items() if t["status"] != "ok"]
+    return 1 if failed and len(failed) == len(results["tasks"]) else 0
+
+
+def _print_line(name: str, t: dict) -> None:
+    if t["status"] != "ok":
+        print(f"{name}: FAILED: {t['error']}", file=sys.stderr)
+    elif t["kind"] == "classify":
+        print(f"{name}: adapter {t['adapter']['accuracy']:.1%} | zero-shot {t['zero_shot']['accuracy']:.1%} "
+              f"| tfidf {t['baseline']['accuracy']:.1%} (n={t['n_test']})", file=sys.stderr)
+    else:
+        print(f"{name}: perplexity base {t['ppl_base']:.2f} -> adapter {t['ppl_adapter']:.2f}", file=sys.stderr)

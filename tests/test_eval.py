@@ -1,0 +1,87 @@
+"""`bot eval` on the tiny backbone: --data files, failures, the report's verdict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_tiny_backbone
+from test_train import toy_spec
+
+from bot import evaluate
+from bot.cli import main
+from bot.errors import DataError
+from bot.train import train_adapter
+
+
+@pytest.fixture
+def trained(tmp_path, monkeypatch):
+    bb = make_tiny_backbone()
+    spec = toy_spec(tmp_path, epochs=2.0)
+    train_adapter(spec, bb, spec.folder)
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    return spec
+
+
+def test_eval_on_user_file(trained, tmp_path):
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\nthe meow number 500,cat\nthe woof number 501,dog\nthe purr number 502,cat\n")
+    out = tmp_path / "rep"
+    code = main(["eval", "pets", "--adapters-dir", str(trained.folder.parent), "--data", str(data),
+                 "--out", str(out), "--no-router"])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    pets = result["tasks"]["pets"]
+    assert pets["status"] == "ok" and pets["n_test"] == 3
+    assert pets["adapter"]["n"] == 3 and "baseline" in pets and "zero_shot" in pets
+    assert (out / "eval.md").read_text().count("pets") >= 1
+
+
+def test_eval_data_errors_are_clear(trained, tmp_path):
+    bad_col = tmp_path / "cols.csv"
+    bad_col.write_text("body,label\nx,cat\n")
+    with pytest.raises(DataError, match="Available columns: body, label"):
+        evaluate.user_test_rows(trained, str(bad_col))
+    bad_label = tmp_path / "labels.csv"
+    bad_label.write_text("text,label\nx,cat\ny,horse\n")
+    with pytest.raises(DataError, match=r"\['horse'\] are not labels of adapter 'pets'"):
+        evaluate.user_test_rows(trained, str(bad_label))
+
+
+def test_a_broken_adapter_is_reported_and_others_still_evaluated(trained, tmp_path):
+    import shutil
+
+    broken = trained.folder.parent / "broken"
+    shutil.copytree(trained.folder, broken)
+    text = (broken / "adapter.yaml").read_text().replace("name: pets", "name: broken")
+    (broken / "adapter.yaml").write_text(text)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "rep"
+    assert main(["eval", "--adapters-dir", str(trained.folder.parent), "--out", str(out),
+                 "--no-router", "--max-examples", "10"]) == 0
+    tasks = json.loads((out / "eval.json").read_text())["tasks"]
+    assert tasks["broken"]["status"] == "failed" and "adapter_model.safetensors" in tasks["broken"]["error"]
+    assert tasks["pets"]["status"] == "ok"
+    assert "failed" in (out / "eval.md").read_text()
+
+
+def test_negative_transfer_is_said_plainly(trained, tmp_path, monkeypatch):
+    """Force the adapter below the baseline: the report must say transfer did not help."""
+    from bot.tasks.classify import ClassifyTask
+
+    monkeypatch.setattr(ClassifyTask, "predict",
+                        lambda self, texts, **kw: [{"cat": 0.0, "dog": 1.0} for _ in texts])
+    out = tmp_path / "rep"
+    assert main(["eval", "pets", "--adapters-dir", str(trained.folder.parent), "--out", str(out),
+                 "--no-router"]) == 0
+    pets = json.loads((out / "eval.json").read_text())["tasks"]["pets"]
+    assert pets["adapter"]["accuracy"] < pets["baseline"]["accuracy"]
+    assert "transfer did not help" in (out / "eval.md").read_text()
+
+
+def test_learning_curve_points_are_nested_sizes(trained):
+    bb = make_tiny_backbone()
+    curve = evaluate.learning_curve(trained, bb, [16, "ALL"], max_examples=20)
+    sizes = [n for n, _ in curve["points"]["adapter"]]
+    assert sizes[0] == 16 and sizes[1] > 16
+    assert all(0 <= acc <= 1 for _, acc in curve["points"]["tfidf+logreg"])
