@@ -27,7 +27,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +74,10 @@ class RouteChoice:
 def load_encoder(name_or_path: str | None = None, max_seq_length: int = 128, device: str = "cpu"):
     """Load a SentenceTransformer offline; default: the bundled all-MiniLM-L6-v2 folder.
 
-    ``max_seq_length`` caps tokens per turn: a news article is routed by its opening, which
-    keeps long inputs as cheap as short ones.
+    ``max_seq_length`` caps tokens per turn: a news article is routed by its opening (headline
+    and first sentences), which bounds its cost at a few times that of a short turn.
     """
+    hint = ENCODER_PIN if name_or_path is None else str(name_or_path)
     if name_or_path is None:
         name_or_path = str(_bundled_encoder_dir())
     from sentence_transformers import SentenceTransformer  # slow import: only once it is needed
@@ -96,6 +97,7 @@ def load_encoder(name_or_path: str | None = None, max_seq_length: int = 128, dev
         ) from err
     if max_seq_length and (model.max_seq_length or 0) > max_seq_length:
         model.max_seq_length = max_seq_length
+    model.name_hint = f"{hint}@{model.max_seq_length}"  # bot.routing keys its router cache on it
     return model
 
 
@@ -289,7 +291,8 @@ class Router:
 
     def _prime(self, texts: list[str]) -> None:
         """Embed uncached texts in one batch (much faster than one at a time)."""
-        todo = list(dict.fromkeys(t[: self.max_chars] for t in texts if t[: self.max_chars] not in self._cache))
+        keys = dict.fromkeys(t[: self.max_chars] for t in texts)
+        todo = [key for key in keys if key not in self._cache]
         for start in range(0, len(todo), 64):
             chunk = todo[start:start + 64]
             for key, vector in zip(chunk, self._encode(chunk), strict=True):
@@ -342,9 +345,15 @@ class Router:
         if sticky and not rest.strip():
             return self._stay(previous, {}, "nothing new to score", text)
         scores = self._scores(_scoring_text(text))
-        if sticky:
-            return self._follow_up(previous, scores, text)
-        return self._decide(scores, text)
+        choice = self._follow_up(previous, scores, text) if sticky else self._decide(scores, text)
+        return self._with_fallback_score(choice)
+
+    def _with_fallback_score(self, choice: RouteChoice) -> RouteChoice:
+        """Report the example-less fallback too, so ``scores`` covers every adapter."""
+        if not choice.scores or self.fallback in choice.scores:
+            return choice
+        full = {**choice.scores, self.fallback: self._score_of(self.fallback, choice.scores)}
+        return replace(choice, scores=full)
 
     def _command(self, name: str, rest: str, text: str) -> RouteChoice:
         """``/help``, ``/<adapter> text`` or an unknown ``/foo``."""

@@ -138,6 +138,9 @@ def test_below_fitted_threshold_falls_back():
     assert choice.adapter == "chat" and choice.fallback
     assert f"below threshold {router.threshold:.2f}" in choice.reason
     assert "-> fallback 'chat'" in choice.reason
+    # the example-less fallback is scored as "no route applies": 1 - best
+    assert set(choice.scores) == {"sentiment", "topic", "chat"}
+    assert choice.score == choice.scores["chat"] == pytest.approx(1 - choice.runner_up_score)
     assert choice.runner_up in {"sentiment", "topic"}
     assert router.route("great food, loved it").adapter == "sentiment"
 
