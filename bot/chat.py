@@ -87,6 +87,19 @@ class ChatSession:
         session.failures = failures
         return session
 
+    def warm_up(self) -> float:
+        """Build the generation engines and run each path once, so the first user waits less.
+
+        Returns the seconds it took.
+        """
+        t0 = time.perf_counter()
+        for task in self.tasks.values():
+            if task.kind == "generate":
+                task.generate("hello", max_new_tokens=2)
+        self.router.route("hello")
+        analyse(self.backbone, self.classifiers, "hello")
+        return time.perf_counter() - t0
+
     def fork(self) -> ChatSession:
         """A fresh conversation sharing this one's models (one per browser tab)."""
         other = ChatSession(self.backbone, self.tasks, self.router, self.max_chars, self.max_new_tokens)
@@ -100,10 +113,10 @@ class ChatSession:
     # ------------------------------------------------------------------ turns
     def send(self, text: str, force: str | None = None) -> Turn:
         """Answer ``text`` and return the finished Turn."""
-        turn = None
-        for _, turn in self.stream(text, force):
+        last = None
+        for _, last in self.stream(text, force):  # noqa: B007 (we want the final Turn)
             pass
-        return turn
+        return last
 
     def stream(self, text: str, force: str | None = None) -> Iterator[tuple[str, Turn | None]]:
         """Yield (reply so far, None) while generating, then (reply, Turn) once."""

@@ -12,7 +12,6 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -72,7 +71,7 @@ def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], bar) 
            "adapter": adapter, "views": result,
            "zero_shot": M.classification_metrics(truth, zs, labels),
            "baseline": M.classification_metrics(truth, base, labels)}
-    for view, m in result.items():  # the baseline on each view too, for a fair comparison
+    for view in result:  # the baseline on each view too, for a fair comparison
         vtest = [r for r in test if view in r.get("views", {})]
         vpred = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train],
                                  [r["views"][view] for r in vtest])
@@ -106,7 +105,7 @@ def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = N
             test = user_test_rows(spec, data_file)
             train = training_rows(spec)[1].train if spec.kind == "classify" else []
         else:
-            spec_f, splits = training_rows(spec)
+            _, splits = training_rows(spec)
             test, train = splits.test[:max_examples], splits.train
         per_row = 2 + len(test[0].get("views", {})) if test and "text" in test[0] else 2
         with tqdm(total=len(test) * per_row, desc=f"eval {spec.name}", unit="ex", file=sys.stderr) as bar:
@@ -133,7 +132,7 @@ def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
 
 # -------------------------------------------------------------------- router
 def eval_router(specs: list[AdapterSpec], session=None) -> dict:
-    from .routing import build_router, router_test_set
+    from .routing import build_router, load_handwritten, router_test_set
 
     router = session.router if session else build_router(specs)
     pairs = router_test_set(specs)
@@ -147,8 +146,7 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         fell.append(choice.fallback)
     out = M.router_metrics(truth, pred, fell, labels=[s.name for s in specs])
     out["median_route_ms"] = statistics.median(times)
-    out["n_handwritten"] = sum(1 for _ in __import__("bot.routing", fromlist=["x"]).load_handwritten(
-        {s.name for s in specs}))
+    out["n_handwritten"] = len(load_handwritten({s.name for s in specs}))
     return out
 
 

