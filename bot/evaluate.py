@@ -132,10 +132,14 @@ def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
 
 # -------------------------------------------------------------------- router
 def eval_router(specs: list[AdapterSpec], session=None) -> dict:
+    """Router accuracy on the test splits plus the hand-written turns, also per source."""
     from .routing import build_router, load_handwritten, router_test_set
 
     router = session.router if session else build_router(specs)
+    names = {s.name for s in specs}
+    handwritten = load_handwritten(names)
     pairs = router_test_set(specs)
+    sources = ["test split"] * (len(pairs) - len(handwritten)) + ["hand-written"] * len(handwritten)
     times, truth, pred, fell = [], [], [], []
     for text, want in tqdm(pairs, desc="eval router", unit="turn", file=sys.stderr):
         t0 = time.perf_counter()
@@ -146,7 +150,15 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         fell.append(choice.fallback)
     out = M.router_metrics(truth, pred, fell, labels=[s.name for s in specs])
     out["median_route_ms"] = statistics.median(times)
-    out["n_handwritten"] = len(load_handwritten({s.name for s in specs}))
+    out["n_handwritten"] = len(handwritten)
+    by = {}
+    for src, want, got in zip(sources, truth, pred):
+        key = f"{src}: {want}"
+        hit, n = by.get(key, (0, 0))
+        by[key] = (hit + (want == got), n + 1)
+    out["by_source"] = {k: {"accuracy": h / n, "n": n} for k, (h, n) in sorted(by.items())}
+    out["mistakes"] = [{"text": t[:160], "want": w, "got": g}
+                       for (t, w), g in zip(pairs, pred) if w != g][:25]
     return out
 
 

@@ -168,7 +168,25 @@ def _router(r: dict, out_dir: Path, plots: bool) -> list[str]:
                       plots and "confusion" in r)
     if png:
         lines += [f"![router confusion matrix]({png})", ""]
+    if r.get("by_source"):
+        lines += ["Accuracy by source of the turn:", ""]
+        lines += _table(["source: true adapter", "accuracy", "n"],
+                        [[k, _pct(v["accuracy"]), v["n"]] for k, v in r["by_source"].items()]) + [""]
+    if r.get("median_route_ms") is not None:
+        lines += [f"Median routing time: {_num(r['median_route_ms'], '.1f')} ms per turn.", ""]
+    if r.get("mistakes"):
+        lines += ["Some misrouted turns:", ""]
+        lines += _table(["turn", "true", "routed to"],
+                        [[m["text"], m["want"], m["got"]] for m in r["mistakes"][:12]]) + [""]
     return lines
+
+
+def _latency(lat: dict) -> list[str]:
+    """End-to-end medians measured through ChatSession (route + analysis + adapter)."""
+    rows = [["classification turn, end to end", _num(lat.get("classify_turn_ms"), ".0f"), lat.get("n_classify")],
+            ["first streamed token of a chat reply", _num(lat.get("first_token_ms"), ".0f"), lat.get("n_chat")],
+            ["routing only", _num(lat.get("route_ms"), ".1f"), lat.get("n_classify")]]
+    return ["## Latency (median ms)", ""] + _table(["what", "ms", "n"], rows) + [""]
 
 
 def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[str]:
@@ -246,6 +264,8 @@ def write_report(results: dict, out_dir, plots: bool = True) -> tuple[Path, Path
         lines += ["Run: " + ", ".join(f"{k} `{v}`" for k, v in meta.items()), ""]
     if results.get("router"):
         lines += _router(results["router"], out_dir, plots)
+    if results.get("latency"):
+        lines += _latency(results["latency"])
     for name, t in ok.items():
         lines += _generate_section(name, t) if _kind(t) == "generate" else _classify_section(name, t, out_dir, plots)
     lines += _curves(results.get("curves") or {}, out_dir, plots)
