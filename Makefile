@@ -39,4 +39,10 @@ bench: install
 	$(VENV)/bin/bot bench --out reports/bench.md
 
 eval: install
-	$(VENV)/bin/bot eval --out reports
+	$(VENV)/bin/bot eval --out reports --curve 32,128,512,2048 --curve-adapters sentiment
+
+# Retrain the three committed adapters exactly as committed (seeded; ~30 min on 2 cores).
+train-defaults: install
+	$(VENV)/bin/bot train topic
+	$(VENV)/bin/bot train sentiment
+	$(VENV)/bin/bot train chat

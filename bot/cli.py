@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="reports", help="output folder (default: reports/)")
     e.add_argument("--max-examples", type=int, default=400, help="held-out examples per task (default 400)")
     e.add_argument("--curve", help="learning curve sizes, e.g. 32,128,512,ALL")
+    e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
     e.set_defaults(func=cmd_eval)
 

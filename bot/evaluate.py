@@ -252,8 +252,9 @@ def run_eval(args) -> int:
               file=sys.stderr)
     if args.curve:
         sizes = [s if s == "ALL" else int(s) for s in args.curve.upper().split(",")]
+        chosen = set(args.curve_adapters.split(",")) if getattr(args, "curve_adapters", None) else None
         results["curves"] = {s.name: learning_curve(s, bb, sizes, args.max_examples)
-                             for s in ok_specs if s.kind == "classify"}
+                             for s in ok_specs if s.kind == "classify" and (not chosen or s.name in chosen)}
     results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     json_path, md_path = write_report(results, args.out)
     print(f"wrote {md_path} and {json_path}")

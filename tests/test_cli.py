@@ -44,3 +44,18 @@ def test_each_subcommand_has_help(cmd, capsys):
         main([cmd, "--help"])
     assert done.value.code == 0
     assert "--backbone" in capsys.readouterr().out
+
+
+def test_info_reports_backbone_adapters_and_memory(tmp_path, monkeypatch, capsys):
+    from conftest import make_tiny_backbone
+    from test_train import toy_spec
+
+    from bot.train import train_adapter
+
+    spec = toy_spec(tmp_path, epochs=1.0)
+    train_adapter(spec, make_tiny_backbone(), spec.folder)
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    assert main(["info", "--adapters-dir", str(spec.folder.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-llama@" in out and "parameters" in out and "MB resident" in out
+    assert "pets" in out and "classify" in out
