@@ -103,6 +103,10 @@ def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         for stale in ("README.md",):  # peft writes a model card we do not want
             (tmp / stale).unlink(missing_ok=True)
+        # mkdtemp/mkstemp create private (0700/0600) entries; an adapter is meant to be shared
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
