@@ -171,6 +171,7 @@ class AdapterSpec:
         fd, tmp = tempfile.mkstemp(prefix=".adapter.yaml.", dir=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False, allow_unicode=True, width=100)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is meant to be shared
         os.replace(tmp, path)
         return path
 
