@@ -287,8 +287,8 @@ def example_prompts(session) -> list[tuple[str, str]]:
 def _chat_tab(session) -> None:
     conv = gr.State(None)
     # No "share" button: conversations stay on this machine.
-    chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=460, feedback_options=(),
-                         buttons=["copy", "copy_all"])
+    chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=620, resizable=True,
+                         feedback_options=(), buttons=["copy", "copy_all"])
     with gr.Row():
         msg = gr.Textbox(placeholder="Say hi, paste a review or a news headline…", lines=1,
                          max_lines=6, show_label=False, scale=5, elem_id="msg", autofocus=True)
@@ -356,7 +356,8 @@ def launch(args) -> int:
         print(f"warning: listening on {host}; anyone who can reach it can use the demo", file=sys.stderr)
     _, local_url, share_url = app.launch(
         server_name=host, server_port=port, share=bool(getattr(args, "share", False)),
-        prevent_thread_lock=True, show_error=True, ssr_mode=False, quiet=True, theme=THEME, css=CSS)
+        prevent_thread_lock=True, show_error=True, ssr_mode=False, quiet=True, theme=THEME, css=CSS,
+        run_history=False)  # nothing recorded, and no page offering to upload runs elsewhere
     print(f"demo running at {local_url}" + (f" (public link {share_url})" if share_url else ""),
           flush=True)
     app.block_thread()  # until Ctrl-C

@@ -173,6 +173,15 @@ def test_routes_each_message_to_the_right_adapter(server, browser):
             assert last_reply(page), f"empty reply to {text!r}"
         assert user_messages(page) == [text for text, _ in CASES]
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+        page.get_by_role("tab", name="Adapters").click()
+        cards = page.locator("#adapter-cards")
+        for _, name in CASES:
+            assert cards.get_by_role("heading", name=name, exact=True).is_visible()
+        assert "accuracy" in cards.inner_text() and "training data" in cards.inner_text()
+        page.get_by_role("tab", name="Evaluation").click()
+        report = page.locator("#eval-report")
+        report.wait_for()
+        assert report.inner_text().strip()  # the report, or how to make one
     finally:
         context.close()
 
