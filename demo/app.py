@@ -350,6 +350,7 @@ def launch(args) -> int:
     session = ChatSession.from_dir(backbone, getattr(args, "adapters_dir", None))
     for name, err in session.failures.items():
         print(f"note: adapter {name} not loaded: {err}", file=sys.stderr)
+    print(f"warming up (building the fast generation engine) … {session.warm_up():.1f} s", flush=True)
     app = build_app(session)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     if host not in ("127.0.0.1", "localhost", "::1"):
