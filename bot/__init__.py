@@ -9,15 +9,9 @@ Public API::
     turn.adapter, turn.reply, turn.route.score
 """
 
-import os
-
-# With more busy threads than cores (a demo beside a training run, two sessions),
-# OpenMP's default spin-waiting made LoRA steps 5-8x slower here; passive waiting does not.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .backbone import Backbone  # noqa: E402
-from .errors import AdapterError  # noqa: E402, BotError, DataError, FingerprintMismatch, SpecError
-from .spec import AdapterSpec  # noqa: E402
+from .backbone import Backbone
+from .errors import AdapterError, BotError, DataError, FingerprintMismatch, SpecError
+from .spec import AdapterSpec
 
 __all__ = ["Backbone", "AdapterSpec", "BotError", "AdapterError", "DataError",
            "FingerprintMismatch", "SpecError", "ChatSession", "Router", "RouteChoice", "Turn"]

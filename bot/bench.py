@@ -122,7 +122,8 @@ def measure_quality(bb, adapter: str, n_rows: int = 60) -> list[tuple]:
     from .spec import AdapterSpec
     from .tasks.generate import GenerateTask, _shifted_nll
 
-    rows = split(load_dialogue(), seed=0).test[:n_rows]
+    test = split(load_dialogue(), seed=0).test
+    rows = test[:: max(1, len(test) // n_rows)][:n_rows]  # spread over both corpora
     task = GenerateTask(AdapterSpec(name=adapter, kind="generate", template=""), bb)
     items = [task.encode_pair(r["prompt"], r["reply"], 128) for r in rows]
     out = []
