@@ -29,11 +29,16 @@ def _backbone(args):
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
     from .spec import AdapterSpec
-    from .train import train_adapter
+    from .train import reevaluate_adapter, train_adapter
 
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
     bb = _backbone(args)
+    if args.eval_only:
+        metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
+        print(_summary(metrics))
+        print(f"updated {folder / 'metrics.json'} (training figures kept)")
+        return 0
     metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
                             eval_examples=args.eval_examples, command=args.command_line)
     print(_summary(metrics))
@@ -117,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, help="override train.epochs")
     t.add_argument("--max-examples", type=int, help="cap the training examples (quick runs)")
     t.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored (default 1000)")
+    t.add_argument("--eval-only", action="store_true",
+                   help="do not train: re-score the saved adapter on its held-out split and update metrics.json")
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("add", parents=[common], help="scaffold a new adapter from a CSV/JSONL file")

@@ -277,12 +277,26 @@ def dedupe(rows: list[dict]) -> list[dict]:
 
 
 def split(rows: list[dict], seed: int = 0, test: float = 0.2, val: float = 0.1) -> Splits:
-    """Deterministic split by hashing each example's key with the seed."""
+    """Deterministic split by hashing each example's key with the seed.
+
+    ``val`` and ``test`` come back in hash order, i.e. shuffled: files are often sorted
+    by label (the VADER movie snippets are all positive first), so the first N held-out
+    rows must be a fair sample. ``train`` keeps file order (training shuffles it anyway,
+    and ``--max-examples`` samples it with the seed).
+    """
     out = Splits([], [], [])
+    ranked_val, ranked_test = [], []
     for r in dedupe(rows):
         digest = hashlib.sha256(f"{seed}:{example_key(r)}".encode()).digest()
         u = int.from_bytes(digest[:8], "big") / 2**64
-        (out.test if u < test else out.val if u < test + val else out.train).append(r)
+        if u < test:
+            ranked_test.append((u, r))
+        elif u < test + val:
+            ranked_val.append((u, r))
+        else:
+            out.train.append(r)
+    out.test = [r for _, r in sorted(ranked_test, key=lambda p: p[0])]
+    out.val = [r for _, r in sorted(ranked_val, key=lambda p: p[0])]
     return out
 
 

@@ -120,6 +120,32 @@ def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path
     return out_dir
 
 
+def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None = 1000,
+                       command: str = "") -> dict:
+    """Re-score a trained adapter on its held-out split and update metrics.json in place.
+
+    The training figures (time, examples, command) are kept; the held-out ones are replaced.
+    """
+    folder = Path(folder)
+    spec = AdapterSpec.from_dir(folder)
+    task = load_task(backbone, spec)
+    _, splits = training_rows(spec)
+    test = splits.test[:eval_examples] if eval_examples else splits.test
+    t0 = time.perf_counter()
+    metrics = json.loads((folder / METRICS).read_text())
+    metrics.update({
+        "heldout": task.evaluate(test), f"heldout_first_{CHECK_N}": _headline(task.evaluate(splits.test[:CHECK_N])),
+        "eval_examples": len(test), "eval_seconds": round(time.perf_counter() - t0, 1),
+        "eval_command": command, "eval_date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
+    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=folder)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(metrics, indent=2) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, folder / METRICS)
+    return metrics
+
+
 def reload_check(spec_dir: str | Path, backbone):
     """Load a saved adapter folder into a task (used by tests and eval)."""
     return load_task(backbone, AdapterSpec.from_dir(spec_dir))

@@ -161,3 +161,25 @@ def test_generate_training_lowers_heldout_perplexity(tmp_path):
     task.fit(rows, 6.0, 0)
     result = task.evaluate(rows[:4])
     assert result["ppl_adapter"] < 0.8 * result["ppl_base"]
+
+
+def test_eval_only_rescores_and_keeps_training_figures(tmp_path):
+    from bot.train import reevaluate_adapter
+
+    bb = make_tiny_backbone()
+    spec = toy_spec(tmp_path, epochs=1.0)
+    first = train_adapter(spec, bb, spec.folder, command="bot train pets")
+    again = reevaluate_adapter(spec.folder, make_tiny_backbone(), eval_examples=5, command="bot train pets --eval-only")
+    saved = json.loads((spec.folder / "metrics.json").read_text())
+    assert saved["command"] == "bot train pets" and saved["train_seconds"] == first["train_seconds"]
+    assert saved["eval_examples"] == 5 and saved["heldout"]["text"]["n"] == 5
+    assert saved["eval_command"].endswith("--eval-only") and again["heldout"] == saved["heldout"]
+
+
+def test_heldout_rows_are_shuffled_not_file_ordered():
+    from bot.data import split
+
+    rows = [{"text": f"good {i}", "label": "pos"} for i in range(300)]
+    rows += [{"text": f"bad {i}", "label": "neg"} for i in range(300)]
+    first = split(rows).test[:40]
+    assert 10 < sum(r["label"] == "pos" for r in first) < 30
