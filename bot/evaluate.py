@@ -90,9 +90,8 @@ def eval_generate(task, test: list[dict], bar) -> dict:
                         "base": task.generate(prompt, adapter=None, max_new_tokens=48),
                         "adapter": task.generate(prompt, max_new_tokens=48)})
     change = res["ppl_change"]
-    verdict = (f"Held-out reply perplexity {res['ppl_base']:.2f} -> {res['ppl_adapter']:.2f} "
-               f"({change:+.1%}). " + ("The adapter fits the dialogue data better than the base model."
-                                       if change < 0 else "transfer did not help this task."))
+    verdict = ("The adapter fits held-out dialogue replies better than the base model."
+               if change < 0 else "The adapter does not lower held-out perplexity: transfer did not help this task.")
     return {"kind": "generate", "status": "ok", "n_test": len(test), "ppl_base": res["ppl_base"],
             "ppl_adapter": res["ppl_adapter"], "samples": samples, "verdict": verdict}
 
@@ -171,11 +170,13 @@ def eval_latency(session, n: int = 12) -> dict:
     chat_turns = [t for t, a in turns if a == "chat"][: max(3, n // 2)]
     cls_ms, first_ms, route_ms = [], [], []
     for text in cls_turns:
+        session.router._cache.clear()  # eval_router already embedded these turns
         turn = session.fork().send(text)
         route_ms.append(turn.timings["route_ms"])
         if turn.adapter in session.tasks and session.tasks[turn.adapter].kind == "classify":
             cls_ms.append(turn.timings["total_ms"])
     for text in chat_turns:
+        session.router._cache.clear()
         s = session.fork()
         s.max_new_tokens = 8
         turn = s.send(f"/chat {text}")

@@ -206,8 +206,10 @@ def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[st
     views = t.get("views") or {}
     if views:
         lines += ["Views of the same test set:", ""]
-        lines += _table(["view", "n", "accuracy", "macro-F1"],
-                        [[v, m.get("n", DASH), _pct(m.get("accuracy")), _num(m.get("macro_f1"))]
+        vbase = t.get("views_baseline") or {}
+        lines += _table(["view", "n", "adapter accuracy", "adapter macro-F1", "TF-IDF baseline"],
+                        [[v, m.get("n", DASH), _pct(m.get("accuracy")), _num(m.get("macro_f1")),
+                          _pct((vbase.get(v) or {}).get("accuracy"))]
                          for v, m in views.items()]) + [""]
     return lines
 
