@@ -132,13 +132,14 @@ def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
 # -------------------------------------------------------------------- router
 def eval_router(specs: list[AdapterSpec], session=None) -> dict:
     """Router accuracy on the test splits plus the hand-written turns, also per source."""
-    from .routing import build_router, load_handwritten, router_test_set
+    from .routing import build_router, load_handwritten, route_texts, router_test_set
 
     router = session.router if session else build_router(specs)
     names = {s.name for s in specs}
     handwritten = load_handwritten(names)
-    pairs = router_test_set(specs)
-    sources = ["test split"] * (len(pairs) - len(handwritten)) + ["hand-written"] * len(handwritten)
+    pairs = router_test_set(specs, exclude=route_texts(router))
+    written = set(handwritten)
+    sources = ["hand-written" if pair in written else "test split" for pair in pairs]
     times, truth, pred, fell = [], [], [], []
     for text, want in tqdm(pairs, desc="eval router", unit="turn", file=sys.stderr):
         t0 = time.perf_counter()
@@ -149,7 +150,7 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         fell.append(choice.fallback)
     out = M.router_metrics(truth, pred, fell, labels=[s.name for s in specs])
     out["median_route_ms"] = statistics.median(times)
-    out["n_handwritten"] = len(handwritten)
+    out["n_handwritten"] = sum(src == "hand-written" for src in sources)
     by = {}
     for src, want, got in zip(sources, truth, pred):
         key = f"{src}: {want}"
