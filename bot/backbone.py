@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from safetensors.torch import load_file
 
 from .assets import cache_dir, package_dir
 from .errors import AdapterError, BackboneError, FingerprintMismatch
+from .fsutil import atomic_dir_write
 
 EMBEDDED_ALIASES = ("", "embedded", "smollm2", "SmolLM2-135M-Instruct")
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -45,24 +44,6 @@ class LoadInfo:
     source: str
     seconds: float
     converted: bool = False
-
-
-def _atomic_dir_write(dest: Path, write) -> None:
-    """Call ``write(tmp_dir)`` then rename the finished folder onto ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        if dest.exists():
-            old = dest.with_name(dest.name + f".old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
@@ -87,7 +68,7 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(f"converted from {gguf_dir / gguf_file}\n")
 
-    _atomic_dir_write(dest, write)
+    atomic_dir_write(dest, write)
 
 
 def resolve_backbone(name: str | None) -> tuple[str, str, bool]:

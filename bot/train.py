@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from . import data as data_mod
 from .errors import DataError
+from .fsutil import atomic_dir_write
 from .registry import load_task
 from .spec import AdapterSpec
 from .tasks import task_class
@@ -93,31 +93,17 @@ def _headline(evaluation: dict) -> dict:
 
 def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path) -> Path:
     """Write manifest + LoRA + task extras + metrics into a temp folder, then swap it in."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         spec.save(tmp)
         backbone.save_adapter(spec.name, tmp)
         task.save_extra(tmp)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-        for stale in ("README.md",):  # peft writes a model card we do not want
-            (tmp / stale).unlink(missing_ok=True)
-        # mkdtemp/mkstemp create private (0700/0600) entries; an adapter is meant to be shared
-        tmp.chmod(0o755)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft writes a model card we do not want
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return atomic_dir_write(Path(out_dir), write)
 
 
 def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None = 1000,
