@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .data import check_classify_rows, read_table
+from .data import check_classify_rows, read_table, require_column
 from .errors import DataError, SpecError
 from .spec import AdapterSpec, LoraSettings, TrainSettings
 
@@ -22,9 +22,7 @@ def _check_cells(rows: list[dict], path: Path, cols: list[str]) -> None:
 
 def _columns(columns: list[str], path: Path, wanted: dict[str, str]) -> None:
     for role, col in wanted.items():
-        if col not in columns:
-            raise DataError(f"{path}: no column '{col}' for the {role} (set it with --{role}-col). "
-                            f"Available columns: {', '.join(map(str, columns))}")
+        require_column(columns, col, path, role, hint=f" (set it with --{role}-col)")
 
 
 def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", label_col="label",

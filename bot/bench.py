@@ -67,7 +67,7 @@ def _ensure_adapters(bb, adapters_dir) -> list[str]:
 
 
 def measure_load(backbone_name) -> dict:
-    from .backbone import Backbone
+    from .backbone import Backbone, resolve_backbone
 
     with tempfile.TemporaryDirectory() as cold_cache:
         old = os.environ.get("BOT_CACHE")
@@ -81,7 +81,7 @@ def measure_load(backbone_name) -> dict:
                 os.environ.pop("BOT_CACHE")
             else:
                 os.environ["BOT_CACHE"] = old
-    Backbone.load(backbone_name)  # make sure the real cache exists
+    resolve_backbone(backbone_name)  # make sure the real cache exists (converts once if not)
     t0 = time.perf_counter()
     bb = Backbone.load(backbone_name)
     return {"cold": cold, "cached": time.perf_counter() - t0, "backbone": bb}

@@ -13,6 +13,7 @@ held-out example can never also appear in training.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import json
@@ -144,6 +145,15 @@ BUNDLED = {
 }
 
 
+@functools.cache
+def _bundled_rows(name: str) -> tuple[dict, ...]:
+    """Eval, router fitting and router testing all read the same sets: parse each once.
+
+    Rows are shared between callers and must not be mutated (nothing here does).
+    """
+    return tuple(BUNDLED[name]())
+
+
 def register_dataset(name: str, loader) -> None:
     """Add a bundled data set id usable as ``data: {bundled: NAME}``."""
     if name in BUNDLED:
@@ -194,9 +204,10 @@ def _parse_json_rows(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def _column(rows, columns, col, path, role) -> None:
+def require_column(columns, col, path, role, hint: str = "") -> None:
+    """Raise a DataError naming the file, the missing column and the ones that exist."""
     if col not in columns:
-        raise DataError(f"{path}: no column '{col}' (wanted as the {role} column). "
+        raise DataError(f"{path}: no column '{col}' for the {role}{hint}. "
                         f"Available columns: {', '.join(map(str, columns))}")
 
 
@@ -206,15 +217,15 @@ def load_user_file(path, kind: str, text_col="text", label_col="label",
     rows, columns = read_table(path)
     out = []
     if kind == "classify":
-        _column(rows, columns, text_col, path, "text")
-        _column(rows, columns, label_col, path, "label")
+        require_column(columns, text_col, path, "text")
+        require_column(columns, label_col, path, "label")
         for r in rows:
             text, label = str(r.get(text_col) or "").strip(), str(r.get(label_col) or "").strip()
             if text and label:
                 out.append({"text": text, "label": label})
     else:
-        _column(rows, columns, prompt_col, path, "prompt")
-        _column(rows, columns, reply_col, path, "reply")
+        require_column(columns, prompt_col, path, "prompt")
+        require_column(columns, reply_col, path, "reply")
         for r in rows:
             p, a = str(r.get(prompt_col) or "").strip(), str(r.get(reply_col) or "").strip()
             if p and a:
@@ -309,7 +320,7 @@ def load_source(source: dict, kind: str, base_dir: Path | None = None) -> list[d
         name = source["bundled"]
         if name not in BUNDLED:
             raise DataError(f"unknown bundled data set '{name}'; known: {sorted(BUNDLED)}")
-        return BUNDLED[name]()
+        return list(_bundled_rows(name))
     path = Path(source["path"]).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path

@@ -65,16 +65,17 @@ def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], bar) 
     result = task.evaluate(test, progress=bar.update)
     adapter = result.pop("text")
     zs = zero_shot(task, [r["text"] for r in test], progress=bar.update)
-    base = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train],
-                            [r["text"] for r in test])
+    # one TF-IDF fit, scored on the texts and on every view (a fair comparison per view)
+    views = {v: [r for r in test if v in r.get("views", {})] for v in result}
+    queries = [r["text"] for r in test] + [r["views"][v] for v, rows in views.items() for r in rows]
+    preds = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], queries)
+    base, rest = preds[:len(test)], preds[len(test):]
     out = {"kind": "classify", "status": "ok", "n_test": len(test), "n_train": len(train),
            "adapter": adapter, "views": result,
            "zero_shot": M.classification_metrics(truth, zs, labels),
            "baseline": M.classification_metrics(truth, base, labels)}
-    for view in result:  # the baseline on each view too, for a fair comparison
-        vtest = [r for r in test if view in r.get("views", {})]
-        vpred = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train],
-                                 [r["views"][view] for r in vtest])
+    for view, vtest in views.items():
+        vpred, rest = rest[:len(vtest)], rest[len(vtest):]
         out.setdefault("views_baseline", {})[view] = M.classification_metrics(
             [r["label"] for r in vtest], vpred, labels)
     out["verdict"] = M.transfer_verdict(adapter["accuracy"], out["baseline"]["accuracy"],
@@ -96,10 +97,17 @@ def eval_generate(task, test: list[dict], bar) -> dict:
             "ppl_adapter": res["ppl_adapter"], "samples": samples, "verdict": verdict}
 
 
-def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = None) -> dict:
-    """Evaluate one adapter; any failure becomes ``{"status": "failed", "error": ...}``."""
+def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = None,
+             loaded: dict | None = None) -> dict:
+    """Evaluate one adapter; any failure becomes ``{"status": "failed", "error": ...}``.
+
+    Args:
+        loaded: when given, the loaded task is stored here by name (the router reuses it).
+    """
     try:
         task = load_task(bb, spec)
+        if loaded is not None:
+            loaded[spec.name] = task
         if data_file:
             test = user_test_rows(spec, data_file)
             train = training_rows(spec)[1].train if spec.kind == "classify" else []
@@ -171,13 +179,13 @@ def eval_latency(session, n: int = 12) -> dict:
     chat_turns = [t for t, a in turns if a == "chat"][: max(3, n // 2)]
     cls_ms, first_ms, route_ms = [], [], []
     for text in cls_turns:
-        session.router._cache.clear()  # eval_router already embedded these turns
+        session.router.clear_cache()  # eval_router already embedded these turns
         turn = session.fork().send(text)
         route_ms.append(turn.timings["route_ms"])
         if turn.adapter in session.tasks and session.tasks[turn.adapter].kind == "classify":
             cls_ms.append(turn.timings["total_ms"])
     for text in chat_turns:
-        session.router._cache.clear()
+        session.router.clear_cache()
         s = session.fork()
         s.max_new_tokens = 8
         turn = s.send(f"/chat {text}")
@@ -236,19 +244,17 @@ def run_eval(args) -> int:
         "command": args.command_line, "backbone": bb.fingerprint,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M")}}
+    tasks = {}
     for spec in specs:
-        results["tasks"][spec.name] = eval_one(spec, bb, args.max_examples, args.data)
+        results["tasks"][spec.name] = eval_one(spec, bb, args.max_examples, args.data, tasks)
         _print_line(spec.name, results["tasks"][spec.name])
     ok_specs = [s for s in specs if results["tasks"][s.name]["status"] == "ok"]
     if not args.no_router and not args.data and len(ok_specs) >= 2:
         from .chat import ChatSession
-        from .registry import load_all
         from .routing import build_router
 
-        all_specs = [s for s in discover(args.adapters_dir)]
-        tasks, _ = load_all(bb, args.adapters_dir)
-        session = ChatSession(bb, tasks, build_router([t.spec for t in tasks.values()]))
-        results["router"] = eval_router([t.spec for t in tasks.values()] or all_specs, session)
+        session = ChatSession(bb, tasks, build_router(ok_specs))
+        results["router"] = eval_router(ok_specs, session)
         results["latency"] = eval_latency(session)
         print(f"router: accuracy {results['router']['accuracy']:.1%}, median {results['router']['median_route_ms']:.1f} ms/turn",
               file=sys.stderr)

@@ -247,6 +247,16 @@ class Router:
         if description is not None:
             self.describe[name] = description
 
+    @property
+    def examples(self) -> dict[str, list[str]]:
+        """Each route's example turns (a copy)."""
+        return {name: list(texts) for name, texts in self._examples.items()}
+
+    def clear_cache(self) -> None:
+        """Forget cached turn embeddings (for timing cold routing)."""
+        with self._lock:
+            self._cache.clear()
+
     def help_text(self) -> str:
         """One line per command, with the descriptions from ``describe``."""
         lines = ["Commands (otherwise I pick an adapter for you):"]

@@ -94,7 +94,7 @@ def _norm(text: str) -> str:
 
 def route_texts(router) -> set[str]:
     """Every example text the router embeds, normalised (for overlap checks)."""
-    return {_norm(t) for texts in router._examples.values() for t in texts}
+    return {_norm(t) for texts in router.examples.values() for t in texts}
 
 
 def _describe(router, specs) -> None:

@@ -130,8 +130,3 @@ def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None =
     os.chmod(tmp, 0o644)
     os.replace(tmp, folder / METRICS)
     return metrics
-
-
-def reload_check(spec_dir: str | Path, backbone):
-    """Load a saved adapter folder into a task (used by tests and eval)."""
-    return load_task(backbone, AdapterSpec.from_dir(spec_dir))

@@ -47,15 +47,20 @@ def test_default_adapters_are_committed():
     assert {"topic", "sentiment", "chat"} <= set(_committed())
 
 
-@pytest.mark.parametrize("name", _committed("classify"))
-def test_committed_classifier_matches_its_metrics(real_backbone, name):
+def _committed_check(backbone, name: str):
+    """(task loaded on the real backbone, recorded first-100 figures, those 100 held-out rows)."""
     from bot.registry import load_task
 
     spec = AdapterSpec.from_dir(ADAPTERS / name)
     recorded = json.loads((ADAPTERS / name / "metrics.json").read_text())[f"heldout_first_{CHECK_N}"]
-    task = load_task(real_backbone, spec)
     _, splits = training_rows(spec)
-    measured = task.evaluate(splits.test[:CHECK_N])
+    return load_task(backbone, spec), recorded, splits.test[:CHECK_N]
+
+
+@pytest.mark.parametrize("name", _committed("classify"))
+def test_committed_classifier_matches_its_metrics(real_backbone, name):
+    task, recorded, rows = _committed_check(real_backbone, name)
+    measured = task.evaluate(rows)
     for view, want in recorded.items():
         got = measured[view]["accuracy"]
         # bf16 autocast kernels differ slightly between machines: allow 3 of 100 to flip
@@ -65,13 +70,8 @@ def test_committed_classifier_matches_its_metrics(real_backbone, name):
 
 @pytest.mark.parametrize("name", _committed("generate"))
 def test_committed_generator_matches_its_metrics(real_backbone, name):
-    from bot.registry import load_task
-
-    spec = AdapterSpec.from_dir(ADAPTERS / name)
-    recorded = json.loads((ADAPTERS / name / "metrics.json").read_text())[f"heldout_first_{CHECK_N}"]
-    task = load_task(real_backbone, spec)
-    _, splits = training_rows(spec)
-    got = task.perplexity(splits.test[:CHECK_N])
+    task, recorded, rows = _committed_check(real_backbone, name)
+    got = task.perplexity(rows)
     assert got == pytest.approx(recorded["ppl_adapter"], rel=0.03)
     assert got < recorded["ppl_base"]
 
