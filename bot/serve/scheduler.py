@@ -133,6 +133,7 @@ class Scheduler:
         self._waiting: list[Request] = []
         self._jobs: list[tuple[Callable, Future]] = []
         self._active: list[Request] = []
+        self._admitting: list[Request] = []  # taken from the queue, not yet prefilled
         self._thread: threading.Thread | None = None
         self._retiring: set[str] = set()
         self._stop = False
@@ -147,7 +148,7 @@ class Scheduler:
         return len(self._waiting)
 
     def in_flight(self) -> int:
-        return len(self._waiting) + len(self._active)
+        return len(self._waiting) + len(self._admitting) + len(self._active)
 
     def start(self) -> Scheduler:
         with self._cond:
@@ -269,14 +270,19 @@ class Scheduler:
                     self._fail_all("the server is shutting down")
                     return
                 jobs, self._jobs = self._jobs, []
-                free = self.max_batch - len(self._active)
-                fresh, self._waiting = self._waiting[:free], self._waiting[free:]
             for fn, fut in jobs:
                 try:
                     fut.set_result(fn())
                 except BaseException as err:  # noqa: BLE001 (handed to the caller)
                     fut.set_exception(err)
+            with self._cond:
+                free = self.max_batch - len(self._active)
+                fresh, self._waiting = self._waiting[:free], self._waiting[free:]
+                self._admitting = fresh
             self._drop([r for r in self._active if r.cancelled])
+            for r in fresh:
+                if r.cancelled:
+                    self._finish(r, "cancelled")
             fresh = [r for r in fresh if not r.cancelled]
             try:
                 if fresh:
@@ -288,6 +294,7 @@ class Scheduler:
                 for req in self._active + fresh:
                     self._finish(req, None, error=f"internal error: {type(err).__name__}: {err}")
                 self._drop(list(self._active))
+            self._admitting = []
 
     def _prefill(self, fresh: list[Request]) -> None:
         first = len(self._active)
@@ -303,6 +310,7 @@ class Scheduler:
                                      [r.adapter for r in fresh], torch.tensor(lengths) - 1)
         now = time.perf_counter()
         self._active.extend(fresh)
+        self._admitting = []
         for r, row, n in zip(fresh, logits, lengths):
             r.length = n
             r.first_token_at = now
