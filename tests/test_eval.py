@@ -8,9 +8,9 @@ import pytest
 from conftest import make_tiny_backbone
 from test_train import toy_spec
 
-from bot import evaluate
 from bot.cli import main
 from bot.errors import DataError
+from bot.eval import evaluate
 from bot.train import train_adapter
 
 
