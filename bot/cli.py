@@ -125,6 +125,14 @@ def cmd_demo(args) -> int:
 
 
 # -------------------------------------------------------------------- parser
+def _curve_sizes(text: str) -> str:
+    """Check ``--curve`` here, so a typo is a usage message rather than a traceback."""
+    parts = [p.strip().upper() for p in text.split(",")]
+    if not parts or not all(p == "ALL" or (p.isdigit() and int(p) > 0) for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive sizes or ALL, e.g. 32,128,ALL")
+    return ",".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bot", description="One backbone, many LoRA adapters, a router and a demo.")
     common = argparse.ArgumentParser(add_help=False)
@@ -160,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate one adapter on your own CSV/JSONL (same columns as its manifest)")
     e.add_argument("--out", default="reports", help="output folder (default: reports/)")
     e.add_argument("--max-examples", type=int, default=400, help="held-out examples per task (default 400)")
-    e.add_argument("--curve", help="learning curve sizes, e.g. 32,128,512,ALL")
+    e.add_argument("--curve", type=_curve_sizes, help="learning curve sizes, e.g. 32,128,512,ALL")
     e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
     e.set_defaults(func=cmd_eval)

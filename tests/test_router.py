@@ -347,3 +347,43 @@ def test_real_encoder_routes_obvious_turns():
         assert router.route(text).adapter == expected, router.route(text).reason
     follow = router.route("what about: Arsenal sign a new striker for 50 million", previous="sentiment")
     assert follow.adapter == "topic", follow.reason
+
+
+# ----- the on-disk format -------------------------------------------------------------------------
+
+def _edit_config(folder, **changes):
+    path = folder / "router.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_load_refuses_another_format_version(tmp_path):
+    from bot.routing import FORMAT_VERSION
+
+    folder = make_router().save(tmp_path / "router")
+    assert json.loads((folder / "router.json").read_text())["format_version"] == FORMAT_VERSION
+    _edit_config(folder, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(DataError, match=rf"format_version {FORMAT_VERSION + 1}.*Fix:"):
+        Router.load(folder, HashEncoder())
+
+
+def test_build_router_rebuilds_a_cache_of_another_format(tmp_path, monkeypatch):
+    from bot.routing import FORMAT_VERSION, build_router
+    from bot.spec import AdapterSpec
+
+    monkeypatch.setenv("BOT_CACHE", str(tmp_path))
+    # no data set behind these manifests: routes are built from the examples alone
+    specs = [AdapterSpec(name=name, kind="classify", labels=["a", "b"], data={"bundled": "none-here"},
+                         route_examples=examples) for name, examples in [("sentiment", SENTIMENT),
+                                                                          ("topic", TOPIC)]]
+    first = build_router(specs, HashEncoder())
+    assert first.threshold == 0.0
+    (cached,) = (tmp_path / "router").iterdir()
+    _edit_config(cached, threshold=0.77)
+    assert build_router(specs, HashEncoder()).threshold == 0.77  # a current cache is trusted ...
+    _edit_config(cached, threshold=0.77, format_version=FORMAT_VERSION - 1)
+    rebuilt = build_router(specs, HashEncoder())
+    assert rebuilt.threshold == 0.0  # ... another format is rebuilt, not trusted
+    assert json.loads((cached / "router.json").read_text())["format_version"] == FORMAT_VERSION
+    assert rebuilt.route("great phone").adapter == first.route("great phone").adapter == "sentiment"
