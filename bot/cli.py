@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except BotError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path the user gave cannot be read or written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was overwritten", file=sys.stderr)
         return 130

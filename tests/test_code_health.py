@@ -134,3 +134,13 @@ def test_one_normaliser():
     assert normalise("  Hello\t\nWORLD  ") == "hello world"
     assert example_key({"text": "A  b\nC"}) == normalise("a b c")
     assert example_key({"prompt": "Hi  There", "reply": "x"}) == "hi there"
+
+
+def test_an_unwritable_path_is_an_error_message(tmp_path, capsys):
+    data = tmp_path / "pets.csv"
+    data.write_text("text,label\n" + "".join(f"meow {i},cat\nwoof {i},dog\n" for i in range(6)))
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert main(["add", "pets", "--from", str(data), "--adapters-dir", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(not_a_folder) in err and "Traceback" not in err
