@@ -57,11 +57,24 @@ def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", l
                        reply_template="**{label}** ({score:.2f})" if kind == "classify" else "")
 
 
-def add_adapter(args) -> Path:
-    source = Path(args.source).expanduser()
-    folder = Path(args.adapters_dir) / args.name
-    if (folder / "adapter.yaml").exists() and not args.force:
+def add_adapter(*, name: str, source: str | Path, adapters_dir: str | Path, kind: str = "classify",
+                text_col: str = "text", label_col: str = "label", prompt_col: str = "prompt",
+                reply_col: str = "reply", description: str = "", force: bool = False) -> Path:
+    """Check ``source`` and write ``adapters_dir/name/adapter.yaml``; return its path.
+
+    Args:
+        name: the new adapter's name (also its folder and /command).
+        source: the user's CSV, TSV, JSONL or JSON file.
+        adapters_dir: folder holding the adapter folders.
+        kind: "classify" or "generate".
+        text_col, label_col: classify columns.
+        prompt_col, reply_col: generate columns.
+        description: one line for /help and the demo.
+        force: overwrite an existing adapter.yaml.
+    """
+    source = Path(source).expanduser()
+    folder = Path(adapters_dir) / name
+    if (folder / "adapter.yaml").exists() and not force:
         raise SpecError(f"{folder / 'adapter.yaml'} already exists. Fix: pick another name or pass --force")
-    spec = scaffold(args.name, source, args.kind, args.text_col, args.label_col, args.prompt_col,
-                    args.reply_col, args.description)
+    spec = scaffold(name, source, kind, text_col, label_col, prompt_col, reply_col, description)
     return spec.save(folder)

@@ -7,17 +7,35 @@ file, the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from .errors import SpecError
+from .fsutil import atomic_write_text
 
 KINDS = ("classify", "generate")
 MANIFEST = "adapter.yaml"
+# Every linear layer of a Llama-style decoder block.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_-]*"
+"""An adapter name: a letter, then letters, digits, '-' or '_' (it is also a folder and a /command)."""
+_NAME = re.compile(rf"^{NAME_PATTERN}$")
+
+
+def check_adapter_name(name: str, where: str = "") -> None:
+    """Raise SpecError unless ``name`` is a valid adapter name.
+
+    Args:
+        name: the adapter name to check.
+        where: the file or place it came from, named in the message.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SpecError(f"{where or 'adapter'}: key 'name' must be a letter followed by letters, "
+                        f"digits, '-' or '_', got {name!r}. Fix: rename the adapter (e.g. 'spam' "
+                        "or 'spam-2'), and its folder with it")
 
 
 @dataclass
@@ -28,8 +46,7 @@ class LoraSettings:
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.05
     """Dropout on the LoRA input during training."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     """Linear layers that get a LoRA pair."""
     layers: list[int] | None = None
     """Only these decoder layers get LoRA (None = all; negative = from the top). Upper layers only = cheaper backward."""
@@ -107,8 +124,7 @@ class AdapterSpec:
 
     def __post_init__(self):
         where = str(self.folder / MANIFEST) if self.folder else f"adapter '{self.name}'"
-        _require(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
-                 where, "name", "letters, digits, '-' or '_'", self.name)
+        check_adapter_name(self.name, where)
         _require(self.kind in KINDS, where, "kind", f"one of {KINDS}", self.kind)
         if self.kind == "classify" and self.labels:
             _require(len(self.labels) >= 2, where, "labels", "at least two labels", self.labels)
@@ -165,15 +181,8 @@ class AdapterSpec:
 
     def save(self, folder: str | Path) -> Path:
         """Write adapter.yaml atomically into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / MANIFEST
-        fd, tmp = tempfile.mkstemp(prefix=".adapter.yaml.", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(self.to_dict(), fh, sort_keys=False, allow_unicode=True, width=100)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is meant to be shared
-        os.replace(tmp, path)
-        return path
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+        return atomic_write_text(Path(folder) / MANIFEST, text)
 
     def replace(self, **changes) -> AdapterSpec:
         return dataclasses.replace(self, **changes)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +11,8 @@ import torch
 
 from . import data as data_mod
 from .errors import DataError
-from .fsutil import atomic_dir_write
+from .fsutil import atomic_dir_write, atomic_write_text
+from .info import machine
 from .registry import load_task
 from .spec import AdapterSpec
 from .tasks import task_class
@@ -77,7 +75,7 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
         "examples_seen": stats["examples_seen"], "steps": stats["steps"], "epochs": epochs,
         "final_loss": stats["final_loss"], "loss_curve": stats["losses"],
         "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     save_adapter_folder(spec, backbone, task, metrics, out_dir)
@@ -124,9 +122,5 @@ def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None =
         "eval_examples": len(test), "eval_seconds": round(time.perf_counter() - t0, 1),
         "eval_command": command, "eval_date": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=folder)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(metrics, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / METRICS)
+    atomic_write_text(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
     return metrics
