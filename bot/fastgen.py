@@ -4,9 +4,10 @@ Decoding one token at batch size 1 on a CPU is bound by memory bandwidth: every
 step reads every weight. So (figures in reports/bench.md and the README's Design):
 * an unmerged peft adapter adds a LoRA detour to every linear layer (slower than base);
 * merging the adapter into a copy of the weights removes that cost entirely;
-* bfloat16 halves the bytes read, int8 weight-only (per output channel, bf16
-  activations, ``torch._weight_int8pack_mm``) quarters them, with held-out reply
-  perplexity close to float32. Dynamic int8 quantization of activations (torch.ao
+* bfloat16 halves the bytes read, int8 weight-only quarters them, int4 eighths them,
+  with held-out reply perplexity close to float32; which of them is fastest depends on
+  the CPU, so :mod:`bot.kernels` measures them once per CPU and caches the choice
+  (``mode="auto"``, the default). Dynamic int8 quantization of activations (torch.ao
   ``quantize_dynamic``) was also tried: fast, but it ruined perplexity, so it is not offered.
 
 An "engine" is a plain (peft-free) model holding base + one merged adapter in the
@@ -23,39 +24,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-MODES = ("w8", "bf16", "fp32")
-DEFAULT_MODE = "w8"
+from .kernels import KINDS, convert
 
-
-class Int8WeightLinear(nn.Module):
-    """A frozen linear layer with int8 weights (one scale per output row), bf16 in/out."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("qweight", q.contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16),
-                                      self.qweight, self.scale)
-        y = y.reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-
-def quantize_w8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear (lm_head included) by Int8WeightLinear; the rest goes bf16."""
-    model.to(torch.bfloat16)
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8WeightLinear(child.weight, child.bias))
-    return model
+MODES = (*KINDS, "auto")
+DEFAULT_MODE = "auto"
 
 
 def merged_state_dict(backbone, adapter: str | None) -> dict[str, torch.Tensor]:
@@ -83,20 +55,21 @@ def merged_state_dict(backbone, adapter: str | None) -> dict[str, torch.Tensor]:
 
 
 def build_engine(backbone, adapter: str | None, mode: str) -> nn.Module:
+    """A peft-free copy of the backbone with ``adapter`` merged, in kernel ``mode`` (bot.kernels)."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
-    if mode not in MODES:
+    if mode not in KINDS:
         raise ValueError(f"unknown fast mode '{mode}'; choose one of {MODES}")
     state = merged_state_dict(backbone, adapter)
     config = backbone.base.config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(state, strict=False)
+    with no_init_weights():  # every weight is loaded next; random init would cost seconds
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.eval()
-    if mode == "bf16":
-        model.to(torch.bfloat16)
-    elif mode == "w8":
-        quantize_w8(model)
+    model.requires_grad_(False)
+    convert(model, mode)
     model.generation_config = backbone.base.generation_config
     return model
 
@@ -106,7 +79,8 @@ class FastGenerator:
 
     Args:
         backbone: the Backbone whose weights and adapters are used.
-        mode: "w8" (default), "bf16" or "fp32" (merged only).
+        mode: "auto" (default: the kernel bot.kernels.choose measured for this CPU) or one
+            of bot.kernels.KINDS ("fp32" = merged only).
         max_engines: engines kept in memory (reports/bench.md gives the size of one).
     """
 
@@ -116,14 +90,26 @@ class FastGenerator:
         self.max_engines = max_engines
         self._engines: OrderedDict[tuple, nn.Module] = OrderedDict()
         self._lock = threading.RLock()
+        self._auto: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The kernel engines are built with (``auto`` resolved through bot.kernels.choose)."""
+        if self.mode != "auto":
+            return self.mode
+        if self._auto is None:
+            from .kernels import choose
+
+            self._auto = choose(self.backbone).kind
+        return self._auto
 
     def engine(self, adapter: str | None) -> nn.Module:
-        key = (adapter, self.mode)
+        key = (adapter, self.kind)
         with self._lock:
             if key in self._engines:
                 self._engines.move_to_end(key)
                 return self._engines[key]
-            model = build_engine(self.backbone, adapter, self.mode)
+            model = build_engine(self.backbone, adapter, key[1])
             self._engines[key] = model
             while len(self._engines) > self.max_engines:
                 self._engines.popitem(last=False)

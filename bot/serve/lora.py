@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "w8")
+from ..kernels import KINDS as PRECISIONS
+from ..kernels import activation_dtype, convert
 
 
 @dataclass
@@ -104,8 +105,8 @@ class LoraEngine:
 
     Args:
         backbone: a loaded Backbone (its adapters are read from its peft model).
-        precision: "fp32" shares the backbone's weights (no copy; exact), "bf16" or
-            "w8" (int8 weight-only linears with bf16 activations) convert a copy once.
+        precision: a kernel of bot.kernels.KINDS: "fp32" shares the backbone's weights
+            (no copy; exact); the others ("bf16", "w8", "w8f", "w4") convert a copy once.
     """
 
     def __init__(self, backbone, precision: str = "fp32"):
@@ -124,14 +125,9 @@ class LoraEngine:
         model.tie_weights()
         model.eval()
         model.requires_grad_(False)
-        if precision == "bf16":
-            model.to(torch.bfloat16)
-        elif precision == "w8":
-            from ..fastgen import quantize_w8
-
-            quantize_w8(model)
+        convert(model, precision)  # quantized kinds replace the shared linears by converted copies
         self.model = model
-        self.dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        self.dtype = activation_dtype(precision)
         self.routing = _Routing()
         self.wrapped: dict[str, MultiLoraLinear] = {}
         self.adapters: dict[str, int] = {}  # name -> bytes held

@@ -52,12 +52,16 @@ class UnknownModel(ServeError):
     code = "model_not_found"
 
 
-def auto_precision() -> str:
-    """int8 weights where the CPU has native bf16 math; exact float32 elsewhere.
+def auto_precision(backbone=None) -> str:
+    """The kernel bot.kernels measured (and cached) for this CPU and ``backbone``.
 
-    Without native bf16 (AVX2-only laptops) the int8 kernel's bf16 activations are
-    emulated and slower than a plain float32 matmul (DATA.md's microbenchmark).
+    Without a backbone (nothing to measure on): int8 weights where the CPU has native
+    bf16 math, exact float32 elsewhere (AVX2-only CPUs emulate bf16; DATA.md).
     """
+    if backbone is not None:
+        from ..kernels import choose
+
+        return choose(backbone).kind
     try:
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except Exception:
@@ -72,7 +76,8 @@ class Scheduler:
         backbone: the loaded Backbone with its adapters.
         classifiers: {name: ClassifyTask} answering classification jobs.
         generators: names of the generation adapters to serve.
-        precision: "fp32" (exact, shares the backbone's weights), "bf16", "w8" or "auto".
+        precision: "auto" (bot.kernels' measured choice) or a kernel of bot.kernels.KINDS
+            ("fp32" is exact and shares the backbone's weights).
         max_batch: requests decoding at once.
         max_queue: requests waiting or running before new ones are refused (429).
         max_len: context limit per request (prompt + reply tokens).
@@ -83,7 +88,7 @@ class Scheduler:
                  max_len: int = 2048, metrics=None):
         self.backbone = backbone
         self.tokenizer = backbone.tokenizer
-        self.precision = auto_precision() if precision == "auto" else precision
+        self.precision = auto_precision(backbone) if precision == "auto" else precision
         self.engine = LoraEngine(backbone, self.precision)
         self.classifiers = dict(classifiers or {})
         for name in generators or []:

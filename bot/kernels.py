@@ -1,0 +1,290 @@
+"""Which matmul kernels generation uses on this CPU: measured once, cached, explained.
+
+Decoding at batch 1 reads every weight once per token, so fewer bytes per weight should
+win, but only where the CPU computes the smaller type natively. On a CPU with AVX512-BF16,
+int8 weights with bfloat16 activations ran 3x float32; on an AVX2-only CPU the same
+kernel emulates bf16 and one layer took about as long as a float32 matmul (figures in
+README "Speed on every CPU"). Rather than guess from CPU flags, the first use measures
+each candidate here, on the loaded backbone's own weights, and caches the winner in
+``$BOT_CACHE/kernels.json`` keyed by ATen's kernel level, native bf16 support, the torch
+version and the model's shape. ``BOT_KERNEL=<kind>`` overrides the choice.
+
+Candidates (``KINDS``): ``fp32`` (exact), ``bf16``, ``w8`` (int8 weight-only per output
+row, bf16 activations, ``torch._weight_int8pack_mm``), ``w8f`` (the same int8 weights
+with float32 activations), ``w4`` (int4 weight-only in groups of 32 with a scale and a
+minimum per group, GGUF Q4_1's layout; ``torch._weight_int4pack_mm_for_cpu``, bf16
+activations). A candidate is eligible only if the perplexity of a probe text stays
+within ``MAX_PPL_RATIO`` of float32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+KINDS = ("fp32", "bf16", "w8", "w8f", "w4")
+DESCRIPTIONS = {
+    "fp32": "float32 weights and math (exact)",
+    "bf16": "bfloat16 weights and activations",
+    "w8": "int8 weight-only (one scale per row), bfloat16 activations",
+    "w8f": "int8 weight-only (one scale per row), float32 activations",
+    "w4": "int4 weight-only (groups of 32, scale + minimum), bfloat16 activations",
+}
+MAX_PPL_RATIO = 1.02
+# a candidate must beat float32 by this margin to be chosen over the exact kernel (timing noise)
+MIN_GAIN = 1.05
+CACHE_FILE = "kernels.json"
+# held-out probe for the perplexity gate: not from any training set of this project
+PROBE_TEXT = (
+    "The lighthouse keeper climbed the narrow stairs every evening to light the lamp. "
+    "Ships far out at sea watched for its beam, and on stormy nights he stayed awake until dawn, "
+    "listening to the waves break against the rocks below."
+)
+
+
+def activation_dtype(kind: str) -> torch.dtype:
+    """The dtype activations (and non-linear weights) use under ``kind``."""
+    return torch.float32 if kind in ("fp32", "w8f") else torch.bfloat16
+
+
+# ---------------------------------------------------------------- layers
+class Int8WeightLinear(nn.Module):
+    """A frozen linear layer with int8 weights (one scale per output row).
+
+    Args:
+        weight, bias: the float weights to quantize.
+        act_dtype: dtype of inputs and outputs (bf16 or fp32).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype=torch.bfloat16):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.act_dtype = act_dtype
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scale", scale.to(act_dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(act_dtype))
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.qweight, self.scale)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4WeightLinear(nn.Module):
+    """A frozen linear layer with int4 weights in groups of ``group`` inputs, bf16 in/out.
+
+    Each group stores ``scale`` and ``minimum`` (``w ~ q * scale + minimum``, q in 0..15),
+    the layout of GGUF Q4_1: the embedded backbone's weights were de-quantized from it,
+    so its base weights round-trip exactly (up to bf16 scales).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = 32):
+        super().__init__()
+        n, k = weight.shape
+        w = weight.detach().float().reshape(n, k // group, group)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((w - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+        # the kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale
+        zero = lo + 8 * scale
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_zeros", sz.contiguous().to(torch.bfloat16))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+        self.group, self.in_features, self.out_features = group, k, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
+                                              self.group, self.scales_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def _quantized(child: nn.Linear, kind: str) -> nn.Module:
+    if kind == "w4" and child.in_features % 32 == 0 and child.out_features % 8 == 0:
+        return Int4WeightLinear(child.weight, child.bias)
+    if kind == "w4":  # shapes the int4 kernel cannot take stay at 8 bits
+        return Int8WeightLinear(child.weight, child.bias, torch.bfloat16)
+    return Int8WeightLinear(child.weight, child.bias, activation_dtype(kind))
+
+
+def convert(model: nn.Module, kind: str) -> nn.Module:
+    """Put ``model`` (float32, frozen) into kernel ``kind`` in place; returns it.
+
+    Every ``nn.Linear`` (lm_head included) is replaced for the quantized kinds; the other
+    weights take the activation dtype. ``fp32`` leaves the model as it is (weights shared).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel '{kind}'; choose one of {KINDS}")
+    if activation_dtype(kind) == torch.bfloat16:
+        model.to(torch.bfloat16)
+    if kind in ("w8", "w8f", "w4"):
+        for module in list(model.modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, child_name, _quantized(child, kind))
+    return model
+
+
+# ---------------------------------------------------------------- choice
+def cpu_features() -> dict:
+    """What decides the kernels' speed: ATen's kernel level, native bf16, torch version."""
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # older builds lack the probe
+        bf16 = False
+    return {"aten_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": bf16,
+            "torch": torch.__version__,
+            "isa_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                        if k in os.environ}}
+
+
+def model_shape(model: nn.Module) -> str:
+    """e.g. ``LlamaForCausalLM-h576-l30-v49152``: the choice depends on the layer sizes."""
+    c = model.config
+    return f"{type(model).__name__}-h{c.hidden_size}-l{c.num_hidden_layers}-v{c.vocab_size}"
+
+
+def cache_key(features: dict, shape: str) -> str:
+    isa = features.get("isa_env", {}).get("ONEDNN_MAX_CPU_ISA", "")
+    return (f"{features['aten_capability']}{'/' + isa if isa else ''}|bf16={features['native_bf16']}"
+            f"|torch={features['torch']}|{shape}")
+
+
+@dataclass
+class Choice:
+    """The kernel generation uses here, and why (``bot info`` prints ``reason``)."""
+
+    kind: str
+    reason: str
+    key: str
+    measured: dict = field(default_factory=dict)  # kind -> {"ms_per_token", "ppl_ratio"}
+    cached: bool = False
+
+
+def _cache_path():
+    from .assets import cache_dir
+
+    return cache_dir() / CACHE_FILE
+
+
+def _read_cache() -> dict:
+    path = _cache_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:  # a damaged cache is re-measured, not fatal
+        log.warning("ignoring unreadable kernel cache %s (%s); it will be rewritten", path, err)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(key: str, choice: Choice) -> None:
+    from .fsutil import atomic_write_text
+
+    data = _read_cache()
+    data[key] = {k: v for k, v in asdict(choice).items() if k != "cached"}
+    atomic_write_text(_cache_path(), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _probe(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(perplexity of the probe text, median ms of one cached decode step at batch 1)."""
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        logits = out.logits[0, :-1].float()
+        ppl = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
+        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            out = model(input_ids=tok, cache=cache, use_cache=True)
+            if i >= 2:  # the first steps warm up allocators and kernels
+                times.append(time.perf_counter() - t0)
+            cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+    return ppl, statistics.median(times) * 1000
+
+
+def measure(backbone, kinds=KINDS, steps: int = 8) -> dict:
+    """Probe perplexity and decode-step time of each kernel on ``backbone``'s base weights."""
+    from .fastgen import build_engine
+
+    ids = backbone.tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
+    results = {}
+    for kind in kinds:
+        try:
+            model = build_engine(backbone, None, kind)
+            ppl, ms = _probe(model, ids, steps)
+        except RuntimeError as err:  # a kernel this torch build or CPU lacks
+            log.info("kernel %s unavailable here: %s", kind, err)
+            continue
+        finally:
+            model = None
+        results[kind] = {"ms_per_token": round(ms, 3), "ppl": ppl}
+    ref = results["fp32"]["ppl"]
+    for r in results.values():
+        r["ppl_ratio"] = round(r.pop("ppl") / ref, 4)
+    return results
+
+
+def pick(measured: dict) -> tuple[str, str]:
+    """The fastest kernel whose probe perplexity is within ``MAX_PPL_RATIO``, and why."""
+    base = measured["fp32"]["ms_per_token"]
+    ok = {k: v for k, v in measured.items() if v["ppl_ratio"] <= MAX_PPL_RATIO}
+    best = min(ok, key=lambda k: ok[k]["ms_per_token"])
+    if base / ok[best]["ms_per_token"] < MIN_GAIN:
+        best = "fp32"
+    rejected = [f"{k} (perplexity {v['ppl_ratio']:.3f}x)" for k, v in measured.items() if k not in ok]
+    m = measured[best]
+    reason = (f"{best}: {m['ms_per_token']:.1f} ms per decode step vs fp32 {base:.1f} "
+              f"({base / m['ms_per_token']:.2f}x), probe perplexity {m['ppl_ratio']:.3f}x fp32")
+    others = ", ".join(f"{k} {v['ms_per_token']:.1f}" for k, v in measured.items() if k != best)
+    reason += f"; others (ms): {others}"
+    if rejected:
+        reason += f"; rejected for quality: {', '.join(rejected)}"
+    return best, reason
+
+
+def choose(backbone, *, refresh: bool = False, kinds=KINDS) -> Choice:
+    """The kernel for this CPU and backbone: ``BOT_KERNEL``, else cached, else measured now.
+
+    Args:
+        backbone: the loaded Backbone (its base weights are measured, never modified).
+        refresh: measure again even if a choice is cached for this key.
+        kinds: the candidates to measure (float32 is always one).
+    """
+    features = cpu_features()
+    key = cache_key(features, model_shape(backbone.base))
+    forced = os.environ.get("BOT_KERNEL", "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in KINDS:
+            from .errors import BotError
+
+            raise BotError(f"BOT_KERNEL={forced} is not a kernel. Fix: set it to one of {KINDS} or 'auto'")
+        return Choice(forced, f"{forced}: set by BOT_KERNEL", key)
+    if not refresh:
+        hit = _read_cache().get(key)
+        if isinstance(hit, dict) and hit.get("kind") in KINDS:
+            return Choice(hit["kind"], hit.get("reason", ""), key, hit.get("measured", {}), cached=True)
+    log.info("measuring generation kernels for %s (once; cached in %s) ...", key, _cache_path())
+    t0 = time.perf_counter()
+    measured = measure(backbone, kinds=tuple(dict.fromkeys(("fp32", *kinds))))
+    kind, reason = pick(measured)
+    reason += f"; measured in {time.perf_counter() - t0:.1f} s"
+    choice = Choice(kind, reason, key, measured)
+    _write_cache(key, choice)
+    return choice
