@@ -246,7 +246,15 @@ class Backbone:
         with self.lock:
             if name in self.adapters:
                 self.drop_adapter(name)
-            self.add_adapter(name, config)
+            try:
+                self.add_adapter(name, config)
+            except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError (a ValueError)
+                self.drop_adapter(name)
+                raise AdapterError(
+                    f"{folder / 'adapter_config.json'}: target_modules {sorted(config.target_modules or [])} "
+                    f"do not fit this backbone ({self.fingerprint}): {str(err)[:200]}. Fix: retrain with "
+                    f"`bot train {name}` (set lora.target_modules in adapter.yaml to layer names of "
+                    "this backbone, e.g. q_proj, v_proj)") from err
             try:
                 result = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
                 missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
@@ -378,5 +386,6 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_name(name: str) -> None:
-    if not name or not name.replace("_", "").replace("-", "").isalnum() or name == _PEFT_BASE:
-        raise AdapterError(f"invalid adapter name '{name}': use letters, digits, '-' or '_'")
+    from .spec import check_adapter_name
+
+    check_adapter_name(name)

