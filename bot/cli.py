@@ -85,7 +85,9 @@ def cmd_info(args) -> int:
 def cmd_add(args) -> int:
     from .add import add_adapter
 
-    path = add_adapter(args)
+    path, moved = add_adapter(args)
+    if moved:
+        print(f"moved the old {args.name} folder (weights, metrics, manifest) to {moved}")
     print(f"wrote {path}\nnext: bot train {args.name} && bot eval {args.name}")
     return 0
 
@@ -143,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt-col", default="prompt")
     a.add_argument("--reply-col", default="reply")
     a.add_argument("--description", default="")
-    a.add_argument("--force", action="store_true", help="overwrite an existing adapter.yaml")
+    a.add_argument("--force", action="store_true",
+                   help="replace an existing adapter: its folder is moved to ADAPTERS_DIR/.trash/NAME-<time>/")
     a.set_defaults(func=cmd_add)
 
     e = sub.add_parser("eval", parents=[common], help="per-task accuracy, router quality, transfer report")
