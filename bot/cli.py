@@ -28,19 +28,24 @@ def _backbone(args):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
-    from .spec import AdapterSpec
+    from .fsutil import adapter_lock
+    from .spec import AdapterSpec, check_adapter_name, check_run_values
     from .train import reevaluate_adapter, train_adapter
 
+    # every check before the slow part: values, manifest, and no other run on this adapter
+    check_run_values(args.epochs, args.max_examples, args.eval_examples)
+    check_adapter_name(args.name, "bot train NAME")
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
-    bb = _backbone(args)
-    if args.eval_only:
-        metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
-        print(_summary(metrics))
-        print(f"updated {folder / 'metrics.json'} (training figures kept)")
-        return 0
-    metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
-                            eval_examples=args.eval_examples, command=args.command_line)
+    with adapter_lock(folder):
+        bb = _backbone(args)
+        if args.eval_only:
+            metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
+            print(_summary(metrics))
+            print(f"updated {folder / 'metrics.json'} (training figures kept)")
+            return 0
+        metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
+                                eval_examples=args.eval_examples, command=args.command_line)
     print(_summary(metrics))
     print(f"saved {folder} (metrics.json has the held-out scores and the exact command)")
     return 0

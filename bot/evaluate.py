@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .errors import BotError, DataError
 from .registry import load_task
-from .spec import AdapterSpec, scan
+from .spec import AdapterSpec, check_run_values, scan
 from .tasks.classify import ClassifyTask
 from .train import training_rows
 
@@ -233,6 +233,7 @@ def run_eval(args) -> int:
     from .report import write_report
 
     t0 = time.perf_counter()
+    check_run_values(max_examples=args.max_examples)
     specs, broken = scan(args.adapters_dir)  # a broken folder is reported, never fatal
     if args.names:
         specs = [s for s in specs if s.name in args.names]
