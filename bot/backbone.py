@@ -247,10 +247,17 @@ class Backbone:
         with self.lock:
             if name in self.adapters:
                 raise AdapterError(f"an adapter named '{name}' is already loaded; drop it first")
-            if self.peft is None:
-                self.peft = PeftModel(self.base, lora_config, adapter_name=name)
-            else:
-                self.peft.add_adapter(name, lora_config)
+            try:
+                if self.peft is None:
+                    self.peft = PeftModel(self.base, lora_config, adapter_name=name)
+                else:
+                    self.peft.add_adapter(name, lora_config)
+            except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError (a ValueError)
+                self.drop_adapter(name)
+                raise AdapterError(
+                    f"LoRA target_modules {sorted(lora_config.target_modules or [])} do not fit this "
+                    f"backbone ({self.fingerprint}): {str(err)[:200]}. Fix: set lora.target_modules "
+                    "to layer names of this backbone, e.g. q_proj, v_proj, and retrain") from err
             self.peft.eval()
             self._invalidate(name)
 
@@ -283,13 +290,9 @@ class Backbone:
                 self.drop_adapter(name)
             try:
                 self.add_adapter(name, config)
-            except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError (a ValueError)
-                self.drop_adapter(name)
-                raise AdapterError(
-                    f"{folder / 'adapter_config.json'}: target_modules {sorted(config.target_modules or [])} "
-                    f"do not fit this backbone ({self.fingerprint}): {str(err)[:200]}. Fix: retrain with "
-                    f"`bot train {name}` (set lora.target_modules in adapter.yaml to layer names of "
-                    "this backbone, e.g. q_proj, v_proj)") from err
+            except AdapterError as err:
+                raise AdapterError(f"{folder / 'adapter_config.json'}: {err}; retrain with "
+                                   f"`bot train {name}`") from err
             try:
                 result = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
                 missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]

@@ -207,7 +207,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
     for size in sizes:
         n = len(pool) if size == "ALL" else min(int(size), len(pool))
         subset = pool[:n]
-        name = f"{spec.name}-curve{n}"
+        name = f"{spec.name[:48]}-curve{n}"  # within the 64-character name rule
         cspec = spec.replace(name=name)
         # at least ~40 optimiser steps even on tiny subsets, so small n is not just undertrained
         epochs = max(spec.train.epochs, 40 * spec.train.batch_size / max(1, n))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from .errors import DataError, SpecError
+from .errors import AdapterError, DataError, SpecError
 from .fsutil import adapter_lock, atomic_dir_write
 from .registry import load_task
 from .spec import MANIFEST, AdapterSpec, check_run_values
@@ -75,7 +75,10 @@ def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command
     epochs = epochs if epochs is not None else spec.train.epochs
     torch.manual_seed(spec.train.seed)
     backbone.drop_adapter(spec.name)
-    backbone.add_adapter(spec.name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
+    try:
+        backbone.add_adapter(spec.name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
+    except AdapterError as err:
+        raise SpecError(f"{spec.folder / MANIFEST}: key 'lora.target_modules': {err}") from err
     task = task_class(spec.kind)(spec, backbone)
     t0 = time.perf_counter()
     stats = task.fit(splits.train, epochs, spec.train.seed)

@@ -89,6 +89,17 @@ def test_1_chat_session_survives_an_adapter_that_matches_nothing(tmp_path, train
     assert session.send("the meow number 3").reply
 
 
+def test_1_training_with_target_modules_matching_nothing_is_a_clear_error(tmp_path, trained, monkeypatch, capsys):
+    from bot import cli
+
+    root = adapters_with(tmp_path, trained, "pets")
+    edit_manifest(root / "pets", lora={"r": 4, "target_modules": ["no_such_proj"]})
+    monkeypatch.setattr(cli, "_backbone", lambda args: make_tiny_backbone())
+    assert main(["train", "pets", "--adapters-dir", str(root), "--epochs", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "'lora.target_modules'" in err and "adapter.yaml" in err and "Fix:" in err
+
+
 @pytest.mark.parametrize("key, value, words", [
     ("template", "{text} {foo}", ["'template'", "{foo}", "{text}"]),
     ("template", "{text} {}", ["'template'", "{text}"]),
@@ -437,8 +448,8 @@ def test_4_second_train_of_the_same_adapter_refuses_and_names_the_holder(tmp_pat
 # ================================================================ 5 the cache
 def _fake_convert(calls):
     def convert(src, gguf, dest):
-        from safetensors.torch import save_file
         import torch
+        from safetensors.torch import save_file
 
         dest.mkdir(parents=True, exist_ok=True)
         save_file({"w": torch.zeros(4)}, str(dest / "model.safetensors"))
