@@ -64,10 +64,13 @@ def check_context(spec: AdapterSpec, backbone) -> None:
     """``train.max_length`` must fit the backbone's context window."""
     context = getattr(backbone.base.config, "max_position_embeddings", None)
     if context and spec.train.max_length > context:
-        where = spec.folder / MANIFEST if spec.folder else f"adapter '{spec.name}'"
-        raise SpecError(f"{where}: key 'train.max_length' must be <= {context}, the context of "
+        raise SpecError(f"{_manifest(spec)}: key 'train.max_length' must be <= {context}, the context of "
                         f"backbone {backbone.info.name}, got {spec.train.max_length}. Fix: set "
                         f"train.max_length to {min(context, 512)} or less")
+
+
+def _manifest(spec: AdapterSpec) -> str:
+    return str(spec.folder / MANIFEST) if spec.folder else f"adapter '{spec.name}'"
 
 
 def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command) -> dict:
@@ -78,7 +81,7 @@ def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command
     try:
         backbone.add_adapter(spec.name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
     except AdapterError as err:
-        raise SpecError(f"{spec.folder / MANIFEST}: key 'lora.target_modules': {err}") from err
+        raise SpecError(f"{_manifest(spec)}: key 'lora.target_modules': {err}") from err
     task = task_class(spec.kind)(spec, backbone)
     t0 = time.perf_counter()
     stats = task.fit(splits.train, epochs, spec.train.seed)
