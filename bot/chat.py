@@ -7,7 +7,7 @@ leaking between concurrent sessions.
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +16,10 @@ from pathlib import Path
 
 from .assets import default_adapters_dir
 from .tasks.classify import ClassifyTask, analyse
+from .text import MAX_CHARS
 
-MAX_CHARS = 2000
 MAX_NEW_TOKENS = 160
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ChatSession:
     Args:
         backbone: the loaded Backbone.
         tasks: {adapter name: Task} (see bot.registry.load_all).
-        router: a fitted bot.router.Router.
+        router: a fitted bot.routing.Router.
         max_chars: longer messages are cut, with a notice.
     """
 
@@ -205,14 +206,19 @@ class ChatSession:
         return turn
 
 
-def run_terminal_chat(args) -> int:
-    """`bot chat`: the same session in the terminal."""
+def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str | None = None) -> int:
+    """`bot chat`: the same session in the terminal (stdin/stdout) until Ctrl-D.
+
+    Args:
+        adapters_dir: folder holding the adapter folders (None: the default).
+        backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+    """
     from .backbone import Backbone
 
-    bb = Backbone.load(args.backbone)
-    session = ChatSession.from_dir(bb, Path(args.adapters_dir))
+    bb = Backbone.load(backbone)
+    session = ChatSession.from_dir(bb, adapters_dir)
     for name, err in session.failures.items():
-        print(f"note: adapter {name} not loaded: {err}", file=sys.stderr)
+        log.warning("note: adapter %s not loaded: %s", name, err)
     print(f"adapters: {', '.join(session.tasks)}. /help lists commands; Ctrl-D quits.")
     while True:
         try:

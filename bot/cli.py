@@ -1,8 +1,14 @@
-"""`bot` command line: a thin map from subcommands onto library functions."""
+"""`bot` command line: a thin map from subcommands onto library functions.
+
+The only module that knows argparse: each ``cmd_*`` maps the parsed Namespace onto a library
+function's keyword arguments. Library code logs through ``logging``; ``main`` shows the
+``bot`` and ``demo`` loggers' INFO and above on stderr, as plain lines.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -33,7 +39,7 @@ def cmd_train(args) -> int:
     from .train import reevaluate_adapter, train_adapter
 
     # every check before the slow part: values, manifest, and no other run on this adapter
-    check_run_values(args.epochs, args.max_examples, args.eval_examples)
+    check_run_values(epochs=args.epochs, max_examples=args.max_examples, eval_examples=args.eval_examples)
     check_adapter_name(args.name, "bot train NAME")
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
@@ -63,9 +69,10 @@ def _summary(m: dict) -> str:
 def cmd_list(args) -> int:
     import json
 
-    from .spec import scan
+    from .spec import require_usable, scan
 
     specs, failed = scan(args.adapters_dir)
+    require_usable(specs, failed)  # only when nothing at all can be listed
     entries = sorted([(s.name, s) for s in specs] + list(failed.items()), key=lambda e: e[0])
     for name, item in entries:
         if isinstance(item, str):  # a folder that failed: say why instead of stopping
@@ -83,46 +90,63 @@ def cmd_list(args) -> int:
 def cmd_info(args) -> int:
     from .info import backbone_info
 
-    print(backbone_info(args))
+    print(backbone_info(adapters_dir=args.adapters_dir, backbone=args.backbone))
     return 0
 
 
 def cmd_add(args) -> int:
     from .add import add_adapter
 
-    path, moved = add_adapter(args)
-    if moved:
-        print(f"moved the old {args.name} folder (weights, metrics, manifest) to {moved}")
+    path = add_adapter(name=args.name, source=args.source, adapters_dir=args.adapters_dir,
+                       kind=args.kind, text_col=args.text_col, label_col=args.label_col,
+                       prompt_col=args.prompt_col, reply_col=args.reply_col,
+                       description=args.description, force=args.force)
     print(f"wrote {path}\nnext: bot train {args.name} && bot eval {args.name}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_eval
+    from .eval.evaluate import all_failed, run_eval
 
-    return run_eval(args)
+    results = run_eval(adapters_dir=args.adapters_dir, names=args.names, backbone=args.backbone,
+                       data=args.data, out=args.out, max_examples=args.max_examples,
+                       curve=args.curve, curve_adapters=args.curve_adapters,
+                       no_router=args.no_router, command_line=args.command_line)
+    out = Path(args.out)
+    print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
+    return 1 if all_failed(results) else 0
 
 
 def cmd_chat(args) -> int:
     from .chat import run_terminal_chat
 
-    return run_terminal_chat(args)
+    return run_terminal_chat(adapters_dir=args.adapters_dir, backbone=args.backbone)
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .eval.bench import run_bench
 
-    return run_bench(args)
+    print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
+                    tokens=args.tokens, command_line=args.command_line))
+    return 0
 
 
 def cmd_demo(args) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from demo.app import launch
 
-    return launch(args)
+    return launch(adapters_dir=args.adapters_dir, backbone=args.backbone, host=args.host,
+                  port=args.port, share=args.share)
 
 
 # -------------------------------------------------------------------- parser
+def _curve_sizes(text: str) -> str:
+    """Check ``--curve`` here, so a typo is a usage message rather than a traceback."""
+    parts = [p.strip().upper() for p in text.split(",")]
+    if not parts or not all(p == "ALL" or (p.isdigit() and int(p) > 0) for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive sizes or ALL, e.g. 32,128,ALL")
+    return ",".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bot", description="One backbone, many LoRA adapters, a router and a demo.")
     common = argparse.ArgumentParser(add_help=False)
@@ -159,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate one adapter on your own CSV/JSONL (same columns as its manifest)")
     e.add_argument("--out", default="reports", help="output folder (default: reports/)")
     e.add_argument("--max-examples", type=int, default=400, help="held-out examples per task (default 400)")
-    e.add_argument("--curve", help="learning curve sizes, e.g. 32,128,512,ALL")
+    e.add_argument("--curve", type=_curve_sizes, help="learning curve sizes, e.g. 32,128,512,ALL")
     e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
     e.set_defaults(func=cmd_eval)
@@ -183,13 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and shells may swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show the library's log lines on stderr as plain text (what ``bot`` printed before)."""
+    for name in ("bot", "demo"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, _StderrHandler)]
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = _command_line(argv)
+    setup_logging()
     try:
         return args.func(args)
     except BotError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the user gave cannot be read or written
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

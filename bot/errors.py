@@ -1,8 +1,11 @@
 """Exceptions users see. Each message names the file or field and says how to fix it."""
 
 
-class BotError(Exception):
-    """Base class for every error this package raises on purpose."""
+class BotError(ValueError):
+    """Base class for every error this package raises on purpose.
+
+    A ``ValueError`` too (as in peft), so callers that guard against bad values catch it.
+    """
 
 
 class AssetMissingError(BotError):

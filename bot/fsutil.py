@@ -1,4 +1,8 @@
-"""Atomic folder writes (build in a hidden temp folder, then rename) and per-adapter locks."""
+"""Atomic writes (build beside the target in a hidden temp file or folder, then rename) and
+per-adapter locks.
+
+A crash or Ctrl-C leaves the target as it was and removes the temp file or folder.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,32 @@ _held: dict[Path, int] = {}  # lock files this process holds -> depth (the lock 
 _held_guard = threading.Lock()
 
 
+def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` so readers see the old file or the new one, never half.
+
+    Args:
+        path: the file to (over)write; its folder is created if needed.
+        text: the whole new content.
+        mode: permissions of the new file (mkstemp would make it private).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_dir_write(dest: Path, write) -> Path:
     """Call ``write(tmp_dir)`` then swap the finished folder onto ``dest``.
 
-    A crash or Ctrl-C inside ``write`` leaves ``dest`` as it was and removes the temp
-    folder. The temp name starts with a dot, so folder scans (``adapters/*/``) skip it.
+    The temp name starts with a dot, so folder scans (``adapters/*/``) skip it.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -8,28 +8,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import string
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from .errors import SpecError
+from .fsutil import atomic_write_text
 
 KINDS = ("classify", "generate")
 MANIFEST = "adapter.yaml"
+# Every linear layer of a Llama-style decoder block.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ------------------------------------------------------------------ adapter names
 MAX_NAME = 64
+NAME_PATTERN = rf"[A-Za-z][A-Za-z0-9_-]{{0,{MAX_NAME - 1}}}"
+"""An adapter name: a letter, then letters, digits, '-' or '_' (it is also a folder and a /command)."""
 NAME_RULE = f"letters, digits, '-' or '_', starting with a letter, at most {MAX_NAME} characters"
 # 'help' and 'auto' are chat commands / the demo's "let the router choose"; 'base' and
 # '__base__' mean the bare backbone (peft's own name for it). Compared case-insensitively,
 # because typed commands are ("/Help" is "/help").
 RESERVED_NAMES = ("help", "auto", "base", "__base__")
-_NAME_RE = re.compile(rf"[A-Za-z][A-Za-z0-9_-]{{0,{MAX_NAME - 1}}}")
+_NAME = re.compile(NAME_PATTERN)
 
 # Bounds on manifest values (README "Add your own task" lists them). They are generous:
 # they only catch typos and values that would run for ever or exhaust memory.
@@ -45,22 +48,20 @@ _SAMPLE = {"text": "sample text", "label": "sample", "score": 0.5}
 
 
 def check_adapter_name(name: str, where: str = "") -> None:
-    """Refuse a name that is not a safe folder name and /command, or is reserved.
+    """Raise SpecError unless ``name`` is a safe folder name and /command, and not reserved.
 
     Args:
-        name: the adapter name.
-        where: what to name in the message (a file, a flag).
-    Raises:
-        SpecError: naming ``where``, the rule and the fix.
+        name: the adapter name to check.
+        where: the file or place it came from (a manifest, a flag), named in the message.
     """
-    prefix = f"{where}: " if where else ""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    where = where or "adapter"
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         shown = (f"{name[:40]!r}... ({len(name)} characters)" if isinstance(name, str) and len(name) > 60
                  else repr(name))
-        raise SpecError(f"{prefix}adapter name {shown} is not allowed: use {NAME_RULE}. "
-                        "Fix: pick a name like 'my-topic'")
+        raise SpecError(f"{where}: key 'name' must be {NAME_RULE}, got {shown}. Fix: rename the adapter "
+                        "(e.g. 'spam' or 'spam-2'), and its folder with it")
     if name.lower() in RESERVED_NAMES:
-        raise SpecError(f"{prefix}adapter name '{name}' is reserved (reserved: {', '.join(RESERVED_NAMES)}). "
+        raise SpecError(f"{where}: key 'name' {name!r} is reserved (reserved: {', '.join(RESERVED_NAMES)}). "
                         "Fix: pick another name")
 
 
@@ -86,7 +87,7 @@ def check_template(value, where: str, key: str) -> None:
                         f"{{score:.2q}}. {fix}; formats as in Python, e.g. {{score:.2f}}") from err
 
 
-def check_run_values(epochs: float | None = None, max_examples: int | None = None,
+def check_run_values(*, epochs: float | None = None, max_examples: int | None = None,
                      eval_examples: int | None = None) -> None:
     """Refuse out-of-range `bot train` overrides before any work starts."""
     if epochs is not None and not (_finite(epochs) and 0 < epochs <= MAX_EPOCHS):
@@ -110,8 +111,7 @@ class LoraSettings:
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.05
     """Dropout on the LoRA input during training."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     """Linear layers that get a LoRA pair."""
     layers: list[int] | None = None
     """Only these decoder layers get LoRA (None = all; negative = from the top). Upper layers only = cheaper backward."""
@@ -204,7 +204,7 @@ class AdapterSpec:
 
     def __post_init__(self):
         where = str(self.folder / MANIFEST) if self.folder else f"adapter '{self.name}'"
-        check_adapter_name(self.name, f"{where}: key 'name'")
+        check_adapter_name(self.name, where)
         _require(self.kind in KINDS, where, "kind", f"one of {KINDS}", self.kind)
         for key in ("description", "template", "reply_template"):
             _require(isinstance(getattr(self, key), str), where, key, "a string", getattr(self, key))
@@ -272,15 +272,8 @@ class AdapterSpec:
 
     def save(self, folder: str | Path) -> Path:
         """Write adapter.yaml atomically into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / MANIFEST
-        fd, tmp = tempfile.mkstemp(prefix=".adapter.yaml.", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(self.to_dict(), fh, sort_keys=False, allow_unicode=True, width=100)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is meant to be shared
-        os.replace(tmp, path)
-        return path
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+        return atomic_write_text(Path(folder) / MANIFEST, text)
 
     def replace(self, **changes) -> AdapterSpec:
         return dataclasses.replace(self, **changes)
@@ -360,6 +353,16 @@ def scan(adapters_dir: str | Path) -> tuple[list[AdapterSpec], dict[str, str]]:
                     f"{keep.folder / MANIFEST}. Fix: give this copy its own name (rename the folder "
                     f"and its 'name:' key to match), or delete {other.folder}")
     return sorted(specs, key=lambda s: s.name), failed
+
+
+def require_usable(specs: list[AdapterSpec], failed: dict[str, str]) -> None:
+    """A bad folder never hides the good ones, but when every folder failed that is the error.
+
+    Raises:
+        SpecError: with each failed folder's message (file, key and fix).
+    """
+    if failed and not specs:
+        raise SpecError("\n".join(failed[name] for name in sorted(failed)))
 
 
 def discover(adapters_dir: str | Path) -> list[AdapterSpec]:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +11,8 @@ import torch
 
 from . import data as data_mod
 from .errors import AdapterError, DataError, SpecError
-from .fsutil import adapter_lock, atomic_dir_write
+from .fsutil import adapter_lock, atomic_dir_write, atomic_write_text
+from .info import machine
 from .registry import load_task
 from .spec import MANIFEST, AdapterSpec, check_run_values
 from .tasks import task_class
@@ -54,7 +52,7 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
     Returns:
         the metrics dict also written to ``metrics.json``.
     """
-    check_run_values(epochs, max_examples, eval_examples)
+    check_run_values(epochs=epochs, max_examples=max_examples, eval_examples=eval_examples)
     check_context(spec, backbone)
     with adapter_lock(out_dir):
         return _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command)
@@ -100,7 +98,7 @@ def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command
         "examples_seen": stats["examples_seen"], "steps": stats["steps"], "epochs": epochs,
         "final_loss": stats["final_loss"], "loss_curve": stats["losses"],
         "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     save_adapter_folder(spec, backbone, task, metrics, out_dir)
@@ -153,9 +151,5 @@ def _reevaluate(folder: Path, backbone, eval_examples, command) -> dict:
         "eval_examples": len(test), "eval_seconds": round(time.perf_counter() - t0, 1),
         "eval_command": command, "eval_date": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=folder)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(metrics, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / METRICS)
+    atomic_write_text(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -193,10 +193,10 @@ def test_2_add_force_moves_the_trained_folder_aside(tmp_path, trained, capsys):
     src = toy_csv(tmp_path / "new.csv", seed=5)
     assert main(["add", "pets", "--from", str(src), "--adapters-dir", str(root)]) == 2  # no --force
     assert main(["add", "pets", "--from", str(src), "--adapters-dir", str(root), "--force"]) == 0
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err  # the move is logged, and the CLI shows log lines on stderr
     assert sorted(p.name for p in (root / "pets").iterdir()) == ["adapter.yaml"]
     moved = list((root / ".trash").glob("pets-*"))
-    assert len(moved) == 1 and str(moved[0]) in out
+    assert len(moved) == 1 and str(moved[0]) in err
     assert (moved[0] / "adapter_model.safetensors").read_bytes() == old_weights
     assert (moved[0] / "metrics.json").exists() and (moved[0] / "adapter.yaml").exists()
     tasks, failures = load_all(make_tiny_backbone(), root)
@@ -398,7 +398,7 @@ def test_4_bad_and_reserved_adapter_names_are_refused(name):
 
 
 def test_4_name_rule_is_the_same_everywhere(tmp_path, capsys):
-    from bot.router import Router
+    from bot.routing import Router
     from bot.spec import check_adapter_name
 
     check_adapter_name("a" * 64)
@@ -511,7 +511,7 @@ def test_5_unwritable_cache_is_reported_before_conversion(tmp_path, monkeypatch)
 def test_6_bare_command_gives_a_usage_hint_and_classifies_nothing(tmp_path, trained, monkeypatch):
     from bot.chat import ChatSession
     from bot.registry import load_task
-    from bot.router import Router
+    from bot.routing import Router
 
     bb = make_tiny_backbone()
     task = load_task(bb, AdapterSpec.from_dir(trained))

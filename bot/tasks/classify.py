@@ -35,9 +35,6 @@ class ClassifyTask(Task):
     def format(self, text: str) -> str:
         return self.spec.template.format(text=text)
 
-    def trainable_modules(self):
-        return [self.head]
-
     # ------------------------------------------------------------------ I/O
     def save_extra(self, folder) -> None:
         save_file({"weight": self.head.weight.detach().contiguous(),
@@ -114,7 +111,7 @@ class ClassifyTask(Task):
 
     def evaluate(self, rows: list[dict], max_length: int | None = None, progress=None) -> dict:
         """Accuracy on ``text`` and on each view, with predictions for reports."""
-        from ..metrics import classification_metrics
+        from ..eval.metrics import classification_metrics
 
         result = {}
         views = sorted({v for r in rows for v in r.get("views", {})})
