@@ -138,9 +138,9 @@ class LoraEngine:
 
     # ----------------------------------------------------------- adapters
     def add_adapter(self, name: str) -> int:
-        """Copy (fp32: reference) adapter ``name``'s LoRA matrices from the backbone.
+        """Serve adapter ``name``: its LoRA matrices are shared with the backbone.
 
-        Returns the bytes the adapter costs in this engine.
+        Returns the bytes of those matrices.
         """
         from peft.tuners.lora import LoraLayer
 
@@ -153,10 +153,10 @@ class LoraEngine:
             for path, module in self.backbone.base.named_modules():
                 if not isinstance(module, LoraLayer) or name not in module.lora_A:
                     continue
+                # the backbone's own float32 tensors, never a copy: an adapter costs its LoRA
+                # matrices once, whatever the engine's precision (the rank-r matmuls are tiny)
                 a = module.lora_A[name].weight.detach()
                 b = module.lora_B[name].weight.detach()
-                if self.dtype != torch.float32:
-                    a, b = a.to(self.dtype), b.to(self.dtype)
                 found[path] = (a, b, float(module.scaling[name]))
                 nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
         for path, lora in found.items():

@@ -24,6 +24,7 @@ class ServeMetrics:
                               ["model"], buckets=_LATENCY, registry=r)
         self.latency = Histogram("bot_request_seconds", "Generation request time, end to end",
                                  ["model", "outcome"], buckets=_LATENCY, registry=r)
+        self.classified_texts = Counter("bot_classified_texts", "Texts classified", registry=r)
         self.queue = Gauge("bot_queue_depth", "Requests waiting for a batch row", registry=r)
         self.running = Gauge("bot_running_requests", "Requests waiting or decoding", registry=r)
         if scheduler is not None:
@@ -38,6 +39,9 @@ class ServeMetrics:
         model = req.adapter or "base"
         self.ttft.labels(model).observe(seconds)
         self.prompt_tokens.labels(model).inc(len(req.prompt_ids))
+
+    def classified(self, n: int) -> None:
+        self.classified_texts.inc(n)
 
     def step(self, batch_size: int) -> None:
         self.batch.observe(batch_size)

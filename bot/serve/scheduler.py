@@ -18,23 +18,21 @@ keeps every request exact in float32 and lets the base run in int8/bf16.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
-from .cache import SlotCache, decode_mask, prefill_mask
+from .batch import DecodeBatch, Event, Request
+from .cache import SlotCache
 from .lora import LoraEngine
-from .sampling import SamplingParams, next_token
+from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-_ids = itertools.count(1)
 
 
 class ServeError(ValueError):
@@ -52,38 +50,6 @@ class QueueFull(ServeError):
 class UnknownModel(ServeError):
     status = 404
     code = "model_not_found"
-
-
-@dataclass
-class Event:
-    """What a request's sink receives: text deltas, then one final event."""
-
-    delta: str = ""
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    sink: Callable[[Event], None]
-    id: int = field(default_factory=lambda: next(_ids))
-    created: float = field(default_factory=time.perf_counter)
-    tokens: list[int] = field(default_factory=list)
-    length: int = 0  # tokens whose keys are in the cache
-    emitted: int = 0  # characters of the decoded reply already sent
-    first_token_at: float | None = None
-    finished: bool = False
-    cancelled: bool = False
-    gen: torch.Generator | None = None
-
-    def cancel(self) -> None:
-        """Free this request's row at the next step (e.g. its client disconnected)."""
-        self.cancelled = True
 
 
 def auto_precision() -> str:
@@ -126,20 +92,48 @@ class Scheduler:
         self.max_queue = max_queue
         limit = getattr(backbone.base.config, "max_position_embeddings", None) or max_len
         self.max_len = min(max_len, limit)
-        self.cache = SlotCache(max_batch, self.max_len)
-        self.metrics = metrics
-        self.eos = _eos_ids(backbone)
+        self.batch = DecodeBatch(self.engine, SlotCache(max_batch, self.max_len), self.tokenizer,
+                                 _eos_ids(backbone), self.max_len)
+        self.batch.metrics = metrics
+        self.batch.on_admitted = self._admitted
         self._cond = threading.Condition()
         self._waiting: list[Request] = []
         self._jobs: list[tuple[Callable, Future]] = []
-        self._active: list[Request] = []
+        self._classify: list[tuple] = []
         self._admitting: list[Request] = []  # taken from the queue, not yet prefilled
         self._thread: threading.Thread | None = None
         self._retiring: set[str] = set()
         self._stop = False
-        self.steps = 0
 
     # ------------------------------------------------------------ public
+    @property
+    def metrics(self):
+        return self.batch.metrics
+
+    @metrics.setter
+    def metrics(self, value) -> None:
+        self.batch.metrics = value
+
+    @property
+    def eos(self) -> set[int]:
+        """Token ids that end a reply (tests on random models clear it to run full lengths)."""
+        return self.batch.eos
+
+    @eos.setter
+    def eos(self, value: set[int]) -> None:
+        self.batch.eos = value
+
+    @property
+    def steps(self) -> int:
+        return self.batch.steps
+
+    @property
+    def _active(self) -> list[Request]:
+        return self.batch.active
+
+    def _admitted(self) -> None:
+        self._admitting = []
+
     @property
     def generators(self) -> list[str]:
         return list(self.engine.adapters)
@@ -215,13 +209,22 @@ class Scheduler:
     def generate(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> str:
         return "".join(self.stream(prompt_ids, adapter, params))
 
-    def classify(self, texts: list[str], adapters: list[str]) -> list[dict[str, float]]:
-        """Label probabilities for each (text, classify adapter) pair, in the next batch."""
+    def classify(self, texts: list[str], adapters: list[str],
+                 max_length: int = 256) -> list[dict[str, float]]:
+        """Label probabilities for each (text, classify adapter) pair.
+
+        Every caller's texts waiting at the next step share one mixed-adapter pass.
+        """
         unknown = sorted({a for a in adapters if a not in self.classifiers})
         if unknown:
             raise UnknownModel(f"classify adapter(s) {unknown} are not loaded; served: "
                                f"{sorted(self.classifiers)}")
-        return self.call(lambda: _classify_now(self.backbone, self.classifiers, texts, adapters))
+        fut: Future = Future()
+        with self._cond:
+            self._classify.append((list(texts), list(adapters), max_length, fut))
+            self._cond.notify_all()
+        self.start()
+        return fut.result()
 
     def add_adapter(self, name: str, task=None) -> None:
         """Serve adapter ``name`` (already loaded on the backbone) from the next step on."""
@@ -264,12 +267,16 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stop or self._jobs or self._waiting or self._active):
+                while not (self._stop or self._jobs or self._classify or self._waiting
+                           or self._active):
                     self._cond.wait()
                 if self._stop:
                     self._fail_all("the server is shutting down")
                     return
                 jobs, self._jobs = self._jobs, []
+                classify, self._classify = self._classify, []
+            if classify:
+                _run_classify(self.backbone, self.classifiers, classify, self.metrics)
             for fn, fut in jobs:
                 try:
                     fut.set_result(fn())
@@ -279,121 +286,32 @@ class Scheduler:
                 free = self.max_batch - len(self._active)
                 fresh, self._waiting = self._waiting[:free], self._waiting[free:]
                 self._admitting = fresh
-            self._drop([r for r in self._active if r.cancelled])
+            self.batch.drop([r for r in self._active if r.cancelled])
             for r in fresh:
                 if r.cancelled:
-                    self._finish(r, "cancelled")
+                    self.batch.finish(r, "cancelled")
             fresh = [r for r in fresh if not r.cancelled]
             try:
                 if fresh:
-                    self._prefill(fresh)
+                    self.batch.prefill(fresh)
                 if self._active:
-                    self._decode()
+                    self.batch.decode()
             except Exception as err:  # a failed step fails its requests, never the server
                 log.exception("serving step failed")
                 for req in self._active + fresh:
-                    self._finish(req, None, error=f"internal error: {type(err).__name__}: {err}")
-                self._drop(list(self._active))
+                    self.batch.finish(req, None, error=f"internal error: {type(err).__name__}: {err}")
+                self.batch.drop(list(self._active))
             self._admitting = []
-
-    def _prefill(self, fresh: list[Request]) -> None:
-        first = len(self._active)
-        lengths = [len(r.prompt_ids) for r in fresh]
-        width = max(lengths)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(fresh), width), pad, dtype=torch.long)
-        for i, r in enumerate(fresh):
-            ids[i, :lengths[i]] = torch.tensor(r.prompt_ids)
-        self.cache.plan_prefill(first, width)
-        logits = self.engine.forward(ids, torch.arange(width).expand(len(fresh), width),
-                                     prefill_mask(lengths), self.cache,
-                                     [r.adapter for r in fresh], torch.tensor(lengths) - 1)
-        now = time.perf_counter()
-        self._active.extend(fresh)
-        self._admitting = []
-        for r, row, n in zip(fresh, logits, lengths):
-            r.length = n
-            r.first_token_at = now
-            if self.metrics:
-                self.metrics.first_token(r, now - r.created)
-            self._accept(r, row)
-        self._drop([r for r in fresh if r.finished])
-
-    def _decode(self) -> None:
-        live = self._active
-        lengths = [r.length for r in live]
-        self.cache.plan_decode(lengths)
-        ids = torch.tensor([[r.tokens[-1]] for r in live])
-        logits = self.engine.forward(ids, torch.tensor(lengths)[:, None], decode_mask(lengths),
-                                     self.cache, [r.adapter for r in live])
-        self.steps += 1
-        if self.metrics:
-            self.metrics.step(len(live))
-        for r, row in zip(live, logits):
-            r.length += 1
-            self._accept(r, row)
-        self._drop([r for r in live if r.finished])
-
-    def _accept(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample the next token for ``r``, stream its text, decide whether it is done."""
-        seen = torch.tensor(r.prompt_ids + r.tokens) if r.params.repetition_penalty != 1.0 else \
-            torch.empty(0, dtype=torch.long)
-        tok = next_token(logits, r.params, seen, r.gen)
-        if tok in self.eos:
-            self._finish(r, "stop")
-            return
-        r.tokens.append(tok)
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-        for stop in r.params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                self._emit(r, text[:cut])
-                self._finish(r, "stop")
-                return
-        if len(r.tokens) >= r.params.max_tokens or r.length + 1 >= self.max_len:
-            self._emit(r, text)
-            self._finish(r, "length")
-            return
-        # hold back a possible beginning of a stop string, and half a UTF-8 character
-        hold = max((len(s) - 1 for s in r.params.stop), default=0)
-        safe = text[:len(text) - hold] if hold else text
-        if not safe.endswith("\ufffd"):
-            self._emit(r, safe)
-
-    def _emit(self, r: Request, text: str) -> None:
-        if len(text) > r.emitted:
-            r.sink(Event(delta=text[r.emitted:]))
-            r.emitted = len(text)
-
-    def _finish(self, r: Request, reason: str | None, error: str | None = None) -> None:
-        if r.finished:
-            return
-        r.finished = True
-        if self.metrics:
-            self.metrics.finished(r, time.perf_counter() - r.created, error is not None)
-        r.sink(Event(finish_reason=reason or "error", error=error,
-                     prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.tokens)))
-
-    def _drop(self, done: list[Request]) -> None:
-        """Remove requests from the batch, moving the last row into each freed row."""
-        for r in done:
-            if r not in self._active:
-                continue
-            if not r.finished:
-                self._finish(r, "cancelled")
-            i, last = self._active.index(r), len(self._active) - 1
-            if i != last:
-                moved = self._active[last]
-                self.cache.move_row(last, i, moved.length)
-                self._active[i] = moved
-            self._active.pop()
 
     def _fail_all(self, message: str) -> None:
         for r in self._active + self._waiting:
-            self._finish(r, None, error=message)
-        self._active, self._waiting = [], []
+            self.batch.finish(r, None, error=message)
+        self.batch.active.clear()
+        self._waiting = []
         for _, fut in self._jobs:
             fut.set_exception(ServeError(message))
+        for job in self._classify:
+            job[3].set_exception(ServeError(message))
 
 
 def _eos_ids(backbone) -> set[int]:
@@ -422,3 +340,25 @@ def _classify_now(backbone, classifiers: dict, texts: list[str], adapters: list[
         out += [dict(zip(t.labels, t.probs_from_states(s[None])[0].tolist()))
                 for t, s in zip(tasks, states)]
     return out
+
+
+def _run_classify(backbone, classifiers: dict, jobs: list, metrics) -> None:
+    """Answer every waiting classification job in as few forward passes as possible."""
+    by_len: dict[int, list] = {}
+    for job in jobs:
+        by_len.setdefault(job[2], []).append(job)
+    for max_length, group in by_len.items():
+        texts = [t for job in group for t in job[0]]
+        names = [a for job in group for a in job[1]]
+        try:
+            probs = _classify_now(backbone, classifiers, texts, names, max_length)
+        except Exception as err:  # noqa: BLE001 (handed to each caller)
+            for job in group:
+                job[3].set_exception(err)
+            continue
+        start = 0
+        for job in group:
+            job[3].set_result(probs[start:start + len(job[0])])
+            start += len(job[0])
+    if metrics:
+        metrics.classified(sum(len(job[0]) for job in jobs))
