@@ -518,7 +518,7 @@ def test_6_bare_command_gives_a_usage_hint_and_classifies_nothing(tmp_path, trai
     router = Router(HashEncoder(), fallback="pets")
     router.add_route("pets", ["meow purr"])
     session = ChatSession(bb, {"pets": task}, router)
-    monkeypatch.setattr("bot.chat.analyse", lambda *a, **k: pytest.fail("classified the command"))
+    monkeypatch.setattr(ChatSession, "_analyse", lambda *a, **k: pytest.fail("classified the command"))
     turn = session.send("/pets")
     assert "Type a message after /pets" in turn.reply and turn.label_scores is None
     assert session.send("  /PETS  ").reply.startswith("Type a message after /pets")
