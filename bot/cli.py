@@ -124,11 +124,30 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.serve:
+        from .serve.bench import run_serve_bench
+
+        result = run_serve_bench(adapters_dir=args.adapters_dir, backbone=args.backbone,
+                                 out_dir=Path(args.out).parent, n_requests=args.requests,
+                                 max_tokens=args.tokens, command_line=args.command_line)
+        print(f"speedup_8 {result['speedup_8']}x, p95_ttft_ms_8 {result['p95_ttft_ms_8']}, "
+              f"failed {result['failed']}, adapter_memory_share {result['adapter_memory_share']:.2%}"
+              f" -> {Path(args.out).parent / 'serve.md'}")
+        return 0
     from .eval.bench import run_bench
 
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
                     tokens=args.tokens, command_line=args.command_line))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.server import serve
+
+    return serve(_backbone(args), args.adapters_dir, host=args.host, port=args.port,
+                 api_key=args.api_key or None, precision=args.precision,
+                 max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_model_len,
+                 with_router=not args.no_router)
 
 
 def cmd_demo(args) -> int:
@@ -139,6 +158,16 @@ def cmd_demo(args) -> int:
 
 
 # -------------------------------------------------------------------- parser
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
 def _curve_sizes(text: str) -> str:
     """Check ``--curve`` here, so a typo is a usage message rather than a traceback."""
     parts = [p.strip().upper() for p in text.split(",")]
@@ -197,7 +226,29 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="speed benchmark; writes a markdown table")
     b.add_argument("--out", default="reports/bench.md")
     b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--serve", action="store_true",
+                   help="benchmark `bot serve` instead: 1/4/8/16 concurrent clients vs one by one, "
+                        "on this CPU and with AVX2 only -> reports/serve.md and serve.json")
+    b.add_argument("--requests", type=_positive, default=32, help="requests per level (--serve)")
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("serve", parents=[common],
+                       help="OpenAI-compatible API: many clients and adapters share batched decoding")
+    v.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    v.add_argument("--port", type=int, default=int(os.environ.get("BOT_SERVE_PORT", 8000)))
+    v.add_argument("--api-key", default=os.environ.get("BOT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (also BOT_API_KEY); enables adapter "
+                        "loading and unloading over the API")
+    v.add_argument("--max-batch", type=_positive, default=16, help="requests decoded together")
+    v.add_argument("--max-queue", type=_positive, default=64,
+                   help="requests waiting or running before new ones get 429")
+    v.add_argument("--max-model-len", type=_positive, default=2048,
+                   help="context limit per request: prompt + max_tokens")
+    v.add_argument("--precision", choices=["auto", "fp32", "bf16", "w8"], default="auto",
+                   help="base weights while serving (auto: int8 where the CPU has native bf16, "
+                        "else fp32; fp32 is exact)")
+    v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", parents=[common], help="launch the Gradio demo on 127.0.0.1:7860")
     d.add_argument("--host", default="127.0.0.1")
