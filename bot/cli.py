@@ -100,6 +100,19 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    bb = _backbone(args)
+    manifest = export(args.names, args.to, backbone=bb, adapters_dir=args.adapters_dir,
+                      target=args.target, max_lora_rank=args.max_lora_rank)
+    kinds = [*(f"{n} (generate)" for n in manifest["generate"]),
+             *(f"{n} (classify)" for n in manifest["classify"])]
+    print(f"wrote {args.to}: base + {', '.join(kinds)}; --max-lora-rank {manifest['max_lora_rank']}\n"
+          f"next: read {Path(args.to) / 'README.md'} for the vllm serve commands and client code")
+    return 0
+
+
 def cmd_demo(args) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from demo.app import launch
@@ -158,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="reports/bench.md")
     b.add_argument("--tokens", type=int, default=64)
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", parents=[common], help="write adapters + backbone for vLLM")
+    x.add_argument("names", nargs="+", help="adapters to export")
+    x.add_argument("--to", required=True, help="output folder (replaced atomically)")
+    x.add_argument("--for", dest="target", choices=["vllm"], default="vllm", help="engine (default vllm)")
+    x.add_argument("--max-lora-rank", type=int,
+                   help="vLLM's --max-lora-rank (1, 8, 16, ..., 512; default: the smallest that fits)")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", parents=[common], help="launch the Gradio demo on 127.0.0.1:7860")
     d.add_argument("--host", default="127.0.0.1")
