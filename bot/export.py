@@ -184,6 +184,10 @@ def plan_export(names: list[str], adapters_dir: Path, backbone, max_lora_rank: i
             problems.append(f"no adapter '{name}' under {adapters_dir} (found: {known}). "
                             f"Fix: pass one of those names, or --adapters-dir")
             continue
+        if name == BASE or name.startswith(f"{BASE}-classify-"):
+            problems.append(f"adapter name '{name}' collides with the exported backbone folder "
+                            f"'{name}/'. Fix: copy adapters/{name} to another name and export that")
+            continue
         spec = AdapterSpec.from_dir(folder)
         trained_on = spec.backbone.get("fingerprint")
         if trained_on and trained_on != backbone.fingerprint:

@@ -348,6 +348,12 @@ def test_cli_export(tmp_path, capsys):
     assert (out / "pets" / "labels.json").exists() and (out / "README.md").exists()
     assert main(["export", "pets", "--to", str(out), "--max-lora-rank", "7", *common]) == 2
     assert "Fix: use one of" in capsys.readouterr().err
+    assert (out / "pets" / "labels.json").exists(), "a refused export keeps the previous one"
+    assert main(["export", "pets", "--to", str(out), "--max-lora-rank", "64", *common]) == 0
+    assert json.loads((out / "export.json").read_text())["max_lora_rank"] == 64
+    make_adapter(bb, tmp_path / "adapters", "base", "generate")
+    assert main(["export", "base", "--to", str(tmp_path / "o2"), *common]) == 2
+    assert "collides with the exported backbone folder" in capsys.readouterr().err
 
 
 @pytest.mark.integration
