@@ -233,6 +233,9 @@ def write_base(dest: Path, backbone) -> None:
     from .fastgen import build_engine
 
     model = build_engine(backbone, None, "fp32")  # a peft-free copy of the base weights
+    # the engine shares the live backbone's config objects: edit copies, not the backbone
+    model.config = copy.deepcopy(model.config)
+    model.generation_config = copy.deepcopy(model.generation_config)
     model.config.pad_token_id = backbone.tokenizer.pad_token_id
     model.generation_config.pad_token_id = backbone.tokenizer.pad_token_id
     model.save_pretrained(dest)

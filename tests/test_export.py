@@ -47,6 +47,11 @@ def make_adapter(bb, root, name, kind, *, r=8, layers=None, labels=("cat", "dog"
     return task
 
 
+def _config(bb) -> dict:
+    # dtype is set by any engine build (bot.fastgen), not by the export
+    return {k: v for k, v in bb.base.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+
+
 def texts(n=50, seed=1):
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(n)]
@@ -64,8 +69,11 @@ def exported(tmp_path_factory):
         "talk": make_adapter(bb, root / "adapters", "talk", "generate", r=16, seed=2,
                              targets=VLLM_LORA_MODULES),
     }
+    bb.base.config.pad_token_id = None  # like SmolLM2: the export takes it from the tokenizer
+    before = _config(bb)
     manifest = export(["pets", "mood", "talk"], root / "out", backbone=bb,
                       adapters_dir=root / "adapters")
+    assert _config(bb) == before, "the export changed the live backbone's config"
     return {"bb": bb, "tasks": tasks, "out": root / "out", "manifest": manifest,
             "adapters": root / "adapters"}
 
