@@ -150,6 +150,19 @@ def cmd_serve(args) -> int:
                  with_router=not args.no_router)
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    bb = _backbone(args)
+    manifest = export(args.names, args.to, backbone=bb, adapters_dir=args.adapters_dir,
+                      target=args.target, max_lora_rank=args.max_lora_rank)
+    kinds = [*(f"{n} (generate)" for n in manifest["generate"]),
+             *(f"{n} (classify)" for n in manifest["classify"])]
+    print(f"wrote {args.to}: base + {', '.join(kinds)}; --max-lora-rank {manifest['max_lora_rank']}\n"
+          f"next: read {Path(args.to) / 'README.md'} for the vllm serve commands and client code")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from demo.app import launch
 
@@ -249,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "else fp32; fp32 is exact)")
     v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
     v.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("export", parents=[common], help="write adapters + backbone for vLLM")
+    x.add_argument("names", nargs="+", help="adapters to export")
+    x.add_argument("--to", required=True, help="output folder (replaced atomically)")
+    x.add_argument("--for", dest="target", choices=["vllm"], default="vllm", help="engine (default vllm)")
+    x.add_argument("--max-lora-rank", type=int,
+                   help="vLLM's --max-lora-rank (1, 8, 16, ..., 512; default: the smallest that fits)")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", parents=[common], help="launch the Gradio demo on 127.0.0.1:7860")
     d.add_argument("--host", default="127.0.0.1")
