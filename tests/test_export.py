@@ -297,8 +297,11 @@ def test_refuses_ranks_vllm_cannot_serve(tiny):
 
 def test_refuses_a_rank_above_512(tiny):
     bb, adapters, out = tiny
-    make_adapter(bb, adapters, "huge", "generate", r=1024, targets=("q_proj",))
-    with pytest.raises(ExportError, match=r"huge \(r=1024\).*retrain with lora.r <= 512"):
+    # the manifest itself refuses r > 512 (issue 9); a hand-edited peft config is caught here
+    make_adapter(bb, adapters, "huge", "generate", r=8, targets=("q_proj",))
+    cfg_path = adapters / "huge" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "r": 1024}))
+    with pytest.raises(ExportError, match=r"huge/adapter_model.safetensors: tensor .* not rank 1024"):
         export(["huge"], out, backbone=bb, adapters_dir=adapters)
 
 
@@ -359,8 +362,8 @@ def test_cli_export(tmp_path, capsys):
     assert (out / "pets" / "labels.json").exists(), "a refused export keeps the previous one"
     assert main(["export", "pets", "--to", str(out), "--max-lora-rank", "64", *common]) == 0
     assert json.loads((out / "export.json").read_text())["max_lora_rank"] == 64
-    make_adapter(bb, tmp_path / "adapters", "base", "generate")
-    assert main(["export", "base", "--to", str(tmp_path / "o2"), *common]) == 2
+    make_adapter(bb, tmp_path / "adapters", "base-classify-2", "generate")
+    assert main(["export", "base-classify-2", "--to", str(tmp_path / "o2"), *common]) == 2
     assert "collides with the exported backbone folder" in capsys.readouterr().err
 
 
