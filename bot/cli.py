@@ -136,8 +136,10 @@ def cmd_bench(args) -> int:
         return 0
     from .eval.bench import run_bench
 
+    isas = ("native", "avx2") if args.isa == "both" else (args.isa,)
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
-                    tokens=args.tokens, command_line=args.command_line))
+                    tokens=args.tokens, command_line=args.command_line, isas=isas,
+                    llamacpp_path=args.llamacpp, llamacpp_avx2_path=args.llamacpp_avx2))
     return 0
 
 
@@ -243,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark `bot serve` instead: 1/4/8/16 concurrent clients vs one by one, "
                         "on this CPU and with AVX2 only -> reports/serve.md and serve.json")
     b.add_argument("--requests", type=_positive, default=32, help="requests per level (--serve)")
+    b.add_argument("--isa", choices=["both", "native", "avx2"], default="both",
+                   help="CPU settings to measure: the machine as it is, PyTorch limited to AVX2, or both")
+    b.add_argument("--llamacpp", default=os.environ.get("BOT_LLAMACPP_PATH"), metavar="SITE_PACKAGES",
+                   help="a site-packages folder holding llama_cpp, if not importable here "
+                        "(default $BOT_LLAMACPP_PATH); adds llama.cpp rows")
+    b.add_argument("--llamacpp-avx2", default=None, metavar="SITE_PACKAGES",
+                   help="llama_cpp built for AVX2 only, for the avx2 rows (default: --llamacpp)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("serve", parents=[common],
@@ -257,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting or running before new ones get 429")
     v.add_argument("--max-model-len", type=_positive, default=2048,
                    help="context limit per request: prompt + max_tokens")
-    v.add_argument("--precision", choices=["auto", "fp32", "bf16", "w8"], default="auto",
-                   help="base weights while serving (auto: int8 where the CPU has native bf16, "
-                        "else fp32; fp32 is exact)")
+    v.add_argument("--precision", choices=["auto", "fp32", "bf16", "w8", "w8f", "w4"], default="auto",
+                   help="base weights while serving (auto: the kernel measured fastest on this CPU "
+                        "and cached, see `bot info`; fp32 is exact)")
     v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
     v.set_defaults(func=cmd_serve)
 

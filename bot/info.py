@@ -70,4 +70,23 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None) -> s
         lines.append(f"  - {name:12s} {task.kind:9s} {bb.adapter_nbytes(name) / 1e6:6.2f} MB  {task.spec.description}")
     for name, err in failures.items():
         lines.append(f"  ! {name:12s} not loaded: {err}")
-    return "\n".join(lines)
+    return "\n".join(lines + kernel_lines(bb))
+
+
+def kernel_lines(bb) -> list[str]:
+    """What generation runs with here, and why (measured on first use, then cached)."""
+    from .kernels import DESCRIPTIONS, choose, cpu_features
+    from .llamacpp import import_llama_cpp, source_gguf
+
+    f = cpu_features()
+    choice = choose(bb)
+    lines = [f"cpu          {cpu_name()}: ATen kernels {f['aten_capability']}, native bf16 {f['native_bf16']}",
+             f"generation   {choice.kind} = {DESCRIPTIONS[choice.kind]}",
+             f"  why        {choice.reason}",
+             f"  cache      {'reused' if choice.cached else 'measured now and saved'}, key {choice.key}"]
+    if import_llama_cpp() is None:
+        lines.append("llama.cpp    not installed (optional: pip install -e '.[llamacpp]')")
+    else:
+        gguf = source_gguf(bb)
+        lines.append(f"llama.cpp    installed; base file {gguf or 'none (backbone not loaded from a GGUF file)'}")
+    return lines

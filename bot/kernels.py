@@ -220,14 +220,18 @@ def _probe(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, floa
 
 
 def measure(backbone, kinds=KINDS, steps: int = 8) -> dict:
-    """Probe perplexity and decode-step time of each kernel on ``backbone``'s base weights."""
-    from .fastgen import build_engine
+    """Probe perplexity and decode-step time of each kernel on ``backbone``'s base weights.
+
+    Each candidate is the serving engine's model (base weights shared with the backbone
+    for fp32, converted once for the others): no merged copy is made just to measure.
+    """
+    from .serve.lora import LoraEngine
 
     ids = backbone.tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
     results = {}
     for kind in kinds:
         try:
-            model = build_engine(backbone, None, kind)
+            model = LoraEngine(backbone, kind).model
             ppl, ms = _probe(model, ids, steps)
         except RuntimeError as err:  # a kernel this torch build or CPU lacks
             log.info("kernel %s unavailable here: %s", kind, err)

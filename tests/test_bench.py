@@ -6,7 +6,7 @@ import pytest
 from conftest import make_tiny_backbone
 from peft import LoraConfig
 
-from bot.eval import bench
+from bot.eval import bench, bench_report
 from bot.spec import DEFAULT_TARGET_MODULES
 
 
@@ -22,24 +22,64 @@ def bb():
 
 
 def test_quality_rows_score_the_same_replies_on_every_path(bb):
-    rows = bench.measure_quality(bb, "chat", n_rows=6)
-    assert [label for label, _ in rows] == ["fp32 peft unmerged", "fast path bf16", "fast path w8"]
+    rows = bench.measure_quality(bb, "chat", n_rows=6, kinds=("bf16", "w8", "w8f"))
+    assert [label for label, _ in rows] == ["fp32 peft unmerged", "fast path bf16", "fast path w8",
+                                            "fast path w8f"]
     fp32 = rows[0][1]
     assert fp32 > 1
     for _, ppl in rows[1:]:  # the merged engines compute the same model in lower precision
         assert ppl == pytest.approx(fp32, rel=0.05)
 
 
-def test_render_takes_keywords_and_writes_every_section(bb):
-    gen = bench.measure_generation(bb, "chat", 4)
-    mixed, seq = bench.measure_mixed(bb, ["chat"], repeats=1)
-    text = bench.render(command_line="bot bench --tokens 4", tokens=4, load={"cold": 2.0, "cached": 0.5},
-                        gen=gen, quality=[("fp32 peft unmerged", 20.0), ("fast path w8", 20.2)],
-                        mixed_info=(mixed, seq, ["chat"]), names=["chat"], bb=bb,
-                        backbone_bytes=10**6, rss0=100.0)
-    assert "Command: `bot bench --tokens 4`" in text and "CPU cores" in text
-    for section in ("## Load", "## Generation (4-token", "## Mixed batch", "## Memory"):
+def test_generation_rows_time_exactly_n_tokens_on_each_kernel(bb):
+    rows = bench.measure_generation(bb, "chat", 4, kinds=("fp32", "w8"))
+    assert [r["path"] for r in rows] == ["base_fp32", "peft_fp32", "fast_fp32", "fast_w8"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    # the merged fp32 engine computes what unmerged peft computes: same greedy tokens
+    assert rows[2]["agree"] == 1.0
+
+
+def _record(isa, fast=50.0, llama=100.0, mixed=(50.0, 100.0)):
+    gen = [{"path": "base_fp32", "label": "base", "tokens_per_s": 10.0, "agree": None, "engine": "torch",
+            "vs_fp32": 1.0},
+           {"path": "fast_w8", "label": "'chat' adapter, fast path w8 (merged)", "tokens_per_s": fast,
+            "agree": 0.5, "engine": "torch", "vs_fp32": fast / 10}]
+    return {"isa": isa, "features": {"aten_capability": "AVX2", "native_bf16": False, "torch": "2.13.0",
+                                     "threads": 2, "isa_env": {"ATEN_CPU_CAPABILITY": "avx2"}},
+            "llamacpp_features": "AVX2 = 1", "adapter": "chat", "tokens": 4,
+            "kernel": {"kind": "w8", "reason": "w8: faster", "measured": {}}, "generation": gen,
+            "quality": [{"path": "fp32 peft unmerged", "perplexity": 20.0, "vs_fp32": 1.0},
+                        {"path": "fast path w8", "perplexity": 20.2, "vs_fp32": 1.01}],
+            "mixed": {"adapters": ["chat"], "mixed_ms": mixed[0], "sequential_ms": mixed[1]},
+            "fast_vs_fp32": fast / 10, "fast_vs_llamacpp": None if llama is None else fast / llama,
+            "llamacpp_engine_vs_fp32": None if llama is None else 8.0,
+            "llamacpp_engine_vs_llamacpp": None if llama is None else 0.8,
+            "mixed_vs_sequential": mixed[0] / mixed[1], "fast_ppl_ratio": 1.01,
+            "load": {"cold": 2.0, "cached": 0.5}, "names": ["chat"],
+            "memory": {"backbone_mb": 1.0, "adapters_mb": {"chat": 0.01}, "rss_mb": 100.0},
+            "backbone": {"name": "tiny", "parameters_m": 0.1, "fingerprint": "tiny@0"}}
+
+
+def test_summary_says_not_met_per_target_over_every_cpu_setting():
+    records = [_record("native"), _record("avx2", fast=15.0, mixed=(70.0, 100.0))]
+    s = bench_report.summary(records, bench.TARGETS)["summary"]
+    assert s["fast_vs_fp32"]["values"] == {"native": 5.0, "avx2": 1.5}
+    assert s["fast_vs_fp32"]["met"] is False and s["fast_vs_llamacpp"]["met"] is False
+    assert s["mixed_vs_sequential"]["met"] is False and s["fast_ppl_ratio"]["met"] is True
+    absent = bench_report.summary([_record("native", llama=None)], bench.TARGETS)["summary"]
+    assert absent["fast_vs_llamacpp"]["met"] is None
+
+
+def test_render_writes_every_section_and_the_verdicts():
+    records = [_record("native"), _record("avx2", fast=15.0)]
+    result = {"command": "bot bench --tokens 4", "machine": "x86_64, 2 CPU cores", "date": "today",
+              "isa": records, **bench_report.summary(records, bench.TARGETS)}
+    text = bench_report.render(result)
+    assert "Command: `bot bench --tokens 4`" in text
+    for section in ("## Targets", "## Load", "## CPU setting: native", "## CPU setting: avx2",
+                    "### Generation (4-token", "### Mixed batch", "## Memory"):
         assert section in text
+    assert "| fast_vs_fp32 | 5.0 | 1.5 | >= 2.0 | **NOT MET** |" in text
+    assert "fast path w8 (merged) ← chosen" in text
     assert "| cached safetensors load | 0.50 | 0.250 |" in text
-    assert "| fast path w8 | 20.20 | 1.010 |" in text
-    assert "| adapter 'chat' LoRA tensors |" in text
+    assert "ATen kernels AVX2, native bf16 False" in text and "llama.cpp rows: AVX2 = 1" in text

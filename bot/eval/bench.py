@@ -1,14 +1,24 @@
 """`bot bench`: speed and memory of the multi-adapter backbone, each figure beside its baseline.
 
-Everything is measured in one run on one machine; ratios, not absolute numbers, are the
-point (absolute tokens/s drift between runs on a shared VM).
+Every row is measured twice, each time in a fresh child process: as the machine is, and
+with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` (PyTorch's kernels limited to
+AVX2, as on most laptops). Each child records the CPU features it ran with, measures the
+kernel choice afresh (bot.kernels), times a greedy reply of exactly ``tokens`` new tokens
+on every path, and, when llama-cpp-python is importable, llama.cpp on the same GGUF file
+with the same prompt ids in the same run. Ratios within one run are the point (absolute
+tokens/s drift between runs on a shared VM).
+
+Writes ``bench.md`` and ``bench.json`` (one record per CPU setting under ``isa``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +33,9 @@ log = logging.getLogger(__name__)
 
 PROMPT = "Tell me something interesting about the ocean."
 ANALYSIS_TEXT = "The new phone's battery died after one day, what a disappointment."
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+TARGETS = {"fast_vs_fp32": (">=", 2.0), "fast_vs_llamacpp": (">=", 0.5),
+           "mixed_vs_sequential": ("<=", 0.6), "fast_ppl_ratio": ("<=", 1.02)}
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -35,11 +48,13 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _tokens_per_s(model_generate, ids, n: int, repeats: int = 3) -> tuple[float, torch.Tensor]:
+def _tokens_per_s(generate, ids, n: int, repeats: int = 3) -> tuple[float, list[int]]:
     out = {}
 
     def run():
-        out["ids"] = model_generate(ids, n)
+        out["ids"] = [int(t) for t in generate(ids, n)]
+        if len(out["ids"]) != n:
+            raise RuntimeError(f"a timed reply had {len(out['ids'])} tokens, not {n}")
 
     seconds = _median_time(run, repeats)
     return n / seconds, out["ids"]
@@ -92,38 +107,76 @@ def measure_load(backbone_name) -> dict:
     return {"cold": cold, "cached": time.perf_counter() - t0, "backbone": bb}
 
 
-def measure_generation(bb, adapter: str, n: int) -> list[tuple]:
-    """(label, tokens/s, agreement with fp32 greedy tokens) for each path."""
-    ids = bb.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+def prompt_ids(bb) -> torch.Tensor:
+    return bb.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def _row(path: str, label: str, rate: float, agree: float | None = None, engine: str = "torch") -> dict:
+    return {"path": path, "label": label, "tokens_per_s": round(rate, 2), "agree": agree, "engine": engine}
+
+
+def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None) -> list[dict]:
+    """One row per path: tokens/s of an ``n``-token greedy reply and agreement with fp32 tokens.
+
+    Args:
+        kinds: fast-path kernels to time (default: all of bot.kernels.KINDS).
+        llama: a LlamaCppGenerator, or None to leave llama.cpp out.
+    """
+    from ..kernels import KINDS
+
+    ids = prompt_ids(bb)
     fast = bb.fast()
-    rows = []
+    old_mode = fast.mode
     fast.mode = "fp32"
     base_rate, base_ids = _tokens_per_s(_hf_generate(fast.engine(None)), ids, n)
-    rows.append(("base model, plain transformers fp32 (baseline)", base_rate, None))
+    rows = [_row("base_fp32", "base model, plain transformers fp32 (baseline)", base_rate)]
     with bb.lock:
         bb.peft.set_adapter(adapter)
         naive_rate, naive_ids = _tokens_per_s(_hf_generate(bb.peft), ids, n)
-    rows.append((f"'{adapter}' adapter, naive peft unmerged fp32", naive_rate, None))
-    for mode in ("bf16", "w8"):
-        fast.mode = mode
-        r_base, ids_b = _tokens_per_s(_hf_generate(fast.engine(None)), ids, n)
-        r_ad, ids_a = _tokens_per_s(_hf_generate(fast.engine(adapter)), ids, n)
-        rows.append((f"base model, fast path {mode}", r_base, _agree(ids_b, base_ids)))
-        rows.append((f"'{adapter}' adapter, fast path {mode} (merged)", r_ad, _agree(ids_a, naive_ids)))
-    fast.mode = "w8"
+    rows.append(_row("peft_fp32", f"'{adapter}' adapter, naive peft unmerged fp32", naive_rate))
+    for kind in kinds or KINDS:
+        fast.mode = kind
+        rate, got = _tokens_per_s(_hf_generate(fast.engine(adapter)), ids, n)
+        fast.invalidate(adapter)  # one engine at a time keeps memory flat
+        rows.append(_row(f"fast_{kind}", f"'{adapter}' adapter, fast path {kind} (merged)", rate,
+                         _agree(got, naive_ids)))
+    fast.mode = old_mode
+    if llama is not None:
+        plain = ids[0].tolist()
+        rate, got = _tokens_per_s(lambda _ids, k: llama_plain(llama, plain, k), ids, n)
+        rows.append(_row("llamacpp", "base model, llama.cpp (llama-cpp-python, same GGUF)", rate,
+                         _agree(got, base_ids), engine="llama.cpp"))
+        rate, got = _tokens_per_s(lambda _ids, k: llama.generate(plain, adapter, k, suppress_eos=True), ids, n)
+        rows.append(_row("llamacpp_lora", f"'{adapter}' adapter, bot's llama.cpp engine (GGUF LoRA)", rate,
+                         _agree(got, naive_ids), engine="llama.cpp"))
     return rows
 
 
-def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
+def llama_plain(gen, prompt: list[int], n: int) -> list[int]:
+    """llama.cpp as a user runs it: ``create_completion`` with EOS suppressed by ``logit_bias``."""
+    llm = gen.engine(None)
+    llm.reset()  # no prompt reuse between timed runs: every path pays its prefill
+    res = llm.create_completion(prompt=prompt, max_tokens=n, temperature=0.0,
+                                logit_bias={llm.token_eos(): -1e9})
+    if res["usage"]["completion_tokens"] != n:
+        raise RuntimeError(f"llama.cpp produced {res['usage']['completion_tokens']} tokens, not {n}")
+    # the reply's ids (re-tokenized from its text) only serve the agreement column
+    toks = llm.tokenize(res["choices"][0]["text"].encode(), add_bos=False, special=True)[:n]
+    return toks + [-1] * (n - len(toks))
+
+
+def _agree(a, b) -> float:
     """Share of positions up to the first differing greedy token (1.0 = identical)."""
-    same = (a == b).int().tolist()
-    return (same.index(0) if 0 in same else len(same)) / len(same)
+    a, b = list(a), list(b)
+    same = [int(x == y) for x, y in zip(a, b)]
+    return round((same.index(0) if 0 in same else len(same)) / max(1, len(b)), 3)
 
 
-def measure_quality(bb, adapter: str, n_rows: int = 60) -> list[tuple]:
+def measure_quality(bb, adapter: str, n_rows: int = 60, kinds=None, llama=None) -> list[tuple]:
     """Held-out reply perplexity of the chat adapter: fp32 peft vs each fast engine."""
     from ..data import load_dialogue, split
+    from ..kernels import KINDS
     from ..spec import AdapterSpec
     from ..tasks.generate import GenerateTask
 
@@ -135,9 +188,13 @@ def measure_quality(bb, adapter: str, n_rows: int = 60) -> list[tuple]:
     bb.compute_dtype = torch.float32
     try:
         out.append(("fp32 peft unmerged", task.perplexity(rows, batch_size=1)))
-        for mode in ("bf16", "w8"):
+        for mode in kinds or KINDS:
             out.append((f"fast path {mode}",
                         task.perplexity(rows, batch_size=1, logits=_engine_runner(bb, adapter, mode))))
+            bb.fast().invalidate(adapter)
+        if llama is not None:
+            out.append(("llama.cpp engine (Q4_1 GGUF + GGUF LoRA)",
+                        task.perplexity(rows, batch_size=1, logits=llama.logits(adapter))))
     finally:
         bb.compute_dtype = old
     return out
@@ -145,8 +202,9 @@ def measure_quality(bb, adapter: str, n_rows: int = 60) -> list[tuple]:
 
 def _engine_runner(bb, adapter, mode):
     fast = bb.fast()
-    fast.mode = mode
+    old, fast.mode = fast.mode, mode
     model = fast.engine(adapter)
+    fast.mode = old
     return lambda enc: model(**enc).logits
 
 
@@ -157,84 +215,129 @@ def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float
     return mixed, seq
 
 
+def _llama_features(gen) -> str:
+    """llama.cpp's own SIMD flags (it does not read ATen's or oneDNN's variables)."""
+    info = gen.llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    return " ".join(part.strip() for part in info.split("|") if "= 1" in part or "=1" in part)
+
+
+def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: bool = True,
+                  quality_rows: int = 60) -> dict:
+    """Everything for the CPU setting this process runs under (see the module docstring)."""
+    from ..kernels import choose, cpu_features
+    from ..llamacpp import LlamaCppGenerator, import_llama_cpp
+
+    features = {**cpu_features(), "threads": torch.get_num_threads()}
+    if with_load:
+        log.info("measuring load times (cold load converts the GGUF into a temporary cache) ...")
+        load = measure_load(backbone)
+        bb = load.pop("backbone")
+    else:
+        from ..backbone import Backbone
+
+        bb, load = Backbone.load(backbone), None
+    rss0 = rss_mb()
+    names = _ensure_adapters(bb, adapters_dir)
+    adapter = "chat" if "chat" in names else names[0]
+    log.info("measuring the kernel choice (%s) ...", features["aten_capability"])
+    choice = choose(bb, refresh=True)
+    llama, llama_note = None, "llama-cpp-python is not importable (pip install -e '.[llamacpp]')"
+    if import_llama_cpp() is not None:
+        try:
+            llama = LlamaCppGenerator(bb)
+            llama_note = _llama_features(llama)
+        except Exception as err:  # reported in the record, never fatal
+            llama_note = f"llama.cpp engine unavailable: {err}"
+    log.info("measuring generation ...")
+    gen = measure_generation(bb, adapter, tokens, llama=llama)
+    log.info("measuring quality ...")
+    quality = measure_quality(bb, adapter, n_rows=quality_rows, llama=llama)
+    log.info("measuring mixed batch ...")
+    mixed_names = names[:3]
+    mixed, seq = measure_mixed(bb, mixed_names)
+    rates = {r["path"]: r["tokens_per_s"] for r in gen}
+    ppl = dict(quality)
+    ref = quality[0][1]
+    fast = rates[f"fast_{choice.kind}"]
+    rec = {
+        "features": features, "llamacpp_features": llama_note, "adapter": adapter, "tokens": tokens,
+        "kernel": {"kind": choice.kind, "reason": choice.reason, "measured": choice.measured},
+        "generation": [{**r, "vs_fp32": round(r["tokens_per_s"] / rates["base_fp32"], 3)} for r in gen],
+        "quality": [{"path": k, "perplexity": round(v, 3), "vs_fp32": round(v / ref, 4)} for k, v in quality],
+        "mixed": {"adapters": mixed_names, "mixed_ms": round(mixed * 1000, 1), "sequential_ms": round(seq * 1000, 1)},
+        "fast_vs_fp32": round(fast / rates["base_fp32"], 3),
+        "fast_vs_llamacpp": round(fast / rates["llamacpp"], 3) if "llamacpp" in rates else None,
+        "llamacpp_engine_vs_fp32": (round(rates["llamacpp_lora"] / rates["base_fp32"], 3)
+                                    if "llamacpp_lora" in rates else None),
+        "llamacpp_engine_vs_llamacpp": (round(rates["llamacpp_lora"] / rates["llamacpp"], 3)
+                                        if "llamacpp" in rates else None),
+        "llamacpp_vs_fp32": round(rates["llamacpp"] / rates["base_fp32"], 3) if "llamacpp" in rates else None,
+        "mixed_vs_sequential": round(mixed / seq, 3),
+        "fast_ppl_ratio": round(ppl[f"fast path {choice.kind}"] / ref, 4),
+        "load": load, "names": names,
+        "memory": {"backbone_mb": sum(p.numel() * p.element_size() for n_, p in bb.base.named_parameters()
+                                      if "lora_" not in n_) / 1e6,
+                   "adapters_mb": {n: bb.adapter_nbytes(n) / 1e6 for n in names}, "rss_mb": rss0},
+        "backbone": {"name": bb.info.name, "parameters_m": round(bb.num_parameters / 1e6, 1),
+                     "fingerprint": bb.fingerprint},
+    }
+    return rec
+
+
 def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
-              tokens: int = 64, command_line: str = "") -> str:
-    """Measure load, generation, fast-path quality, mixed batches and memory; write ``out``.
+              tokens: int = 64, command_line: str = "", llamacpp_path: str | None = None,
+              llamacpp_avx2_path: str | None = None, isas=("native", "avx2")) -> str:
+    """Run :func:`bench_one_isa` per CPU setting in child processes; write ``out`` and its .json.
 
     Args:
         adapters_dir: folder with trained adapters (missing defaults get random LoRA weights).
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
-        out: markdown file to write.
-        tokens: length of the greedy reply that is timed.
+        out: markdown file to write (``bench.json`` goes beside it).
+        tokens: exact length of the greedy reply that is timed.
         command_line: recorded in the report.
+        llamacpp_path: a site-packages folder holding llama_cpp (``BOT_LLAMACPP_PATH``).
+        llamacpp_avx2_path: the same for the AVX2 run (a llama.cpp built for AVX2 only);
+            default ``llamacpp_path``.
+        isas: which CPU settings to run ("native", "avx2").
 
     Returns:
         the markdown that was written.
     """
-    log.info("measuring load times (cold load converts the GGUF into a temporary cache) ...")
-    load = measure_load(backbone)
-    bb = load["backbone"]
-    rss0 = rss_mb()
-    names = _ensure_adapters(bb, adapters_dir)
-    gen_adapter = "chat" if "chat" in names else names[0]
-    log.info("measuring generation ...")
-    gen = measure_generation(bb, gen_adapter, tokens)
-    log.info("measuring quality of the fast path ...")
-    quality = measure_quality(bb, gen_adapter)
-    log.info("measuring mixed batch ...")
-    mixed_names = names[:3]
-    mixed, seq = measure_mixed(bb, mixed_names)
-    backbone_bytes = sum(p.numel() * p.element_size() for n_, p in bb.base.named_parameters()
-                         if "lora_" not in n_)
-    text = render(command_line=command_line, tokens=tokens, load=load, gen=gen, quality=quality,
-                  mixed_info=(mixed, seq, mixed_names), names=names, bb=bb,
-                  backbone_bytes=backbone_bytes, rss0=rss0)
-    atomic_write_text(Path(out), text)
+    from .bench_report import render, summary
+
+    paths = {"native": llamacpp_path, "avx2": llamacpp_avx2_path or llamacpp_path}
+    records = []
+    for i, name in enumerate(isas):
+        env = {**os.environ, **(AVX2_ENV if name == "avx2" else {})}
+        if paths[name]:
+            env["BOT_LLAMACPP_PATH"] = str(paths[name])
+        log.info("benchmark, CPU setting %s ...", name)
+        with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+            args = {"adapters_dir": str(adapters_dir), "backbone": backbone, "tokens": tokens,
+                    "with_load": i == 0, "json": fh.name}
+            subprocess.run([sys.executable, "-m", "bot.eval.bench", json.dumps(args)], env=env, check=True)
+            rec = json.loads(Path(fh.name).read_text())
+        rec["isa"] = name
+        records.append(rec)
+    result = {"command": command_line, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}, **summary(records, TARGETS),
+              "isa": records}
+    out = Path(out)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    text = render(result)
+    atomic_write_text(out, text)
     return text
 
 
-def render(*, command_line: str, tokens: int, load: dict, gen: list, quality: list, mixed_info: tuple,
-           names: list[str], bb, backbone_bytes: int, rss0: float) -> str:
-    """The benchmark markdown from the measured figures (see ``run_bench``)."""
-    base_rate = gen[0][1]
-    mixed, seq, mixed_names = mixed_info
-    lines = [
-        "# Benchmark", "",
-        f"Command: `{command_line}`  ",
-        f"Machine: {machine()}, {time.strftime('%Y-%m-%d')}  ",
-        f"Backbone: {bb.info.name} ({bb.num_parameters / 1e6:.1f} M parameters), fingerprint `{bb.fingerprint}`", "",
-        "## Load", "", "| what | seconds | ratio |", "|---|---|---|",
-        f"| cold: GGUF de-quantize + convert + load (baseline) | {load['cold']:.1f} | 1.00 |",
-        f"| cached safetensors load | {load['cached']:.2f} | {load['cached'] / load['cold']:.3f} |", "",
-        f"## Generation ({tokens}-token greedy reply, batch 1, median of 3)", "",
-        "| path | tokens/s | × base fp32 | greedy tokens identical to fp32 (prefix) |", "|---|---|---|---|",
-    ]
-    for label, rate, agree in gen:
-        lines.append(f"| {label} | {rate:.1f} | {rate / base_rate:.2f} | {'' if agree is None else f'{agree:.0%}'} |")
-    lines += ["", f"Held-out reply perplexity of '{names[-1] if 'chat' not in names else 'chat'}' "
-              "(60 dialogue test pairs; the accuracy check for the fast path):", "",
-              "| path | perplexity | × fp32 |", "|---|---|---|"]
-    for label, ppl in quality:
-        lines.append(f"| {label} | {ppl:.2f} | {ppl / quality[0][1]:.3f} |")
-    lines += ["", f"## Mixed batch ({len(mixed_names)} adapters: {', '.join(mixed_names)}; one short message)", "",
-              "| path | ms (median of 10) | ratio |", "|---|---|---|",
-              f"| {len(mixed_names)} sequential calls (baseline) | {seq * 1000:.0f} | 1.00 |",
-              f"| one mixed-adapter batch | {mixed * 1000:.0f} | {mixed / seq:.2f} |", "",
-              "## Memory", "", "| what | MB | share of backbone weights |", "|---|---|---|",
-              f"| backbone weights (fp32) | {backbone_bytes / 1e6:.0f} | 1.000 |"]
-    for name in names:
-        nb = bb.adapter_nbytes(name)
-        lines.append(f"| adapter '{name}' LoRA tensors | {nb / 1e6:.2f} | {nb / backbone_bytes:.4f} |")
-    lines += [f"| process resident memory after loading backbone | {rss0:.0f} | |", "",
-              "Fast path = adapter merged into a private copy of the weights (built once, cached), then "
-              "int8 weight-only (w8) or bfloat16; see bot/fastgen.py. Each cached engine costs about "
-              f"{_engine_mb(bb):.0f} MB in w8.", ""]
-    return "\n".join(lines)
+def main(argv=None) -> int:
+    """Child entry: ``python -m bot.eval.bench '{"adapters_dir": ..., "json": ...}'``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = json.loads((argv or sys.argv[1:])[0])
+    out = Path(args.pop("json"))
+    out.write_text(json.dumps(bench_one_isa(**args), indent=2))
+    return 0
 
 
-def _engine_mb(bb) -> float:
-    fast = bb.fast()
-    eng = next(iter(fast._engines.values()), None)
-    if eng is None:
-        return 0.0
-    return sum(t.numel() * t.element_size() for t in list(eng.parameters()) + list(eng.buffers())) / 1e6
+if __name__ == "__main__":
+    sys.exit(main())

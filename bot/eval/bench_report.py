@@ -1,0 +1,102 @@
+"""`bot bench`'s markdown and target summary from the per-CPU-setting records (bot.eval.bench)."""
+
+from __future__ import annotations
+
+
+def _met(value, op: str, target: float):
+    if value is None:
+        return None
+    return value >= target if op == ">=" else value <= target
+
+
+def summary(records: list[dict], targets: dict) -> dict:
+    """Per target: the value on each CPU setting and whether it is met on all of them."""
+    out = {}
+    for key, (op, target) in targets.items():
+        values = {r["isa"] if "isa" in r else str(i): r.get(key) for i, r in enumerate(records)}
+        flags = [_met(v, op, target) for v in values.values()]
+        met = None if any(f is None for f in flags) else all(flags)
+        out[key] = {"values": values, "target": f"{op} {target}", "met": met}
+    return {"summary": out}
+
+
+def _features(rec: dict) -> str:
+    f = rec["features"]
+    env = f" (env {', '.join(f'{k}={v}' for k, v in f['isa_env'].items())})" if f.get("isa_env") else ""
+    return (f"PyTorch rows: ATen kernels {f['aten_capability']}, native bf16 {f['native_bf16']}, "
+            f"torch {f['torch']}, {f['threads']} threads{env}. llama.cpp rows: {rec['llamacpp_features']}.")
+
+
+def _verdict(entry: dict) -> str:
+    if entry["met"] is None:
+        return "not measured"
+    return "met" if entry["met"] else "**NOT MET**"
+
+
+def render(result: dict) -> str:
+    """The benchmark markdown (see ``bot.eval.bench.run_bench``)."""
+    first = result["isa"][0]
+    b = first["backbone"]
+    lines = ["# Benchmark", "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']}, {result['date']}  ",
+             f"Backbone: {b['name']} ({b['parameters_m']} M parameters), fingerprint `{b['fingerprint']}`", "",
+             "Each CPU setting runs in a fresh process: `native` = the machine as it is; `avx2` = "
+             "`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` (PyTorch limited to AVX2, as on most "
+             "laptops; close to, not the same as, a real AVX2-only CPU). Ratios compare rows of the "
+             "same process.", "", "## Targets", "",
+             "| figure | " + " | ".join(r["isa"] for r in result["isa"]) + " | target | verdict |",
+             "|---|" + "---|" * len(result["isa"]) + "---|---|"]
+    for key, entry in result["summary"].items():
+        vals = " | ".join("n/a" if v is None else f"{v}" for v in entry["values"].values())
+        lines.append(f"| {key} | {vals} | {entry['target']} | {_verdict(entry)} |")
+    lines += ["", "`fast_vs_*` use the PyTorch fast path with the kernel `bot.kernels` chose for the adapter; "
+              "`llamacpp_engine_*` below is the optional llama.cpp engine (`.[llamacpp]` extra).", ""]
+    load = first.get("load")
+    if load:
+        lines += ["## Load", "", "| what | seconds | ratio |", "|---|---|---|",
+                  f"| cold: GGUF de-quantize + convert + load (baseline) | {load['cold']:.1f} | 1.00 |",
+                  f"| cached safetensors load | {load['cached']:.2f} | {load['cached'] / load['cold']:.3f} |", ""]
+    for rec in result["isa"]:
+        lines += _isa_section(rec)
+    lines += _memory(first)
+    return "\n".join(lines)
+
+
+def _isa_section(rec: dict) -> list[str]:
+    k = rec["kernel"]
+    lines = [f"## CPU setting: {rec['isa']}", "", _features(rec), "",
+             f"Kernel chosen by `bot.kernels` (measured afresh in this run): **{k['kind']}**: {k['reason']}.", "",
+             f"### Generation ({rec['tokens']}-token greedy reply, exactly {rec['tokens']} new tokens "
+             "(EOS suppressed), batch 1, median of 3, same prompt ids on every row)", "",
+             "| path | engine | tokens/s | × base fp32 | greedy tokens identical to fp32 (prefix) |",
+             "|---|---|---|---|---|"]
+    for r in rec["generation"]:
+        chosen = " ← chosen" if r["path"] == f"fast_{k['kind']}" else ""
+        agree = "" if r["agree"] is None else f"{r['agree']:.0%}"
+        lines.append(f"| {r['label']}{chosen} | {r['engine']} | {r['tokens_per_s']:.1f} | {r['vs_fp32']:.2f} | {agree} |")
+    if rec["fast_vs_llamacpp"] is not None:
+        lines += ["", f"Fast path ({k['kind']}) = {rec['fast_vs_llamacpp']:.2f}x llama.cpp; "
+                  f"bot's llama.cpp engine with the adapter = {rec['llamacpp_engine_vs_llamacpp']:.2f}x "
+                  f"llama.cpp and {rec['llamacpp_engine_vs_fp32']:.2f}x base fp32."]
+    lines += ["", f"Held-out reply perplexity of '{rec['adapter']}' (60 dialogue test pairs):", "",
+              "| path | perplexity | × fp32 |", "|---|---|---|"]
+    for q in rec["quality"]:
+        lines.append(f"| {q['path']} | {q['perplexity']:.2f} | {q['vs_fp32']:.3f} |")
+    m = rec["mixed"]
+    lines += ["", f"### Mixed batch ({len(m['adapters'])} adapters: {', '.join(m['adapters'])}; one short message)", "",
+              "| path | ms (median of 10) | ratio |", "|---|---|---|",
+              f"| {len(m['adapters'])} sequential calls (baseline) | {m['sequential_ms']:.0f} | 1.00 |",
+              f"| one mixed-adapter batch | {m['mixed_ms']:.0f} | {rec['mixed_vs_sequential']:.2f} |", ""]
+    return lines
+
+
+def _memory(rec: dict) -> list[str]:
+    mem = rec["memory"]
+    lines = ["## Memory", "", "| what | MB | share of backbone weights |", "|---|---|---|",
+             f"| backbone weights (fp32) | {mem['backbone_mb']:.0f} | 1.000 |"]
+    for name, mb in mem["adapters_mb"].items():
+        lines.append(f"| adapter '{name}' LoRA tensors | {mb:.2f} | {mb / mem['backbone_mb']:.4f} |")
+    lines += [f"| process resident memory after loading backbone | {mem['rss_mb']:.0f} | |", "",
+              "Fast path = adapter merged into a private copy of the weights (built once, cached), then "
+              "converted to the chosen kernel; see bot/fastgen.py and bot/kernels.py.", ""]
+    return lines
