@@ -139,7 +139,8 @@ def cmd_bench(args) -> int:
     isas = ("native", "avx2") if args.isa == "both" else (args.isa,)
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
                     tokens=args.tokens, command_line=args.command_line, isas=isas,
-                    llamacpp_path=args.llamacpp, llamacpp_avx2_path=args.llamacpp_avx2))
+                    llamacpp_path=args.llamacpp, llamacpp_avx2_path=args.llamacpp_avx2,
+                    all_kinds=args.all_kernels))
     return 0
 
 
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $BOT_LLAMACPP_PATH); adds llama.cpp rows")
     b.add_argument("--llamacpp-avx2", default=None, metavar="SITE_PACKAGES",
                    help="llama_cpp built for AVX2 only, for the avx2 rows (default: --llamacpp)")
+    b.add_argument("--all-kernels", action="store_true",
+                   help="time and score every kernel end to end, not only fp32, w8 and the chosen one")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("serve", parents=[common],

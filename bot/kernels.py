@@ -47,7 +47,13 @@ CACHE_FILE = "kernels.json"
 PROBE_TEXT = (
     "The lighthouse keeper climbed the narrow stairs every evening to light the lamp. "
     "Ships far out at sea watched for its beam, and on stormy nights he stayed awake until dawn, "
-    "listening to the waves break against the rocks below."
+    "listening to the waves break against the rocks below. In the morning he wrote the weather "
+    "in a thick notebook: the wind, the height of the swell, the ships that had passed. "
+    "Once a year a boat brought flour, oil, letters and newspapers that were already old.\n"
+    "Q: What did the keeper do on stormy nights?\nA: He stayed awake until dawn.\n"
+    "Q: What came with the yearly boat?\nA: Flour, oil, letters and old newspapers.\n"
+    "Most people think the job was lonely, but the keeper said he never felt alone: the sea "
+    "was always talking, and every ship that answered his light was a conversation."
 )
 
 
@@ -202,47 +208,46 @@ def _write_cache(key: str, choice: Choice) -> None:
     atomic_write_text(_cache_path(), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _probe(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    """(perplexity of the probe text, median ms of one cached decode step at batch 1)."""
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
-        logits = out.logits[0, :-1].float()
-        ppl = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
-        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
-        times = []
-        for i in range(steps + 2):
-            t0 = time.perf_counter()
-            out = model(input_ids=tok, cache=cache, use_cache=True)
-            if i >= 2:  # the first steps warm up allocators and kernels
-                times.append(time.perf_counter() - t0)
-            cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
-    return ppl, statistics.median(times) * 1000
+def _prefill(model: nn.Module, ids: torch.Tensor):
+    """(perplexity of the probe text, the cache after it, the greedy next token)."""
+    out = model(input_ids=ids, use_cache=True)
+    logits = out.logits[0, :-1].float()
+    ppl = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
+    return ppl, out.cache, out.logits[:, -1:].argmax(-1)
 
 
-def measure(backbone, kinds=KINDS, steps: int = 8) -> dict:
+def measure(backbone, kinds=KINDS, steps: int = 6) -> dict:
     """Probe perplexity and decode-step time of each kernel on ``backbone``'s base weights.
 
     Each candidate is the serving engine's model (base weights shared with the backbone
     for fp32, converted once for the others): no merged copy is made just to measure.
+    The decode steps of all candidates are interleaved (one step of each, ``steps``
+    rounds), so a busy machine slows every candidate alike.
     """
     from .serve.lora import LoraEngine
 
     ids = backbone.tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
-    results = {}
-    for kind in kinds:
-        try:
-            model = LoraEngine(backbone, kind).model
-            ppl, ms = _probe(model, ids, steps)
-        except RuntimeError as err:  # a kernel this torch build or CPU lacks
-            log.info("kernel %s unavailable here: %s", kind, err)
-            continue
-        finally:
-            model = None
-        results[kind] = {"ms_per_token": round(ms, 3), "ppl": ppl}
-    ref = results["fp32"]["ppl"]
-    for r in results.values():
-        r["ppl_ratio"] = round(r.pop("ppl") / ref, 4)
-    return results
+    state, ppl, times = {}, {}, {}
+    with torch.inference_mode():
+        for kind in kinds:
+            try:
+                model = LoraEngine(backbone, kind).model
+                ppl[kind], cache, tok = _prefill(model, ids)
+            except RuntimeError as err:  # a kernel this torch build or CPU lacks
+                log.info("kernel %s unavailable here: %s", kind, err)
+                continue
+            state[kind] = [model, cache, tok]
+            times[kind] = []
+        for i in range(steps + 1):
+            for kind, st in state.items():
+                t0 = time.perf_counter()
+                out = st[0](input_ids=st[2], cache=st[1], use_cache=True)
+                if i:  # the first round warms up allocators and kernels
+                    times[kind].append(time.perf_counter() - t0)
+                st[1], st[2] = out.cache, out.logits[:, -1:].argmax(-1)
+    ref = ppl["fp32"]
+    return {k: {"ms_per_token": round(statistics.median(times[k]) * 1000, 3),
+                "ppl_ratio": round(ppl[k] / ref, 4)} for k in state}
 
 
 def pick(measured: dict) -> tuple[str, str]:

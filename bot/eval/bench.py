@@ -223,8 +223,13 @@ def _llama_features(gen) -> str:
 
 
 def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: bool = True,
-                  quality_rows: int = 60) -> dict:
-    """Everything for the CPU setting this process runs under (see the module docstring)."""
+                  quality_rows: int = 60, all_kinds: bool = False) -> dict:
+    """Everything for the CPU setting this process runs under (see the module docstring).
+
+    Args:
+        all_kinds: time and score every kernel end to end, not only the chosen one, fp32
+            merged and w8 (every kernel's decode step is in the kernel measurement anyway).
+    """
     from ..kernels import choose, cpu_features
     from ..llamacpp import LlamaCppGenerator, import_llama_cpp
 
@@ -249,10 +254,14 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
             llama_note = _llama_features(llama)
         except Exception as err:  # reported in the record, never fatal
             llama_note = f"llama.cpp engine unavailable: {err}"
+    from ..kernels import KINDS
+
+    kinds = KINDS if all_kinds else tuple(dict.fromkeys(("fp32", "w8", choice.kind)))
     log.info("measuring generation ...")
-    gen = measure_generation(bb, adapter, tokens, llama=llama)
+    gen = measure_generation(bb, adapter, tokens, kinds=kinds, llama=llama)
     log.info("measuring quality ...")
-    quality = measure_quality(bb, adapter, n_rows=quality_rows, llama=llama)
+    quality = measure_quality(bb, adapter, n_rows=quality_rows, llama=llama,
+                              kinds=KINDS if all_kinds else tuple(dict.fromkeys(("w8", choice.kind))))
     log.info("measuring mixed batch ...")
     mixed_names = names[:3]
     mixed, seq = measure_mixed(bb, mixed_names)
@@ -287,7 +296,7 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
 
 def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
               tokens: int = 64, command_line: str = "", llamacpp_path: str | None = None,
-              llamacpp_avx2_path: str | None = None, isas=("native", "avx2")) -> str:
+              llamacpp_avx2_path: str | None = None, isas=("native", "avx2"), all_kinds: bool = False) -> str:
     """Run :func:`bench_one_isa` per CPU setting in child processes; write ``out`` and its .json.
 
     Args:
@@ -300,6 +309,7 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         llamacpp_avx2_path: the same for the AVX2 run (a llama.cpp built for AVX2 only);
             default ``llamacpp_path``.
         isas: which CPU settings to run ("native", "avx2").
+        all_kinds: time every kernel end to end (see :func:`bench_one_isa`).
 
     Returns:
         the markdown that was written.
@@ -315,7 +325,7 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         log.info("benchmark, CPU setting %s ...", name)
         with tempfile.NamedTemporaryFile(suffix=".json") as fh:
             args = {"adapters_dir": str(adapters_dir), "backbone": backbone, "tokens": tokens,
-                    "with_load": i == 0, "json": fh.name}
+                    "with_load": i == 0, "all_kinds": all_kinds, "json": fh.name}
             subprocess.run([sys.executable, "-m", "bot.eval.bench", json.dumps(args)], env=env, check=True)
             rec = json.loads(Path(fh.name).read_text())
         rec["isa"] = name
