@@ -64,7 +64,7 @@ def test_choice_is_measured_once_cached_and_reused(bb, monkeypatch, tmp_path):
     calls = []
     real = kernels.measure
 
-    def counting(backbone, kinds=kernels.KINDS, steps=8):
+    def counting(backbone, kinds=kernels.CANDIDATES, steps=6):
         calls.append(kinds)
         return real(backbone, kinds=kinds, steps=2)
 

@@ -223,12 +223,13 @@ def _llama_features(gen) -> str:
 
 
 def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: bool = True,
-                  quality_rows: int = 60, all_kinds: bool = False) -> dict:
+                  quality_rows: int = 60, all_kinds: bool = False, refresh_kernels: bool = False) -> dict:
     """Everything for the CPU setting this process runs under (see the module docstring).
 
     Args:
         all_kinds: time and score every kernel end to end, not only the chosen one, fp32
             merged and w8 (every kernel's decode step is in the kernel measurement anyway).
+        refresh_kernels: measure the kernel choice again instead of using the cached one.
     """
     from ..kernels import choose, cpu_features
     from ..llamacpp import LlamaCppGenerator, import_llama_cpp
@@ -246,7 +247,7 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
     names = _ensure_adapters(bb, adapters_dir)
     adapter = "chat" if "chat" in names else names[0]
     log.info("measuring the kernel choice (%s) ...", features["aten_capability"])
-    choice = choose(bb, refresh=True)
+    choice = choose(bb, refresh=refresh_kernels)
     llama, llama_note = None, "llama-cpp-python is not importable (pip install -e '.[llamacpp]')"
     if import_llama_cpp() is not None:
         try:
@@ -271,7 +272,8 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
     fast = rates[f"fast_{choice.kind}"]
     rec = {
         "features": features, "llamacpp_features": llama_note, "adapter": adapter, "tokens": tokens,
-        "kernel": {"kind": choice.kind, "reason": choice.reason, "measured": choice.measured},
+        "kernel": {"kind": choice.kind, "reason": choice.reason, "measured": choice.measured,
+                   "cached": choice.cached, "key": choice.key},
         "generation": [{**r, "vs_fp32": round(r["tokens_per_s"] / rates["base_fp32"], 3)} for r in gen],
         "quality": [{"path": k, "perplexity": round(v, 3), "vs_fp32": round(v / ref, 4)} for k, v in quality],
         "mixed": {"adapters": mixed_names, "mixed_ms": round(mixed * 1000, 1), "sequential_ms": round(seq * 1000, 1)},
@@ -296,7 +298,8 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
 
 def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
               tokens: int = 64, command_line: str = "", llamacpp_path: str | None = None,
-              llamacpp_avx2_path: str | None = None, isas=("native", "avx2"), all_kinds: bool = False) -> str:
+              llamacpp_avx2_path: str | None = None, isas=("native", "avx2"), all_kinds: bool = False,
+              refresh_kernels: bool = False) -> str:
     """Run :func:`bench_one_isa` per CPU setting in child processes; write ``out`` and its .json.
 
     Args:
@@ -310,6 +313,7 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
             default ``llamacpp_path``.
         isas: which CPU settings to run ("native", "avx2").
         all_kinds: time every kernel end to end (see :func:`bench_one_isa`).
+        refresh_kernels: measure the kernel choice again rather than reuse the cached one.
 
     Returns:
         the markdown that was written.
@@ -325,7 +329,8 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         log.info("benchmark, CPU setting %s ...", name)
         with tempfile.NamedTemporaryFile(suffix=".json") as fh:
             args = {"adapters_dir": str(adapters_dir), "backbone": backbone, "tokens": tokens,
-                    "with_load": i == 0, "all_kinds": all_kinds, "json": fh.name}
+                    "with_load": i == 0, "all_kinds": all_kinds,
+                    "refresh_kernels": refresh_kernels, "json": fh.name}
             subprocess.run([sys.executable, "-m", "bot.eval.bench", json.dumps(args)], env=env, check=True)
             rec = json.loads(Path(fh.name).read_text())
         rec["isa"] = name

@@ -65,7 +65,8 @@ def render(result: dict) -> str:
 def _isa_section(rec: dict) -> list[str]:
     k = rec["kernel"]
     lines = [f"## CPU setting: {rec['isa']}", "", _features(rec), "",
-             f"Kernel chosen by `bot.kernels` (measured afresh in this run): **{k['kind']}**: {k['reason']}.", "",
+             f"Kernel chosen by `bot.kernels` ({'cached from its first-use measurement' if k.get('cached') else 'measured in this run'}"
+             f", key `{k.get('key', '')}`): **{k['kind']}**: {k['reason']}.", "",
              f"### Generation ({rec['tokens']}-token greedy reply, exactly {rec['tokens']} new tokens "
              "(EOS suppressed), batch 1, median of 3, same prompt ids on every row)", "",
              "| path | engine | tokens/s | × base fp32 | greedy tokens identical to fp32 (prefix) |",
