@@ -98,9 +98,8 @@ def test_llama_cpp_with_our_lora_predicts_what_pytorch_predicts(real):
 @pytest.mark.integration
 def test_llama_cpp_generates_exact_lengths_and_stops_at_eos(real):
     gen = llamacpp.LlamaCppGenerator(real, n_ctx=256)
-    ids = real.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True)
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
+    ids = real.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"]
     assert len(gen.generate(ids, "rand", 12, suppress_eos=True)) == 12
     reply = gen.generate(ids, None, 200)
     assert 0 < len(reply) <= 200 and gen.engine(None).token_eos() not in reply

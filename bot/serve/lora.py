@@ -111,6 +111,7 @@ class LoraEngine:
 
     def __init__(self, backbone, precision: str = "fp32"):
         from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
 
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; choose one of {PRECISIONS}")
@@ -119,7 +120,8 @@ class LoraEngine:
         config = backbone.base.config
         with backbone.lock:
             state = _shared_state(backbone)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            with no_init_weights():  # every weight is assigned next; random init costs seconds
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             # assign=True makes the engine's parameters views of the backbone's tensors
             model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
