@@ -147,3 +147,14 @@ def test_serving_engine_runs_new_kernels_with_per_row_adapters(bb, kind):
     assert all(len(o) == 6 for o in outs)
     assert outs[0] != outs[1], "rows did not get their own adapter"
     s.close()
+
+
+def test_bot_info_says_which_kernel_and_why(bb, monkeypatch):
+    from bot.info import kernel_lines
+
+    monkeypatch.setattr(kernels, "measure", lambda backbone, kinds=(): {
+        "fp32": {"ms_per_token": 10.0, "ppl_ratio": 1.0}, "w8": {"ms_per_token": 5.0, "ppl_ratio": 1.004}})
+    first = "\n".join(kernel_lines(bb))
+    assert "generation   w8 = int8 weight-only" in first and "2.00x" in first
+    assert "measured now and saved" in first and "ATen kernels" in first
+    assert "reused" in "\n".join(kernel_lines(bb))
