@@ -140,7 +140,8 @@ def cmd_bench(args) -> int:
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
                     tokens=args.tokens, command_line=args.command_line, isas=isas,
                     llamacpp_path=args.llamacpp, llamacpp_avx2_path=args.llamacpp_avx2,
-                    all_kinds=args.all_kernels, refresh_kernels=args.refresh_kernels))
+                    all_kinds=args.all_kernels, refresh_kernels=args.refresh_kernels,
+                    threads=args.threads))
     return 0
 
 
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time and score every kernel end to end, not only fp32, w8 and the chosen one")
     b.add_argument("--refresh-kernels", action="store_true",
                    help="measure the kernel choice again instead of reusing $BOT_CACHE/kernels.json")
+    b.add_argument("--threads", type=_positive, default=None,
+                   help="threads for torch and llama.cpp in every row (default: all cores); "
+                        "1 gives steadier ratios on a machine shared with other jobs")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("serve", parents=[common],

@@ -299,7 +299,7 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
 def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
               tokens: int = 64, command_line: str = "", llamacpp_path: str | None = None,
               llamacpp_avx2_path: str | None = None, isas=("native", "avx2"), all_kinds: bool = False,
-              refresh_kernels: bool = False) -> str:
+              refresh_kernels: bool = False, threads: int | None = None) -> str:
     """Run :func:`bench_one_isa` per CPU setting in child processes; write ``out`` and its .json.
 
     Args:
@@ -314,6 +314,9 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         isas: which CPU settings to run ("native", "avx2").
         all_kinds: time every kernel end to end (see :func:`bench_one_isa`).
         refresh_kernels: measure the kernel choice again rather than reuse the cached one.
+        threads: torch and llama.cpp threads in the children (default: torch's default).
+            On a machine shared with other jobs, 1 avoids threads waiting at every op for a
+            descheduled peer, which made a decode step take seconds here.
 
     Returns:
         the markdown that was written.
@@ -324,6 +327,8 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
     records = []
     for i, name in enumerate(isas):
         env = {**os.environ, **(AVX2_ENV if name == "avx2" else {})}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         if paths[name]:
             env["BOT_LLAMACPP_PATH"] = str(paths[name])
         log.info("benchmark, CPU setting %s ...", name)
