@@ -141,7 +141,7 @@ def cmd_bench(args) -> int:
                     tokens=args.tokens, command_line=args.command_line, isas=isas,
                     llamacpp_path=args.llamacpp, llamacpp_avx2_path=args.llamacpp_avx2,
                     all_kinds=args.all_kernels, refresh_kernels=args.refresh_kernels,
-                    threads=args.threads))
+                    threads=args.threads, quality_rows=args.quality_rows))
     return 0
 
 
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive, default=None,
                    help="threads for torch and llama.cpp in every row (default: all cores); "
                         "1 gives steadier ratios on a machine shared with other jobs")
+    b.add_argument("--quality-rows", type=_positive, default=60,
+                   help="held-out dialogue pairs scored for the perplexity check (default 60)")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("serve", parents=[common],

@@ -38,28 +38,6 @@ TARGETS = {"fast_vs_fp32": (">=", 2.0), "fast_vs_llamacpp": (">=", 0.5),
            "mixed_vs_sequential": ("<=", 0.6), "fast_ppl_ratio": ("<=", 1.02)}
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _tokens_per_s(generate, ids, n: int, repeats: int = 3) -> tuple[float, list[int]]:
-    out = {}
-
-    def run():
-        out["ids"] = [int(t) for t in generate(ids, n)]
-        if len(out["ids"]) != n:
-            raise RuntimeError(f"a timed reply had {len(out['ids'])} tokens, not {n}")
-
-    seconds = _median_time(run, repeats)
-    return n / seconds, out["ids"]
-
-
 def _hf_generate(model):
     def gen(ids, n):
         with torch.inference_mode():
@@ -116,8 +94,11 @@ def _row(path: str, label: str, rate: float, agree: float | None = None, engine:
     return {"path": path, "label": label, "tokens_per_s": round(rate, 2), "agree": agree, "engine": engine}
 
 
-def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None) -> list[dict]:
+def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats: int = 3) -> list[dict]:
     """One row per path: tokens/s of an ``n``-token greedy reply and agreement with fp32 tokens.
+
+    The paths take turns (one reply each, ``repeats`` rounds after a warm-up round), so
+    other jobs on a shared machine slow every path alike; each row keeps its median.
 
     Args:
         kinds: fast-path kernels to time (default: all of bot.kernels.KINDS).
@@ -126,30 +107,52 @@ def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None) -> list
     from ..kernels import KINDS
 
     ids = prompt_ids(bb)
+    plain = ids[0].tolist()
     fast = bb.fast()
-    old_mode = fast.mode
-    fast.mode = "fp32"
-    base_rate, base_ids = _tokens_per_s(_hf_generate(fast.engine(None)), ids, n)
-    rows = [_row("base_fp32", "base model, plain transformers fp32 (baseline)", base_rate)]
-    with bb.lock:
-        bb.peft.set_adapter(adapter)
-        naive_rate, naive_ids = _tokens_per_s(_hf_generate(bb.peft), ids, n)
-    rows.append(_row("peft_fp32", f"'{adapter}' adapter, naive peft unmerged fp32", naive_rate))
-    for kind in kinds or KINDS:
-        fast.mode = kind
-        rate, got = _tokens_per_s(_hf_generate(fast.engine(adapter)), ids, n)
-        fast.invalidate(adapter)  # one engine at a time keeps memory flat
-        rows.append(_row(f"fast_{kind}", f"'{adapter}' adapter, fast path {kind} (merged)", rate,
-                         _agree(got, naive_ids)))
-    fast.mode = old_mode
+
+    def engine(kind, name):
+        old, fast.mode = fast.mode, kind
+        try:
+            return _hf_generate(fast.engine(name))  # the closure keeps the engine alive
+        finally:
+            fast.mode = old
+
+    def naive(_ids, k):
+        with bb.lock:
+            bb.peft.set_adapter(adapter)
+            return _hf_generate(bb.peft)(_ids, k)
+
+    paths = [("base_fp32", "base model, plain transformers fp32 (baseline)", engine("fp32", None), "torch"),
+             ("peft_fp32", f"'{adapter}' adapter, naive peft unmerged fp32", naive, "torch")]
+    paths += [(f"fast_{kind}", f"'{adapter}' adapter, fast path {kind} (merged)", engine(kind, adapter), "torch")
+              for kind in kinds or KINDS]
     if llama is not None:
-        plain = ids[0].tolist()
-        rate, got = _tokens_per_s(lambda _ids, k: llama_plain(llama, plain, k), ids, n)
-        rows.append(_row("llamacpp", "base model, llama.cpp (llama-cpp-python, same GGUF)", rate,
-                         _agree(got, base_ids), engine="llama.cpp"))
-        rate, got = _tokens_per_s(lambda _ids, k: llama.generate(plain, adapter, k, suppress_eos=True), ids, n)
-        rows.append(_row("llamacpp_lora", f"'{adapter}' adapter, bot's llama.cpp engine (GGUF LoRA)", rate,
-                         _agree(got, naive_ids), engine="llama.cpp"))
+        # the bar: llama.cpp's own decode loop (``Llama.generate``), EOS suppressed like a
+        # logit bias. ``create_completion`` (llama_plain) was also timed and ran about 6x
+        # slower than ``generate`` in the same run, so it would make a weak bar.
+        paths += [("llamacpp", "base model, llama.cpp (llama-cpp-python generate, same GGUF)",
+                   lambda _ids, k: llama.generate(plain, None, k, suppress_eos=True), "llama.cpp"),
+                  ("llamacpp_completion", "base model, llama.cpp create_completion + logit_bias",
+                   lambda _ids, k: llama_plain(llama, plain, k), "llama.cpp"),
+                  ("llamacpp_lora", f"'{adapter}' adapter, bot's llama.cpp engine (GGUF LoRA)",
+                   lambda _ids, k: llama.generate(plain, adapter, k, suppress_eos=True), "llama.cpp")]
+    times = {p[0]: [] for p in paths}
+    tokens = {}
+    for round_ in range(repeats + 1):
+        for path, _, gen, _ in paths:
+            t0 = time.perf_counter()
+            got = [int(t) for t in gen(ids, n)]
+            if round_:  # round 0 warms every path up
+                times[path].append(time.perf_counter() - t0)
+            if len(got) != n:
+                raise RuntimeError(f"{path}: a timed reply had {len(got)} tokens, not {n}")
+            tokens[path] = got
+    rows = []
+    for path, label, _, eng in paths:
+        ref = tokens["base_fp32"] if path in ("llamacpp", "llamacpp_completion") else tokens["peft_fp32"]
+        agree = None if path in ("base_fp32", "peft_fp32") else _agree(tokens[path], ref)
+        rows.append(_row(path, label, n / statistics.median(times[path]), agree, engine=eng))
+    fast.invalidate(adapter)  # drop the merged engines built for timing
     return rows
 
 
@@ -210,9 +213,16 @@ def _engine_runner(bb, adapter, mode):
 
 def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float]:
     texts = [ANALYSIS_TEXT] * len(names)
-    mixed = _median_time(lambda: bb.pooled(texts, names), repeats)
-    seq = _median_time(lambda: [bb.pooled([t], [n]) for t, n in zip(texts, names)], repeats)
-    return mixed, seq
+    runs = {"mixed": lambda: bb.pooled(texts, names),
+            "seq": lambda: [bb.pooled([t], [n]) for t, n in zip(texts, names)]}
+    times = {k: [] for k in runs}
+    for round_ in range(repeats + 1):  # taking turns: other jobs slow both alike
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            if round_:
+                times[key].append(time.perf_counter() - t0)
+    return statistics.median(times["mixed"]), statistics.median(times["seq"])
 
 
 def _llama_features(gen) -> str:
@@ -286,7 +296,7 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
         "llamacpp_vs_fp32": round(rates["llamacpp"] / rates["base_fp32"], 3) if "llamacpp" in rates else None,
         "mixed_vs_sequential": round(mixed / seq, 3),
         "fast_ppl_ratio": round(ppl[f"fast path {choice.kind}"] / ref, 4),
-        "load": load, "names": names,
+        "load": load, "names": names, "quality_rows": quality_rows,
         "memory": {"backbone_mb": sum(p.numel() * p.element_size() for n_, p in bb.base.named_parameters()
                                       if "lora_" not in n_) / 1e6,
                    "adapters_mb": {n: bb.adapter_nbytes(n) / 1e6 for n in names}, "rss_mb": rss0},
@@ -299,7 +309,7 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
 def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
               tokens: int = 64, command_line: str = "", llamacpp_path: str | None = None,
               llamacpp_avx2_path: str | None = None, isas=("native", "avx2"), all_kinds: bool = False,
-              refresh_kernels: bool = False, threads: int | None = None) -> str:
+              refresh_kernels: bool = False, threads: int | None = None, quality_rows: int = 60) -> str:
     """Run :func:`bench_one_isa` per CPU setting in child processes; write ``out`` and its .json.
 
     Args:
@@ -314,6 +324,7 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         isas: which CPU settings to run ("native", "avx2").
         all_kinds: time every kernel end to end (see :func:`bench_one_isa`).
         refresh_kernels: measure the kernel choice again rather than reuse the cached one.
+        quality_rows: held-out dialogue pairs scored for the perplexity check.
         threads: torch and llama.cpp threads in the children (default: torch's default).
             On a machine shared with other jobs, 1 avoids threads waiting at every op for a
             descheduled peer, which made a decode step take seconds here.
@@ -335,7 +346,7 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         with tempfile.NamedTemporaryFile(suffix=".json") as fh:
             args = {"adapters_dir": str(adapters_dir), "backbone": backbone, "tokens": tokens,
                     "with_load": i == 0, "all_kinds": all_kinds,
-                    "refresh_kernels": refresh_kernels, "json": fh.name}
+                    "refresh_kernels": refresh_kernels, "quality_rows": quality_rows, "json": fh.name}
             subprocess.run([sys.executable, "-m", "bot.eval.bench", json.dumps(args)], env=env, check=True)
             rec = json.loads(Path(fh.name).read_text())
         rec["isa"] = name

@@ -68,7 +68,7 @@ def _isa_section(rec: dict) -> list[str]:
              f"Kernel chosen by `bot.kernels` ({'cached from its first-use measurement' if k.get('cached') else 'measured in this run'}"
              f", key `{k.get('key', '')}`): **{k['kind']}**: {k['reason']}.", "",
              f"### Generation ({rec['tokens']}-token greedy reply, exactly {rec['tokens']} new tokens "
-             "(EOS suppressed), batch 1, median of 3, same prompt ids on every row)", "",
+             "(EOS suppressed), batch 1, median of 3 taking turns, same prompt ids on every row)", "",
              "| path | engine | tokens/s | × base fp32 | greedy tokens identical to fp32 (prefix) |",
              "|---|---|---|---|---|"]
     for r in rec["generation"]:
@@ -79,13 +79,13 @@ def _isa_section(rec: dict) -> list[str]:
         lines += ["", f"Fast path ({k['kind']}) = {rec['fast_vs_llamacpp']:.2f}x llama.cpp; "
                   f"bot's llama.cpp engine with the adapter = {rec['llamacpp_engine_vs_llamacpp']:.2f}x "
                   f"llama.cpp and {rec['llamacpp_engine_vs_fp32']:.2f}x base fp32."]
-    lines += ["", f"Held-out reply perplexity of '{rec['adapter']}' (60 dialogue test pairs):", "",
+    lines += ["", f"Held-out reply perplexity of '{rec['adapter']}' ({rec.get('quality_rows', 60)} dialogue test pairs):", "",
               "| path | perplexity | × fp32 |", "|---|---|---|"]
     for q in rec["quality"]:
         lines.append(f"| {q['path']} | {q['perplexity']:.2f} | {q['vs_fp32']:.3f} |")
     m = rec["mixed"]
     lines += ["", f"### Mixed batch ({len(m['adapters'])} adapters: {', '.join(m['adapters'])}; one short message)", "",
-              "| path | ms (median of 10) | ratio |", "|---|---|---|",
+              "| path | ms (median of 10, taking turns) | ratio |", "|---|---|---|",
               f"| {len(m['adapters'])} sequential calls (baseline) | {m['sequential_ms']:.0f} | 1.00 |",
               f"| one mixed-adapter batch | {m['mixed_ms']:.0f} | {rec['mixed_vs_sequential']:.2f} |", ""]
     return lines
