@@ -21,6 +21,7 @@ from .text import MAX_CHARS
 MAX_NEW_TOKENS = 160
 ANALYSIS_TOKENS = 128  # the chips need a text's opening, not a whole article
 REPETITION_PENALTY = 1.1  # greedy replies of a 135M model loop without it
+GENERATING = ("generate", "base")  # task kinds that answer with generated text
 _SCHEDULER_LOCK = threading.Lock()
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class ChatSession:
         """
         t0 = time.perf_counter()
         for task in self.tasks.values():
-            if task.kind == "generate":
+            if task.kind in GENERATING:
                 "".join(self._generate(task, "hello", max_tokens=2, history=[]))
         self.router.route("hello")
         self._analyse("hello")
@@ -201,7 +202,8 @@ class ChatSession:
         ids = task.prompt_ids(text, self.history if history is None else history)[0].tolist()
         params = SamplingParams(max_tokens=max_tokens or self.max_new_tokens,
                                 repetition_penalty=REPETITION_PENALTY)
-        yield from self.scheduler.stream(ids, task.name, params)
+        # A base-kind task (the assistant route) decodes with no adapter: the bare backbone.
+        yield from self.scheduler.stream(ids, task.adapter_name, params)
 
     def _finish(self, turn: Turn, t0: float, t_route: float, t_analysis: float) -> Turn:
         now = time.perf_counter()

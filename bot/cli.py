@@ -97,10 +97,20 @@ def cmd_eval(args) -> int:
     results = run_eval(adapters_dir=args.adapters_dir, names=args.names, backbone=args.backbone,
                        data=args.data, out=args.out, max_examples=args.max_examples,
                        curve=args.curve, curve_adapters=args.curve_adapters,
-                       no_router=args.no_router, command_line=args.command_line)
+                       no_router=args.no_router, instructions=args.instructions,
+                       command_line=args.command_line)
     out = Path(args.out)
     print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
     return 1 if all_failed(results) else 0
+
+
+def cmd_distill(args) -> int:
+    from .distill import self_distill
+
+    meta = self_distill(_backbone(args), args.out, n=args.n, max_tokens=args.max_tokens,
+                        threads=args.threads, seed=args.seed, command=args.command_line)
+    print(f"wrote {meta['rows']} replies to {args.out} in {meta['seconds']:.0f} s")
+    return 0
 
 
 def cmd_chat(args) -> int:
@@ -171,7 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--curve", type=_curve_sizes, help="learning curve sizes, e.g. 32,128,512,ALL")
     e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
+    e.add_argument("--instructions", help="JSONL of requests with hand-written answers (prompt, reply): "
+                   "how helpful the chat adapter stays, e.g. tests/data/instructions.jsonl")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("distill", parents=[common],
+                       help="write the base model's replies to TREC questions (chat self-distillation data)")
+    s.add_argument("--out", default="adapters/chat/self_distill.jsonl")
+    s.add_argument("--n", type=int, default=1200, help="prompts to answer (default 1200)")
+    s.add_argument("--max-tokens", type=int, default=120)
+    s.add_argument("--threads", type=int, default=12, help="requests in flight at once")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_distill)
 
     c = sub.add_parser("chat", parents=[common], help="chat in the terminal")
     c.set_defaults(func=cmd_chat)

@@ -16,6 +16,8 @@ def load_task(backbone, spec: AdapterSpec):
         AdapterError / FingerprintMismatch with the file named; other adapters keep working.
     """
     folder = Path(spec.folder)
+    if spec.kind == "base":  # the bare backbone: no weights to load
+        return task_class(spec.kind)(spec, backbone)
     backbone.load_adapter(spec.name, folder, spec.backbone.get("fingerprint"))
     task = task_class(spec.kind)(spec, backbone)
     try:
@@ -40,7 +42,8 @@ def load_all(backbone, adapters_dir, names: list[str] | None = None):
             continue
         try:
             spec = AdapterSpec.from_dir(spec_dir.parent)
-            if not (spec_dir.parent / "adapter_model.safetensors").exists():
+            trained = (spec_dir.parent / "adapter_model.safetensors").exists()
+            if spec.kind != "base" and not trained:
                 failures[name] = f"not trained yet: run `bot train {name}`"
                 continue
             tasks[spec.name] = load_task(backbone, spec)

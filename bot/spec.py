@@ -16,7 +16,8 @@ import yaml
 from .errors import SpecError
 from .fsutil import atomic_write_text
 
-KINDS = ("classify", "generate")
+KINDS = ("classify", "generate", "base")
+"""``base``: the bare backbone (no LoRA, no training), e.g. the ``assistant`` route."""
 MANIFEST = "adapter.yaml"
 # Every linear layer of a Llama-style decoder block.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -106,7 +107,8 @@ class AdapterSpec:
     labels: list[str] = field(default_factory=list)
     """Class labels (classify only), in head order."""
     data: dict = field(default_factory=dict)
-    """`{bundled: ID}` or `{path: FILE, text_col:, label_col:}` / `{path:, prompt_col:, reply_col:}`."""
+    """`{bundled: ID}` or `{path: FILE, text_col:, label_col:}` / `{path:, prompt_col:, reply_col:}`;
+    optional `train_extra: [FILE, ...]`: more rows for the training split only (never held out)."""
     template: str = "{text}"
     """Classify: input template with {text}. Generate: the system prompt ('' = the model's own)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -115,6 +117,11 @@ class AdapterSpec:
     """Training settings."""
     route_examples: list[str] = field(default_factory=list)
     """Utterances a user would type to reach this adapter (router)."""
+    route_description: str = ""
+    """What turns this route takes, in a sentence or two (README, /help, the demo)."""
+    route_data: dict = field(default_factory=dict)
+    """Where the router's example turns come from, like `data` (empty = `data` itself); its
+    training split gives route texts, its validation split fits the router, its test split tests it."""
     reply_template: str = ""
     """Classify: how a reply reads, with {label} and {score}, e.g. 'Sounds {label} ({score:.2f})'."""
     backbone: dict = field(default_factory=dict)
@@ -128,9 +135,14 @@ class AdapterSpec:
         _require(self.kind in KINDS, where, "kind", f"one of {KINDS}", self.kind)
         if self.kind == "classify" and self.labels:
             _require(len(self.labels) >= 2, where, "labels", "at least two labels", self.labels)
-        if self.data:
-            _require(bool(self.data.get("bundled") or self.data.get("path")), where, "data",
-                     "a mapping with `bundled: ID` or `path: FILE`", self.data)
+        for key in ("data", "route_data"):
+            value = getattr(self, key)
+            if value:
+                _require(bool(value.get("bundled") or value.get("path")), where, key,
+                         "a mapping with `bundled: ID` or `path: FILE`", value)
+        extra = self.data.get("train_extra", [])
+        _require(isinstance(extra, list) and all(isinstance(x, str) for x in extra), where,
+                 "data.train_extra", "a list of file paths", extra)
         if self.kind == "classify":
             _require("{text}" in self.template, where, "template", "a string containing {text}", self.template)
         self.lora.check(where)
@@ -167,8 +179,9 @@ class AdapterSpec:
         for key in ("labels", "route_examples"):
             if not isinstance(kwargs.get(key, []), list):
                 raise SpecError(f"{path}: key '{key}' must be a list, got {kwargs[key]!r}")
-        if not isinstance(kwargs.get("data", {}), dict):
-            raise SpecError(f"{path}: key 'data' must be a mapping, got {kwargs['data']!r}")
+        for key in ("data", "route_data"):
+            if not isinstance(kwargs.get(key, {}), dict):
+                raise SpecError(f"{path}: key '{key}' must be a mapping, got {kwargs[key]!r}")
         try:
             return cls(**kwargs, folder=path.parent)
         except TypeError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -38,7 +39,20 @@ def training_rows(spec: AdapterSpec, max_examples: int | None = None):
     if cap and len(splits.train) > cap:
         rng = random.Random(spec.train.seed)
         splits.train = rng.sample(splits.train, cap)
+    splits.train = splits.train + extra_training_rows(spec)
     return spec, splits
+
+
+def extra_training_rows(spec: AdapterSpec) -> list[dict]:
+    """Rows of the files under ``data.train_extra``: added to training only, never held out.
+
+    The held-out split stays the data set's own, so its scores keep measuring that data
+    (the chat adapter's self-distilled replies, issue 11, must not inflate its dialogue score).
+    """
+    rows = []
+    for path in spec.data.get("train_extra") or []:
+        rows += data_mod.load_source({"path": path}, spec.kind, spec.folder)
+    return rows
 
 
 def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: float | None = None,
@@ -98,10 +112,27 @@ def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path
         task.save_extra(tmp)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "README.md").unlink(missing_ok=True)  # peft writes a model card we do not want
+        for f in data_files(spec, Path(out_dir)):
+            shutil.copy2(f, tmp / f.name)
         for f in tmp.iterdir():
             f.chmod(0o644)
 
     return atomic_dir_write(Path(out_dir), write)
+
+
+def data_files(spec, folder: Path) -> list[Path]:
+    """Data files the manifest names inside its own folder (and their ``.meta.json`` notes).
+
+    The folder is swapped whole on save, so these are carried over into the new one.
+    """
+    sources = [spec.data, spec.route_data]
+    names = [s.get("path") for s in sources] + list(spec.data.get("train_extra") or [])
+    files = []
+    for name in filter(None, names):
+        path = folder / name
+        if not Path(name).is_absolute() and path.parent == folder and path.is_file():
+            files += [path] + [m for m in [path.with_suffix(".meta.json")] if m.is_file()]
+    return files
 
 
 def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None = 1000,

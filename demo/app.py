@@ -212,6 +212,10 @@ def adapter_card(task) -> str:
              f"- **kind:** {spec.kind}"]
     if spec.labels:
         lines.append(f"- **labels:** {', '.join(spec.labels)}")
+    if spec.route_description:
+        lines.append(f"- **the router sends here:** {spec.route_description}")
+    if spec.kind == "base":
+        return "\n".join(lines + ["- **weights:** none: the bare backbone answers (nothing to train)"])
     lines += [f"- **training data:** {data_size(metrics)}", "", "**Held-out metrics**", ""]
     return "\n".join(lines + heldout_table(metrics.get("heldout")))
 

@@ -111,6 +111,9 @@ def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = N
         task = load_task(bb, spec)
         if loaded is not None:
             loaded[spec.name] = task
+        if spec.kind == "base":
+            return {"kind": "base", "status": "ok", "n_test": 0,
+                    "verdict": "The bare backbone answers this route: no adapter to score."}
         if data_file:
             test = user_test_rows(spec, data_file)
             train = training_rows(spec)[1].train if spec.kind == "classify" else []
@@ -234,7 +237,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
 def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbone: str | None = None,
              data: str | None = None, out: str | Path = "reports", max_examples: int = 400,
              curve: str | None = None, curve_adapters: str | None = None, no_router: bool = False,
-             command_line: str = "") -> dict:
+             instructions: str | None = None, command_line: str = "") -> dict:
     """Evaluate adapters, the router and latency; write ``eval.json`` and ``eval.md`` into ``out``.
 
     Args:
@@ -247,6 +250,8 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         curve: learning-curve sizes, e.g. "32,128,ALL" (None: no curve).
         curve_adapters: comma-separated adapters for ``curve`` (None: every classify adapter).
         no_router: skip the router and latency evaluation.
+        instructions: a JSONL of requests with hand-written answers (``prompt``, ``reply``):
+            how helpful the chat adapter stays (bot.eval.helpful), with the router's picks.
         command_line: recorded in the report's meta.
 
     Returns:
@@ -279,6 +284,8 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         session = ChatSession(bb, tasks, build_router(ok_specs))
         results["router"] = eval_router(ok_specs, session)
         results["latency"] = eval_latency(session)
+        _route_timing(results["latency"], adapters_dir)
+        _helpfulness(results, session, instructions)
         log.info("router: accuracy %.1f%%, median %.1f ms/turn", 100 * results["router"]["accuracy"],
                  results["router"]["median_route_ms"])
     if curve:
@@ -289,6 +296,39 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
     results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     write_report(results, out)
     return results
+
+
+def _route_timing(latency: dict, adapters_dir) -> None:
+    """``route_ms``: median over 200 short turns, in a fresh process per CPU setting."""
+    from ..routing.latency import measure_both_isas
+
+    latency["route_ms_in_turn"] = latency.pop("route_ms")  # the few turns timed end to end
+    try:
+        isa = measure_both_isas(adapters_dir)
+    except Exception as err:  # a child that cannot start must not lose the whole report
+        log.warning("routing time per CPU setting not measured: %s", err)
+        return
+    latency["route_isa"] = isa
+    latency["route_ms"] = isa["native"]["median_ms"]
+    latency["route_ms_avx2"] = isa["avx2"]["median_ms"]
+
+
+def _helpfulness(results: dict, session, instructions: str | None) -> None:
+    """``tasks.<chat>.instructions`` for every generate task, when a file is given."""
+    from ..data import load_user_file
+    from .helpful import eval_instructions
+
+    if not instructions:
+        return
+    rows = load_user_file(instructions, "generate")
+    for name, task in session.tasks.items():
+        t = results["tasks"][name]
+        if task.kind != "generate" or t.get("status") != "ok":
+            continue
+        change = t["ppl_adapter"] / t["ppl_base"] - 1.0
+        t["instructions"] = eval_instructions(session, rows, name, dialogue_ppl_change=change)
+        log.info("%s on %d instructions: ppl ratio %.2f, length ratio %.2f", name, len(rows),
+                 t["instructions"]["ppl_ratio"], t["instructions"]["length_ratio"] or 0.0)
 
 
 def all_failed(results: dict) -> bool:

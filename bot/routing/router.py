@@ -2,9 +2,10 @@
 
 Each route (adapter) is described by a handful of example turns. A turn is embedded once with a
 sentence encoder and compared with every example; ``bot.routing.fitting`` explains the scores.
-``fit`` learns the calibration, the fallback ``threshold`` and the follow-up ``margin`` on
-held-out labelled turns. Before ``fit`` the score is the clipped cosine similarity, the threshold
-is 0 (never fall back) and the margin is ``DEFAULT_MARGIN``.
+``fit`` learns the calibration, the fallback thresholds (one per route) and the follow-up
+``margin`` on held-out labelled turns; ``fit(..., head=True)`` also trains a linear head on the
+routes' examples and scores with it. Before ``fit`` the score is the clipped cosine similarity,
+the threshold is 0 (never fall back) and the margin is ``DEFAULT_MARGIN``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Router:
         self.threshold = float(threshold)
         self.margin = float(margin)
         self.calibration: tuple[float, float, float] | None = None  # (w_sim, w_lead, bias)
+        self.thresholds: dict[str, float] = {}  # per route; a route not here uses ``threshold``
+        self.head: dict | None = None  # {"routes", "weight", "bias"} once fit(head=True)
         self.describe: dict[str, str] = {}
         self._examples: dict[str, list[str]] = {}
         self._embeddings: dict[str, np.ndarray] = {}
@@ -117,6 +120,8 @@ class Router:
             raise DataError(f"route '{name}' needs at least one non-empty example")
         self._embeddings[name] = self.embedder.encode(examples)
         self._examples[name] = examples
+        if self.head is not None:  # the head knows only the routes it was fitted on
+            self.head, self.thresholds = None, {}
         if description is not None:
             self.describe[name] = description
 
@@ -128,8 +133,8 @@ class Router:
         """One line per command, with the descriptions from ``describe``."""
         lines = ["Commands (otherwise I pick an adapter for you):"]
         for name in self.names:
-            default = ("general conversation; used when nothing else fits"
-                       if name == self.fallback else f"{len(self._examples[name])} example turns")
+            default = ("used when nothing else fits" if name not in self._examples
+                       else f"{len(self._examples[name])} example turns")
             lines.append(f"  /{name} <text> - {self.describe.get(name, default)}")
         lines.append(f"  /{HELP} - this list")
         return "\n".join(lines)
@@ -139,13 +144,22 @@ class Router:
     def _similarities(self, vectors: np.ndarray) -> np.ndarray:
         return fitting.top_k_similarity(vectors, list(self._embeddings.values()), self.per_adapter_k)
 
+    def _score_matrix(self, vectors: np.ndarray) -> np.ndarray:
+        """Scores (n_turns, n_routes): the head's probabilities, else calibrated similarities."""
+        if self.head is not None:
+            return fitting.head_scores(vectors, self.head["weight"], self.head["bias"])
+        return fitting.calibrate(self._similarities(vectors), self.calibration)
+
     def _scores(self, text: str) -> dict[str, float]:
-        """Calibrated score of every route for one turn."""
+        """Score of every route for one turn."""
         if not self._examples:
             return {}
-        sims = self._similarities(self.embedder.embed_one(text)[None, :])
-        row = fitting.calibrate(sims, self.calibration)[0]
+        row = self._score_matrix(self.embedder.embed_one(text)[None, :])[0]
         return {name: round(float(s), 4) for name, s in zip(self._examples, row, strict=True)}
+
+    def cut(self, name: str) -> float:
+        """The fallback threshold of route ``name``."""
+        return self.thresholds.get(name, self.threshold)
 
     # ----- routing --------------------------------------------------------------------------
 
@@ -190,10 +204,10 @@ class Router:
             return RouteChoice(self.fallback, 1.0, None, 0.0, {}, f"no routes -> fallback "
                                f"'{self.fallback}'", fallback=True, text=text)
         best, best_score = ranked[0]
-        if best_score < self.threshold:
+        if best_score < self.cut(best):
             return RouteChoice(self.fallback, round(1.0 - best_score, 4), best, best_score, scores,
-                               f"below threshold {self.threshold:.2f} (best '{best}' "
-                               f"{best_score:.2f}) -> fallback '{self.fallback}'",
+                               f"no route fits: best '{best}' {best_score:.2f} is below threshold "
+                               f"{self.cut(best):.2f} -> fallback '{self.fallback}'",
                                fallback=True, text=text)
         runner, runner_score = ranked[1] if len(ranked) > 1 else (None, 0.0)
         reason = f"best match '{best}' ({best_score:.2f}"
@@ -205,7 +219,7 @@ class Router:
         best, best_score = _ranked(scores)[0] if scores else (previous, 0.0)
         kept = _score_of(previous, scores)
         lead = best_score - kept
-        if best != previous and best_score >= self.threshold and lead >= self.margin:
+        if best != previous and best_score >= self.cut(best) and lead >= self.margin:
             return RouteChoice(best, best_score, previous, kept, scores,
                                f"follow-up, but '{best}' beats '{previous}' by {lead:.2f} "
                                f">= margin {self.margin:.2f}", text=text)
@@ -220,12 +234,17 @@ class Router:
 
     # ----- fitting and evaluation -------------------------------------------------------------
 
-    def fit(self, heldout) -> dict:
-        """Fit calibration, threshold and follow-up margin on held-out labelled turns.
+    def fit(self, heldout, head: bool = False) -> dict:
+        """Fit calibration, thresholds and follow-up margin on held-out labelled turns.
 
         ``heldout`` must not repeat route examples (that would fit the threshold on memorised
         turns). Returns the fitted values and the accuracy on ``heldout`` itself, which is
         optimistic: measure with ``evaluate`` on other turns.
+
+        Args:
+            head: also train a linear head on the route examples (worth it with hundreds of
+                examples per route) and score with it; the thresholds are then fitted on its
+                probabilities.
         """
         pairs = as_pairs(heldout)
         if not pairs or not self._examples:
@@ -240,13 +259,22 @@ class Router:
             raise DataError(f"{len(leaked)} held-out turns are also route examples, e.g. "
                             f"{leaked[0][:60]!r}; hold out turns the routes have not seen")
         labels = np.array([label for _, label in pairs])
-        sims = self._similarities(self.embedder.encode([scoring_text(t) for t, _ in pairs]))
-        self.calibration = fitting.fit_calibration(sims, labels, self.routes)
-        scores = fitting.calibrate(sims, self.calibration)
+        vectors = self.embedder.encode([scoring_text(t) for t, _ in pairs])
+        self.head = None
+        self.calibration = fitting.fit_calibration(self._similarities(vectors), labels, self.routes)
+        if head:
+            weight, bias = fitting.fit_head(
+                np.concatenate(list(self._embeddings.values())),
+                np.array([n for n, e in self._embeddings.items() for _ in range(len(e))]), self.routes)
+            self.head = {"routes": self.routes, "weight": weight, "bias": bias}
+        scores = self._score_matrix(vectors)
         self.threshold = fitting.fit_threshold(scores, labels, self.routes, self.fallback)
-        self.margin = fitting.fit_margin(scores, labels, self.routes, self.threshold, self.margin)
-        predicted = fitting.predict(scores, self.routes, self.threshold, self.fallback)
-        return {**fitting.fitted_values(self.threshold, self.margin, self.calibration),
+        cuts = fitting.fit_route_thresholds(scores, labels, self.routes, self.fallback, self.threshold)
+        self.thresholds = dict(zip(self.routes, cuts, strict=True))
+        self.margin = fitting.fit_margin(scores, labels, self.routes, cuts, self.margin)
+        predicted = fitting.predict(scores, self.routes, cuts, self.fallback)
+        return {**fitting.fitted_values(self.threshold, self.margin, self.calibration,
+                                        self.thresholds), "head": self.head is not None,
                 "per_adapter_k": self.per_adapter_k, "n": int(len(labels)),
                 "accuracy": round(float((predicted == labels).mean()), 4)}
 
@@ -273,10 +301,13 @@ class Router:
         config = {
             "fallback": self.fallback, "per_adapter_k": self.per_adapter_k,
             "threshold": self.threshold, "margin": self.margin, "calibration": self.calibration,
+            "thresholds": self.thresholds, "head_routes": self.head and self.head["routes"],
             "describe": self.describe, "examples": self._examples, "max_chars": self.max_chars,
         }
+        head = {} if self.head is None else {"head.weight": self.head["weight"],
+                                              "head.bias": self.head["bias"]}
         return store.write_router(path, config, self._embeddings,
-                                  self.embedder.encode([store.PROBE])[0])
+                                  self.embedder.encode([store.PROBE])[0], head)
 
     @classmethod
     def load(cls, path, encoder) -> Router:
@@ -293,4 +324,8 @@ class Router:
         for name, examples in config["examples"].items():
             router._examples[name] = list(examples)
             router._embeddings[name] = tensors[f"route.{name}"]
+        router.thresholds = {k: float(v) for k, v in config["thresholds"].items()}
+        if config["head_routes"]:
+            router.head = {"routes": list(config["head_routes"]), "weight": tensors["head.weight"],
+                           "bias": tensors["head.bias"]}
         return router

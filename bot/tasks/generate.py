@@ -20,6 +20,11 @@ IGNORE = -100
 class GenerateTask(Task):
     kind = "generate"
 
+    @property
+    def adapter_name(self) -> str | None:
+        """The LoRA adapter that generates (None: the bare backbone)."""
+        return self.name
+
     def messages(self, prompt: str, history: list[dict] | None = None) -> list[dict]:
         """Chat messages for a prompt; the manifest's template is the system prompt."""
         msgs = []
@@ -87,16 +92,18 @@ class GenerateTask(Task):
     # ------------------------------------------------------------- evaluate
     @torch.inference_mode()
     def perplexity(self, rows: list[dict], adapter: str | None = "__self__", batch_size: int = 16,
-                   progress=None, logits=None) -> float:
+                   progress=None, logits=None, max_length: int | None = None) -> float:
         """Held-out perplexity of the reference replies (``adapter=None``: bare backbone).
 
         Args:
             logits: ``batch -> logits`` to score with another model (e.g. a fast-path engine)
                 instead of the backbone with ``adapter``.
+            max_length: tokens per example (default: the manifest's ``train.max_length``).
         """
-        adapter = self.name if adapter == "__self__" else adapter
+        adapter = self.adapter_name if adapter == "__self__" else adapter
         logits = logits or (lambda enc: self.backbone.forward(enc, adapter).logits)
-        items = [self.encode_pair(r["prompt"], r["reply"], self.spec.train.max_length) for r in rows]
+        items = [self.encode_pair(r["prompt"], r["reply"], max_length or self.spec.train.max_length)
+                 for r in rows]
         items.sort(key=lambda it: len(it[0]))
         total, count = 0.0, 0
         for start in range(0, len(items), batch_size):
@@ -118,7 +125,7 @@ class GenerateTask(Task):
     # ---------------------------------------------------------------- reply
     def generate(self, prompt: str, history=None, adapter: str | None = "__self__",
                  max_new_tokens: int = 128, streamer=None, **kwargs) -> str:
-        adapter = self.name if adapter == "__self__" else adapter
+        adapter = self.adapter_name if adapter == "__self__" else adapter
         ids = self.prompt_ids(prompt, history)
         kwargs.setdefault("repetition_penalty", 1.1)
         new = self.backbone.fast().generate(ids, adapter=adapter, max_new_tokens=max_new_tokens,
