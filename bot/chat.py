@@ -232,6 +232,7 @@ def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str |
     session = ChatSession.from_dir(bb, adapters_dir)
     for name, err in session.failures.items():
         log.warning("note: adapter %s not loaded: %s", name, err)
+    log.info("warming up (serving engine, classifiers, router) ... %.1f s", session.warm_up())
     print(f"adapters: {', '.join(session.tasks)}. /help lists commands; Ctrl-D quits.")
     while True:
         try:
