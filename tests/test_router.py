@@ -390,3 +390,32 @@ def test_build_router_rebuilds_a_cache_of_another_format(tmp_path, monkeypatch):
     assert rebuilt.threshold == 0.0  # ... another format is rebuilt, not trusted
     assert json.loads((cached / "router.json").read_text())["format_version"] == FORMAT_VERSION
     assert rebuilt.route("great phone").adapter == first.route("great phone").adapter == "sentiment"
+
+
+# ----- the linear head and per-route thresholds (issue 11) ----------------------------------------
+
+def test_fit_with_a_head_fits_one_threshold_per_route_and_survives_a_save(tmp_path):
+    router = make_router(chat_route=True)
+    report = router.fit(HELDOUT, head=True)
+    assert report["head"] and set(report["thresholds"]) == {"sentiment", "topic", "chat"}
+    assert router.thresholds == pytest.approx(report["thresholds"], abs=1e-4)
+    assert router.route("great food, loved it").adapter == "sentiment"
+    assert router.route("bank shares fall").adapter == "topic"
+    loaded = Router.load(router.save(tmp_path / "router"), HashEncoder())
+    assert loaded.head is not None and loaded.thresholds == router.thresholds
+    for text in ["bank shares fall", "loved the movie", "hello friend", "zebra"]:
+        assert loaded.route(text) == router.route(text)
+    router.add_route("spam", ["win a free prize now"])  # the head does not know this route
+    assert router.head is None and router.thresholds == {}
+    assert router.route("win a free prize now").adapter == "spam"
+
+
+def test_per_route_thresholds_send_weak_turns_of_one_route_to_the_fallback():
+    from bot.routing import fitting
+
+    routes = ["a", "b"]
+    scores = np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8], [0.4, 0.6], [0.52, 0.48]])
+    labels = np.array(["a", "f", "b", "b", "f"])
+    cuts = fitting.fit_route_thresholds(scores, labels, routes, "f", start=0.0)
+    assert list(fitting.predict(scores, routes, cuts, "f")) == list(labels)
+    assert cuts[0] > 0.55 and cuts[1] <= 0.6  # route a is strict, route b keeps its weak turns
