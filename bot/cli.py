@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
     e.add_argument("--instructions", help="JSONL of requests with hand-written answers (prompt, reply): "
-                   "how helpful the chat adapter stays, e.g. tests/data/instructions.jsonl")
+                   "how helpful the chat adapter stays (the repository has one under tests/)")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("distill", parents=[common],

@@ -181,8 +181,9 @@ def eval_latency(session, n: int = 12) -> dict:
     from ..routing import load_handwritten
 
     turns = load_handwritten(set(session.tasks))
-    cls_turns = [t for t, a in turns if a != "chat"][:n]
-    chat_turns = [t for t, a in turns if a == "chat"][: max(3, n // 2)]
+    kinds = {name: task.kind for name, task in session.tasks.items()}
+    cls_turns = [t for t, a in turns if kinds.get(a) == "classify"][:n]
+    chat_turns = [t for t, a in turns if kinds.get(a) == "generate"][: max(3, n // 2)]
     cls_ms, first_ms, route_ms = [], [], []
     for text in cls_turns:
         session.router.clear_cache()  # eval_router already embedded these turns
@@ -348,6 +349,8 @@ def all_failed(results: dict) -> bool:
 def _log_line(name: str, t: dict) -> None:
     if t["status"] != "ok":
         log.warning("%s: FAILED: %s", name, t["error"])
+    elif t["kind"] == "base":
+        log.info("%s: the bare backbone (no adapter to score)", name)
     elif t["kind"] == "classify":
         log.info("%s: adapter %.1f%% | zero-shot %.1f%% | tfidf %.1f%% (n=%d)", name,
                  100 * t["adapter"]["accuracy"], 100 * t["zero_shot"]["accuracy"],

@@ -1,7 +1,7 @@
 """Does the chat adapter stay helpful? (issue 11)
 
-On hand-written requests and questions with hand-written answers (``tests/data/instructions.jsonl``
-in the repository, never trained on), three figures against the bare backbone:
+On hand-written requests and questions with hand-written answers (the repository keeps them in
+``instructions.jsonl`` beside the tests, never trained on), three figures against the bare backbone:
 
 * ``ppl_ratio``: perplexity of the hand-written answers under the adapter / under the base;
 * ``length_ratio``: median reply length (words) of the adapter / of the base;

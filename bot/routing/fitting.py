@@ -115,6 +115,14 @@ def fit_head(vectors: np.ndarray, labels: np.ndarray, routes: list[str]) -> tupl
     return (model.coef_[order].astype(np.float32), model.intercept_[order].astype(np.float32))
 
 
+def fit_route_head(embeddings: dict[str, np.ndarray]) -> dict:
+    """The head over every route's example embeddings: ``{"routes", "weight", "bias"}``."""
+    routes = list(embeddings)
+    labels = np.array([name for name, e in embeddings.items() for _ in range(len(e))])
+    weight, bias = fit_head(np.concatenate(list(embeddings.values())), labels, routes)
+    return {"routes": routes, "weight": weight, "bias": bias}
+
+
 def head_scores(vectors: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Softmax probabilities of the head: shape (n_texts, n_routes)."""
     logits = vectors @ weight.T + bias

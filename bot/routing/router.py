@@ -57,6 +57,22 @@ def _score_of(name: str, scores: dict[str, float]) -> float:
     return round(1.0 - max(scores.values(), default=0.0), 4)
 
 
+def _checked_heldout(pairs: list[tuple[str, str]], names: list[str], examples: dict) -> list:
+    """``pairs`` when they can fit the router; a DataError naming the problem otherwise."""
+    if not pairs or not examples:
+        raise DataError("fit() needs routes (add_route) and at least one held-out turn")
+    unknown = sorted({label for _, label in pairs} - set(names))
+    if unknown:
+        raise DataError(f"labels {unknown} are not adapters of this router ({names}); "
+                        f"add_route() them first or relabel the turns")
+    seen = {normalise(e) for ex in examples.values() for e in ex}
+    leaked = [t for t, _ in pairs if normalise(t) in seen]
+    if leaked:
+        raise DataError(f"{len(leaked)} held-out turns are also route examples, e.g. "
+                        f"{leaked[0][:60]!r}; hold out turns the routes have not seen")
+    return pairs
+
+
 class Router:
     """Route chat turns to adapters by similarity to example turns.
 
@@ -157,8 +173,7 @@ class Router:
         return {name: round(float(s), 4) for name, s in zip(self._examples, row, strict=True)}
 
     def cut(self, name: str) -> float:
-        """The fallback threshold of route ``name``."""
-        return self.thresholds.get(name, self.threshold)
+        return self.thresholds.get(name, self.threshold)  # route ``name``'s fallback threshold
 
     # ----- routing --------------------------------------------------------------------------
 
@@ -238,34 +253,16 @@ class Router:
 
         ``heldout`` must not repeat route examples (that would fit the threshold on memorised
         turns). Returns the fitted values and the accuracy on ``heldout`` itself, which is
-        optimistic: measure with ``evaluate`` on other turns.
-
-        Args:
-            head: also train a linear head on the route examples (worth it with hundreds of
-                examples per route) and score with it; the thresholds are then fitted on its
-                probabilities.
+        optimistic: measure with ``evaluate`` on other turns. ``head``: also train a linear head
+        on the route examples (worth it with hundreds per route) and score with it.
         """
-        pairs = as_pairs(heldout)
-        if not pairs or not self._examples:
-            raise DataError("fit() needs routes (add_route) and at least one held-out turn")
-        unknown = sorted({label for _, label in pairs} - set(self.names))
-        if unknown:
-            raise DataError(f"labels {unknown} are not adapters of this router ({self.names}); "
-                            f"add_route() them first or relabel the turns")
-        seen = {normalise(e) for ex in self._examples.values() for e in ex}
-        leaked = [t for t, _ in pairs if normalise(t) in seen]
-        if leaked:
-            raise DataError(f"{len(leaked)} held-out turns are also route examples, e.g. "
-                            f"{leaked[0][:60]!r}; hold out turns the routes have not seen")
+        pairs = _checked_heldout(as_pairs(heldout), self.names, self._examples)
         labels = np.array([label for _, label in pairs])
         vectors = self.embedder.encode([scoring_text(t) for t, _ in pairs])
         self.head = None
         self.calibration = fitting.fit_calibration(self._similarities(vectors), labels, self.routes)
         if head:
-            weight, bias = fitting.fit_head(
-                np.concatenate(list(self._embeddings.values())),
-                np.array([n for n, e in self._embeddings.items() for _ in range(len(e))]), self.routes)
-            self.head = {"routes": self.routes, "weight": weight, "bias": bias}
+            self.head = fitting.fit_route_head(self._embeddings)
         scores = self._score_matrix(vectors)
         self.threshold = fitting.fit_threshold(scores, labels, self.routes, self.fallback)
         cuts = fitting.fit_route_thresholds(scores, labels, self.routes, self.fallback, self.threshold)
@@ -303,10 +300,8 @@ class Router:
             "thresholds": self.thresholds, "head_routes": self.head and self.head["routes"],
             "describe": self.describe, "examples": self._examples, "max_chars": self.max_chars,
         }
-        head = {} if self.head is None else {"head.weight": self.head["weight"],
-                                              "head.bias": self.head["bias"]}
-        return store.write_router(path, config, self._embeddings,
-                                  self.embedder.encode([store.PROBE])[0], head)
+        head = {f"head.{k}": self.head[k] for k in ("weight", "bias")} if self.head else {}
+        return store.write_router(path, config, self._embeddings, self.embedder.encode([store.PROBE])[0], head)
 
     @classmethod
     def load(cls, path, encoder) -> Router:
