@@ -34,6 +34,7 @@ def _backbone(args):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
+    from .errors import SpecError
     from .fsutil import adapter_lock
     from .spec import AdapterSpec, check_adapter_name, check_run_values
     from .train import reevaluate_adapter, train_adapter
@@ -43,6 +44,9 @@ def cmd_train(args) -> int:
     check_adapter_name(args.name, "bot train NAME")
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
+    if spec.kind == "base":
+        raise SpecError(f"{folder / 'adapter.yaml'}: kind 'base' is the bare backbone: there is "
+                        "nothing to train. Fix: use it as it is, or set kind: generate to train a LoRA")
     with adapter_lock(folder):
         bb = _backbone(args)
         if args.eval_only:
@@ -80,7 +84,8 @@ def cmd_list(args) -> int:
             continue
         mpath = item.folder / "metrics.json"
         try:
-            state = _summary(json.loads(mpath.read_text())) if mpath.exists() else "not trained yet"
+            state = (_summary(json.loads(mpath.read_text())) if mpath.exists()
+                     else "the bare backbone: nothing to train" if item.kind == "base" else "not trained yet")
         except (OSError, ValueError, KeyError, TypeError) as err:
             state = f"{mpath} is unreadable ({type(err).__name__}). Fix: bot train {name} --eval-only"
         print(f"{name:12s} {item.kind:9s} {item.description}\n{'':22s}{state}")

@@ -100,6 +100,7 @@ def test_the_server_answers_model_assistant_with_the_bare_backbone():
     state = ServerState(session.backbone, session.tasks, scheduler_for(session.backbone, session.tasks),
                         session.router)
     assert "assistant" in state.model_ids()
+    assert {"id": "assistant", "kind": "base"}.items() <= next(c for c in state.model_cards() if c["id"] == "assistant").items()
     assert state.plan_chat("assistant", [{"role": "user", "content": "hi"}]).adapter is None
     plan = state.plan_chat("auto", [{"role": "user", "content": "what is the capital of france"}])
     assert plan.adapter is None and plan.route.adapter == "assistant"

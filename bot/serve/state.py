@@ -103,6 +103,7 @@ class ServerState:
                     "root": root, "parent": parent, **extra}
         cards = [card(self.base_name, root=self.backbone.info.source,
                       max_model_len=self.scheduler.max_len)]
+        cards += [card(n, self.base_name, kind="base") for n in self.tasks if self._is_base(n)]
         cards += [card(n, self.base_name, kind="generate") for n in self.scheduler.generators]
         cards += [card(n, self.base_name, kind="classify",
                        labels=self.scheduler.classifiers[n].labels)
