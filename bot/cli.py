@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .assets import default_adapters_dir
+from .device import DEVICES, LOAD_IN
 from .errors import BotError
 
 
@@ -26,7 +27,7 @@ def _backbone(args):
     from .backbone import Backbone
 
     print(f"loading backbone {args.backbone or 'SmolLM2-135M-Instruct (embedded)'} ...", file=sys.stderr)
-    bb = Backbone.load(args.backbone)
+    bb = Backbone.load(args.backbone, device=args.device, load_in=args.load_in)
     print(f"  loaded in {bb.info.seconds:.1f}s{' (first run: converted GGUF into the cache)' if bb.info.converted else ''}",
           file=sys.stderr)
     return bb
@@ -34,11 +35,18 @@ def _backbone(args):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
+    from .parallel import Parallel, launched_by_accelerate
     from .spec import AdapterSpec
     from .train import reevaluate_adapter, train_adapter
 
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
+    args.processes = args.processes or max(1, _gpu_count())
+    if args.accelerate and args.processes > 1 and not launched_by_accelerate():
+        return _relaunch_with_accelerate(args)
+    parallel = Parallel.create(use_accelerate=args.accelerate, grad_accum=args.grad_accum,
+                               device=args.device)
+    args.device = parallel.device or args.device  # accelerate picks each process's GPU
     bb = _backbone(args)
     if args.eval_only:
         metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
@@ -46,10 +54,30 @@ def cmd_train(args) -> int:
         print(f"updated {folder / 'metrics.json'} (training figures kept)")
         return 0
     metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
-                            eval_examples=args.eval_examples, command=args.command_line)
+                            eval_examples=args.eval_examples, command=args.command_line,
+                            parallel=parallel)
+    if not parallel.is_main:
+        return 0
     print(_summary(metrics))
     print(f"saved {folder} (metrics.json has the held-out scores and the exact command)")
     return 0
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _relaunch_with_accelerate(args) -> int:
+    """`bot train --accelerate --processes N`: run this same command under `accelerate launch`."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(args.processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bot.cli", *args.argv]
+    print(f"launching {args.processes} processes: {shlex.join(cmd[1:])}", file=sys.stderr)
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _summary(m: dict) -> str:
@@ -76,7 +104,8 @@ def cmd_list(args) -> int:
 def cmd_info(args) -> int:
     from .info import backbone_info
 
-    print(backbone_info(adapters_dir=args.adapters_dir, backbone=args.backbone))
+    print(backbone_info(adapters_dir=args.adapters_dir, backbone=args.backbone, device=args.device,
+                        load_in=args.load_in))
     return 0
 
 
@@ -97,7 +126,8 @@ def cmd_eval(args) -> int:
     results = run_eval(adapters_dir=args.adapters_dir, names=args.names, backbone=args.backbone,
                        data=args.data, out=args.out, max_examples=args.max_examples,
                        curve=args.curve, curve_adapters=args.curve_adapters,
-                       no_router=args.no_router, command_line=args.command_line)
+                       no_router=args.no_router, command_line=args.command_line,
+                       device=args.device, load_in=args.load_in)
     out = Path(args.out)
     print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
     return 1 if all_failed(results) else 0
@@ -106,14 +136,16 @@ def cmd_eval(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import run_terminal_chat
 
-    return run_terminal_chat(adapters_dir=args.adapters_dir, backbone=args.backbone)
+    return run_terminal_chat(adapters_dir=args.adapters_dir, backbone=args.backbone,
+                             device=args.device, load_in=args.load_in)
 
 
 def cmd_bench(args) -> int:
     from .eval.bench import run_bench
 
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
-                    tokens=args.tokens, command_line=args.command_line))
+                    tokens=args.tokens, command_line=args.command_line, device=args.device,
+                    load_in=args.load_in))
     return 0
 
 
@@ -121,7 +153,7 @@ def cmd_demo(args) -> int:
     from demo.app import launch
 
     return launch(adapters_dir=args.adapters_dir, backbone=args.backbone, host=args.host,
-                  port=args.port, share=args.share)
+                  port=args.port, share=args.share, device=args.device, load_in=args.load_in)
 
 
 # -------------------------------------------------------------------- parser
@@ -140,15 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     common.add_argument("--adapters-dir", default=str(default_adapters_dir()),
                         help="folder holding <name>/adapter.yaml (default: %(default)s)")
+    model = argparse.ArgumentParser(add_help=False)  # commands that load the backbone
+    model.add_argument("--device", choices=DEVICES, default=os.environ.get("BOT_DEVICE", "auto"),
+                       help="where the backbone runs (default auto: CUDA, then MPS, then CPU)")
+    model.add_argument("--load-in", choices=LOAD_IN, default=os.environ.get("BOT_LOAD_IN", "auto"),
+                       help="weight precision (default auto: fp32 on CPU/MPS, bf16 on CUDA); "
+                            "8bit/4bit quantize with bitsandbytes and need CUDA")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
-    t = sub.add_parser("train", parents=[common], help="train one adapter from its adapter.yaml")
+    t = sub.add_parser("train", parents=[common, model], help="train one adapter from its adapter.yaml")
     t.add_argument("name")
     t.add_argument("--epochs", type=float, help="override train.epochs")
     t.add_argument("--max-examples", type=int, help="cap the training examples (quick runs)")
     t.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored (default 1000)")
     t.add_argument("--eval-only", action="store_true",
                    help="do not train: re-score the saved adapter on its held-out split and update metrics.json")
+    t.add_argument("--accelerate", action="store_true",
+                   help="train data-parallel through accelerate (same as `accelerate launch -m bot train NAME`)")
+    t.add_argument("--processes", type=int,
+                   help="processes for --accelerate (default: one per CUDA GPU, else 1)")
+    t.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step in each process (train.batch_size stays the "
+                        "examples per step)")
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("add", parents=[common], help="scaffold a new adapter from a CSV/JSONL file")
@@ -163,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="overwrite an existing adapter.yaml")
     a.set_defaults(func=cmd_add)
 
-    e = sub.add_parser("eval", parents=[common], help="per-task accuracy, router quality, transfer report")
+    e = sub.add_parser("eval", parents=[common, model], help="per-task accuracy, router quality, transfer report")
     e.add_argument("names", nargs="*", help="adapters to evaluate (default: all)")
     e.add_argument("--data", help="evaluate one adapter on your own CSV/JSONL (same columns as its manifest)")
     e.add_argument("--out", default="reports", help="output folder (default: reports/)")
@@ -173,18 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("chat", parents=[common], help="chat in the terminal")
+    c = sub.add_parser("chat", parents=[common, model], help="chat in the terminal")
     c.set_defaults(func=cmd_chat)
 
     sub.add_parser("list", parents=[common], help="list adapters and their held-out scores").set_defaults(func=cmd_list)
-    sub.add_parser("info", parents=[common], help="backbone, parameters, load time, adapters, memory").set_defaults(func=cmd_info)
+    sub.add_parser("info", parents=[common, model], help="backbone, parameters, load time, adapters, memory").set_defaults(func=cmd_info)
 
-    b = sub.add_parser("bench", parents=[common], help="speed benchmark; writes a markdown table")
+    b = sub.add_parser("bench", parents=[common, model], help="speed benchmark; writes a markdown table")
     b.add_argument("--out", default="reports/bench.md")
     b.add_argument("--tokens", type=int, default=64)
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", parents=[common], help="launch the Gradio demo on 127.0.0.1:7860")
+    d = sub.add_parser("demo", parents=[common, model], help="launch the Gradio demo on 127.0.0.1:7860")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=int(os.environ.get("BOT_PORT", 7860)))
     d.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
@@ -216,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = _command_line(argv)
+    args.argv = argv
     setup_logging()
     try:
         return args.func(args)

@@ -93,10 +93,14 @@ def build_engine(backbone, adapter: str | None, mode: str) -> nn.Module:
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     model.eval()
+    device = backbone.device
+    if mode == "w8" and device.type == "cuda":
+        mode = "bf16"  # torch's int8 weight-only kernel is a CPU/MPS kernel
     if mode == "bf16":
         model.to(torch.bfloat16)
     elif mode == "w8":
         quantize_w8(model)
+    model.to(device)
     model.generation_config = backbone.base.generation_config
     return model
 
@@ -145,7 +149,8 @@ class FastGenerator:
         model = self.engine(adapter)
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("pad_token_id", self.backbone.tokenizer.pad_token_id)
+        input_ids = input_ids.to(self.backbone.device)
         mask = torch.ones_like(input_ids)
         with self._lock:  # one decode at a time: both cores go to it
             out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        return out[:, input_ids.shape[1]:]
+        return out[:, input_ids.shape[1]:].cpu()

@@ -18,7 +18,8 @@ from .fsutil import atomic_write_text
 
 KINDS = ("classify", "generate")
 MANIFEST = "adapter.yaml"
-# Every linear layer of a Llama-style decoder block.
+# Every linear layer of a Llama-style decoder block. Other families (GPT-2, GPT-NeoX...)
+# name their layers differently: bot.arch.lora_targets resolves the list per backbone.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_-]*"
 """An adapter name: a letter, then letters, digits, '-' or '_' (it is also a folder and a /command)."""
@@ -57,9 +58,16 @@ class LoraSettings:
         _require(0 <= self.dropout < 1, where, "lora.dropout", "a number in [0, 1)", self.dropout)
         _require(bool(self.target_modules), where, "lora.target_modules", "a non-empty list", self.target_modules)
 
-    def to_peft(self, num_layers: int | None = None):
+    def to_peft(self, num_layers: int | None = None, model=None):
+        """A peft LoraConfig; with ``model``, targets it lacks are swapped for its own (bot.arch)."""
         from peft import LoraConfig
 
+        targets = list(self.target_modules)
+        if model is not None:
+            from .arch import lora_targets
+
+            targets = lora_targets(model, targets)
+            num_layers = num_layers or getattr(model.config, "num_hidden_layers", None)
         layers = self.layers
         if layers is not None and num_layers is not None:
             # negative indices count from the top; indices the model lacks are dropped,
@@ -67,7 +75,7 @@ class LoraSettings:
             layers = sorted({i if i >= 0 else num_layers + i for i in layers} & set(range(num_layers)))
             layers = layers or None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), layers_to_transform=layers,
+                          target_modules=targets, layers_to_transform=layers,
                           bias="none")
 
 

@@ -43,11 +43,16 @@ def training_rows(spec: AdapterSpec, max_examples: int | None = None):
 
 def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: float | None = None,
                   max_examples: int | None = None, eval_examples: int | None = 1000,
-                  command: str = "") -> dict:
+                  command: str = "", parallel=None) -> dict:
     """Train ``spec`` on ``backbone`` and write the adapter folder ``out_dir`` atomically.
 
     Nothing is written to ``out_dir`` until training and evaluation have finished, so a
     crash or Ctrl-C leaves the previous adapter intact.
+
+    Args:
+        parallel: a bot.parallel.Parallel: data-parallel processes and gradient
+            accumulation (None = this process alone). Only the main process evaluates
+            and saves; the others return their training figures.
 
     Returns:
         the metrics dict also written to ``metrics.json``.
@@ -56,11 +61,13 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
     epochs = epochs if epochs is not None else spec.train.epochs
     torch.manual_seed(spec.train.seed)
     backbone.drop_adapter(spec.name)
-    backbone.add_adapter(spec.name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
+    backbone.add_adapter(spec.name, spec.lora.to_peft(model=backbone.base))
     task = task_class(spec.kind)(spec, backbone)
     t0 = time.perf_counter()
-    stats = task.fit(splits.train, epochs, spec.train.seed)
+    stats = task.fit(splits.train, epochs, spec.train.seed, parallel=parallel)
     train_seconds = time.perf_counter() - t0
+    if parallel is not None and not parallel.is_main:
+        return {"adapter": spec.name, "steps": stats["steps"], "process": parallel.rank}
 
     test = splits.test[:eval_examples] if eval_examples else splits.test
     t1 = time.perf_counter()
@@ -75,7 +82,9 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
         "examples_seen": stats["examples_seen"], "steps": stats["steps"], "epochs": epochs,
         "final_loss": stats["final_loss"], "loss_curve": stats["losses"],
         "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
-        "machine": machine(),
+        "machine": machine(), "device": str(backbone.device), "weights": backbone.load_in,
+        "processes": parallel.world if parallel else 1,
+        "grad_accum": parallel.grad_accum if parallel else 1,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     save_adapter_folder(spec, backbone, task, metrics, out_dir)

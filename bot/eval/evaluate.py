@@ -216,7 +216,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
         epochs = max(spec.train.epochs, 40 * spec.train.batch_size / max(1, n))
         bb.drop_adapter(name)
         torch.manual_seed(spec.train.seed)
-        bb.add_adapter(name, spec.lora.to_peft(bb.base.config.num_hidden_layers))
+        bb.add_adapter(name, spec.lora.to_peft(model=bb.base))
         task = ClassifyTask(cspec, bb)
         task.fit(subset, epochs, spec.train.seed)
         acc = task.evaluate(test)["text"]["accuracy"]
@@ -234,7 +234,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
 def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbone: str | None = None,
              data: str | None = None, out: str | Path = "reports", max_examples: int = 400,
              curve: str | None = None, curve_adapters: str | None = None, no_router: bool = False,
-             command_line: str = "") -> dict:
+             command_line: str = "", device: str | None = None, load_in: str | None = None) -> dict:
     """Evaluate adapters, the router and latency; write ``eval.json`` and ``eval.md`` into ``out``.
 
     Args:
@@ -248,6 +248,8 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         curve_adapters: comma-separated adapters for ``curve`` (None: every classify adapter).
         no_router: skip the router and latency evaluation.
         command_line: recorded in the report's meta.
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
 
     Returns:
         the results dict written to ``out/eval.json``.
@@ -263,9 +265,10 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         raise DataError(f"no adapter folder for {missing} under {adapters_dir}")
     if data and len(specs) != 1:
         raise DataError("--data evaluates exactly one adapter: bot eval NAME --data FILE")
-    bb = Backbone.load(backbone)
+    bb = Backbone.load(backbone, device=device, load_in=load_in)
     results = {"tasks": {}, "meta": {
         "command": command_line, "backbone": bb.fingerprint, "machine": machine(),
+        "device": str(bb.device),
         "date": time.strftime("%Y-%m-%d %H:%M")}}
     tasks = {}
     for spec in specs:

@@ -26,7 +26,8 @@ class ClassifyTask(Task):
     def __init__(self, spec, backbone):
         super().__init__(spec, backbone)
         hidden = backbone.base.config.hidden_size
-        self.head = torch.nn.Linear(hidden, max(2, len(spec.labels)))
+        # float32 on the backbone's device, whatever the backbone's weight dtype
+        self.head = torch.nn.Linear(hidden, max(2, len(spec.labels))).to(backbone.device)
 
     @property
     def labels(self) -> list[str]:
@@ -37,8 +38,8 @@ class ClassifyTask(Task):
 
     # ------------------------------------------------------------------ I/O
     def save_extra(self, folder) -> None:
-        save_file({"weight": self.head.weight.detach().contiguous(),
-                   "bias": self.head.bias.detach().contiguous()}, str(Path(folder) / HEAD_FILE),
+        save_file({"weight": self.head.weight.detach().cpu().contiguous(),
+                   "bias": self.head.bias.detach().cpu().contiguous()}, str(Path(folder) / HEAD_FILE),
                   metadata={"labels": "\t".join(self.labels)})
 
     def load_extra(self, folder) -> None:
@@ -54,10 +55,13 @@ class ClassifyTask(Task):
                                f"and hidden size {self.head.in_features}: {err}") from err
 
     # ---------------------------------------------------------------- train
-    def fit(self, rows: list[dict], epochs: float, seed: int) -> dict:
+    def fit(self, rows: list[dict], epochs: float, seed: int, parallel=None) -> dict:
         """Train LoRA + head on rows ``{"text", "label", ["views"]}``.
 
         Each row's extra views (e.g. a headline) are added as training examples too.
+
+        Args:
+            parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
         """
         cfg = self.spec.train
         index = {label: i for i, label in enumerate(self.labels)}
@@ -78,20 +82,20 @@ class ClassifyTask(Task):
             enc = self.backbone.encode([t for t, _ in batch], cfg.max_length)
             out = self.backbone.forward(enc, self.name, output_hidden_states=True, logits_to_keep=1)
             pooled = last_token_states(out.hidden_states[-1], enc["attention_mask"])
-            target = torch.tensor([y for _, y in batch])
+            target = torch.tensor([y for _, y in batch], device=pooled.device)
             return torch.nn.functional.cross_entropy(self.head(pooled.float()), target)
 
         groups = [{"params": lora_parameters(self.backbone, self.name), "lr": cfg.learning_rate},
                   {"params": list(self.head.parameters()), "lr": cfg.head_lr}]
         stats = optimise(self.backbone, self.name, groups, batches, loss_fn, epochs,
-                         desc=f"train {self.name}")
+                         desc=f"train {self.name}", modules=[self.head], parallel=parallel)
         stats["examples_seen"] = int(round(len(items) * epochs))
         return stats
 
     # ---------------------------------------------------------------- infer
     @torch.inference_mode()
     def probs_from_states(self, states: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(states.float()), dim=-1)
+        return torch.softmax(self.head(states.float().to(self.head.weight.device)), dim=-1).cpu()
 
     def predict(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
                 progress=None, adapter: str | None = "__self__") -> list[dict[str, float]]:
