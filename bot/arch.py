@@ -69,6 +69,15 @@ def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
     return present
 
 
+def targets_are_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
+    """True when the targets are GPT-2-style Conv1D layers (weights stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    wanted = set(targets)
+    return any(isinstance(m, Conv1D) and path.rsplit(".", 1)[-1] in wanted
+               for path, m in model.named_modules())
+
+
 def prepare_tokenizer(tok, name: str = ""):
     """Give ``tok`` a pad token and a chat template when it lacks them; returns ``tok``.
 
@@ -87,3 +96,29 @@ def prepare_tokenizer(tok, name: str = ""):
         log.info("backbone %s has no chat template; using ChatML for generation adapters", name)
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     return tok
+
+
+def model_from_weights(backbone, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (peft-free) copy of ``backbone``'s architecture holding ``state``'s tensors.
+
+    The skeleton is built on the meta device, so no random weights are allocated and
+    initialised first (minutes and gigabytes for a multi-billion model); ``state`` is
+    assigned without a copy. Buffers left out of state dicts (rotary tables) are taken
+    from the backbone, which has the same module paths outside its LoRA layers.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(backbone.base.config, dtype=torch.float32)
+    model.load_state_dict(state, strict=False, assign=True)
+    for path, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, leaf = path.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            module.register_buffer(leaf, backbone.base.get_buffer(path), persistent=False)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise BackboneError(f"cannot rebuild the {model.config.model_type} backbone for serving: "
+                            f"no weights for {missing[:3]}")
+    return model.eval()

@@ -83,16 +83,12 @@ def merged_state_dict(backbone, adapter: str | None) -> dict[str, torch.Tensor]:
 
 
 def build_engine(backbone, adapter: str | None, mode: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
 
     if mode not in MODES:
         raise ValueError(f"unknown fast mode '{mode}'; choose one of {MODES}")
-    state = merged_state_dict(backbone, adapter)
-    config = backbone.base.config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    model.eval()
+    from .arch import model_from_weights
+
+    model = model_from_weights(backbone, merged_state_dict(backbone, adapter))
     device = backbone.device
     if mode == "w8" and device.type == "cuda":
         mode = "bf16"  # torch's int8 weight-only kernel is a CPU/MPS kernel

@@ -62,11 +62,12 @@ class LoraSettings:
         """A peft LoraConfig; with ``model``, targets it lacks are swapped for its own (bot.arch)."""
         from peft import LoraConfig
 
-        targets = list(self.target_modules)
+        targets, conv1d = list(self.target_modules), False
         if model is not None:
-            from .arch import lora_targets
+            from .arch import lora_targets, targets_are_conv1d
 
             targets = lora_targets(model, targets)
+            conv1d = targets_are_conv1d(model, targets)  # peft would flip it with a warning
             num_layers = num_layers or getattr(model.config, "num_hidden_layers", None)
         layers = self.layers
         if layers is not None and num_layers is not None:
@@ -75,7 +76,7 @@ class LoraSettings:
             layers = sorted({i if i >= 0 else num_layers + i for i in layers} & set(range(num_layers)))
             layers = layers or None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=targets, layers_to_transform=layers,
+                          target_modules=targets, layers_to_transform=layers, fan_in_fan_out=conv1d,
                           bias="none")
 
 

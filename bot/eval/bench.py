@@ -95,7 +95,7 @@ def measure_load(backbone_name, device=None, load_in=None) -> dict:
 def measure_generation(bb, adapter: str, n: int) -> list[tuple]:
     """(label, tokens/s, agreement with fp32 greedy tokens) for each path."""
     ids = bb.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)["input_ids"]
+                                           return_tensors="pt", return_dict=True)["input_ids"].to(bb.device)
     fast = bb.fast()
     rows = []
     fast.mode = "fp32"
@@ -147,7 +147,7 @@ def _engine_runner(bb, adapter, mode):
     fast = bb.fast()
     fast.mode = mode
     model = fast.engine(adapter)
-    return lambda enc: model(**enc).logits
+    return lambda enc: model(**{k: v.to(bb.device) for k, v in enc.items()}).logits
 
 
 def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float]:

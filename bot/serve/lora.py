@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch import model_from_weights
 from ..errors import BackboneError
 
 PRECISIONS = ("fp32", "bf16", "w8")
@@ -111,7 +112,6 @@ class LoraEngine:
     """
 
     def __init__(self, backbone, precision: str = "fp32"):
-        from transformers import AutoModelForCausalLM
 
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; choose one of {PRECISIONS}")
@@ -124,14 +124,9 @@ class LoraEngine:
             precision = "bf16"  # the int8 weight-only kernel is a CPU (and MPS) kernel
         self.backbone = backbone
         self.precision = precision
-        config = backbone.base.config
         with backbone.lock:
-            state = _shared_state(backbone)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            # assign=True makes the engine's parameters views of the backbone's tensors
-            model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
-        model.to(device)  # buffers (rotary tables) were built on the CPU
+            # the engine's parameters are the backbone's own tensors (assigned, not copied)
+            model = model_from_weights(backbone, _shared_state(backbone))
         model.eval()
         model.requires_grad_(False)
         if precision == "bf16":
