@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
-from .errors import AssetMissingError
+from .errors import AssetMissingError, CacheError
 
 # package -> the pin the project was built against (requirements/assets.txt)
 ASSET_PINS = {
@@ -43,6 +44,28 @@ def hub_offline() -> bool:
 def cache_dir() -> Path:
     """Where converted models live: ``$BOT_CACHE`` or ``~/.cache/bot``."""
     return Path(os.environ.get("BOT_CACHE", "~/.cache/bot")).expanduser()
+
+
+def writable_cache_dir(sub: str = "") -> Path:
+    """``cache_dir() / sub``, created and probed with a temp file before any slow work.
+
+    Raises:
+        CacheError: naming the path and the fix when it is a file or cannot be written.
+    """
+    root = cache_dir()
+    fix = ("Fix: point BOT_CACHE at a writable folder (e.g. export BOT_CACHE=$HOME/.cache/bot), "
+           "or make this one writable")
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"the model cache BOT_CACHE={root} is a file, not a folder. {fix}")
+    target = root / sub
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        raise CacheError(f"the model cache {target} (BOT_CACHE={root}) cannot be written "
+                         f"({err.strerror or err}). {fix}") from err
+    return target
 
 
 def repo_root() -> Path:

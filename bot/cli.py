@@ -8,6 +8,7 @@ function's keyword arguments. Library code logs through ``logging``; ``main`` sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -27,7 +28,9 @@ def _backbone(args):
     from .backbone import Backbone
 
     print(f"loading backbone {args.backbone or 'SmolLM2-135M-Instruct (embedded)'} ...", file=sys.stderr)
-    bb = Backbone.load(args.backbone, device=args.device, load_in=args.load_in)
+    # commands without --device/--load-in (export) load on the CPU in float32
+    bb = Backbone.load(args.backbone, device=getattr(args, "device", "cpu"),
+                       load_in=getattr(args, "load_in", "fp32"))
     print(f"  loaded in {bb.info.seconds:.1f}s{' (first run: converted GGUF into the cache)' if bb.info.converted else ''}",
           file=sys.stderr)
     return bb
@@ -35,10 +38,14 @@ def _backbone(args):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
+    from .fsutil import adapter_lock
     from .parallel import Parallel, launched_by_accelerate
-    from .spec import AdapterSpec
+    from .spec import AdapterSpec, check_adapter_name, check_run_values
     from .train import reevaluate_adapter, train_adapter
 
+    # every check before the slow part: values, manifest, and no other run on this adapter
+    check_run_values(epochs=args.epochs, max_examples=args.max_examples, eval_examples=args.eval_examples)
+    check_adapter_name(args.name, "bot train NAME")
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
     args.processes = args.processes or max(1, _gpu_count())
@@ -47,15 +54,17 @@ def cmd_train(args) -> int:
     parallel = Parallel.create(use_accelerate=args.accelerate, grad_accum=args.grad_accum,
                                device=args.device)
     args.device = parallel.device or args.device  # accelerate picks each process's GPU
-    bb = _backbone(args)
-    if args.eval_only:
-        metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
-        print(_summary(metrics))
-        print(f"updated {folder / 'metrics.json'} (training figures kept)")
-        return 0
-    metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
-                            eval_examples=args.eval_examples, command=args.command_line,
-                            parallel=parallel)
+    # only the main process locks: it alone evaluates and saves
+    with adapter_lock(folder) if parallel.is_main else contextlib.nullcontext():
+        bb = _backbone(args)
+        if args.eval_only:
+            metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
+            print(_summary(metrics))
+            print(f"updated {folder / 'metrics.json'} (training figures kept)")
+            return 0
+        metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
+                                eval_examples=args.eval_examples, command=args.command_line,
+                                parallel=parallel)
     if not parallel.is_main:
         return 0
     print(_summary(metrics))
@@ -92,12 +101,21 @@ def _summary(m: dict) -> str:
 def cmd_list(args) -> int:
     import json
 
-    from .spec import discover
+    from .spec import require_usable, scan
 
-    for spec in discover(args.adapters_dir):
-        mpath = spec.folder / "metrics.json"
-        state = _summary(json.loads(mpath.read_text())) if mpath.exists() else "not trained yet"
-        print(f"{spec.name:12s} {spec.kind:9s} {spec.description}\n{'':22s}{state}")
+    specs, failed = scan(args.adapters_dir)
+    require_usable(specs, failed)  # only when nothing at all can be listed
+    entries = sorted([(s.name, s) for s in specs] + list(failed.items()), key=lambda e: e[0])
+    for name, item in entries:
+        if isinstance(item, str):  # a folder that failed: say why instead of stopping
+            print(f"{name:12s} {'FAILED':9s}\n{'':22s}{item}")
+            continue
+        mpath = item.folder / "metrics.json"
+        try:
+            state = _summary(json.loads(mpath.read_text())) if mpath.exists() else "not trained yet"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            state = f"{mpath} is unreadable ({type(err).__name__}). Fix: bot train {name} --eval-only"
+        print(f"{name:12s} {item.kind:9s} {item.description}\n{'':22s}{state}")
     return 0
 
 
@@ -141,11 +159,46 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.serve:
+        from .serve.bench import run_serve_bench
+
+        # the benchmark's child processes (and their `bot serve`) load where this one would
+        os.environ.update(BOT_DEVICE=args.device, BOT_LOAD_IN=args.load_in)
+
+        result = run_serve_bench(adapters_dir=args.adapters_dir, backbone=args.backbone,
+                                 out_dir=Path(args.out).parent, n_requests=args.requests,
+                                 max_tokens=args.tokens, command_line=args.command_line)
+        print(f"speedup_8 {result['speedup_8']}x, p95_ttft_ms_8 {result['p95_ttft_ms_8']}, "
+              f"failed {result['failed']}, adapter_memory_share {result['adapter_memory_share']:.2%}"
+              f" -> {Path(args.out).parent / 'serve.md'}")
+        return 0
     from .eval.bench import run_bench
 
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
                     tokens=args.tokens, command_line=args.command_line, device=args.device,
                     load_in=args.load_in))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.server import serve
+
+    return serve(_backbone(args), args.adapters_dir, host=args.host, port=args.port,
+                 api_key=args.api_key or None, precision=args.precision,
+                 max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_model_len,
+                 with_router=not args.no_router)
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    bb = _backbone(args)
+    manifest = export(args.names, args.to, backbone=bb, adapters_dir=args.adapters_dir,
+                      target=args.target, max_lora_rank=args.max_lora_rank)
+    kinds = [*(f"{n} (generate)" for n in manifest["generate"]),
+             *(f"{n} (classify)" for n in manifest["classify"])]
+    print(f"wrote {args.to}: base + {', '.join(kinds)}; --max-lora-rank {manifest['max_lora_rank']}\n"
+          f"next: read {Path(args.to) / 'README.md'} for the vllm serve commands and client code")
     return 0
 
 
@@ -157,6 +210,16 @@ def cmd_demo(args) -> int:
 
 
 # -------------------------------------------------------------------- parser
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
 def _curve_sizes(text: str) -> str:
     """Check ``--curve`` here, so a typo is a usage message rather than a traceback."""
     parts = [p.strip().upper() for p in text.split(",")]
@@ -205,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt-col", default="prompt")
     a.add_argument("--reply-col", default="reply")
     a.add_argument("--description", default="")
-    a.add_argument("--force", action="store_true", help="overwrite an existing adapter.yaml")
+    a.add_argument("--force", action="store_true",
+                   help="replace an existing adapter: its folder is moved to ADAPTERS_DIR/.trash/NAME-<time>/")
     a.set_defaults(func=cmd_add)
 
     e = sub.add_parser("eval", parents=[common, model], help="per-task accuracy, router quality, transfer report")
@@ -227,7 +291,37 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common, model], help="speed benchmark; writes a markdown table")
     b.add_argument("--out", default="reports/bench.md")
     b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--serve", action="store_true",
+                   help="benchmark `bot serve` instead: 1/4/8/16 concurrent clients vs one by one, "
+                        "on this CPU and with AVX2 only -> reports/serve.md and serve.json")
+    b.add_argument("--requests", type=_positive, default=32, help="requests per level (--serve)")
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("serve", parents=[common, model],
+                       help="OpenAI-compatible API: many clients and adapters share batched decoding")
+    v.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    v.add_argument("--port", type=int, default=int(os.environ.get("BOT_SERVE_PORT", 8000)))
+    v.add_argument("--api-key", default=os.environ.get("BOT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (also BOT_API_KEY); enables adapter "
+                        "loading and unloading over the API")
+    v.add_argument("--max-batch", type=_positive, default=16, help="requests decoded together")
+    v.add_argument("--max-queue", type=_positive, default=64,
+                   help="requests waiting or running before new ones get 429")
+    v.add_argument("--max-model-len", type=_positive, default=2048,
+                   help="context limit per request: prompt + max_tokens")
+    v.add_argument("--precision", choices=["auto", "fp32", "bf16", "w8"], default="auto",
+                   help="base weights while serving (auto: int8 where the CPU has native bf16, "
+                        "else fp32; fp32 is exact)")
+    v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
+    v.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("export", parents=[common], help="write adapters + backbone for vLLM")
+    x.add_argument("names", nargs="+", help="adapters to export")
+    x.add_argument("--to", required=True, help="output folder (replaced atomically)")
+    x.add_argument("--for", dest="target", choices=["vllm"], default="vllm", help="engine (default vllm)")
+    x.add_argument("--max-lora-rank", type=int,
+                   help="vLLM's --max-lora-rank (1, 8, 16, ..., 512; default: the smallest that fits)")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", parents=[common, model], help="launch the Gradio demo on 127.0.0.1:7860")
     d.add_argument("--host", default="127.0.0.1")

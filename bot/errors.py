@@ -30,3 +30,11 @@ class SpecError(BotError):
 
 class DataError(BotError):
     """A data file cannot be read or does not have the expected columns/labels."""
+
+
+class BusyError(BotError):
+    """Another process is already working on the same adapter (see bot.fsutil.adapter_lock)."""
+
+
+class CacheError(BotError):
+    """``$BOT_CACHE`` cannot be used (a file, not writable)."""

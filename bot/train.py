@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -10,11 +11,11 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from .errors import DataError
-from .fsutil import atomic_dir_write, atomic_write_text
+from .errors import AdapterError, DataError, SpecError
+from .fsutil import adapter_lock, atomic_dir_write, atomic_write_text
 from .info import machine
 from .registry import load_task
-from .spec import AdapterSpec
+from .spec import MANIFEST, AdapterSpec, check_run_values
 from .tasks import task_class
 
 METRICS = "metrics.json"
@@ -57,11 +58,37 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
     Returns:
         the metrics dict also written to ``metrics.json``.
     """
+    check_run_values(epochs=epochs, max_examples=max_examples, eval_examples=eval_examples)
+    check_context(spec, backbone)
+    # with several processes only the main one locks: it alone evaluates and saves
+    main_process = parallel is None or parallel.is_main
+    with adapter_lock(out_dir) if main_process else contextlib.nullcontext():
+        return _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command,
+                      parallel)
+
+
+def check_context(spec: AdapterSpec, backbone) -> None:
+    """``train.max_length`` must fit the backbone's context window."""
+    context = getattr(backbone.base.config, "max_position_embeddings", None)
+    if context and spec.train.max_length > context:
+        raise SpecError(f"{_manifest(spec)}: key 'train.max_length' must be <= {context}, the context of "
+                        f"backbone {backbone.info.name}, got {spec.train.max_length}. Fix: set "
+                        f"train.max_length to {min(context, 512)} or less")
+
+
+def _manifest(spec: AdapterSpec) -> str:
+    return str(spec.folder / MANIFEST) if spec.folder else f"adapter '{spec.name}'"
+
+
+def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command, parallel) -> dict:
     spec, splits = training_rows(spec, max_examples)
     epochs = epochs if epochs is not None else spec.train.epochs
     torch.manual_seed(spec.train.seed)
     backbone.drop_adapter(spec.name)
-    backbone.add_adapter(spec.name, spec.lora.to_peft(model=backbone.base))
+    try:
+        backbone.add_adapter(spec.name, spec.lora.to_peft(model=backbone.base))
+    except AdapterError as err:
+        raise SpecError(f"{_manifest(spec)}: key 'lora.target_modules': {err}") from err
     task = task_class(spec.kind)(spec, backbone)
     t0 = time.perf_counter()
     stats = task.fit(splits.train, epochs, spec.train.seed, parallel=parallel)
@@ -119,7 +146,13 @@ def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None =
 
     The training figures (time, examples, command) are kept; the held-out ones are replaced.
     """
+    check_run_values(eval_examples=eval_examples)
     folder = Path(folder)
+    with adapter_lock(folder):
+        return _reevaluate(folder, backbone, eval_examples, command)
+
+
+def _reevaluate(folder: Path, backbone, eval_examples, command) -> dict:
     spec = AdapterSpec.from_dir(folder)
     task = load_task(backbone, spec)
     _, splits = training_rows(spec)

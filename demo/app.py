@@ -22,9 +22,9 @@ REPORTS = REPO / "reports"
 EVAL_MD = "eval.md"
 EMPTY_NOTICE = "Type a message to start."
 NO_REPORT = "No evaluation report yet: run `bot eval` to create the report."
-# The backbone lock serialises model calls anyway; 2 lets one request route or classify
-# while another decodes, and everything beyond waits in the queue.
-CONCURRENCY = 2
+# Replies decode in the shared scheduler's batches (bot.serve), so up to CONCURRENCY browser
+# tabs are answered together; beyond QUEUE_SIZE, Gradio refuses at once with a message.
+CONCURRENCY = 16
 QUEUE_SIZE = 64
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ def launch(*, adapters_dir=None, backbone: str | None = None, host: str = "127.0
     session = ChatSession.from_dir(Backbone.load(backbone, device=device, load_in=load_in), adapters_dir)
     for name, err in session.failures.items():
         log.warning("note: adapter %s not loaded: %s", name, err)
-    log.info("warming up (building the fast generation engine) … %.1f s", session.warm_up())
+    log.info("warming up (serving engine, classifiers, router) … %.1f s", session.warm_up())
     app = build_app(session)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -19,7 +19,7 @@ def trained(tmp_path, monkeypatch):
     bb = make_tiny_backbone()
     spec = toy_spec(tmp_path, epochs=2.0)
     train_adapter(spec, bb, spec.folder)
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     return spec
 
 

@@ -21,7 +21,7 @@ from bot.arch import lora_targets
 from bot.backbone import Backbone, last_token_states
 from bot.chat import ChatSession
 from bot.cli import main
-from bot.serve import SamplingParams, Scheduler
+from bot.serve import SamplingParams
 
 EXPECTED_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -106,6 +106,7 @@ def test_eval_on_the_family(trained, tmp_path):
     result = json.loads((out / "eval.json").read_text())
     pets, talk = result["tasks"]["pets"], result["tasks"]["talk"]
     assert pets["adapter"]["accuracy"] >= 0.8, (family, pets)
+    assert talk["ppl_adapter"] < talk["ppl_base"] and len(talk["samples"]) >= 3, (family, talk)
     assert result["meta"]["device"] == "cpu"
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import BotError, DataError
 from ..info import machine
 from ..registry import load_task
-from ..spec import AdapterSpec, discover
+from ..spec import AdapterSpec, check_run_values, require_usable, scan
 from ..tasks.classify import ClassifyTask
 from ..train import training_rows
 from . import metrics as M
@@ -210,7 +210,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
     for size in sizes:
         n = len(pool) if size == "ALL" else min(int(size), len(pool))
         subset = pool[:n]
-        name = f"{spec.name}-curve{n}"
+        name = f"{spec.name[:48]}-curve{n}"  # within the 64-character name rule
         cspec = spec.replace(name=name)
         # at least ~40 optimiser steps even on tiny subsets, so small n is not just undertrained
         epochs = max(spec.train.epochs, 40 * spec.train.batch_size / max(1, n))
@@ -258,12 +258,17 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
     from .report import write_report
 
     t0 = time.perf_counter()
+    check_run_values(max_examples=max_examples)
     names = list(names or [])
-    specs = [s for s in discover(adapters_dir) if not names or s.name in names]
-    if names and len(specs) != len(names):
-        missing = sorted(set(names) - {s.name for s in specs})
-        raise DataError(f"no adapter folder for {missing} under {adapters_dir}")
-    if data and len(specs) != 1:
+    specs, broken = scan(adapters_dir)  # a broken folder is reported, never fatal to the others
+    if names:
+        specs = [s for s in specs if s.name in names]
+        broken = {n: e for n, e in broken.items() if n in names}
+        missing = sorted(set(names) - {s.name for s in specs} - set(broken))
+        if missing:
+            raise DataError(f"no adapter folder for {missing} under {adapters_dir}")
+    require_usable(specs, broken)
+    if data and len(specs) + len(broken) != 1:
         raise DataError("--data evaluates exactly one adapter: bot eval NAME --data FILE")
     bb = Backbone.load(backbone, device=device, load_in=load_in)
     results = {"tasks": {}, "meta": {
@@ -271,6 +276,9 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         "device": str(bb.device),
         "date": time.strftime("%Y-%m-%d %H:%M")}}
     tasks = {}
+    for name, error in broken.items():
+        results["tasks"][name] = {"status": "failed", "error": error}
+        _log_line(name, results["tasks"][name])
     for spec in specs:
         results["tasks"][spec.name] = eval_one(spec, bb, max_examples, data, tasks)
         _log_line(spec.name, results["tasks"][spec.name])

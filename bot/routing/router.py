@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, SpecError
+from ..errors import DataError
 from ..spec import check_adapter_name
 from ..text import MAX_CHARS, normalise
 from . import fitting, store
@@ -41,9 +41,8 @@ class RouteChoice:
 
 
 def _check_route_name(name: str, role: str) -> None:
+    """The one adapter-name rule (bot.spec); it also reserves /help and 'auto'."""
     check_adapter_name(name, role)
-    if name == HELP:
-        raise SpecError(f"{role}: '{HELP}' is the /{HELP} command. Fix: name the adapter otherwise")
 
 
 def _ranked(scores: dict[str, float]) -> list[tuple[str, float]]:

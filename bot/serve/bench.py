@@ -82,6 +82,27 @@ def measure_memory(backbone, adapters_dir, extra: int = 3) -> dict:
             "precision": sched.precision}
 
 
+def measure_quality(bb, task, n_rows: int = 60) -> dict:
+    """Held-out reply perplexity through the serving engine: this CPU's precision vs fp32."""
+    from ..routing.build import spec_splits
+    from .lora import LoraEngine
+    from .scheduler import auto_precision
+
+    rows = spec_splits(task.spec).test[:n_rows]
+    out = {"n": len(rows)}
+    for precision in dict.fromkeys(["fp32", auto_precision()]):
+        engine = LoraEngine(bb, precision)
+        engine.add_adapter(task.name)
+        out[f"ppl_{precision}"] = round(task.perplexity(
+            rows, batch_size=8,
+            logits=lambda enc, e=engine: e.sequence_logits(enc, [task.name] * len(enc["input_ids"]))), 3)
+        del engine
+    auto = auto_precision()
+    out["precision"] = auto
+    out["ppl_ratio"] = round(out[f"ppl_{auto}"] / out["ppl_fp32"], 4)
+    return out
+
+
 # ------------------------------------------------------------------- load
 def _free_port() -> int:
     with socket.socket() as s:
@@ -171,6 +192,7 @@ def bench_one_isa(adapters_dir, backbone=None, n_requests: int = 32, max_tokens:
     tasks, _ = load_all(bb, adapters_dir)
     generators = [n for n, t in tasks.items() if t.kind == "generate"]
     models = [bb.info.name, *generators]
+    quality = measure_quality(bb, tasks["chat"]) if "chat" in tasks else None
     del bb, tasks
     gc.collect()
     prompts = bench_prompts(adapters_dir, n_requests)
@@ -193,6 +215,7 @@ def bench_one_isa(adapters_dir, backbone=None, n_requests: int = 32, max_tokens:
         lv.pop("texts")
     return {"features": features, "models": models, "max_tokens": max_tokens,
             "levels": {str(c): v for c, v in levels.items()}, "memory": memory,
+            "quality": quality,
             "identical_to_sequential": f"{same}/{len(jobs) * (len(LEVELS) - 1)}",
             "speedup_8": levels[8]["speedup"], "p95_ttft_ms_8": levels[8]["p95_ttft_ms"],
             "failed": sum(v["failed"] for v in levels.values()),
@@ -251,6 +274,12 @@ def render_serve(result: dict) -> str:
                   f"adapter, {m[keys[1]]} MB with 4; {m['per_adapter_mb']} MB per extra adapter "
                   f"(its LoRA tensors: {m['lora_mb']} MB) = {m['adapter_memory_share']:.2%} of "
                   f"the {m['backbone_mb']} MB backbone.", ""]
+        q = rec.get("quality")
+        if q:
+            reduced = q[f"ppl_{q['precision']}"]
+            lines += [f"Held-out chat reply perplexity through the serving engine (n={q['n']}): "
+                      f"fp32 {q['ppl_fp32']}, {q['precision']} {reduced} ({q['ppl_ratio']:.4f}x).",
+                      ""]
     lines += ["## Targets (first CPU setting)", "", "| figure | measured | target |", "|---|---|---|"]
     for key, target in TARGETS.items():
         lines.append(f"| {key} | {result[key]} | {'<=' if key != 'speedup_8' else '>='} {target} |")

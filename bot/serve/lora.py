@@ -186,6 +186,16 @@ class LoraEngine:
 
     # ------------------------------------------------------------ forward
     @torch.inference_mode()
+    def sequence_logits(self, enc: dict, adapters: list[str | None]) -> torch.Tensor:
+        """Logits at every position of right-padded rows (scoring held-out text)."""
+        self.routing.current = RowGroups.from_names(adapters)
+        try:
+            return self.model(input_ids=enc["input_ids"],
+                              attention_mask=enc["attention_mask"]).logits.float()
+        finally:
+            self.routing.current = None
+
+    @torch.inference_mode()
     def forward(self, input_ids, position_ids, attention_mask, cache, adapters: list[str | None],
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         """One forward pass; returns the logits at ``logits_rows`` (one position per row).
