@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from .errors import BackboneError
+from .errors import AdapterError, BackboneError
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +48,36 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
 def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
     """The LoRA target names to use on ``model`` for a manifest's ``requested`` list.
 
-    Names the model lacks are dropped (logged); if none is left, every linear layer of
-    the decoder blocks is used instead.
+    The default list (Llama's names, what `bot add` writes) becomes every linear layer
+    of a model that lacks those names. A list the user chose keeps the names the model
+    has (the others are logged); if it has none of them, that is an error.
+
+    Raises:
+        AdapterError: a hand-written list names no layer of this model (the message
+            lists the layers it has).
     """
+    from .spec import DEFAULT_TARGET_MODULES
+
     present = linear_layer_names(model)
     kept = [n for n in requested if n in present]
     if len(kept) == len(requested) and kept:
         return kept
     arch = getattr(model.config, "model_type", type(model).__name__)
     missing = [n for n in requested if n not in present]
+    if not present:
+        raise BackboneError(f"the {arch} backbone has no linear layers for LoRA to adapt. "
+                            "Fix: choose a transformers causal LM with nn.Linear/Conv1D layers")
+    if sorted(requested) == sorted(DEFAULT_TARGET_MODULES):
+        log.info("%s backbone: LoRA goes on its linear layers %s (it has no %s)", arch, present,
+                 missing)
+        return present
     if kept:
         log.warning("LoRA targets %s do not exist in this %s backbone; adapting %s only",
                     missing, arch, kept)
         return kept
-    if not present:
-        raise BackboneError(f"the {arch} backbone has no linear layers for LoRA to adapt. "
-                            "Fix: choose a transformers causal LM with nn.Linear/Conv1D layers")
-    log.info("%s backbone: LoRA goes on its linear layers %s (the manifest names %s)",
-             arch, present, requested)
-    return present
+    raise AdapterError(f"none of {requested} is a linear layer of this {arch} backbone; its "
+                       f"layers are {present}. Fix: name some of those, or remove "
+                       "lora.target_modules to adapt every linear layer")
 
 
 def targets_are_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:

@@ -248,6 +248,14 @@ class Backbone:
         """Where the model's weights live; every input is moved here."""
         return model_device(self.base)
 
+    def matches(self, fingerprint: str) -> bool:
+        """True if an adapter trained on ``fingerprint`` fits this backbone.
+
+        Also accepts the float32-only fingerprint that adapters saved before the
+        dtype-independent one carry (computable only from float32 weights).
+        """
+        return fingerprint in (self.fingerprint, self._legacy_fingerprint)
+
     @property
     def quantized(self) -> bool:
         """True for a bitsandbytes 8-bit/4-bit load (the serving engine refuses those)."""
@@ -333,8 +341,7 @@ class Backbone:
         from peft.utils import set_peft_model_state_dict
 
         folder = Path(folder)
-        if expected_fingerprint and expected_fingerprint not in (self.fingerprint,
-                                                                 self._legacy_fingerprint):
+        if expected_fingerprint and not self.matches(expected_fingerprint):
             raise FingerprintMismatch(
                 f"adapter '{name}' ({folder}) was trained on backbone {expected_fingerprint}, but "
                 f"the loaded backbone is {self.fingerprint}. Fix: load the backbone it was trained "

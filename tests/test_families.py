@@ -21,6 +21,7 @@ from bot.arch import lora_targets
 from bot.backbone import Backbone, last_token_states
 from bot.chat import ChatSession
 from bot.cli import main
+from bot.errors import AdapterError
 from bot.serve import SamplingParams
 
 EXPECTED_TARGETS = {
@@ -153,6 +154,8 @@ def test_lora_targets_fall_back_to_the_family_linear_layers(family):
                                        "up_proj", "down_proj"])) == sorted(EXPECTED_TARGETS[family])
     present = EXPECTED_TARGETS[family][0]
     assert lora_targets(model, [present, "no_such_layer"]) == [present]
+    with pytest.raises(AdapterError, match=f"none of.*its layers are.*{present}.*Fix:"):
+        lora_targets(model, ["no_such_layer"])
 
 
 def test_pooling_is_the_same_with_left_or_right_padding():
