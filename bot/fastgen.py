@@ -142,11 +142,37 @@ class FastGenerator:
             from .errors import AdapterError
 
             raise AdapterError(f"adapter '{adapter}' is not loaded; loaded: {self.backbone.adapters}")
-        model = self.engine(adapter)
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("pad_token_id", self.backbone.tokenizer.pad_token_id)
         input_ids = input_ids.to(self.backbone.device)
         mask = torch.ones_like(input_ids)
+        if self.backbone.quantized:  # 8/4-bit: no plain weights to merge; decode unmerged
+            with self.backbone.lock:
+                out = self._unmerged(adapter).generate(input_ids=input_ids, attention_mask=mask,
+                                                       **kwargs)
+            return out[:, input_ids.shape[1]:].cpu()
+        model = self.engine(adapter)
         with self._lock:  # one decode at a time: both cores go to it
             out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         return out[:, input_ids.shape[1]:].cpu()
+
+    def _unmerged(self, adapter: str | None):
+        """The backbone's own (peft) model set to ``adapter``; the caller holds its lock."""
+        peft = self.backbone.peft
+        if peft is None:
+            return self.backbone.base
+        if adapter is None:
+            return _AdapterOff(peft)
+        peft.set_adapter(adapter)
+        return peft
+
+
+class _AdapterOff:
+    """``generate`` on a peft model with its adapters disabled."""
+
+    def __init__(self, peft):
+        self.peft = peft
+
+    def generate(self, **kwargs):
+        with self.peft.disable_adapter():
+            return self.peft.generate(**kwargs)

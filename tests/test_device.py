@@ -113,3 +113,24 @@ def test_compute_dtype_on_gpus_is_half_precision(monkeypatch):
     assert compute_dtype(torch.device("mps")) == torch.float16
     monkeypatch.setenv("BOT_COMPUTE", "fp32")
     assert compute_dtype(torch.device("cuda")) == torch.float32
+
+
+def test_quantized_backbone_decodes_unmerged_and_serving_refuses_it(monkeypatch):
+    """8/4-bit layers need CUDA; the load_in flag alone selects the paths a quantized backbone takes."""
+    from test_serve import spread_backbone
+
+    from bot.serve import Scheduler
+
+    bb = spread_backbone()
+    ids = bb.tokenizer("hello there", return_tensors="pt")["input_ids"]
+    bb.fast().mode = "fp32"
+    want = [bb.fast().generate(ids, adapter=a, max_new_tokens=6, eos_token_id=None).tolist()
+            for a in ("a", "b", None)]
+    assert len({str(w) for w in want}) == 3  # the adapters change the tokens
+    bb.load_in = "4bit"
+    monkeypatch.setattr(bb.fast(), "engine", lambda adapter: pytest.fail("built a merged engine"))
+    got = [bb.fast().generate(ids, adapter=a, max_new_tokens=6, eos_token_id=None).tolist()
+           for a in ("a", "b", None)]
+    assert got == want
+    with pytest.raises(BackboneError, match="cannot run a 4bit.*Fix: load the backbone with --load-in bf16"):
+        Scheduler(bb, generators=["a"])
