@@ -112,7 +112,6 @@ class LoraEngine:
     """
 
     def __init__(self, backbone, precision: str = "fp32"):
-
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; choose one of {PRECISIONS}")
         if backbone.quantized:
