@@ -197,3 +197,20 @@ def test_metrics_and_health(server, client):
     assert 'bot_requests_total{endpoint="/v1/chat/completions",model="a",status="200"}' in text
     assert "bot_batch_size_bucket" in text and "bot_time_to_first_token_seconds" in text
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_classify_accepts_raw_or_templated_input(server):
+    """A vLLM client sends the template filled in; bot serve must not apply it twice."""
+    from bot.serve.api import _untemplated
+
+    assert _untemplated("Review: {text}\nLabel:", "Review: great\nLabel:") == "great"
+    assert _untemplated("Review: {text}\nLabel:", "great") == "great"
+    assert _untemplated("{text}", "Review: x") == "Review: x"
+    task = server.state.scheduler.classifiers["mood"]
+    task.spec.template = "Mood of: {text}"
+    hdr = {"Authorization": f"Bearer {KEY}"}
+    raw = httpx.post(server.url + "/v1/classify", headers=hdr, json={"model": "mood", "input": "good"})
+    filled = httpx.post(server.url + "/v1/classify", headers=hdr,
+                        json={"model": "mood", "input": "Mood of: good"})
+    task.spec.template = "{text}"
+    assert raw.json()["data"][0]["probs"] == filled.json()["data"][0]["probs"]
