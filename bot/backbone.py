@@ -310,9 +310,7 @@ class Backbone:
         unknown = sorted({a for a in names if a is not None and a not in self.adapters})
         if unknown:
             raise AdapterError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapters}")
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16,
-                                  enabled=self.compute_dtype == torch.bfloat16)
-        with self.lock, autocast:
+        with self.lock, self.autocast():
             if self.peft is None:
                 return self.base(**batch, **kwargs)
             if all(a is None for a in names):
@@ -323,6 +321,10 @@ class Backbone:
                 return self.peft(**batch, **kwargs)
             return self.peft(**batch, adapter_names=[_PEFT_BASE if a is None else a for a in names],
                              **kwargs)
+
+    def autocast(self):
+        """bfloat16 autocast when ``compute_dtype`` is bfloat16, else a no-op context."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
     @torch.inference_mode()
     def pooled(self, texts: list[str], adapters, max_length: int = 256) -> torch.Tensor:

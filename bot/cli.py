@@ -28,12 +28,30 @@ def _backbone(args):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
+    import logging
+
     from .spec import AdapterSpec
     from .train import reevaluate_adapter, train_adapter
 
+    # the training path taken (cached or not, and why) is logged by bot.tasks
+    logger = logging.getLogger("bot")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler(sys.stderr))
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
     bb = _backbone(args)
+    if args.time_cache:
+        from .train import time_cache
+
+        r = time_cache(spec, bb, args.time_cache)
+        if "cache_speedup" not in r:
+            print(f"{args.name}: no cached path ({r['path_reason']})")
+            return 0
+        print(f"{args.name}: {r['uncached_epoch_seconds']:.0f} s/epoch uncached, {r['cached_epoch_seconds']:.0f} s/epoch "
+              f"cached (+{r['cache_build_seconds']:.0f} s once to build {r['cache_mb']:.0f} MB): "
+              f"cache_speedup {r['cache_speedup']:.2f}x over {r['steps_timed']} step pairs")
+        return 0
     if args.eval_only:
         metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
         print(_summary(metrics))
@@ -124,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored (default 1000)")
     t.add_argument("--eval-only", action="store_true",
                    help="do not train: re-score the saved adapter on its held-out split and update metrics.json")
+    t.add_argument("--time-cache", type=int, metavar="STEPS",
+                   help="do not train: time STEPS steps with and without cached frozen layers, side by side, "
+                        "and record cache_speedup in metrics.json")
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("add", parents=[common], help="scaffold a new adapter from a CSV/JSONL file")
@@ -167,9 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _passive_omp_for_training(argv: list[str]) -> None:
+    """Re-run this ``bot train`` once with ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set it).
+
+    Idle OpenMP threads spin by default; with another process busy on one of two cores,
+    LoRA steps took 11-14 s instead of 2.6-3.6 s until waiting threads slept instead.
+    libgomp reads the variable once, when torch loads (``import bot`` loads it), hence
+    the re-exec. Other commands keep the default policy: spinning cuts inference latency.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or os.name != "posix":
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    root = str(Path(__file__).resolve().parent.parent)  # the same bot package, whatever the cwd
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "bot.cli", *argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_shell = argv is None  # only a real command line may re-exec (tests call main(argv))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if from_shell and args.cmd == "train":
+        _passive_omp_for_training(argv)
     args.command_line = _command_line(argv)
     try:
         return args.func(args)

@@ -21,6 +21,7 @@ from .tasks import task_class
 
 METRICS = "metrics.json"
 CHECK_N = 100  # the integration test re-measures the first CHECK_N held-out examples
+PATH_KEYS = ("path", "path_reason", "epoch_seconds", "cache_seconds", "cache_mb", "cache_where")
 
 
 def training_rows(spec: AdapterSpec, max_examples: int | None = None):
@@ -76,6 +77,7 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
         "examples_seen": stats["examples_seen"], "steps": stats["steps"], "epochs": epochs,
         "final_loss": stats["final_loss"], "loss_curve": stats["losses"],
+        "train_path": {k: stats[k] for k in PATH_KEYS if k in stats},
         "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -124,9 +126,40 @@ def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None =
         "eval_examples": len(test), "eval_seconds": round(time.perf_counter() - t0, 1),
         "eval_command": command, "eval_date": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=folder)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(metrics, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / METRICS)
+    _write_json(folder / METRICS, metrics)
     return metrics
+
+
+def time_cache(spec: AdapterSpec, backbone, steps: int = 8) -> dict:
+    """Seconds per epoch with and without cached frozen layers, timed side by side.
+
+    Trains a throwaway copy of the adapter for ``steps`` step pairs (see
+    ``ClassifyTask.time_paths``), then records the figures as ``cache_speedup`` in the
+    adapter's metrics.json (if it exists).
+    """
+    spec, splits = training_rows(spec)
+    name = f"{spec.name}-timing"
+    backbone.drop_adapter(name)
+    torch.manual_seed(spec.train.seed)
+    backbone.add_adapter(name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
+    try:
+        result = task_class(spec.kind)(spec.replace(name=name), backbone).time_paths(
+            splits.train, steps, spec.train.seed)
+    finally:
+        backbone.drop_adapter(name)
+    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path = Path(spec.folder) / METRICS if spec.folder else None
+    if path and path.exists() and "cache_speedup" in result:
+        metrics = json.loads(path.read_text())
+        metrics["cache_speedup"] = result["cache_speedup"]
+        metrics["cache_timing"] = result
+        _write_json(path, metrics)
+    return result
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, indent=2) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
