@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--curve", help="learning curve sizes, e.g. 32,128,512,ALL")
     e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
+    e.add_argument("--no-zero-shot", action="store_true",
+                   help="skip the zero-shot column (the slowest part on a big --data file)")
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("chat", parents=[common], help="chat in the terminal")
