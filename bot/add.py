@@ -9,6 +9,8 @@ from .data import check_classify_rows, read_table, require_column
 from .errors import DataError, SpecError
 from .spec import AdapterSpec, LoraSettings, TrainSettings
 
+MIN_PER_LABEL = 5  # fewer examples than this rarely reach the held-out split and are learned poorly
+
 
 def _check_cells(rows: list[dict], path: Path, cols: list[str]) -> None:
     """Reject empty cells, naming the first offending rows (header = line 1)."""
@@ -26,15 +28,24 @@ def _columns(columns: list[str], path: Path, wanted: dict[str, str]) -> None:
 
 
 def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", label_col="label",
-             prompt_col="prompt", reply_col="reply", description: str = "") -> AdapterSpec:
-    """Validate the file and build a manifest with defaults that train on a laptop CPU."""
+             prompt_col="prompt", reply_col="reply", description: str = "",
+             min_per_label: int = MIN_PER_LABEL) -> AdapterSpec:
+    """Validate the file and build a manifest with defaults that train on a laptop CPU.
+
+    Args:
+        min_per_label: labels with fewer examples are refused (a lower value is kept in
+            the manifest as ``data.min_per_label``, so ``bot train`` accepts them too).
+    """
     rows, columns = read_table(source)
     rng = random.Random(0)
     if kind == "classify":
         _columns(columns, source, {"text": text_col, "label": label_col})
         _check_cells(rows, source, [text_col, label_col])
-        labels = check_classify_rows([{"label": str(r[label_col]).strip()} for r in rows], source)
+        labels = check_classify_rows([{"label": str(r[label_col]).strip()} for r in rows], source,
+                                     min_per_label)
         data = {"path": str(source.resolve()), "text_col": text_col, "label_col": label_col}
+        if min_per_label != MIN_PER_LABEL:
+            data["min_per_label"] = min_per_label
         examples = [str(r[text_col]) for r in rng.sample(rows, min(8, len(rows)))]
         lora = LoraSettings(layers=list(range(-16, 0)))  # the top 16 layers
         template = "{text}"
@@ -63,5 +74,5 @@ def add_adapter(args) -> Path:
     if (folder / "adapter.yaml").exists() and not args.force:
         raise SpecError(f"{folder / 'adapter.yaml'} already exists. Fix: pick another name or pass --force")
     spec = scaffold(args.name, source, args.kind, args.text_col, args.label_col, args.prompt_col,
-                    args.reply_col, args.description)
+                    args.reply_col, args.description, getattr(args, "min_per_label", MIN_PER_LABEL))
     return spec.save(folder)

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--reply-col", default="reply")
     a.add_argument("--description", default="")
     a.add_argument("--force", action="store_true", help="overwrite an existing adapter.yaml")
+    a.add_argument("--min-per-label", type=int, default=5,
+                   help="refuse labels with fewer examples (default 5; 1 keeps every label, rare ones are learned poorly)")
     a.set_defaults(func=cmd_add)
 
     e = sub.add_parser("eval", parents=[common], help="per-task accuracy, router quality, transfer report")

@@ -29,7 +29,7 @@ def training_rows(spec: AdapterSpec, max_examples: int | None = None):
     rows = data_mod.load_source(spec.data, spec.kind, spec.folder)
     where = spec.data.get("path") or spec.data.get("bundled")
     if spec.kind == "classify":
-        found = data_mod.check_classify_rows(rows, where)
+        found = data_mod.check_classify_rows(rows, where, spec.data.get("min_per_label", 5))
         if not spec.labels:
             spec = spec.replace(labels=found)
         unknown = sorted(set(found) - set(spec.labels))
