@@ -30,6 +30,8 @@ def _backbone(args):
 def cmd_train(args) -> int:
     import logging
 
+    import torch
+
     from .spec import AdapterSpec
     from .train import reevaluate_adapter, train_adapter
 
@@ -38,6 +40,8 @@ def cmd_train(args) -> int:
     logger.setLevel(logging.INFO)
     if not logger.handlers:
         logger.addHandler(logging.StreamHandler(sys.stderr))
+    logger.info("threads: %d, OMP_WAIT_POLICY=%s", torch.get_num_threads(),
+                os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)"))
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
     bb = _backbone(args)

@@ -1,4 +1,4 @@
-"""`bot add --min-per-label`: rare labels are refused by default, kept on request, and training agrees."""
+"""`bot add --min-per-label` (rare labels) and `bot train` run with passive OpenMP waiting."""
 
 from __future__ import annotations
 
@@ -22,3 +22,20 @@ def test_rare_labels_refused_by_default_and_kept_with_min_per_label(tmp_path, ca
     assert spec.labels == ["def", "manner", "rare"] and spec.data["min_per_label"] == 1
     spec, splits = training_rows(spec)  # bot train accepts what bot add accepted
     assert sum(s for s in splits.sizes().values()) == 62
+
+
+def test_bot_train_runs_with_passive_openmp_waiting(tmp_path):
+    """A real `python -m bot.cli train` re-executes itself once with OMP_WAIT_POLICY=PASSIVE."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-m", "bot.cli", "train", "ghost", "--adapters-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    assert "OMP_WAIT_POLICY=PASSIVE" in out.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's own choice wins
+    out = subprocess.run([sys.executable, "-m", "bot.cli", "train", "ghost", "--adapters-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert "OMP_WAIT_POLICY=ACTIVE" in out.stderr
