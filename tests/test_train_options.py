@@ -39,3 +39,18 @@ def test_bot_train_runs_with_passive_openmp_waiting(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bot.cli", "train", "ghost", "--adapters-dir", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert "OMP_WAIT_POLICY=ACTIVE" in out.stderr
+
+
+def test_training_threads_leave_busy_cores_alone(monkeypatch):
+    from bot import cli
+
+    monkeypatch.delenv("BOT_TRAIN_THREADS", raising=False)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert cli._training_threads() == 4
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.7, 0.0, 0.0))
+    assert cli._training_threads() == 1
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert cli._training_threads() == 1
+    monkeypatch.setenv("BOT_TRAIN_THREADS", "3")
+    assert cli._training_threads() == 3
