@@ -55,7 +55,8 @@ def cmd_train(args) -> int:
             return 0
         print(f"{args.name}: {r['uncached_epoch_seconds']:.0f} s/epoch uncached, {r['cached_epoch_seconds']:.0f} s/epoch "
               f"cached (+{r['cache_build_seconds']:.0f} s once to build {r['cache_mb']:.0f} MB): "
-              f"cache_speedup {r['cache_speedup']:.2f}x over {r['steps_timed']} step pairs")
+              f"cache_speedup {r['cache_speedup']:.2f}x wall-clock, {r['cache_speedup_cpu']:.2f}x CPU time, "
+              f"over {r['steps_timed']} step pairs on {r['threads']} thread(s)")
         return 0
     if args.eval_only:
         metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
