@@ -202,7 +202,7 @@ class ClassifyTask(Task):
                 "cache_speedup_cpu": round(cpu["uncached"] / cpu["cached"], 2), "threads": torch.get_num_threads(),
                 "cache_build_seconds": round(per_batch * len(batches), 1), "steps_timed": len(chosen),
                 "steps_per_epoch": len(batches), "first_cached_layer": k,
-                "cache_mb": round(sum(lengths) * self.backbone.base.config.hidden_size * 4 / 2**20, 1)}
+                "cache_mb": round(cache.nbytes / 2**20, 1)}
 
     # ---------------------------------------------------------------- infer
     @torch.inference_mode()
