@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -81,6 +82,7 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
         "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **_kept_timing(spec, out_dir),
     }
     save_adapter_folder(spec, backbone, task, metrics, out_dir)
     return metrics
@@ -147,7 +149,7 @@ def time_cache(spec: AdapterSpec, backbone, steps: int = 8) -> dict:
             splits.train, steps, spec.train.seed)
     finally:
         backbone.drop_adapter(name)
-    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    result.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), settings=_timing_settings(spec))
     path = Path(spec.folder) / METRICS if spec.folder else None
     if path and path.exists() and "cache_speedup" in result:
         metrics = json.loads(path.read_text())
@@ -155,6 +157,24 @@ def time_cache(spec: AdapterSpec, backbone, steps: int = 8) -> dict:
         metrics["cache_timing"] = result
         _write_json(path, metrics)
     return result
+
+
+def _timing_settings(spec: AdapterSpec) -> dict:
+    """What the per-epoch timing depends on; a retrain with the same settings keeps the figure."""
+    return {"lora": dataclasses.asdict(spec.lora), "max_length": spec.train.max_length,
+            "batch_size": spec.train.batch_size, "data": spec.data}
+
+
+def _kept_timing(spec: AdapterSpec, out_dir: Path) -> dict:
+    """``cache_speedup`` from the previous metrics.json, if measured with the same settings."""
+    try:
+        old = json.loads((Path(out_dir) / METRICS).read_text())
+    except (OSError, ValueError):
+        return {}
+    timing = old.get("cache_timing") or {}
+    if timing.get("settings") != json.loads(json.dumps(_timing_settings(spec))):
+        return {}
+    return {"cache_speedup": old["cache_speedup"], "cache_timing": timing}
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -110,3 +110,26 @@ def test_new_heads_have_no_bias_and_old_heads_with_a_bias_still_load(tmp_path):
     old.load_extra(tmp_path)
     assert torch.equal(old.head.bias.detach(), bias)
     assert all(max(p, key=p.get) == "cat" for p in old.predict(["woof", "meow"]))
+
+
+def test_time_cache_is_recorded_and_kept_by_a_retrain_with_the_same_settings(tmp_path, monkeypatch):
+    import json
+
+    from conftest import make_tiny_backbone
+    from test_train import toy_spec
+
+    from bot.train import time_cache, train_adapter
+
+    spec = toy_spec(tmp_path, epochs=1.0)
+    spec = spec.replace(lora=spec.lora.__class__(r=4, target_modules=["q_proj", "v_proj"], layers=[1]))
+    spec.save(spec.folder)
+    train_adapter(spec, make_tiny_backbone(), spec.folder)
+    result = time_cache(spec, make_tiny_backbone(), steps=2)
+    saved = json.loads((spec.folder / "metrics.json").read_text())
+    assert saved["cache_speedup"] == result["cache_speedup"] > 0
+    assert saved["cache_timing"]["first_cached_layer"] == 1
+    train_adapter(spec, make_tiny_backbone(), spec.folder, epochs=2.0)  # same settings: kept
+    assert json.loads((spec.folder / "metrics.json").read_text())["cache_speedup"] == result["cache_speedup"]
+    spec.train.max_length = 24  # per-epoch time changes: the old figure is dropped
+    train_adapter(spec, make_tiny_backbone(), spec.folder)
+    assert "cache_speedup" not in json.loads((spec.folder / "metrics.json").read_text())
