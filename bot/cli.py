@@ -201,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _training_threads() -> int:
     """Threads for a training run: ``$BOT_TRAIN_THREADS``, else the cores other jobs leave free.
 
-    Two training threads time-sliced against other busy processes wait on each other at
-    every parallel op: on the 2-core machine, with three training runs at once, steps
-    ran 3-6x slower than with one thread each.
+    Threads time-sliced against other busy processes wait on each other at every
+    parallel op, so a training run takes only the cores the 1-minute load average
+    leaves idle (at least one).
     """
     cores = os.cpu_count() or 1
     if os.environ.get("BOT_TRAIN_THREADS"):

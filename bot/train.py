@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from .errors import DataError
+from .errors import DataError, SpecError
 from .fsutil import atomic_dir_write
 from .registry import load_task
 from .spec import AdapterSpec
@@ -139,6 +139,8 @@ def time_cache(spec: AdapterSpec, backbone, steps: int = 8) -> dict:
     ``ClassifyTask.time_paths``), then records the figures as ``cache_speedup`` in the
     adapter's metrics.json (if it exists).
     """
+    if spec.kind != "classify":
+        raise SpecError(f"--time-cache times classify training; adapter '{spec.name}' is {spec.kind}")
     spec, splits = training_rows(spec)
     name = f"{spec.name}-timing"
     backbone.drop_adapter(name)
