@@ -33,7 +33,7 @@ browser-deps:
 	@sh scripts/ensure-chromium.sh
 
 lint: install
-	$(VENV)/bin/ruff check bot tests demo bench
+	$(VENV)/bin/ruff check bot tests demo
 
 bench: install
 	$(VENV)/bin/bot bench --out reports/bench.md

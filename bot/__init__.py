@@ -20,9 +20,9 @@ __all__ = ["Backbone", "AdapterSpec", "BotError", "AdapterError", "DataError",
 def __getattr__(name):
     # lazy: the router pulls in sentence-transformers, the session pulls in the router
     if name in ("Router", "RouteChoice"):
-        from . import router
+        from . import routing
 
-        return getattr(router, name)
+        return getattr(routing, name)
     if name in ("ChatSession", "Turn"):
         from . import chat
 

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from pathlib import Path
 
-from .data import check_classify_rows, read_table, require_column
+from .data import Table, cell_text, check_classify_rows, label_text, read_rows, require_column
 from .errors import DataError, SpecError
-from .spec import AdapterSpec, LoraSettings, TrainSettings
+from .spec import MANIFEST, AdapterSpec, LoraSettings, TrainSettings, check_adapter_name
+
+TRASH = ".trash"
+log = logging.getLogger(__name__)
 
 MIN_PER_LABEL = 5  # fewer examples than this rarely reach the held-out split and are learned poorly
 
 
-def _check_cells(rows: list[dict], path: Path, cols: list[str]) -> None:
-    """Reject empty cells, naming the first offending rows (header = line 1)."""
-    for col in cols:
-        empty = [i + 2 for i, r in enumerate(rows) if not str(r.get(col) or "").strip()]
-        if empty:
-            shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
-            raise DataError(f"{path}: {len(empty)} row(s) have an empty '{col}' (line {shown}). "
-                            "Fix: fill or delete those rows")
+def _cells(table: Table, path: Path, col: str, label: bool = False) -> list[str]:
+    """One column as text (numbers too; see bot.data); empty cells refused with their lines."""
+    read = label_text if label else cell_text
+    values = [read(r.get(col), path, f"{table.unit} {n}", col) for r, n in zip(table.rows, table.lines)]
+    empty = [n for v, n in zip(values, table.lines) if not v]
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
+        raise DataError(f"{path}: {len(empty)} row(s) have an empty '{col}' ({table.unit} {shown}). "
+                        "Fix: fill or delete those rows")
+    return values
 
 
 def _columns(columns: list[str], path: Path, wanted: dict[str, str]) -> None:
@@ -36,29 +43,30 @@ def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", l
         min_per_label: labels with fewer examples are refused (a lower value is kept in
             the manifest as ``data.min_per_label``, so ``bot train`` accepts them too).
     """
-    rows, columns = read_table(source)
+    table = read_rows(source)
+    rows, columns = table.rows, table.columns
     rng = random.Random(0)
     if kind == "classify":
         _columns(columns, source, {"text": text_col, "label": label_col})
-        _check_cells(rows, source, [text_col, label_col])
-        labels = check_classify_rows([{"label": str(r[label_col]).strip()} for r in rows], source,
-                                     min_per_label)
+        texts = _cells(table, source, text_col)
+        labels = check_classify_rows([{"label": v} for v in _cells(table, source, label_col, label=True)],
+                                     source, min_per_label)
         data = {"path": str(source.resolve()), "text_col": text_col, "label_col": label_col}
         if min_per_label != MIN_PER_LABEL:
             data["min_per_label"] = min_per_label
-        examples = [str(r[text_col]) for r in rng.sample(rows, min(8, len(rows)))]
         lora = LoraSettings(layers=list(range(-16, 0)))  # the top 16 layers
         template = "{text}"
     else:
         _columns(columns, source, {"prompt": prompt_col, "reply": reply_col})
-        _check_cells(rows, source, [prompt_col, reply_col])
+        texts = _cells(table, source, prompt_col)
+        _cells(table, source, reply_col)
         if len(rows) < 5:
             raise DataError(f"{source}: only {len(rows)} prompt/reply pairs; need at least 5")
         labels = []
         data = {"path": str(source.resolve()), "prompt_col": prompt_col, "reply_col": reply_col}
-        examples = [str(r[prompt_col]) for r in rng.sample(rows, min(8, len(rows)))]
         lora = LoraSettings()
         template = ""
+    examples = rng.sample(texts, min(8, len(texts)))
     # small sets get more passes; big ones one pass (keeps `bot train` within minutes)
     epochs = 3.0 if len(rows) < 1000 else 1.0
     return AdapterSpec(name=name, kind=kind, labels=labels, data=data, template=template,
@@ -68,11 +76,54 @@ def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", l
                        reply_template="**{label}** ({score:.2f})" if kind == "classify" else "")
 
 
-def add_adapter(args) -> Path:
-    source = Path(args.source).expanduser()
-    folder = Path(args.adapters_dir) / args.name
-    if (folder / "adapter.yaml").exists() and not args.force:
-        raise SpecError(f"{folder / 'adapter.yaml'} already exists. Fix: pick another name or pass --force")
-    spec = scaffold(args.name, source, args.kind, args.text_col, args.label_col, args.prompt_col,
-                    args.reply_col, args.description, getattr(args, "min_per_label", MIN_PER_LABEL))
+def add_adapter(*, name: str, source: str | Path, adapters_dir: str | Path, kind: str = "classify",
+                text_col: str = "text", label_col: str = "label", prompt_col: str = "prompt",
+                reply_col: str = "reply", description: str = "", force: bool = False,
+                min_per_label: int = MIN_PER_LABEL) -> Path:
+    """Check ``source`` and write ``adapters_dir/name/adapter.yaml``; return its path.
+
+    With ``force`` an existing folder is moved whole to ``adapters_dir/.trash/NAME-<time>/``
+    first (logged), so no old weights, head or metrics.json stay beside the new manifest and
+    nothing trained is lost.
+
+    Args:
+        name: the new adapter's name (also its folder and /command).
+        source: the user's CSV, TSV, JSONL or JSON file.
+        adapters_dir: folder holding the adapter folders.
+        kind: "classify" or "generate".
+        text_col, label_col: classify columns.
+        prompt_col, reply_col: generate columns.
+        description: one line for /help and the demo.
+        force: replace an existing adapter folder (the old one goes to ``.trash``).
+        min_per_label: rarer labels are refused (see :func:`scaffold`).
+    """
+    check_adapter_name(name, "bot add NAME")
+    source = Path(source).expanduser()
+    folder = Path(adapters_dir) / name
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"{folder} exists and is not a folder. Fix: pick another name or move it away")
+    occupied = folder.is_dir() and any(folder.iterdir())
+    if occupied and not force:
+        what = "an adapter" if (folder / MANIFEST).exists() else "files"
+        raise SpecError(f"{folder} already holds {what}. Fix: pick another name, or pass --force to "
+                        f"move the old folder to {folder.parent / TRASH}/ and start afresh")
+    spec = scaffold(name, source, kind, text_col, label_col, prompt_col, reply_col, description,
+                    min_per_label)
+    if occupied:
+        move_aside(folder)
     return spec.save(folder)
+
+
+def move_aside(folder: Path) -> Path:
+    """Move ``folder`` to ``<parent>/.trash/<name>-<timestamp>/`` (hidden, so never loaded)."""
+    trash = folder.parent / TRASH
+    trash.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = trash / f"{folder.name}-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = trash / f"{folder.name}-{stamp}-{n}"
+    folder.rename(dest)
+    log.info("moved the old %s folder (weights, metrics, manifest) to %s", folder.name, dest)
+    return dest

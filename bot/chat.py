@@ -7,7 +7,7 @@ leaking between concurrent sessions.
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .assets import default_adapters_dir
-from .tasks.classify import ClassifyTask, analyse
+from .tasks.classify import ClassifyTask
+from .text import MAX_CHARS
 
-MAX_CHARS = 2000
 MAX_NEW_TOKENS = 160
+ANALYSIS_TOKENS = 128  # the chips need a text's opening, not a whole article
+REPETITION_PENALTY = 1.1  # greedy replies of a 135M model loop without it
+_SCHEDULER_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,12 +62,12 @@ class ChatSession:
     Args:
         backbone: the loaded Backbone.
         tasks: {adapter name: Task} (see bot.registry.load_all).
-        router: a fitted bot.router.Router.
+        router: a fitted bot.routing.Router.
         max_chars: longer messages are cut, with a notice.
     """
 
     def __init__(self, backbone, tasks: dict, router, max_chars: int = MAX_CHARS,
-                 max_new_tokens: int = MAX_NEW_TOKENS):
+                 max_new_tokens: int = MAX_NEW_TOKENS, scheduler=None):
         self.backbone = backbone
         self.tasks = tasks
         self.router = router
@@ -72,6 +76,7 @@ class ChatSession:
         self.history: list[dict] = []
         self.previous: str | None = None
         self.failures: dict[str, str] = {}
+        self._scheduler = scheduler
 
     @classmethod
     def from_dir(cls, backbone=None, adapters_dir=None, encoder=None, **kwargs) -> ChatSession:
@@ -95,16 +100,30 @@ class ChatSession:
         t0 = time.perf_counter()
         for task in self.tasks.values():
             if task.kind == "generate":
-                task.generate("hello", max_new_tokens=2)
+                "".join(self._generate(task, "hello", max_tokens=2, history=[]))
         self.router.route("hello")
-        analyse(self.backbone, self.classifiers, "hello")
+        self._analyse("hello")
         return time.perf_counter() - t0
 
     def fork(self) -> ChatSession:
-        """A fresh conversation sharing this one's models (one per browser tab)."""
-        other = ChatSession(self.backbone, self.tasks, self.router, self.max_chars, self.max_new_tokens)
+        """A fresh conversation sharing this one's models and scheduler (one per browser tab)."""
+        other = ChatSession(self.backbone, self.tasks, self.router, self.max_chars,
+                            self.max_new_tokens, scheduler=self.scheduler)
         other.failures = self.failures
         return other
+
+    @property
+    def scheduler(self):
+        """The continuous-batching scheduler every fork of this session shares (bot.serve).
+
+        Browser tabs and terminal sessions decode in the same batches instead of queueing.
+        """
+        with _SCHEDULER_LOCK:
+            if self._scheduler is None:
+                from .serve.state import scheduler_for
+
+                self._scheduler = scheduler_for(self.backbone, self.tasks).start()
+            return self._scheduler
 
     @property
     def classifiers(self) -> list[ClassifyTask]:
@@ -134,12 +153,17 @@ class ChatSession:
         route = self.router.route(text, previous=self.previous)
         t_route = time.perf_counter()
         body = route.text or text
+        if route.override and route.adapter != "help" and not route.text.strip():
+            # a bare "/topic": there is nothing to classify, and "/topic" itself is not a message
+            hint = f"Type a message after /{route.adapter}, e.g. /{route.adapter} your text here"
+            yield hint, self._finish(Turn(text, hint, None, notice=notice), t0, t_route, t_route)
+            return
         if route.adapter == "help":
             turn = Turn(text, self.router.help_text(), "help", route, notice=notice)
             yield turn.reply, self._finish(turn, t0, t_route, t_route)
             return
         adapter = route.adapter if route.adapter in self.tasks else self._fallback()
-        analysis = analyse(self.backbone, self.classifiers, body)
+        analysis = self._analyse(body)
         t_analysis = time.perf_counter()
         task = self.tasks.get(adapter)
         if task is None:
@@ -166,28 +190,23 @@ class ChatSession:
             return self.router.fallback
         return next(iter(self.tasks), None)
 
-    def _generate(self, task, text: str) -> Iterator[str]:
-        """Stream a generated reply: decoding runs in a thread, pieces arrive here."""
-        from transformers import TextIteratorStreamer
+    def _analyse(self, text: str) -> dict[str, dict[str, float]]:
+        """Every classify adapter on ``text``, in the scheduler's next mixed-adapter batch."""
+        names = [t.name for t in self.classifiers]
+        if not names:
+            return {}
+        probs = self.scheduler.classify([text] * len(names), names, max_length=ANALYSIS_TOKENS)
+        return dict(zip(names, probs))
 
-        streamer = TextIteratorStreamer(self.backbone.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True, timeout=300)
-        errors = []
+    def _generate(self, task, text: str, max_tokens: int | None = None,
+                  history: list[dict] | None = None) -> Iterator[str]:
+        """Stream a generated reply; decoding happens in the shared scheduler's batches."""
+        from .serve import SamplingParams
 
-        def work():
-            try:
-                task.generate(text, history=self.history, max_new_tokens=self.max_new_tokens,
-                              streamer=streamer)
-            except BaseException as err:  # surface it in this thread, never hang the stream
-                errors.append(err)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        yield from (piece for piece in streamer if piece)
-        thread.join()
-        if errors:
-            raise errors[0]
+        ids = task.prompt_ids(text, self.history if history is None else history)[0].tolist()
+        params = SamplingParams(max_tokens=max_tokens or self.max_new_tokens,
+                                repetition_penalty=REPETITION_PENALTY)
+        yield from self.scheduler.stream(ids, task.name, params)
 
     def _finish(self, turn: Turn, t0: float, t_route: float, t_analysis: float) -> Turn:
         now = time.perf_counter()
@@ -200,14 +219,20 @@ class ChatSession:
         return turn
 
 
-def run_terminal_chat(args) -> int:
-    """`bot chat`: the same session in the terminal."""
+def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str | None = None) -> int:
+    """`bot chat`: the same session in the terminal (stdin/stdout) until Ctrl-D.
+
+    Args:
+        adapters_dir: folder holding the adapter folders (None: the default).
+        backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+    """
     from .backbone import Backbone
 
-    bb = Backbone.load(args.backbone)
-    session = ChatSession.from_dir(bb, Path(args.adapters_dir))
+    bb = Backbone.load(backbone)
+    session = ChatSession.from_dir(bb, adapters_dir)
     for name, err in session.failures.items():
-        print(f"note: adapter {name} not loaded: {err}", file=sys.stderr)
+        log.warning("note: adapter %s not loaded: %s", name, err)
+    log.info("warming up (serving engine, classifiers, router) ... %.1f s", session.warm_up())
     print(f"adapters: {', '.join(session.tasks)}. /help lists commands; Ctrl-D quits.")
     while True:
         try:

@@ -1,8 +1,14 @@
-"""`bot` command line: a thin map from subcommands onto library functions."""
+"""`bot` command line: a thin map from subcommands onto library functions.
+
+The only module that knows argparse: each ``cmd_*`` maps the parsed Namespace onto a library
+function's keyword arguments. Library code logs through ``logging``; ``main`` shows the
+``bot`` and ``demo`` loggers' INFO and above on stderr, as plain lines.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -28,43 +34,41 @@ def _backbone(args):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
-    import logging
-
     import torch
 
-    from .spec import AdapterSpec
-    from .train import reevaluate_adapter, train_adapter
+    from .fsutil import adapter_lock
+    from .spec import AdapterSpec, check_adapter_name, check_run_values
+    from .train import reevaluate_adapter, time_cache, train_adapter
 
+    # every check before the slow part: values, manifest, and no other run on this adapter
+    check_run_values(epochs=args.epochs, max_examples=args.max_examples, eval_examples=args.eval_examples)
+    check_adapter_name(args.name, "bot train NAME")
     # the training path taken (cached or not, and why) is logged by bot.tasks
-    logger = logging.getLogger("bot")
-    logger.setLevel(logging.INFO)
-    if not logger.handlers:
-        logger.addHandler(logging.StreamHandler(sys.stderr))
     torch.set_num_threads(_training_threads())
-    logger.info("threads: %d, OMP_WAIT_POLICY=%s", torch.get_num_threads(),
-                os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)"))
+    logging.getLogger("bot").info("threads: %d, OMP_WAIT_POLICY=%s", torch.get_num_threads(),
+                                  os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)"))
     folder = Path(args.adapters_dir) / args.name
     spec = AdapterSpec.from_dir(folder)
-    bb = _backbone(args)
-    if args.time_cache:
-        from .train import time_cache
-
-        r = time_cache(spec, bb, args.time_cache)
-        if "cache_speedup" not in r:
-            print(f"{args.name}: no cached path ({r['path_reason']})")
+    with adapter_lock(folder):
+        bb = _backbone(args)
+        if args.time_cache:
+            r = time_cache(spec, bb, args.time_cache)
+            if "cache_speedup" not in r:
+                print(f"{args.name}: no cached path ({r['path_reason']})")
+                return 0
+            print(f"{args.name}: {r['uncached_epoch_seconds']:.0f} s/epoch uncached, "
+                  f"{r['cached_epoch_seconds']:.0f} s/epoch cached (+{r['cache_build_seconds']:.0f} s once "
+                  f"to build {r['cache_mb']:.0f} MB): cache_speedup {r['cache_speedup']:.2f}x wall-clock, "
+                  f"{r['cache_speedup_cpu']:.2f}x CPU time, over {r['steps_timed']} step pairs on "
+                  f"{r['threads']} thread(s)")
             return 0
-        print(f"{args.name}: {r['uncached_epoch_seconds']:.0f} s/epoch uncached, {r['cached_epoch_seconds']:.0f} s/epoch "
-              f"cached (+{r['cache_build_seconds']:.0f} s once to build {r['cache_mb']:.0f} MB): "
-              f"cache_speedup {r['cache_speedup']:.2f}x wall-clock, {r['cache_speedup_cpu']:.2f}x CPU time, "
-              f"over {r['steps_timed']} step pairs on {r['threads']} thread(s)")
-        return 0
-    if args.eval_only:
-        metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
-        print(_summary(metrics))
-        print(f"updated {folder / 'metrics.json'} (training figures kept)")
-        return 0
-    metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
-                            eval_examples=args.eval_examples, command=args.command_line)
+        if args.eval_only:
+            metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
+            print(_summary(metrics))
+            print(f"updated {folder / 'metrics.json'} (training figures kept)")
+            return 0
+        metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
+                                eval_examples=args.eval_examples, command=args.command_line)
     print(_summary(metrics))
     print(f"saved {folder} (metrics.json has the held-out scores and the exact command)")
     return 0
@@ -82,53 +86,107 @@ def _summary(m: dict) -> str:
 def cmd_list(args) -> int:
     import json
 
-    from .spec import discover
+    from .spec import require_usable, scan
 
-    for spec in discover(args.adapters_dir):
-        mpath = spec.folder / "metrics.json"
-        state = _summary(json.loads(mpath.read_text())) if mpath.exists() else "not trained yet"
-        print(f"{spec.name:12s} {spec.kind:9s} {spec.description}\n{'':22s}{state}")
+    specs, failed = scan(args.adapters_dir)
+    require_usable(specs, failed)  # only when nothing at all can be listed
+    entries = sorted([(s.name, s) for s in specs] + list(failed.items()), key=lambda e: e[0])
+    for name, item in entries:
+        if isinstance(item, str):  # a folder that failed: say why instead of stopping
+            print(f"{name:12s} {'FAILED':9s}\n{'':22s}{item}")
+            continue
+        mpath = item.folder / "metrics.json"
+        try:
+            state = _summary(json.loads(mpath.read_text())) if mpath.exists() else "not trained yet"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            state = f"{mpath} is unreadable ({type(err).__name__}). Fix: bot train {name} --eval-only"
+        print(f"{name:12s} {item.kind:9s} {item.description}\n{'':22s}{state}")
     return 0
 
 
 def cmd_info(args) -> int:
     from .info import backbone_info
 
-    print(backbone_info(args))
+    print(backbone_info(adapters_dir=args.adapters_dir, backbone=args.backbone))
     return 0
 
 
 def cmd_add(args) -> int:
     from .add import add_adapter
 
-    path = add_adapter(args)
+    path = add_adapter(name=args.name, source=args.source, adapters_dir=args.adapters_dir,
+                       kind=args.kind, text_col=args.text_col, label_col=args.label_col,
+                       prompt_col=args.prompt_col, reply_col=args.reply_col,
+                       description=args.description, force=args.force,
+                       min_per_label=args.min_per_label)
     print(f"wrote {path}\nnext: bot train {args.name} && bot eval {args.name}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_eval
+    from .eval.evaluate import all_failed, run_eval
 
-    return run_eval(args)
+    results = run_eval(adapters_dir=args.adapters_dir, names=args.names, backbone=args.backbone,
+                       data=args.data, out=args.out, max_examples=args.max_examples,
+                       curve=args.curve, curve_adapters=args.curve_adapters,
+                       no_router=args.no_router, no_zero_shot=args.no_zero_shot,
+                       command_line=args.command_line)
+    out = Path(args.out)
+    print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
+    return 1 if all_failed(results) else 0
 
 
 def cmd_chat(args) -> int:
     from .chat import run_terminal_chat
 
-    return run_terminal_chat(args)
+    return run_terminal_chat(adapters_dir=args.adapters_dir, backbone=args.backbone)
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    if args.serve:
+        from .serve.bench import run_serve_bench
 
-    return run_bench(args)
+        result = run_serve_bench(adapters_dir=args.adapters_dir, backbone=args.backbone,
+                                 out_dir=Path(args.out).parent, n_requests=args.requests,
+                                 max_tokens=args.tokens, command_line=args.command_line)
+        print(f"speedup_8 {result['speedup_8']}x, p95_ttft_ms_8 {result['p95_ttft_ms_8']}, "
+              f"failed {result['failed']}, adapter_memory_share {result['adapter_memory_share']:.2%}"
+              f" -> {Path(args.out).parent / 'serve.md'}")
+        return 0
+    from .eval.bench import run_bench
+
+    print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
+                    tokens=args.tokens, command_line=args.command_line))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.server import serve
+
+    return serve(_backbone(args), args.adapters_dir, host=args.host, port=args.port,
+                 api_key=args.api_key or None, precision=args.precision,
+                 max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_model_len,
+                 with_router=not args.no_router)
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    bb = _backbone(args)
+    manifest = export(args.names, args.to, backbone=bb, adapters_dir=args.adapters_dir,
+                      target=args.target, max_lora_rank=args.max_lora_rank)
+    kinds = [*(f"{n} (generate)" for n in manifest["generate"]),
+             *(f"{n} (classify)" for n in manifest["classify"])]
+    print(f"wrote {args.to}: base + {', '.join(kinds)}; --max-lora-rank {manifest['max_lora_rank']}\n"
+          f"next: read {Path(args.to) / 'README.md'} for the vllm serve commands and client code")
+    return 0
 
 
 def cmd_demo(args) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from demo.app import launch
 
-    return launch(args)
+    return launch(adapters_dir=args.adapters_dir, backbone=args.backbone, host=args.host,
+                  port=args.port, share=args.share)
 
 
 # -------------------------------------------------------------------- parser
@@ -145,6 +203,25 @@ above that it is a temporary file under $BOT_CACHE/train-states (deleted after).
 training threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) and use the
 cores other jobs leave free (BOT_TRAIN_THREADS overrides).
 """
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
+def _curve_sizes(text: str) -> str:
+    """Check ``--curve`` here, so a typo is a usage message rather than a traceback."""
+    parts = [p.strip().upper() for p in text.split(",")]
+    if not parts or not all(p == "ALL" or (p.isdigit() and int(p) > 0) for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive sizes or ALL, e.g. 32,128,ALL")
+    return ",".join(parts)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bot", description="One backbone, many LoRA adapters, a router and a demo.")
@@ -163,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored (default 1000)")
     t.add_argument("--eval-only", action="store_true",
                    help="do not train: re-score the saved adapter on its held-out split and update metrics.json")
-    t.add_argument("--time-cache", type=int, metavar="STEPS",
+    t.add_argument("--time-cache", type=_positive, metavar="STEPS",
                    help="do not train: time STEPS steps with and without cached frozen layers, side by side, "
                         "and record cache_speedup in metrics.json")
     t.set_defaults(func=cmd_train)
@@ -177,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt-col", default="prompt")
     a.add_argument("--reply-col", default="reply")
     a.add_argument("--description", default="")
-    a.add_argument("--force", action="store_true", help="overwrite an existing adapter.yaml")
-    a.add_argument("--min-per-label", type=int, default=5,
+    a.add_argument("--force", action="store_true",
+                   help="replace an existing adapter: its folder is moved to ADAPTERS_DIR/.trash/NAME-<time>/")
+    a.add_argument("--min-per-label", type=_positive, default=5,
                    help="refuse labels with fewer examples (default 5; 1 keeps every label, rare ones are learned poorly)")
     a.set_defaults(func=cmd_add)
 
@@ -187,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate one adapter on your own CSV/JSONL (same columns as its manifest)")
     e.add_argument("--out", default="reports", help="output folder (default: reports/)")
     e.add_argument("--max-examples", type=int, default=400, help="held-out examples per task (default 400)")
-    e.add_argument("--curve", help="learning curve sizes, e.g. 32,128,512,ALL")
+    e.add_argument("--curve", type=_curve_sizes, help="learning curve sizes, e.g. 32,128,512,ALL")
     e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
     e.add_argument("--no-zero-shot", action="store_true",
@@ -203,7 +281,37 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="speed benchmark; writes a markdown table")
     b.add_argument("--out", default="reports/bench.md")
     b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--serve", action="store_true",
+                   help="benchmark `bot serve` instead: 1/4/8/16 concurrent clients vs one by one, "
+                        "on this CPU and with AVX2 only -> reports/serve.md and serve.json")
+    b.add_argument("--requests", type=_positive, default=32, help="requests per level (--serve)")
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("serve", parents=[common],
+                       help="OpenAI-compatible API: many clients and adapters share batched decoding")
+    v.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    v.add_argument("--port", type=int, default=int(os.environ.get("BOT_SERVE_PORT", 8000)))
+    v.add_argument("--api-key", default=os.environ.get("BOT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (also BOT_API_KEY); enables adapter "
+                        "loading and unloading over the API")
+    v.add_argument("--max-batch", type=_positive, default=16, help="requests decoded together")
+    v.add_argument("--max-queue", type=_positive, default=64,
+                   help="requests waiting or running before new ones get 429")
+    v.add_argument("--max-model-len", type=_positive, default=2048,
+                   help="context limit per request: prompt + max_tokens")
+    v.add_argument("--precision", choices=["auto", "fp32", "bf16", "w8"], default="auto",
+                   help="base weights while serving (auto: int8 where the CPU has native bf16, "
+                        "else fp32; fp32 is exact)")
+    v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
+    v.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("export", parents=[common], help="write adapters + backbone for vLLM")
+    x.add_argument("names", nargs="+", help="adapters to export")
+    x.add_argument("--to", required=True, help="output folder (replaced atomically)")
+    x.add_argument("--for", dest="target", choices=["vllm"], default="vllm", help="engine (default vllm)")
+    x.add_argument("--max-lora-rank", type=int,
+                   help="vLLM's --max-lora-rank (1, 8, 16, ..., 512; default: the smallest that fits)")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", parents=[common], help="launch the Gradio demo on 127.0.0.1:7860")
     d.add_argument("--host", default="127.0.0.1")
@@ -221,8 +329,12 @@ def _training_threads() -> int:
     leaves idle (at least one).
     """
     cores = os.cpu_count() or 1
-    if os.environ.get("BOT_TRAIN_THREADS"):
-        return max(1, int(os.environ["BOT_TRAIN_THREADS"]))
+    wanted = os.environ.get("BOT_TRAIN_THREADS", "").strip()
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise BotError(f"BOT_TRAIN_THREADS={wanted!r} is not a whole number >= 1. "
+                           "Fix: set it to a thread count, e.g. 2, or unset it")
+        return int(wanted)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores, cores - int(busy + 0.5)))
 
@@ -245,6 +357,26 @@ def _passive_omp_for_training(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "bot.cli", *argv], env)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and shells may swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show the library's log lines on stderr as plain text (what ``bot`` printed before)."""
+    for name in ("bot", "demo"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, _StderrHandler)]
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None  # only a real command line may re-exec (tests call main(argv))
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -252,9 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     if from_shell and args.cmd == "train":
         _passive_omp_for_training(argv)
     args.command_line = _command_line(argv)
+    setup_logging()
     try:
         return args.func(args)
     except BotError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the user gave cannot be read or written
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

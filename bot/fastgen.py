@@ -1,14 +1,13 @@
 """Fast generation with one adapter: merge it, then shrink the weights.
 
 Decoding one token at batch size 1 on a CPU is bound by memory bandwidth: every
-step reads every weight. Measured on the 2-core machine (reports/bench.md):
-* an unmerged peft adapter adds a LoRA detour to every linear layer (~0.85x base);
+step reads every weight. So (figures in reports/bench.md and the README's Design):
+* an unmerged peft adapter adds a LoRA detour to every linear layer (slower than base);
 * merging the adapter into a copy of the weights removes that cost entirely;
-* bfloat16 halves the bytes read (~1.9x), int8 weight-only (per output channel,
-  bf16 activations, ``torch._weight_int8pack_mm``) quarters them (~3x), with
-  held-out reply perplexity within ~2 % of float32. Dynamic int8 quantization of
-  activations (torch.ao ``quantize_dynamic``) was also tried: fast, but perplexity
-  went from 22 to 97, so it is not offered.
+* bfloat16 halves the bytes read, int8 weight-only (per output channel, bf16
+  activations, ``torch._weight_int8pack_mm``) quarters them, with held-out reply
+  perplexity close to float32. Dynamic int8 quantization of activations (torch.ao
+  ``quantize_dynamic``) was also tried: fast, but it ruined perplexity, so it is not offered.
 
 An "engine" is a plain (peft-free) model holding base + one merged adapter in the
 chosen precision. Engines are built on first use and kept in a small LRU cache, so
@@ -19,7 +18,6 @@ modified.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 
 import torch
@@ -109,7 +107,7 @@ class FastGenerator:
     Args:
         backbone: the Backbone whose weights and adapters are used.
         mode: "w8" (default), "bf16" or "fp32" (merged only).
-        max_engines: engines kept in memory (each ~0.25 GB in w8 for SmolLM2-135M).
+        max_engines: engines kept in memory (reports/bench.md gives the size of one).
     """
 
     def __init__(self, backbone, mode: str = DEFAULT_MODE, max_engines: int = 3):
@@ -118,7 +116,6 @@ class FastGenerator:
         self.max_engines = max_engines
         self._engines: OrderedDict[tuple, nn.Module] = OrderedDict()
         self._lock = threading.RLock()
-        self.build_seconds: dict[str | None, float] = {}
 
     def engine(self, adapter: str | None) -> nn.Module:
         key = (adapter, self.mode)
@@ -126,9 +123,7 @@ class FastGenerator:
             if key in self._engines:
                 self._engines.move_to_end(key)
                 return self._engines[key]
-            t0 = time.perf_counter()
             model = build_engine(self.backbone, adapter, self.mode)
-            self.build_seconds[adapter] = time.perf_counter() - t0
             self._engines[key] = model
             while len(self._engines) > self.max_engines:
                 self._engines.popitem(last=False)

@@ -1,8 +1,14 @@
-"""`bot info`: what is loaded, from where, how fast, and what it costs in memory."""
+"""`bot info`: what is loaded, from where, how fast, and what it costs in memory.
+
+Also the one description of the machine that reports and metrics files record.
+"""
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
+from pathlib import Path
 
 
 def rss_mb() -> float:
@@ -17,14 +23,39 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def backbone_info(args) -> str:
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """e.g. ``x86_64, 2 CPU cores (AMD EPYC 7B13), torch 2.13.0+cpu``: recorded beside every figure."""
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}"
+
+
+def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None) -> str:
+    """A plain-text summary of the backbone and the adapters under ``adapters_dir``.
+
+    Args:
+        adapters_dir: folder holding ``<name>/adapter.yaml``.
+        backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+    """
     from .backbone import Backbone
     from .registry import load_all
 
     before = rss_mb()
-    bb = Backbone.load(args.backbone)
+    bb = Backbone.load(backbone)
     after_backbone = rss_mb()
-    tasks, failures = load_all(bb, args.adapters_dir)
+    tasks, failures = load_all(bb, adapters_dir)
     lines = [
         f"backbone     {bb.info.name}",
         f"loaded from  {bb.info.source}",
@@ -33,7 +64,7 @@ def backbone_info(args) -> str:
         f"fingerprint  {bb.fingerprint}",
         f"compute      {str(bb.compute_dtype).replace('torch.', '')} (autocast; weights float32)",
         f"memory       {rss_mb():.0f} MB resident (backbone added {after_backbone - before:.0f} MB)",
-        f"adapters     {len(tasks)} loaded from {args.adapters_dir}",
+        f"adapters     {len(tasks)} loaded from {adapters_dir}",
     ]
     for name, task in tasks.items():
         lines.append(f"  - {name:12s} {task.kind:9s} {bb.adapter_nbytes(name) / 1e6:6.2f} MB  {task.spec.description}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .errors import BotError
-from .spec import AdapterSpec, discover
+from .spec import AdapterSpec, discover, scan
 from .tasks import task_class
+
+log = logging.getLogger(__name__)
 
 
 def load_task(backbone, spec: AdapterSpec):
@@ -31,21 +34,28 @@ def load_all(backbone, adapters_dir, names: list[str] | None = None):
 
     Returns:
         (tasks by name, failures as {name: error message}). One bad adapter never
-        stops the others from loading.
+        stops the others from loading: a broken manifest, a clashing name, bad weights
+        or an unexpected error in one folder marks only that folder failed.
     """
-    tasks, failures = {}, {}
-    for spec_dir in sorted(Path(adapters_dir).glob("*/adapter.yaml")):
-        name = spec_dir.parent.name
-        if names and name not in names:
+    specs, failures = scan(adapters_dir)
+    if names:
+        failures = {k: v for k, v in failures.items() if k in names}
+    tasks = {}
+    for spec in specs:
+        if names and spec.name not in names:
+            continue
+        if not (spec.folder / "adapter_model.safetensors").exists():
+            failures[spec.name] = f"not trained yet: run `bot train {spec.name}`"
             continue
         try:
-            spec = AdapterSpec.from_dir(spec_dir.parent)
-            if not (spec_dir.parent / "adapter_model.safetensors").exists():
-                failures[name] = f"not trained yet: run `bot train {name}`"
-                continue
             tasks[spec.name] = load_task(backbone, spec)
         except BotError as err:
-            failures[name] = str(err)
+            failures[spec.name] = str(err)
+        except Exception as err:  # a bug or a library surprise in one folder must not stop the rest
+            log.exception("adapter %s failed to load", spec.name)
+            backbone.drop_adapter(spec.name)
+            failures[spec.name] = (f"{spec.folder}: could not be loaded ({type(err).__name__}: "
+                                   f"{str(err)[:300]}). Fix: retrain it with `bot train {spec.name}`")
     return tasks, failures
 
 

@@ -7,17 +7,100 @@ file, the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
+import math
+import re
+import string
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from .errors import SpecError
+from .fsutil import atomic_write_text
 
 KINDS = ("classify", "generate")
 MANIFEST = "adapter.yaml"
+# Every linear layer of a Llama-style decoder block.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# ------------------------------------------------------------------ adapter names
+MAX_NAME = 64
+NAME_PATTERN = rf"[A-Za-z][A-Za-z0-9_-]{{0,{MAX_NAME - 1}}}"
+"""An adapter name: a letter, then letters, digits, '-' or '_' (it is also a folder and a /command)."""
+NAME_RULE = f"letters, digits, '-' or '_', starting with a letter, at most {MAX_NAME} characters"
+# 'help' and 'auto' are chat commands / the demo's "let the router choose"; 'base' and
+# '__base__' mean the bare backbone (peft's own name for it). Compared case-insensitively,
+# because typed commands are ("/Help" is "/help").
+RESERVED_NAMES = ("help", "auto", "base", "__base__")
+_NAME = re.compile(NAME_PATTERN)
+
+# Bounds on manifest values (README "Add your own task" lists them). They are generous:
+# they only catch typos and values that would run for ever or exhaust memory.
+MAX_EPOCHS = 100
+MAX_RANK = 512
+MAX_BATCH = 4096
+MAX_LENGTH = 131072  # also capped by the backbone's own context when training
+MAX_LR = 1.0
+
+# Placeholders each format string in a manifest may use.
+TEMPLATE_FIELDS = {"template": ("text",), "reply_template": ("label", "score")}
+_SAMPLE = {"text": "sample text", "label": "sample", "score": 0.5}
+
+
+def check_adapter_name(name: str, where: str = "") -> None:
+    """Raise SpecError unless ``name`` is a safe folder name and /command, and not reserved.
+
+    Args:
+        name: the adapter name to check.
+        where: the file or place it came from (a manifest, a flag), named in the message.
+    """
+    where = where or "adapter"
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = (f"{name[:40]!r}... ({len(name)} characters)" if isinstance(name, str) and len(name) > 60
+                 else repr(name))
+        raise SpecError(f"{where}: key 'name' must be {NAME_RULE}, got {shown}. Fix: rename the adapter "
+                        "(e.g. 'spam' or 'spam-2'), and its folder with it")
+    if name.lower() in RESERVED_NAMES:
+        raise SpecError(f"{where}: key 'name' {name!r} is reserved (reserved: {', '.join(RESERVED_NAMES)}). "
+                        "Fix: pick another name")
+
+
+def check_template(value, where: str, key: str) -> None:
+    """A format string may use only its allowed placeholders and must fill in cleanly."""
+    allowed = TEMPLATE_FIELDS[key]
+    words = ", ".join("{" + a + "}" for a in allowed)
+    fix = f"Fix: use only {words} (write a literal brace as {{{{ or }}}})"
+    if not isinstance(value, str):
+        raise SpecError(f"{where}: key '{key}' must be a string, got {value!r}")
+    try:
+        used = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as err:
+        raise SpecError(f"{where}: key '{key}' is not a valid template ({err}). {fix}") from err
+    for f in used:
+        if f not in allowed:  # also refuses {} / {0} and attribute or index access
+            raise SpecError(f"{where}: key '{key}' uses the unknown placeholder {{{f}}}; "
+                            f"allowed placeholders: {words}. {fix}")
+    try:
+        value.format(**_SAMPLE)
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise SpecError(f"{where}: key '{key}' cannot be filled in ({err}), e.g. a format like "
+                        f"{{score:.2q}}. {fix}; formats as in Python, e.g. {{score:.2f}}") from err
+
+
+def check_run_values(*, epochs: float | None = None, max_examples: int | None = None,
+                     eval_examples: int | None = None) -> None:
+    """Refuse out-of-range `bot train` overrides before any work starts."""
+    if epochs is not None and not (_finite(epochs) and 0 < epochs <= MAX_EPOCHS):
+        raise SpecError(f"--epochs must be a finite number in (0, {MAX_EPOCHS}], got {epochs!r}. "
+                        "Fix: pass e.g. --epochs 1 (fractions such as 0.5 are allowed)")
+    for flag, value in (("--max-examples", max_examples), ("--eval-examples", eval_examples)):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise SpecError(f"{flag} must be a whole number >= 1, got {value!r}. "
+                            f"Fix: pass e.g. {flag} 100, or leave it out")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -28,17 +111,20 @@ class LoraSettings:
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.05
     """Dropout on the LoRA input during training."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     """Linear layers that get a LoRA pair."""
     layers: list[int] | None = None
     """Only these decoder layers get LoRA (None = all; negative = from the top). Upper layers only = cheaper backward."""
 
     def check(self, where: str) -> None:
-        _require(self.r >= 1, where, "lora.r", "an integer >= 1", self.r)
-        _require(self.alpha > 0, where, "lora.alpha", "a number > 0", self.alpha)
-        _require(0 <= self.dropout < 1, where, "lora.dropout", "a number in [0, 1)", self.dropout)
-        _require(bool(self.target_modules), where, "lora.target_modules", "a non-empty list", self.target_modules)
+        _require(isinstance(self.r, int) and 1 <= self.r <= MAX_RANK, where, "lora.r",
+                 f"an integer in [1, {MAX_RANK}]", self.r)
+        _require(_finite(self.alpha) and 0 < self.alpha <= 8 * MAX_RANK, where, "lora.alpha",
+                 f"a number in (0, {8 * MAX_RANK}]", self.alpha)
+        _require(_finite(self.dropout) and 0 <= self.dropout < 1, where, "lora.dropout",
+                 "a number in [0, 1)", self.dropout)
+        _require(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
+                 where, "lora.target_modules", "a non-empty list of layer names", self.target_modules)
 
     def to_peft(self, num_layers: int | None = None):
         from peft import LoraConfig
@@ -72,10 +158,21 @@ class TrainSettings:
     """Learning rate for a classification head."""
 
     def check(self, where: str) -> None:
-        _require(self.epochs > 0, where, "train.epochs", "a number > 0", self.epochs)
-        _require(self.learning_rate > 0, where, "train.learning_rate", "a number > 0", self.learning_rate)
-        _require(self.batch_size >= 1, where, "train.batch_size", "an integer >= 1", self.batch_size)
-        _require(self.max_length >= 8, where, "train.max_length", "an integer >= 8", self.max_length)
+        _require(_finite(self.epochs) and 0 < self.epochs <= MAX_EPOCHS, where, "train.epochs",
+                 f"a finite number in (0, {MAX_EPOCHS}]", self.epochs)
+        for key in ("learning_rate", "head_lr"):
+            value = getattr(self, key)
+            _require(_finite(value) and 0 < value <= MAX_LR, where, f"train.{key}",
+                     f"a finite number in (0, {MAX_LR}]", value)
+        _require(isinstance(self.batch_size, int) and 1 <= self.batch_size <= MAX_BATCH, where,
+                 "train.batch_size", f"an integer in [1, {MAX_BATCH}]", self.batch_size)
+        _require(isinstance(self.max_length, int) and 8 <= self.max_length <= MAX_LENGTH, where,
+                 "train.max_length", f"an integer in [8, {MAX_LENGTH}] (and within the backbone's "
+                 "context)", self.max_length)
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**32, where, "train.seed",
+                 "an integer in [0, 2**32)", self.seed)
+        _require(self.max_examples is None or (isinstance(self.max_examples, int) and self.max_examples >= 1),
+                 where, "train.max_examples", "null or an integer >= 1", self.max_examples)
 
 
 @dataclass
@@ -107,9 +204,10 @@ class AdapterSpec:
 
     def __post_init__(self):
         where = str(self.folder / MANIFEST) if self.folder else f"adapter '{self.name}'"
-        _require(isinstance(self.name, str) and self.name.replace("_", "").replace("-", "").isalnum(),
-                 where, "name", "letters, digits, '-' or '_'", self.name)
+        check_adapter_name(self.name, where)
         _require(self.kind in KINDS, where, "kind", f"one of {KINDS}", self.kind)
+        for key in ("description", "template", "reply_template"):
+            _require(isinstance(getattr(self, key), str), where, key, "a string", getattr(self, key))
         if self.kind == "classify" and self.labels:
             _require(len(self.labels) >= 2, where, "labels", "at least two labels", self.labels)
         if self.data:
@@ -117,6 +215,10 @@ class AdapterSpec:
                      "a mapping with `bundled: ID` or `path: FILE`", self.data)
         if self.kind == "classify":
             _require("{text}" in self.template, where, "template", "a string containing {text}", self.template)
+            check_template(self.template, where, "template")
+        # generate: `template` is a system prompt, sent as written (never formatted)
+        if self.reply_template:
+            check_template(self.reply_template, where, "reply_template")
         self.lora.check(where)
         self.train.check(where)
 
@@ -130,7 +232,10 @@ class AdapterSpec:
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
-            raise SpecError(f"{path}: not valid YAML ({err})") from err
+            raise SpecError(f"{path}: not valid YAML ({err}). Fix: correct the line named above, "
+                            f"or recreate it with `bot add {folder.name} --from FILE --force`") from err
+        except (UnicodeDecodeError, OSError) as err:
+            raise SpecError(f"{path}: cannot be read ({err}). Fix: re-save it as UTF-8 text") from err
         return cls.from_dict(raw, path)
 
     @classmethod
@@ -149,8 +254,10 @@ class AdapterSpec:
         kwargs["lora"] = _sub(LoraSettings, raw.get("lora") or {}, path, "lora")
         kwargs["train"] = _sub(TrainSettings, raw.get("train") or {}, path, "train")
         for key in ("labels", "route_examples"):
-            if not isinstance(kwargs.get(key, []), list):
-                raise SpecError(f"{path}: key '{key}' must be a list, got {kwargs[key]!r}")
+            value = kwargs.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise SpecError(f"{path}: key '{key}' must be a list of strings, got {value!r}. "
+                                "Fix: quote numbers and yes/no words, e.g. ['0', '1']")
         if not isinstance(kwargs.get("data", {}), dict):
             raise SpecError(f"{path}: key 'data' must be a mapping, got {kwargs['data']!r}")
         try:
@@ -165,15 +272,8 @@ class AdapterSpec:
 
     def save(self, folder: str | Path) -> Path:
         """Write adapter.yaml atomically into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / MANIFEST
-        fd, tmp = tempfile.mkstemp(prefix=".adapter.yaml.", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(self.to_dict(), fh, sort_keys=False, allow_unicode=True, width=100)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is meant to be shared
-        os.replace(tmp, path)
-        return path
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+        return atomic_write_text(Path(folder) / MANIFEST, text)
 
     def replace(self, **changes) -> AdapterSpec:
         return dataclasses.replace(self, **changes)
@@ -190,7 +290,8 @@ def _sub(cls, raw, path: Path, key: str):
     types = {f.name: f.type for f in fields(cls)}
     for k, v in raw.items():
         if not _type_ok(v, types[k]):
-            raise SpecError(f"{path}: key '{key}.{k}' must be {_TYPE_WORDS[types[k]]}, got {v!r}")
+            raise SpecError(f"{path}: key '{key}.{k}' must be {_TYPE_WORDS[types[k]]}, got {v!r}. "
+                            f"Fix: write it as {_TYPE_WORDS[types[k]]} (see README, 'Add your own task')")
     return cls(**raw)
 
 
@@ -215,12 +316,55 @@ def _type_ok(v, want: str) -> bool:
 
 def _require(ok: bool, where: str, key: str, expected: str, got) -> None:
     if not ok:
-        raise SpecError(f"{where}: key '{key}' must be {expected}, got {got!r}")
+        raise SpecError(f"{where}: key '{key}' must be {expected}, got {got!r}. "
+                        f"Fix: set '{key}' to {expected}")
+
+
+def scan(adapters_dir: str | Path) -> tuple[list[AdapterSpec], dict[str, str]]:
+    """Read every adapter folder under ``adapters_dir``; a bad one never hides the others.
+
+    Hidden folders (``.NAME.tmp-*`` left by an interrupted save, ``.trash``) are skipped.
+    When two folders carry the same manifest name, the folder named like the manifest
+    wins (else the first in sort order); the other is marked failed with both paths.
+
+    Returns:
+        (valid specs sorted by name, {folder name: why it failed, with file, key and fix}).
+    """
+    root = Path(adapters_dir)
+    if not root.is_dir():
+        return [], {}
+    found, failed = [], {}
+    for folder in sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()):
+        try:
+            found.append(AdapterSpec.from_dir(folder))
+        except SpecError as err:
+            failed[folder.name] = str(err)
+    groups: dict[str, list[AdapterSpec]] = {}
+    for spec in found:  # case-insensitive: "/Topic" and "/topic" are the same command
+        groups.setdefault(spec.name.lower(), []).append(spec)
+    specs = []
+    for group in groups.values():
+        keep = next((s for s in group if s.folder.name == s.name), group[0])
+        specs.append(keep)
+        for other in group:
+            if other is not keep:
+                failed[other.folder.name] = (
+                    f"{other.folder / MANIFEST}: name '{other.name}' is already used by "
+                    f"{keep.folder / MANIFEST}. Fix: give this copy its own name (rename the folder "
+                    f"and its 'name:' key to match), or delete {other.folder}")
+    return sorted(specs, key=lambda s: s.name), failed
+
+
+def require_usable(specs: list[AdapterSpec], failed: dict[str, str]) -> None:
+    """A bad folder never hides the good ones, but when every folder failed that is the error.
+
+    Raises:
+        SpecError: with each failed folder's message (file, key and fix).
+    """
+    if failed and not specs:
+        raise SpecError("\n".join(failed[name] for name in sorted(failed)))
 
 
 def discover(adapters_dir: str | Path) -> list[AdapterSpec]:
-    """Every ``*/adapter.yaml`` under ``adapters_dir``, sorted by name."""
-    root = Path(adapters_dir)
-    if not root.is_dir():
-        return []
-    return [AdapterSpec.from_dir(p.parent) for p in sorted(root.glob(f"*/{MANIFEST}"))]
+    """The valid adapters under ``adapters_dir``, sorted by name (see ``scan`` for the failed)."""
+    return scan(adapters_dir)[0]

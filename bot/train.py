@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from . import data as data_mod
-from .errors import DataError, SpecError
-from .fsutil import atomic_dir_write
+from .errors import AdapterError, DataError, SpecError
+from .fsutil import adapter_lock, atomic_dir_write, atomic_write_text
+from .info import machine
 from .registry import load_task
-from .spec import AdapterSpec
+from .spec import MANIFEST, AdapterSpec, check_run_values
 from .tasks import task_class
 
 METRICS = "metrics.json"
@@ -56,11 +54,34 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
     Returns:
         the metrics dict also written to ``metrics.json``.
     """
+    check_run_values(epochs=epochs, max_examples=max_examples, eval_examples=eval_examples)
+    check_context(spec, backbone)
+    with adapter_lock(out_dir):
+        return _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command)
+
+
+def check_context(spec: AdapterSpec, backbone) -> None:
+    """``train.max_length`` must fit the backbone's context window."""
+    context = getattr(backbone.base.config, "max_position_embeddings", None)
+    if context and spec.train.max_length > context:
+        raise SpecError(f"{_manifest(spec)}: key 'train.max_length' must be <= {context}, the context of "
+                        f"backbone {backbone.info.name}, got {spec.train.max_length}. Fix: set "
+                        f"train.max_length to {min(context, 512)} or less")
+
+
+def _manifest(spec: AdapterSpec) -> str:
+    return str(spec.folder / MANIFEST) if spec.folder else f"adapter '{spec.name}'"
+
+
+def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command) -> dict:
     spec, splits = training_rows(spec, max_examples)
     epochs = epochs if epochs is not None else spec.train.epochs
     torch.manual_seed(spec.train.seed)
     backbone.drop_adapter(spec.name)
-    backbone.add_adapter(spec.name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
+    try:
+        backbone.add_adapter(spec.name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
+    except AdapterError as err:
+        raise SpecError(f"{_manifest(spec)}: key 'lora.target_modules': {err}") from err
     task = task_class(spec.kind)(spec, backbone)
     t0 = time.perf_counter()
     stats = task.fit(splits.train, epochs, spec.train.seed)
@@ -80,7 +101,7 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
         "final_loss": stats["final_loss"], "loss_curve": stats["losses"],
         "train_path": {k: stats[k] for k in PATH_KEYS if k in stats},
         "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         **_kept_timing(spec, out_dir),
     }
@@ -116,7 +137,13 @@ def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None =
 
     The training figures (time, examples, command) are kept; the held-out ones are replaced.
     """
+    check_run_values(eval_examples=eval_examples)
     folder = Path(folder)
+    with adapter_lock(folder):
+        return _reevaluate(folder, backbone, eval_examples, command)
+
+
+def _reevaluate(folder: Path, backbone, eval_examples, command) -> dict:
     spec = AdapterSpec.from_dir(folder)
     task = load_task(backbone, spec)
     _, splits = training_rows(spec)
@@ -128,7 +155,7 @@ def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None =
         "eval_examples": len(test), "eval_seconds": round(time.perf_counter() - t0, 1),
         "eval_command": command, "eval_date": time.strftime("%Y-%m-%d %H:%M:%S"),
     })
-    _write_json(folder / METRICS, metrics)
+    atomic_write_text(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -154,10 +181,11 @@ def time_cache(spec: AdapterSpec, backbone, steps: int = 8) -> dict:
     result.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), settings=_timing_settings(spec))
     path = Path(spec.folder) / METRICS if spec.folder else None
     if path and path.exists() and "cache_speedup" in result:
-        metrics = json.loads(path.read_text())
-        metrics["cache_speedup"] = result["cache_speedup"]
-        metrics["cache_timing"] = result
-        _write_json(path, metrics)
+        with adapter_lock(spec.folder):  # re-entrant: `bot train --time-cache` already holds it
+            metrics = json.loads(path.read_text())
+            metrics["cache_speedup"] = result["cache_speedup"]
+            metrics["cache_timing"] = result
+            atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
     return result
 
 
@@ -173,15 +201,9 @@ def _kept_timing(spec: AdapterSpec, out_dir: Path) -> dict:
         old = json.loads((Path(out_dir) / METRICS).read_text())
     except (OSError, ValueError):
         return {}
-    timing = old.get("cache_timing") or {}
-    if timing.get("settings") != json.loads(json.dumps(_timing_settings(spec))):
+    timing = old.get("cache_timing") if isinstance(old, dict) else None
+    if not isinstance(timing, dict) or "cache_speedup" not in old \
+            or timing.get("settings") != json.loads(json.dumps(_timing_settings(spec))):
         return {}
     return {"cache_speedup": old["cache_speedup"], "cache_timing": timing}
 
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(data, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)

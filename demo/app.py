@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
-import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +22,12 @@ REPORTS = REPO / "reports"
 EVAL_MD = "eval.md"
 EMPTY_NOTICE = "Type a message to start."
 NO_REPORT = "No evaluation report yet: run `bot eval` to create the report."
-# The backbone lock serialises model calls anyway; 2 lets one request route or classify
-# while another decodes, and everything beyond waits in the queue.
-CONCURRENCY = 2
+# Replies decode in the shared scheduler's batches (bot.serve), so up to CONCURRENCY browser
+# tabs are answered together; beyond QUEUE_SIZE, Gradio refuses at once with a message.
+CONCURRENCY = 16
 QUEUE_SIZE = 64
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+log = logging.getLogger(__name__)
 
 # Local font stacks only: the demo must not fetch web fonts (it often runs offline).
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -134,7 +134,7 @@ def respond(base, message: str, force: str | None, conv: Conversation | None):
                 conv.messages[-1] = {"role": "assistant", "content": partial}
                 yield list(conv.messages), gr.skip(), conv, gr.skip()
     except Exception as err:  # show it in the chat rather than leave a pending bubble
-        traceback.print_exc()
+        log.exception("a chat turn failed")
         yield _failed(conv, err)
         return
     yield _finished(conv, turn) if turn else _failed(conv, RuntimeError("no reply was produced"))
@@ -338,28 +338,33 @@ def build_app(session) -> gr.Blocks:
     return app
 
 
-def launch(args) -> int:
-    """`bot demo`: load the models once, serve on args.host:args.port until Ctrl-C."""
+def launch(*, adapters_dir=None, backbone: str | None = None, host: str = "127.0.0.1",
+           port: int = 7860, share: bool = False) -> int:
+    """`bot demo`: load the models once, serve on host:port until Ctrl-C.
+
+    Args:
+        adapters_dir: folder holding the adapter folders (None: the default).
+        backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+        host: interface to listen on; anything but loopback is announced with a warning.
+        port: TCP port.
+        share: ask Gradio for a public share link.
+    """
     from bot.backbone import Backbone
     from bot.chat import ChatSession
 
-    host = getattr(args, "host", None) or "127.0.0.1"
-    port = int(getattr(args, "port", None) or 7860)
-    print("loading the backbone, adapters and router…", flush=True)
-    backbone = Backbone.load(getattr(args, "backbone", None))
-    session = ChatSession.from_dir(backbone, getattr(args, "adapters_dir", None))
+    log.info("loading the backbone, adapters and router…")
+    session = ChatSession.from_dir(Backbone.load(backbone), adapters_dir)
     for name, err in session.failures.items():
-        print(f"note: adapter {name} not loaded: {err}", file=sys.stderr)
-    print(f"warming up (building the fast generation engine) … {session.warm_up():.1f} s", flush=True)
+        log.warning("note: adapter %s not loaded: %s", name, err)
+    log.info("warming up (serving engine, classifiers, router) … %.1f s", session.warm_up())
     app = build_app(session)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}; anyone who can reach it can use the demo", file=sys.stderr)
+        log.warning("warning: listening on %s; anyone who can reach it can use the demo", host)
     _, local_url, share_url = app.launch(
-        server_name=host, server_port=port, share=bool(getattr(args, "share", False)),
+        server_name=host, server_port=int(port), share=bool(share),
         prevent_thread_lock=True, show_error=True, ssr_mode=False, quiet=True, theme=THEME, css=CSS,
         run_history=False)  # nothing recorded, and no page offering to upload runs elsewhere
-    print(f"demo running at {local_url}" + (f" (public link {share_url})" if share_url else ""),
-          flush=True)
+    log.info("demo running at %s%s", local_url, f" (public link {share_url})" if share_url else "")
     app.block_thread()  # until Ctrl-C
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import zlib
 from pathlib import Path
 
@@ -13,14 +12,12 @@ import numpy as np
 import pytest
 from conftest import make_tiny_backbone
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `demo` is not an installed package
-
-from bot.chat import ChatSession, Turn  # noqa: E402
-from bot.router import RouteChoice, Router  # noqa: E402
-from bot.spec import AdapterSpec, LoraSettings  # noqa: E402
-from bot.tasks.classify import ClassifyTask  # noqa: E402
-from bot.tasks.generate import GenerateTask  # noqa: E402
-from demo import app as demo_app  # noqa: E402
+from bot.chat import ChatSession, Turn
+from bot.routing import RouteChoice, Router
+from bot.spec import AdapterSpec, LoraSettings
+from bot.tasks.classify import ClassifyTask
+from bot.tasks.generate import GenerateTask
+from demo import app as demo_app
 
 
 class WordHashEncoder:

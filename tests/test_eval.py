@@ -8,9 +8,9 @@ import pytest
 from conftest import make_tiny_backbone
 from test_train import toy_spec
 
-from bot import evaluate
 from bot.cli import main
 from bot.errors import DataError
+from bot.eval import evaluate
 from bot.train import train_adapter
 
 
@@ -119,3 +119,23 @@ def test_zero_shot_is_skipped_with_a_reason_for_many_or_ambiguous_labels(tokeniz
     # the tiny byte-level tokenizer: 'DESC:manner' and 'DESC:def' share the first token 'D'
     assert "same token" in evaluate.zero_shot_skip_reason(["DESC:manner", "DESC:def"], tokenizer)
     assert evaluate.zero_shot_skip_reason(["cat", "dog"], tokenizer) is None
+
+
+def test_run_eval_takes_keywords_and_the_cli_shows_its_log_lines(trained, tmp_path, capsys):
+    results = evaluate.run_eval(adapters_dir=trained.folder.parent, names=["pets"], out=tmp_path / "kw",
+                                max_examples=10, no_router=True, command_line="test")
+    assert results["tasks"]["pets"]["status"] == "ok" and results["meta"]["command"] == "test"
+    assert json.loads((tmp_path / "kw" / "eval.json").read_text())["tasks"]["pets"]["n_test"] <= 10
+    assert not evaluate.all_failed(results)
+    capsys.readouterr()
+    assert main(["eval", "pets", "--adapters-dir", str(trained.folder.parent), "--out", str(tmp_path / "cli"),
+                 "--no-router", "--max-examples", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert "pets: adapter " in err and "| tfidf " in err  # logged by the library, shown by the CLI
+    assert f"wrote {tmp_path / 'cli' / 'eval.md'}" in out
+
+
+def test_a_bad_curve_is_a_usage_error(trained, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--curve", "32,abc", "--adapters-dir", str(trained.folder.parent)])
+    assert done.value.code == 2 and "expected positive sizes or ALL" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bot import metrics
+from bot.eval import metrics
 
 # Hand-worked example.
 #   y_true = a a a b b c

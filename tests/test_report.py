@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from bot import metrics
-from bot.report import write_report
+from bot.eval import metrics, plots
+from bot.eval.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -95,9 +95,9 @@ def test_nan_is_written_as_null(tmp_path):
 
 
 @pytest.mark.parametrize("draw", [
-    lambda p: metrics.plot_confusion([[2, 1], [0, 3]], ["a", "b"], "t", p),
-    lambda p: metrics.plot_learning_curve({"adapter": [(32, 0.6), (128, 0.8)], "tfidf+logreg": [(32, 0.5)]}, "t", p),
-    lambda p: metrics.plot_bar_summary([{"task": "topic", "adapter": 0.9, "base zero-shot": 0.4,
+    lambda p: plots.plot_confusion([[2, 1], [0, 3]], ["a", "b"], "t", p),
+    lambda p: plots.plot_learning_curve({"adapter": [(32, 0.6), (128, 0.8)], "tfidf+logreg": [(32, 0.5)]}, "t", p),
+    lambda p: plots.plot_bar_summary([{"task": "topic", "adapter": 0.9, "base zero-shot": 0.4,
                                          "tfidf baseline": None}], p),
 ])
 def test_plots_write_png(tmp_path, draw):

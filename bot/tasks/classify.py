@@ -41,9 +41,6 @@ class ClassifyTask(Task):
     def format(self, text: str) -> str:
         return self.spec.template.format(text=text)
 
-    def trainable_modules(self):
-        return [self.head]
-
     # ------------------------------------------------------------------ I/O
     def save_extra(self, folder) -> None:
         state = {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}
@@ -227,7 +224,7 @@ class ClassifyTask(Task):
 
     def evaluate(self, rows: list[dict], max_length: int | None = None, progress=None) -> dict:
         """Accuracy on ``text`` and on each view, with predictions for reports."""
-        from ..metrics import classification_metrics
+        from ..eval.metrics import classification_metrics
 
         result = {}
         views = sorted({v for r in rows for v in r.get("views", {})})

@@ -87,17 +87,22 @@ class GenerateTask(Task):
     # ------------------------------------------------------------- evaluate
     @torch.inference_mode()
     def perplexity(self, rows: list[dict], adapter: str | None = "__self__", batch_size: int = 16,
-                   progress=None) -> float:
-        """Held-out perplexity of the reference replies (``adapter=None``: bare backbone)."""
+                   progress=None, logits=None) -> float:
+        """Held-out perplexity of the reference replies (``adapter=None``: bare backbone).
+
+        Args:
+            logits: ``batch -> logits`` to score with another model (e.g. a fast-path engine)
+                instead of the backbone with ``adapter``.
+        """
         adapter = self.name if adapter == "__self__" else adapter
+        logits = logits or (lambda enc: self.backbone.forward(enc, adapter).logits)
         items = [self.encode_pair(r["prompt"], r["reply"], self.spec.train.max_length) for r in rows]
         items.sort(key=lambda it: len(it[0]))
         total, count = 0.0, 0
         for start in range(0, len(items), batch_size):
             enc = self._collate(items[start:start + batch_size])
             labels = enc.pop("labels")
-            out = self.backbone.forward(enc, adapter)
-            nll = _shifted_nll(out.logits, labels)
+            nll = _shifted_nll(logits(enc), labels)
             total += float(nll.sum())
             count += int((labels[:, 1:] != IGNORE).sum())
             if progress:

@@ -2,25 +2,32 @@
 
 Each adapter's route is its ``route_examples`` plus a sample of its *training* texts;
 thresholds are fitted on its *validation* split; ``bot eval`` scores the router on the
-*test* splits plus the hand-written turns in ``tests/data/chat_turns.jsonl``. The three
-sets never overlap (bot.data.split). A fitted router is cached under ``$BOT_CACHE`` keyed
-by everything that shapes it, so a new adapter folder is picked up with no code change.
+*test* splits plus the hand-written turns (``bot.routing.turns``). The three sets never
+overlap (bot.data.split). A fitted router is cached under ``$BOT_CACHE`` keyed by everything
+that shapes it, so a new adapter folder is picked up with no code change.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
-from pathlib import Path
 
-from .assets import cache_dir, repo_root
-from .data import load_source, split
-from .errors import BotError
+from ..assets import cache_dir
+from ..data import load_source, split
+from ..errors import BotError
+from ..text import normalise
+from .encoder import load_encoder
+from .router import Router
+from .turns import load_handwritten
 
-ROUTE_TRAIN_SAMPLE = 700  # measured: 150 -> 85 % held-out routing accuracy, 700 -> 90 %
+log = logging.getLogger(__name__)
+
+# Training texts per route: more examples route held-out turns better, and each one costs
+# an embedding at build time (reports/eval.md has the router accuracy this gives).
+ROUTE_TRAIN_SAMPLE = 700
 FIT_SAMPLE = 120
-HANDWRITTEN = repo_root() / "tests" / "data" / "chat_turns.jsonl"
 
 
 def turn_texts(rows: list[dict], rng: random.Random, n: int) -> list[str]:
@@ -48,10 +55,11 @@ def router_key(specs, encoder_name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_router(specs, encoder=None, use_cache: bool = True, fallback: str = "chat"):
-    """A Router over ``specs`` (AdapterSpec list), fitted on their validation splits."""
-    from .router import Router, load_encoder
+def build_router(specs, encoder=None, use_cache: bool = True, fallback: str = "chat") -> Router:
+    """A Router over ``specs`` (AdapterSpec list), fitted on their validation splits.
 
+    A cached router that cannot be read, has another format or another encoder is rebuilt.
+    """
     encoder = encoder or load_encoder()
     key = router_key(specs, getattr(encoder, "name_hint", "minilm"))
     cached = cache_dir() / "router" / key
@@ -60,8 +68,8 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str = "c
             router = Router.load(cached, encoder)
             _describe(router, specs)
             return router
-        except Exception:  # a stale or partial cache is rebuilt, never fatal
-            pass
+        except Exception as err:  # a stale, foreign or damaged cache is rebuilt, never fatal
+            log.info("rebuilding the router cache: %s", err)
     router = Router(encoder, fallback=fallback, per_adapter_k=10)
     heldout = {}
     for spec in specs:
@@ -76,25 +84,22 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str = "c
     # Different BBC articles can share a headline, so a held-out headline may equal a
     # training one; such turns say nothing about generalisation and are left out.
     seen = route_texts(router)
-    heldout = {name: [t for t in texts if _norm(t) not in seen] for name, texts in heldout.items()}
+    heldout = {name: [t for t in texts if normalise(t) not in seen] for name, texts in heldout.items()}
     if len(heldout) >= 2:
         router.fit(heldout)
     _describe(router, specs)
     if use_cache:
         try:
             router.save(cached)
-        except OSError:
-            pass
+        except OSError as err:
+            log.warning("could not cache the router in %s (%s); it will be rebuilt next time",
+                        cached, err)
     return router
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def route_texts(router) -> set[str]:
     """Every example text the router embeds, normalised (for overlap checks)."""
-    return {_norm(t) for texts in router.examples.values() for t in texts}
+    return {normalise(t) for texts in router.examples.values() for t in texts}
 
 
 def _describe(router, specs) -> None:
@@ -117,16 +122,4 @@ def router_test_set(specs, per_adapter: int = 200, exclude: set[str] | None = No
             continue
         pairs += [(t, spec.name) for t in turn_texts(parts.test, rng, per_adapter)]
     pairs += load_handwritten({s.name for s in specs})
-    return [(t, a) for t, a in pairs if not exclude or _norm(t) not in exclude]
-
-
-def load_handwritten(names: set[str], path: Path = HANDWRITTEN) -> list[tuple[str, str]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row["adapter"] in names:
-                out.append((row["text"], row["adapter"]))
-    return out
+    return [(t, a) for t, a in pairs if not exclude or normalise(t) not in exclude]

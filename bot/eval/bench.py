@@ -1,19 +1,25 @@
 """`bot bench`: speed and memory of the multi-adapter backbone, each figure beside its baseline.
 
 Everything is measured in one run on one machine; ratios, not absolute numbers, are the
-point (absolute tokens/s drift by +-20 % between runs on a shared 2-core VM).
+point (absolute tokens/s drift between runs on a shared VM).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from ..fsutil import atomic_write_text
+from ..info import machine, rss_mb
+from ..spec import DEFAULT_TARGET_MODULES
+
+log = logging.getLogger(__name__)
 
 PROMPT = "Tell me something interesting about the ocean."
 ANALYSIS_TEXT = "The new phone's battery died after one day, what a disappointment."
@@ -52,7 +58,7 @@ def _ensure_adapters(bb, adapters_dir) -> list[str]:
     """Trained adapters when present; otherwise random LoRA adapters of the same shape."""
     from peft import LoraConfig
 
-    from .registry import load_all
+    from ..registry import load_all
 
     tasks, _ = load_all(bb, adapters_dir)
     names = list(tasks)
@@ -60,14 +66,13 @@ def _ensure_adapters(bb, adapters_dir) -> list[str]:
         if name not in names:
             torch.manual_seed(i)
             bb.add_adapter(name, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                            "gate_proj", "up_proj", "down_proj"]))
+                                            target_modules=list(DEFAULT_TARGET_MODULES)))
             names.append(name)
     return names
 
 
 def measure_load(backbone_name) -> dict:
-    from .backbone import Backbone, resolve_backbone
+    from ..backbone import Backbone, resolve_backbone
 
     with tempfile.TemporaryDirectory() as cold_cache:
         old = os.environ.get("BOT_CACHE")
@@ -118,28 +123,21 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure_quality(bb, adapter: str, n_rows: int = 60) -> list[tuple]:
     """Held-out reply perplexity of the chat adapter: fp32 peft vs each fast engine."""
-    from .data import load_dialogue, split
-    from .spec import AdapterSpec
-    from .tasks.generate import GenerateTask, _shifted_nll
+    from ..data import load_dialogue, split
+    from ..spec import AdapterSpec
+    from ..tasks.generate import GenerateTask
 
     test = split(load_dialogue(), seed=0).test
     rows = test[:: max(1, len(test) // n_rows)][:n_rows]  # spread over both corpora
     task = GenerateTask(AdapterSpec(name=adapter, kind="generate", template=""), bb)
-    items = [task.encode_pair(r["prompt"], r["reply"], 128) for r in rows]
     out = []
     old = bb.compute_dtype
     bb.compute_dtype = torch.float32
     try:
-        for label, runner in [("fp32 peft unmerged", lambda enc: bb.forward(enc, adapter).logits)] + [
-            (f"fast path {m}", _engine_runner(bb, adapter, m)) for m in ("bf16", "w8")]:
-            total, count = 0.0, 0
-            with torch.inference_mode():
-                for it in items:
-                    enc = task._collate([it])
-                    labels = enc.pop("labels")
-                    total += float(_shifted_nll(runner(enc), labels).sum())
-                    count += int((labels[:, 1:] != -100).sum())
-            out.append((label, float(torch.exp(torch.tensor(total / count)))))
+        out.append(("fp32 peft unmerged", task.perplexity(rows, batch_size=1)))
+        for mode in ("bf16", "w8"):
+            out.append((f"fast path {mode}",
+                        task.perplexity(rows, batch_size=1, logits=_engine_runner(bb, adapter, mode))))
     finally:
         bb.compute_dtype = old
     return out
@@ -159,45 +157,56 @@ def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float
     return mixed, seq
 
 
-def run_bench(args) -> int:
-    from .info import rss_mb
+def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
+              tokens: int = 64, command_line: str = "") -> str:
+    """Measure load, generation, fast-path quality, mixed batches and memory; write ``out``.
 
-    n = args.tokens
-    print("measuring load times (cold load converts the GGUF into a temporary cache) ...")
-    load = measure_load(args.backbone)
+    Args:
+        adapters_dir: folder with trained adapters (missing defaults get random LoRA weights).
+        backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+        out: markdown file to write.
+        tokens: length of the greedy reply that is timed.
+        command_line: recorded in the report.
+
+    Returns:
+        the markdown that was written.
+    """
+    log.info("measuring load times (cold load converts the GGUF into a temporary cache) ...")
+    load = measure_load(backbone)
     bb = load["backbone"]
     rss0 = rss_mb()
-    names = _ensure_adapters(bb, args.adapters_dir)
+    names = _ensure_adapters(bb, adapters_dir)
     gen_adapter = "chat" if "chat" in names else names[0]
-    print("measuring generation ...")
-    gen = measure_generation(bb, gen_adapter, n)
-    print("measuring quality of the fast path ...")
+    log.info("measuring generation ...")
+    gen = measure_generation(bb, gen_adapter, tokens)
+    log.info("measuring quality of the fast path ...")
     quality = measure_quality(bb, gen_adapter)
-    print("measuring mixed batch ...")
+    log.info("measuring mixed batch ...")
     mixed_names = names[:3]
     mixed, seq = measure_mixed(bb, mixed_names)
     backbone_bytes = sum(p.numel() * p.element_size() for n_, p in bb.base.named_parameters()
                          if "lora_" not in n_)
-    text = render(args, load, gen, quality, (mixed, seq, mixed_names), names, bb, backbone_bytes, rss0)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
-    return 0
+    text = render(command_line=command_line, tokens=tokens, load=load, gen=gen, quality=quality,
+                  mixed_info=(mixed, seq, mixed_names), names=names, bb=bb,
+                  backbone_bytes=backbone_bytes, rss0=rss0)
+    atomic_write_text(Path(out), text)
+    return text
 
 
-def render(args, load, gen, quality, mixed_info, names, bb, backbone_bytes, rss0) -> str:
+def render(*, command_line: str, tokens: int, load: dict, gen: list, quality: list, mixed_info: tuple,
+           names: list[str], bb, backbone_bytes: int, rss0: float) -> str:
+    """The benchmark markdown from the measured figures (see ``run_bench``)."""
     base_rate = gen[0][1]
     mixed, seq, mixed_names = mixed_info
     lines = [
         "# Benchmark", "",
-        f"Command: `{args.command_line}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({_cpu_name()}), torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}  ",
+        f"Command: `{command_line}`  ",
+        f"Machine: {machine()}, {time.strftime('%Y-%m-%d')}  ",
         f"Backbone: {bb.info.name} ({bb.num_parameters / 1e6:.1f} M parameters), fingerprint `{bb.fingerprint}`", "",
         "## Load", "", "| what | seconds | ratio |", "|---|---|---|",
         f"| cold: GGUF de-quantize + convert + load (baseline) | {load['cold']:.1f} | 1.00 |",
         f"| cached safetensors load | {load['cached']:.2f} | {load['cached'] / load['cold']:.3f} |", "",
-        f"## Generation ({args.tokens}-token greedy reply, batch 1, median of 3)", "",
+        f"## Generation ({tokens}-token greedy reply, batch 1, median of 3)", "",
         "| path | tokens/s | × base fp32 | greedy tokens identical to fp32 (prefix) |", "|---|---|---|---|",
     ]
     for label, rate, agree in gen:
@@ -229,13 +238,3 @@ def _engine_mb(bb) -> float:
     if eng is None:
         return 0.0
     return sum(t.numel() * t.element_size() for t in list(eng.parameters()) + list(eng.buffers())) / 1e6
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"

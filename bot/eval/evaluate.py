@@ -6,22 +6,25 @@ router fitting never see. Baselines are trained on the same *train* split.
 
 from __future__ import annotations
 
-import os
-import platform
+import logging
 import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import BotError, DataError
+from ..info import machine
+from ..registry import load_task
+from ..spec import AdapterSpec, check_run_values, require_usable, scan
+from ..tasks.classify import ClassifyTask
+from ..train import training_rows
 from . import metrics as M
-from .errors import BotError, DataError
-from .registry import load_task
-from .spec import AdapterSpec, discover
-from .tasks.classify import ClassifyTask
-from .train import training_rows
+
+log = logging.getLogger(__name__)
 
 HELPFUL_PROMPTS = ["How do I boil an egg?", "Give me two tips for sleeping better."]
 
@@ -169,7 +172,7 @@ def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = N
 
 def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
     """Rows from a user's file with the manifest's columns; unknown labels are an error."""
-    from .data import load_user_file
+    from ..data import load_user_file
 
     cols = {k: v for k, v in spec.data.items() if k.endswith("_col")}
     rows = load_user_file(path, spec.kind, **cols)
@@ -184,7 +187,7 @@ def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
 # -------------------------------------------------------------------- router
 def eval_router(specs: list[AdapterSpec], session=None) -> dict:
     """Router accuracy on the test splits plus the hand-written turns, also per source."""
-    from .routing import build_router, load_handwritten, route_texts, router_test_set
+    from ..routing import build_router, load_handwritten, route_texts, router_test_set
 
     router = session.router if session else build_router(specs)
     names = {s.name for s in specs}
@@ -200,7 +203,8 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         truth.append(want)
         pred.append(choice.adapter)
         fell.append(choice.fallback)
-    out = M.router_metrics(truth, pred, fell, labels=[s.name for s in specs])
+    out = M.router_metrics(truth, pred, fell, labels=[s.name for s in specs],
+                           texts=[t for t, _ in pairs])
     out["median_route_ms"] = statistics.median(times)
     out["n_handwritten"] = sum(src == "hand-written" for src in sources)
     by = {}
@@ -209,14 +213,13 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         hit, n = by.get(key, (0, 0))
         by[key] = (hit + (want == got), n + 1)
     out["by_source"] = {k: {"accuracy": h / n, "n": n} for k, (h, n) in sorted(by.items())}
-    out["mistakes"] = [{"text": t[:160], "want": w, "got": g}
-                       for (t, w), g in zip(pairs, pred) if w != g][:25]
+    out["mistakes"] = out.pop("mistakes")  # last, as in earlier reports
     return out
 
 
 def eval_latency(session, n: int = 12) -> dict:
     """Median end-to-end times of classification turns and first streamed chat tokens."""
-    from .routing import load_handwritten
+    from ..routing import load_handwritten
 
     turns = load_handwritten(set(session.tasks))
     cls_turns = [t for t, a in turns if a != "chat"][:n]
@@ -251,7 +254,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
     for size in sizes:
         n = len(pool) if size == "ALL" else min(int(size), len(pool))
         subset = pool[:n]
-        name = f"{spec.name}-curve{n}"
+        name = f"{spec.name[:48]}-curve{n}"  # within the 64-character name rule
         cspec = spec.replace(name=name)
         # at least ~40 optimiser steps even on tiny subsets, so small n is not just undertrained
         epochs = max(spec.train.epochs, 40 * spec.train.batch_size / max(1, n))
@@ -266,75 +269,107 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
                                 [r["text"] for r in test])
         points["adapter"].append([n, acc])
         points["tfidf+logreg"].append([n, M.classification_metrics(truth, base, spec.labels)["accuracy"]])
-        print(f"  curve {spec.name} n={n}: adapter {acc:.3f}, tfidf {points['tfidf+logreg'][-1][1]:.3f}",
-              file=sys.stderr)
+        log.info("  curve %s n=%d: adapter %.3f, tfidf %.3f", spec.name, n, acc,
+                 points["tfidf+logreg"][-1][1])
     return {"points": points, "png": f"{spec.name}_learning_curve.png"}
 
 
-# ----------------------------------------------------------------------- CLI
-def run_eval(args) -> int:
-    from .backbone import Backbone
+# ------------------------------------------------------------------- a whole run
+def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbone: str | None = None,
+             data: str | None = None, out: str | Path = "reports", max_examples: int = 400,
+             curve: str | None = None, curve_adapters: str | None = None, no_router: bool = False,
+             no_zero_shot: bool = False, command_line: str = "") -> dict:
+    """Evaluate adapters, the router and latency; write ``eval.json`` and ``eval.md`` into ``out``.
+
+    Args:
+        adapters_dir: folder holding ``<name>/adapter.yaml``.
+        names: adapters to evaluate (None or empty: all).
+        backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+        data: a user's CSV/JSONL to evaluate exactly one adapter on, instead of its test split.
+        out: report folder.
+        max_examples: held-out examples per task.
+        curve: learning-curve sizes, e.g. "32,128,ALL" (None: no curve).
+        curve_adapters: comma-separated adapters for ``curve`` (None: every classify adapter).
+        no_router: skip the router and latency evaluation.
+        no_zero_shot: skip the zero-shot column (the slowest part on a big ``data`` file).
+        command_line: recorded in the report's meta.
+
+    Returns:
+        the results dict written to ``out/eval.json``.
+    """
+    from ..backbone import Backbone
     from .report import write_report
 
     t0 = time.perf_counter()
-    specs = [s for s in discover(args.adapters_dir) if not args.names or s.name in args.names]
-    if args.names and len(specs) != len(args.names):
-        missing = sorted(set(args.names) - {s.name for s in specs})
-        raise DataError(f"no adapter folder for {missing} under {args.adapters_dir}")
-    if args.data and len(specs) != 1:
+    check_run_values(max_examples=max_examples)
+    names = list(names or [])
+    specs, broken = scan(adapters_dir)  # a broken folder is reported, never fatal to the others
+    if names:
+        specs = [s for s in specs if s.name in names]
+        broken = {n: e for n, e in broken.items() if n in names}
+        missing = sorted(set(names) - {s.name for s in specs} - set(broken))
+        if missing:
+            raise DataError(f"no adapter folder for {missing} under {adapters_dir}")
+    require_usable(specs, broken)
+    if data and len(specs) + len(broken) != 1:
         raise DataError("--data evaluates exactly one adapter: bot eval NAME --data FILE")
-    bb = Backbone.load(args.backbone)
+    bb = Backbone.load(backbone)
     results = {"tasks": {}, "meta": {
-        "command": args.command_line, "backbone": bb.fingerprint,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "command": command_line, "backbone": bb.fingerprint, "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M")}}
     tasks = {}
+    for name, error in broken.items():
+        results["tasks"][name] = {"status": "failed", "error": error}
+        _log_line(name, results["tasks"][name])
     for spec in specs:
         def partial(res, name=spec.name):  # the adapter's own scores reach disk before the slow columns
-            _print_line(name, res)
+            _log_line(name, res)
             results["tasks"][name] = res
-            write_report(results, args.out, plots=False)
+            write_report(results, out, plots=False)
 
         try:
-            results["tasks"][spec.name] = eval_one(spec, bb, args.max_examples, args.data, tasks,
-                                                   with_zero_shot=not getattr(args, "no_zero_shot", False),
-                                                   checkpoint=partial)
+            results["tasks"][spec.name] = eval_one(spec, bb, max_examples, data, tasks,
+                                                   with_zero_shot=not no_zero_shot, checkpoint=partial)
         except KeyboardInterrupt:
             if spec.name in results["tasks"]:
-                print(f"interrupted: {args.out} keeps the scores computed so far", file=sys.stderr)
+                log.warning("interrupted: %s keeps the scores computed so far", out)
             raise
-        _print_line(spec.name, results["tasks"][spec.name])
+        _log_line(spec.name, results["tasks"][spec.name])
     ok_specs = [s for s in specs if results["tasks"][s.name]["status"] == "ok"]
-    if not args.no_router and not args.data and len(ok_specs) >= 2:
-        from .chat import ChatSession
-        from .routing import build_router
+    if not no_router and not data and len(ok_specs) >= 2:
+        from ..chat import ChatSession
+        from ..routing import build_router
 
         session = ChatSession(bb, tasks, build_router(ok_specs))
         results["router"] = eval_router(ok_specs, session)
         results["latency"] = eval_latency(session)
-        print(f"router: accuracy {results['router']['accuracy']:.1%}, median {results['router']['median_route_ms']:.1f} ms/turn",
-              file=sys.stderr)
-    if args.curve:
-        sizes = [s if s == "ALL" else int(s) for s in args.curve.upper().split(",")]
-        chosen = set(args.curve_adapters.split(",")) if getattr(args, "curve_adapters", None) else None
-        results["curves"] = {s.name: learning_curve(s, bb, sizes, args.max_examples)
+        log.info("router: accuracy %.1f%%, median %.1f ms/turn", 100 * results["router"]["accuracy"],
+                 results["router"]["median_route_ms"])
+    if curve:
+        sizes = [s if s == "ALL" else int(s) for s in curve.upper().split(",")]
+        chosen = set(curve_adapters.split(",")) if curve_adapters else None
+        results["curves"] = {s.name: learning_curve(s, bb, sizes, max_examples)
                              for s in ok_specs if s.kind == "classify" and (not chosen or s.name in chosen)}
     results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
-    json_path, md_path = write_report(results, args.out)
-    print(f"wrote {md_path} and {json_path}")
+    write_report(results, out)
+    return results
+
+
+def all_failed(results: dict) -> bool:
+    """True when every evaluated adapter failed (``bot eval`` then exits with 1)."""
     failed = [n for n, t in results["tasks"].items() if t["status"] != "ok"]
-    return 1 if failed and len(failed) == len(results["tasks"]) else 0
+    return bool(failed) and len(failed) == len(results["tasks"])
 
 
-def _print_line(name: str, t: dict) -> None:
+def _log_line(name: str, t: dict) -> None:
     if t["status"] != "ok":
-        print(f"{name}: FAILED: {t['error']}", file=sys.stderr)
+        log.warning("%s: FAILED: %s", name, t["error"])
     elif t["kind"] == "classify":
-        acc = lambda key: f"{t[key]['accuracy']:.1%}" if t.get(key) else "—"  # noqa: E731
+        acc = lambda key: f"{100 * t[key]['accuracy']:.1f}%" if t.get(key) else "—"  # noqa: E731
         zs = acc("zero_shot") if t.get("zero_shot") else t.get("zero_shot_note", "running")
-        print(f"{name}: adapter {acc('adapter')} | tfidf {acc('baseline')} | zero-shot {zs} (n={t['n_test']})",
-              file=sys.stderr)
+        log.info("%s: adapter %s | tfidf %s | zero-shot %s (n=%d)", name, acc("adapter"), acc("baseline"), zs,
+                 t["n_test"])
         if t.get("baseline") and t["adapter"]["accuracy"] <= t["baseline"]["accuracy"]:
-            print(f"{name}: the adapter LOSES to TF-IDF: {t['verdict']}", file=sys.stderr)
+            log.warning("%s: the adapter LOSES to TF-IDF: %s", name, t["verdict"])
     else:
-        print(f"{name}: perplexity base {t['ppl_base']:.2f} -> adapter {t['ppl_adapter']:.2f}", file=sys.stderr)
+        log.info("%s: perplexity base %.2f -> adapter %.2f", name, t["ppl_base"], t["ppl_adapter"])

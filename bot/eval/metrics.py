@@ -1,7 +1,6 @@
-"""Evaluation metrics, plots and the TF-IDF baseline used by the eval report.
+"""Evaluation metrics and the TF-IDF baseline used by the eval report.
 
-Everything here is a pure function of its arguments (plots only write the file
-they are given), so it can be tested without a backbone.
+Everything here is a pure function of its arguments, so it can be tested without a backbone.
 """
 
 from __future__ import annotations
@@ -9,17 +8,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 SEED = 0
-BAR_SERIES = ("adapter", "base zero-shot", "tfidf baseline")
+MAX_MISTAKES = 25  # misrouted turns kept in a report
 
 
 def _extend_labels(labels: Sequence[str], *seqs: Sequence[str]) -> list[str]:
@@ -106,111 +102,27 @@ def perplexity_from_logprobs(logprobs: Sequence[float]) -> float:
 
 
 def router_metrics(y_true: Sequence[str], y_pred: Sequence[str], fallback_flags: Sequence[bool],
-                   labels: Sequence[str] | None = None) -> dict:
-    """Classification metrics over adapter names plus the fallback rate.
+                   labels: Sequence[str] | None = None, texts: Sequence[str] | None = None) -> dict:
+    """Classification metrics over adapter names plus the fallback rate (and mistakes).
+
+    The one schema of router quality: ``Router.evaluate`` and ``bot eval`` both return it.
 
     Args:
         y_true: gold adapter names.
         y_pred: routed adapter names (may include a fallback route).
         fallback_flags: True where the router fell back instead of choosing.
         labels: route order; defaults to the sorted gold adapter names.
+        texts: the turns; when given, ``mistakes`` lists the first ``MAX_MISTAKES`` misrouted
+            ones as ``{"text" (first 160 chars), "want", "got"}``.
     """
     if len(fallback_flags) != len(y_true):
         raise ValueError(f"{len(fallback_flags)} fallback flags for {len(y_true)} examples")
     out = classification_metrics(y_true, y_pred, sorted(set(y_true)) if labels is None else labels)
     out["fallback_rate"] = float(np.mean(fallback_flags)) if len(fallback_flags) else None
+    if texts is not None:
+        out["mistakes"] = [{"text": t[:160], "want": w, "got": g}
+                           for t, w, g in zip(texts, y_true, y_pred, strict=True) if w != g][:MAX_MISTAKES]
     return out
-
-
-def _save(fig: Figure, path) -> Path:
-    # Figure + Agg canvas directly: no pyplot global state, safe inside a web server.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    return path
-
-
-def plot_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str], title: str, path) -> Path:
-    """Confusion-matrix heat map: colour = row-normalised rate, text = raw count.
-
-    Args:
-        confusion: square counts, rows = true, cols = pred.
-        labels: names for rows/cols.
-        title: figure title.
-        path: PNG file to write.
-    """
-    cm = np.asarray(confusion, dtype=float)
-    rows = cm.sum(axis=1, keepdims=True)
-    # Normalise per true class so small classes are as visible as large ones.
-    rate = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    k = len(labels)
-    side = max(3.5, 0.6 * k + 2)
-    fig = Figure(figsize=(side + 1, side))
-    ax = fig.add_subplot()
-    im = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set_xticks(range(k), labels=labels, rotation=45, ha="right")
-    ax.set_yticks(range(k), labels=labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
-                    color="white" if rate[i, j] > 0.5 else "black", fontsize=9)
-    return _save(fig, path)
-
-
-def plot_learning_curve(points: dict[str, Sequence[tuple[int, float]]], title: str, path) -> Path:
-    """Held-out accuracy against number of training examples (log x), one line per series.
-
-    Args:
-        points: series name -> [(n_train, accuracy), ...].
-        title: figure title.
-        path: PNG file to write.
-    """
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    for name, pts in points.items():
-        pts = sorted((int(n), float(a)) for n, a in pts)
-        if pts:
-            ax.plot([n for n, _ in pts], [a for _, a in pts], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("training examples")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if points:
-        ax.legend()
-    return _save(fig, path)
-
-
-def plot_bar_summary(rows: Sequence[dict], path, title: str = "Held-out accuracy per task") -> Path:
-    """Grouped bars: accuracy per task for adapter, base zero-shot and TF-IDF baseline.
-
-    Args:
-        rows: [{"task": str, "adapter": float, "base zero-shot": float,
-            "tfidf baseline": float}, ...]; missing or None values draw no bar.
-        path: PNG file to write.
-        title: figure title.
-    """
-    tasks = [str(r["task"]) for r in rows]
-    x = np.arange(len(tasks))
-    width = 0.8 / len(BAR_SERIES)
-    fig = Figure(figsize=(max(4, 1.6 * len(tasks) + 2), 4))
-    ax = fig.add_subplot()
-    for i, series in enumerate(BAR_SERIES):
-        vals = [r.get(series) for r in rows]
-        vals = [np.nan if v is None else float(v) for v in vals]
-        ax.bar(x + (i - 1) * width, vals, width, label=series)
-    ax.set_xticks(x, labels=tasks)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(BAR_SERIES), frameon=False)
-    return _save(fig, path)
 
 
 def tfidf_baseline(train_texts: Sequence[str], train_labels: Sequence[str],

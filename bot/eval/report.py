@@ -27,7 +27,7 @@
     }
 
 ``<classification_metrics>`` and ``<router_metrics>`` are the dicts returned by
-``bot.metrics``. Accuracies are fractions in [0, 1]. PNG names are relative to
+``bot.eval.metrics``. Accuracies are fractions in [0, 1]. PNG names are relative to
 ``out_dir``; a named (or default) PNG that does not exist yet is drawn from the
 data when ``plots`` is true, so the markdown never links a missing image.
 """
@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bot import metrics
+from ..fsutil import atomic_write_text
+from .metrics import transfer_verdict
+from .plots import plot_bar_summary, plot_confusion, plot_learning_curve
 
 DASH = "—"
 MAX_CELL = 300  # long generations would make the markdown tables unreadable
@@ -61,18 +61,6 @@ def _jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    # Temp file in the same directory + os.replace: readers never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pct(x) -> str:
@@ -123,7 +111,7 @@ def _verdict(task: dict) -> str:
         return task["verdict"]
     if _kind(task) == "generate":
         return _ppl_change(task)
-    return metrics.transfer_verdict(_acc(task, "adapter"), _acc(task, "baseline"), _acc(task, "zero_shot"))
+    return transfer_verdict(_acc(task, "adapter"), _acc(task, "baseline"), _acc(task, "zero_shot"))
 
 
 def _ensure_png(out_dir: Path, given: str | None, default: str, draw, plots: bool) -> str | None:
@@ -164,7 +152,7 @@ def _router(r: dict, out_dir: Path, plots: bool) -> list[str]:
              f"macro-F1 {_num(r.get('macro_f1'))}, fallback rate {_pct(r.get('fallback_rate'))}.", ""]
     lines += _table(["route", "precision", "recall", "F1", "support"], _prf_rows(r)) + [""]
     png = _ensure_png(out_dir, r.get("confusion_png"), "router_confusion.png",
-                      lambda p: metrics.plot_confusion(r["confusion"], r["labels"], "router", p),
+                      lambda p: plot_confusion(r["confusion"], r["labels"], "router", p),
                       plots and "confusion" in r)
     if png:
         lines += [f"![router confusion matrix]({png})", ""]
@@ -199,7 +187,7 @@ def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[st
     if ada.get("per_class"):
         lines += _table(["class", "precision", "recall", "F1", "support"], _prf_rows(ada)) + [""]
     png = _ensure_png(out_dir, t.get("confusion_png"), f"{name}_confusion.png",
-                      lambda p: metrics.plot_confusion(ada["confusion"], ada["labels"], f"{name} adapter", p),
+                      lambda p: plot_confusion(ada["confusion"], ada["labels"], f"{name} adapter", p),
                       plots and "confusion" in ada)
     if png:
         lines += [f"![{name} confusion matrix]({png})", ""]
@@ -231,7 +219,7 @@ def _curves(curves: dict, out_dir: Path, plots: bool) -> list[str]:
     for name, c in curves.items():
         pts = c.get("points") or {}
         png = _ensure_png(out_dir, c.get("png"), f"{name}_learning_curve.png",
-                          lambda p, n=name, q=pts: metrics.plot_learning_curve(q, f"{n} learning curve", p),
+                          lambda p, n=name, q=pts: plot_learning_curve(q, f"{n} learning curve", p),
                           plots and bool(pts))
         if png:
             lines += [f"![{name} learning curve]({png})", ""]
@@ -258,7 +246,7 @@ def write_report(results: dict, out_dir, plots: bool = True) -> tuple[Path, Path
     bars = [{"task": n, "adapter": _acc(t, "adapter"), "base zero-shot": _acc(t, "zero_shot"),
              "tfidf baseline": _acc(t, "baseline")}
             for n, t in ok.items() if _kind(t) == "classify"]
-    png = _ensure_png(out_dir, None, "summary.png", lambda p: metrics.plot_bar_summary(bars, p), plots and bool(bars))
+    png = _ensure_png(out_dir, None, "summary.png", lambda p: plot_bar_summary(bars, p), plots and bool(bars))
     if png and bars:
         lines += [f"![accuracy per task]({png})", ""]
     meta = results.get("meta") or {}
@@ -278,6 +266,6 @@ def write_report(results: dict, out_dir, plots: bool = True) -> tuple[Path, Path
                   for n, t in failed.items()] + [""]
 
     json_path, md_path = out_dir / "eval.json", out_dir / "eval.md"
-    _atomic_write(json_path, json.dumps(_jsonable(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    _atomic_write(md_path, "\n".join(lines))
+    atomic_write_text(json_path, json.dumps(_jsonable(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_text(md_path, "\n".join(lines))
     return json_path, md_path

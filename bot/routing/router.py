@@ -1,0 +1,295 @@
+"""Router: choose which adapter answers a chat turn, and say why.
+
+Each route (adapter) is described by a handful of example turns. A turn is embedded once with a
+sentence encoder and compared with every example; ``bot.routing.fitting`` explains the scores.
+``fit`` learns the calibration, the fallback ``threshold`` and the follow-up ``margin`` on
+held-out labelled turns. Before ``fit`` the score is the clipped cosine similarity, the threshold
+is 0 (never fall back) and the margin is ``DEFAULT_MARGIN``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..spec import check_adapter_name
+from ..text import MAX_CHARS, normalise
+from . import fitting, store
+from .cache import Embedder
+from .commands import HELP, parse_command, scoring_text, split_follow_up
+from .turns import as_pairs
+
+DEFAULT_MARGIN = 0.1  # cosine units; only used until fit() replaces it
+
+
+@dataclass(frozen=True)
+class RouteChoice:
+    """The router's decision for one turn."""
+
+    adapter: str
+    score: float
+    runner_up: str | None
+    runner_up_score: float
+    scores: dict[str, float]
+    reason: str
+    fallback: bool = False
+    override: bool = False
+    text: str = ""
+
+
+def _check_route_name(name: str, role: str) -> None:
+    """The one adapter-name rule (bot.spec); it also reserves /help and 'auto'."""
+    check_adapter_name(name, role)
+
+
+def _ranked(scores: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(scores.items(), key=lambda item: -item[1])
+
+
+def _score_of(name: str, scores: dict[str, float]) -> float:
+    """A route's score; for a fallback without examples, 1 - best (no route applies)."""
+    if name in scores:
+        return scores[name]
+    return round(1.0 - max(scores.values(), default=0.0), 4)
+
+
+class Router:
+    """Route chat turns to adapters by similarity to example turns.
+
+    Args:
+        encoder: needs ``encode(list[str], normalize_embeddings=True) -> array``.
+        fallback: the adapter for turns no route fits (it needs no examples).
+        per_adapter_k: similarities averaged per route.
+        max_chars: text is cut to this many characters before it is embedded.
+    """
+
+    def __init__(self, encoder, fallback: str = "chat", per_adapter_k: int = 3,
+                 threshold: float = 0.0, margin: float = DEFAULT_MARGIN,
+                 cache_size: int = 1024, max_chars: int = MAX_CHARS):
+        _check_route_name(fallback, "router fallback")
+        if per_adapter_k < 1:
+            raise DataError(f"per_adapter_k must be at least 1, got {per_adapter_k}")
+        self.embedder = Embedder(encoder, max_chars, cache_size)
+        self.fallback = fallback
+        self.per_adapter_k = int(per_adapter_k)
+        self.threshold = float(threshold)
+        self.margin = float(margin)
+        self.calibration: tuple[float, float, float] | None = None  # (w_sim, w_lead, bias)
+        self.describe: dict[str, str] = {}
+        self._examples: dict[str, list[str]] = {}
+        self._embeddings: dict[str, np.ndarray] = {}
+
+    @property
+    def encoder(self):
+        return self.embedder.encoder
+
+    @property
+    def max_chars(self) -> int:
+        return self.embedder.max_chars
+
+    # ----- routes -------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """Every adapter the router can choose: the routes, then the fallback."""
+        names = list(self._examples)
+        return names if self.fallback in names else names + [self.fallback]
+
+    @property
+    def routes(self) -> list[str]:
+        """Adapters that have example turns (the fallback may or may not be one)."""
+        return list(self._examples)
+
+    @property
+    def examples(self) -> dict[str, list[str]]:
+        """Each route's example turns (a copy)."""
+        return {name: list(texts) for name, texts in self._examples.items()}
+
+    def add_route(self, name: str, examples: list[str], description: str | None = None) -> None:
+        """Add (or replace) a route from example turns; it is scored at once, without refitting."""
+        _check_route_name(name, "router route")
+        examples = [str(e) for e in examples if str(e).strip()]
+        if not examples:
+            raise DataError(f"route '{name}' needs at least one non-empty example")
+        self._embeddings[name] = self.embedder.encode(examples)
+        self._examples[name] = examples
+        if description is not None:
+            self.describe[name] = description
+
+    def clear_cache(self) -> None:
+        """Forget cached turn embeddings (for timing cold routing)."""
+        self.embedder.clear()
+
+    def help_text(self) -> str:
+        """One line per command, with the descriptions from ``describe``."""
+        lines = ["Commands (otherwise I pick an adapter for you):"]
+        for name in self.names:
+            default = ("general conversation; used when nothing else fits"
+                       if name == self.fallback else f"{len(self._examples[name])} example turns")
+            lines.append(f"  /{name} <text> - {self.describe.get(name, default)}")
+        lines.append(f"  /{HELP} - this list")
+        return "\n".join(lines)
+
+    # ----- scoring --------------------------------------------------------------------------
+
+    def _similarities(self, vectors: np.ndarray) -> np.ndarray:
+        return fitting.top_k_similarity(vectors, list(self._embeddings.values()), self.per_adapter_k)
+
+    def _scores(self, text: str) -> dict[str, float]:
+        """Calibrated score of every route for one turn."""
+        if not self._examples:
+            return {}
+        sims = self._similarities(self.embedder.embed_one(text)[None, :])
+        row = fitting.calibrate(sims, self.calibration)[0]
+        return {name: round(float(s), 4) for name, s in zip(self._examples, row, strict=True)}
+
+    # ----- routing --------------------------------------------------------------------------
+
+    def route(self, text: str, previous: str | None = None) -> RouteChoice:
+        """Choose the adapter for ``text``; ``previous`` is the adapter of the last turn."""
+        text = "" if text is None else str(text)
+        command = parse_command(text)
+        if command:
+            return self._command(*command, text)
+        marker, rest = split_follow_up(text)
+        sticky = bool(marker) and previous in self.names
+        if sticky and not rest.strip():
+            return self._stay(previous, {}, "nothing new to score", text)
+        scores = self._scores(scoring_text(text))
+        choice = self._follow_up(previous, scores, text) if sticky else self._decide(scores, text)
+        if not choice.scores or self.fallback in choice.scores:
+            return choice
+        # Report the example-less fallback too, so ``scores`` covers every adapter.
+        return replace(choice, scores={**choice.scores,
+                                       self.fallback: _score_of(self.fallback, choice.scores)})
+
+    def _command(self, name: str, rest: str, text: str) -> RouteChoice:
+        """``/help``, ``/<adapter> text`` or an unknown ``/foo``."""
+        # Commands are typed by hand: "/Sentiment" means the same as "/sentiment".
+        name = next((n for n in self.names if n.lower() == name.lower()), name)
+        if name.lower() == HELP:
+            return RouteChoice(HELP, 1.0, None, 0.0, {HELP: 1.0}, "override /help",
+                               override=True, text=self.help_text())
+        if name in self.names:
+            scores = {n: (1.0 if n == name else 0.0) for n in self.names}
+            return RouteChoice(name, 1.0, None, 0.0, scores, f"override /{name}",
+                               override=True, text=rest.strip())
+        known = ", ".join(f"/{n}" for n in [*self.names, HELP])
+        return RouteChoice(self.fallback, 1.0, None, 0.0, {}, f"unknown command '/{name}' "
+                           f"(known: {known}) -> fallback '{self.fallback}'",
+                           fallback=True, text=text)
+
+    def _decide(self, scores: dict[str, float], text: str) -> RouteChoice:
+        """Best route if it clears the threshold, else the fallback."""
+        ranked = _ranked(scores)
+        if not ranked:
+            return RouteChoice(self.fallback, 1.0, None, 0.0, {}, f"no routes -> fallback "
+                               f"'{self.fallback}'", fallback=True, text=text)
+        best, best_score = ranked[0]
+        if best_score < self.threshold:
+            return RouteChoice(self.fallback, round(1.0 - best_score, 4), best, best_score, scores,
+                               f"below threshold {self.threshold:.2f} (best '{best}' "
+                               f"{best_score:.2f}) -> fallback '{self.fallback}'",
+                               fallback=True, text=text)
+        runner, runner_score = ranked[1] if len(ranked) > 1 else (None, 0.0)
+        reason = f"best match '{best}' ({best_score:.2f}"
+        reason += f", runner-up '{runner}' {runner_score:.2f})" if runner else ")"
+        return RouteChoice(best, best_score, runner, runner_score, scores, reason, text=text)
+
+    def _follow_up(self, previous: str, scores: dict[str, float], text: str) -> RouteChoice:
+        """Stay with ``previous`` unless another route clears the threshold and leads by ``margin``."""
+        best, best_score = _ranked(scores)[0] if scores else (previous, 0.0)
+        kept = _score_of(previous, scores)
+        lead = best_score - kept
+        if best != previous and best_score >= self.threshold and lead >= self.margin:
+            return RouteChoice(best, best_score, previous, kept, scores,
+                               f"follow-up, but '{best}' beats '{previous}' by {lead:.2f} "
+                               f">= margin {self.margin:.2f}", text=text)
+        return self._stay(previous, scores, f"best '{best}' {best_score:.2f}", text)
+
+    def _stay(self, previous: str, scores: dict[str, float], why: str, text: str) -> RouteChoice:
+        others = [(n, s) for n, s in _ranked(scores) if n != previous]
+        runner, runner_score = others[0] if others else (None, 0.0)
+        return RouteChoice(previous, _score_of(previous, scores) if scores else 1.0, runner,
+                           runner_score, scores, f"follow-up: stayed with '{previous}' ({why})",
+                           text=text)
+
+    # ----- fitting and evaluation -------------------------------------------------------------
+
+    def fit(self, heldout) -> dict:
+        """Fit calibration, threshold and follow-up margin on held-out labelled turns.
+
+        ``heldout`` must not repeat route examples (that would fit the threshold on memorised
+        turns). Returns the fitted values and the accuracy on ``heldout`` itself, which is
+        optimistic: measure with ``evaluate`` on other turns.
+        """
+        pairs = as_pairs(heldout)
+        if not pairs or not self._examples:
+            raise DataError("fit() needs routes (add_route) and at least one held-out turn")
+        unknown = sorted({label for _, label in pairs} - set(self.names))
+        if unknown:
+            raise DataError(f"labels {unknown} are not adapters of this router ({self.names}); "
+                            f"add_route() them first or relabel the turns")
+        seen = {normalise(e) for ex in self._examples.values() for e in ex}
+        leaked = [t for t, _ in pairs if normalise(t) in seen]
+        if leaked:
+            raise DataError(f"{len(leaked)} held-out turns are also route examples, e.g. "
+                            f"{leaked[0][:60]!r}; hold out turns the routes have not seen")
+        labels = np.array([label for _, label in pairs])
+        sims = self._similarities(self.embedder.encode([scoring_text(t) for t, _ in pairs]))
+        self.calibration = fitting.fit_calibration(sims, labels, self.routes)
+        scores = fitting.calibrate(sims, self.calibration)
+        self.threshold = fitting.fit_threshold(scores, labels, self.routes, self.fallback)
+        self.margin = fitting.fit_margin(scores, labels, self.routes, self.threshold, self.margin)
+        predicted = fitting.predict(scores, self.routes, self.threshold, self.fallback)
+        return {**fitting.fitted_values(self.threshold, self.margin, self.calibration),
+                "per_adapter_k": self.per_adapter_k, "n": int(len(labels)),
+                "accuracy": round(float((predicted == labels).mean()), 4)}
+
+    def evaluate(self, labelled) -> dict:
+        """Route each turn on its own; the ``bot.eval.metrics.router_metrics`` of the result."""
+        from ..eval.metrics import router_metrics
+
+        pairs = as_pairs(labelled)
+        if not pairs:
+            raise DataError("evaluate() needs at least one labelled turn")
+        predictions: list[RouteChoice] = []
+        for start in range(0, len(pairs), 256):
+            chunk = pairs[start:start + 256]
+            self.embedder.prime([scoring_text(t) for t, _ in chunk])
+            predictions += [self.route(t) for t, _ in chunk]
+        return router_metrics([label for _, label in pairs], [c.adapter for c in predictions],
+                              [c.fallback for c in predictions], labels=self.names,
+                              texts=[t for t, _ in pairs])
+
+    # ----- persistence ------------------------------------------------------------------------
+
+    def save(self, path) -> Path:
+        """Write ``router.json`` and ``routes.safetensors`` into the folder ``path``."""
+        config = {
+            "fallback": self.fallback, "per_adapter_k": self.per_adapter_k,
+            "threshold": self.threshold, "margin": self.margin, "calibration": self.calibration,
+            "describe": self.describe, "examples": self._examples, "max_chars": self.max_chars,
+        }
+        return store.write_router(path, config, self._embeddings,
+                                  self.embedder.encode([store.PROBE])[0])
+
+    @classmethod
+    def load(cls, path, encoder) -> Router:
+        """Read a folder written by ``save``; refuses another format or another encoder."""
+        config, tensors = store.read_router(path)
+        router = cls(encoder, fallback=config["fallback"], per_adapter_k=config["per_adapter_k"],
+                     threshold=config["threshold"], margin=config["margin"],
+                     max_chars=config.get("max_chars", MAX_CHARS))
+        if not store.same_encoder(router.embedder.encode([store.PROBE])[0], tensors["probe"]):
+            raise DataError(f"{path} was saved with a different encoder; load it with that "
+                            f"encoder or rebuild the routes with add_route() and fit()")
+        router.calibration = tuple(config["calibration"]) if config["calibration"] else None
+        router.describe = dict(config["describe"])
+        for name, examples in config["examples"].items():
+            router._examples[name] = list(examples)
+            router._embeddings[name] = tensors[f"route.{name}"]
+        return router

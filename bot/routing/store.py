@@ -1,0 +1,60 @@
+"""A fitted router on disk: ``router.json`` (settings, examples) + ``routes.safetensors``.
+
+``routes.safetensors`` holds each route's example embeddings and the embedding of ``PROBE``,
+so a router is never loaded with another encoder than the one that embedded it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..fsutil import atomic_dir_write
+
+FORMAT_VERSION = 1
+PROBE = "The router checks that it is loaded with the encoder it was saved with."
+
+
+def write_router(folder, config: dict, embeddings: dict[str, np.ndarray], probe: np.ndarray) -> Path:
+    """Write both files into ``folder`` atomically (a crash leaves the old router or none)."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"route.{name}": emb for name, emb in embeddings.items()}
+    tensors["probe"] = probe
+    config = {"format_version": FORMAT_VERSION, **config}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "routes.safetensors"))
+        (tmp / "router.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+    return atomic_dir_write(Path(folder), write)
+
+
+def read_router(folder) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, tensors) of a saved router; refuses another ``format_version``.
+
+    Raises:
+        DataError: a file is missing or unreadable, or was written in another format.
+    """
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "router.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / "routes.safetensors"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read a saved router from {folder}: {err}") from err
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(f"{folder / 'router.json'} has format_version {version!r}, but this bot "
+                        f"reads format {FORMAT_VERSION}. Fix: rebuild the router (add_route() and "
+                        "fit(), or delete the folder and let build_router() make it again)")
+    return config, tensors
+
+
+def same_encoder(probe: np.ndarray, saved: np.ndarray) -> bool:
+    """True when the probe sentence embeds (almost) as it did when the router was saved."""
+    return probe.shape == saved.shape and float(probe @ saved) >= 0.99

@@ -1,0 +1,190 @@
+"""What a running server holds: backbone, tasks, router, scheduler and its settings."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AdapterError
+from .metrics import ServeMetrics
+from .scheduler import Scheduler, UnknownModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatPlan:
+    """How one chat request will be answered."""
+
+    adapter: str | None  # generation adapter (None = bare backbone) or classify adapter
+    reply: str | None = None  # set when a classify adapter answered already
+    label_scores: dict | None = None
+    route: object | None = None
+
+    def body(self) -> dict:
+        """The ``bot`` field added to OpenAI's response: which adapter answered and why."""
+        out: dict = {"adapter": self.adapter}
+        if self.label_scores is not None:
+            out["label_scores"] = self.label_scores
+        r = self.route
+        if r is not None:
+            out["route"] = {"adapter": r.adapter, "score": r.score, "runner_up": r.runner_up,
+                            "runner_up_score": r.runner_up_score, "reason": r.reason,
+                            "fallback": r.fallback, "scores": r.scores}
+        return {"bot": out}
+
+
+@dataclass
+class ServerState:
+    """Everything the HTTP layer needs.
+
+    Args:
+        backbone: the shared Backbone.
+        tasks: {adapter name: Task} loaded on it.
+        scheduler: the Scheduler serving them.
+        router: a fitted Router for ``model="auto"`` (None: "auto" is refused).
+        api_key: required as a Bearer token when set; also enables adapter loading.
+    """
+
+    backbone: object
+    tasks: dict
+    scheduler: Scheduler
+    router: object | None = None
+    api_key: str | None = None
+    default_max_tokens: int = 256
+    metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self.scheduler.metrics = self.metrics
+        self.metrics.watch(self.scheduler)
+
+    @classmethod
+    def build(cls, backbone, adapters_dir, *, api_key=None, precision="auto", max_batch=16,
+              max_queue=64, max_len=2048, with_router=True, encoder=None) -> ServerState:
+        """Load every adapter in ``adapters_dir`` and start serving them."""
+        from ..registry import load_all
+
+        tasks, failures = load_all(backbone, adapters_dir)
+        for name, err in failures.items():
+            log.warning("adapter %s not served: %s", name, err)
+        router = None
+        if with_router and tasks:
+            from ..routing import build_router
+
+            router = build_router([t.spec for t in tasks.values()], encoder)
+        scheduler = scheduler_for(backbone, tasks, precision=precision, max_batch=max_batch,
+                                  max_queue=max_queue, max_len=max_len)
+        return cls(backbone, tasks, scheduler, router, api_key)
+
+    # -------------------------------------------------------------- models
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    @property
+    def base_name(self) -> str:
+        return self.backbone.info.name
+
+    def model_ids(self) -> list[str]:
+        return [self.base_name, *self.scheduler.generators, *sorted(self.scheduler.classifiers),
+                *(["auto"] if self.router is not None else [])]
+
+    def model_cards(self) -> list[dict]:
+        def card(mid, parent=None, **extra):
+            task = self.tasks.get(mid)
+            root = str(task.spec.folder) if task is not None else mid
+            return {"id": mid, "object": "model", "created": self.created, "owned_by": "bot",
+                    "root": root, "parent": parent, **extra}
+        cards = [card(self.base_name, root=self.backbone.info.source,
+                      max_model_len=self.scheduler.max_len)]
+        cards += [card(n, self.base_name, kind="generate") for n in self.scheduler.generators]
+        cards += [card(n, self.base_name, kind="classify",
+                       labels=self.scheduler.classifiers[n].labels)
+                  for n in sorted(self.scheduler.classifiers)]
+        if self.router is not None:
+            cards.append(card("auto", None, kind="router"))
+        return cards
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """vLLM's rule: the model's generation_config decides what a request leaves out."""
+        gc = self.backbone.base.generation_config
+        if getattr(gc, "do_sample", False):
+            return {"temperature": float(gc.temperature or 1.0), "top_p": float(gc.top_p or 1.0)}
+        return {"temperature": 0.0, "top_p": 1.0}
+
+    # ----------------------------------------------------------------- chat
+    def plan_chat(self, model: str, messages: list[dict]) -> ChatPlan:
+        """Decide who answers: the base model, an adapter, or the router's pick."""
+        last = next((m["content"] for m in reversed(messages) if m["role"] == "user"),
+                    messages[-1]["content"])
+        route = None
+        if model == "auto":
+            route = self.router.route(last)
+            if route.adapter == "help":
+                return ChatPlan("help", reply=self.router.help_text(), route=route)
+            last = route.text or last
+            model = route.adapter if route.adapter in self.tasks else self.base_name
+        if model == self.base_name:
+            return ChatPlan(None, route=route)
+        if model in self.scheduler.generators:
+            return ChatPlan(model, route=route)
+        if model in self.scheduler.classifiers:
+            probs = self.scheduler.classify([last], [model])[0]
+            task = self.scheduler.classifiers[model]
+            return ChatPlan(model, reply=task.reply(probs), label_scores=probs, route=route)
+        raise UnknownModel(f"model '{model}' does not exist; available: {self.model_ids()}")
+
+    def prompt_ids(self, adapter: str | None, messages: list[dict]) -> list[int]:
+        """The chat template applied to ``messages`` (plus the adapter's system prompt)."""
+        task = self.tasks.get(adapter) if adapter else None
+        system = getattr(task, "spec", None) and task.spec.template
+        if system and system != "{text}" and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 return_dict=True)
+        return list(out["input_ids"])
+
+    # ------------------------------------------------------------- adapters
+    def load_adapter(self, name: str, folder: Path) -> str:
+        """Load ``folder`` as ``name`` while requests keep running; returns its kind."""
+        from ..registry import load_task
+        from ..spec import AdapterSpec
+
+        if not folder.is_dir():
+            raise AdapterError(f"{folder} is not an adapter folder")
+        with self._lock:
+            if name in self.tasks or name in self.scheduler.generators or name in (
+                    self.base_name, "auto"):
+                raise AdapterError(f"an adapter named '{name}' is already loaded. Fix: unload it "
+                                   "first (/v1/unload_lora_adapter) or pick another name")
+            if (folder / "adapter.yaml").exists():
+                spec = AdapterSpec.from_dir(folder)
+                spec.name = name
+                task = load_task(self.backbone, spec)  # checks the backbone fingerprint
+            else:  # a plain peft folder (e.g. written for vLLM): generation, shape-checked
+                self.backbone.load_adapter(name, folder)
+                task = None
+            kind = task.kind if task is not None else "generate"
+            if task is not None:
+                self.tasks[name] = task
+            self.scheduler.add_adapter(name, task)
+            return kind
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            self.scheduler.remove_adapter(name)
+            self.tasks.pop(name, None)
+            self.backbone.drop_adapter(name)
+
+
+def scheduler_for(backbone, tasks: dict, **kwargs) -> Scheduler:
+    """A Scheduler serving every generate task (engine) and classify task (jobs) in ``tasks``."""
+    classifiers = {n: t for n, t in tasks.items() if t.kind == "classify"}
+    generators = [n for n, t in tasks.items() if t.kind == "generate"]
+    return Scheduler(backbone, classifiers, generators, **kwargs)

@@ -1,0 +1,146 @@
+"""The code-health rules of issue 10, checked so they stay true."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+from pathlib import Path
+
+import pytest
+
+import bot
+from bot import errors
+from bot.cli import main
+from bot.fsutil import atomic_write_text
+from bot.text import normalise
+
+ROOT = Path(bot.__file__).resolve().parent.parent
+LIBRARY = sorted([*(ROOT / "bot").rglob("*.py"), *(ROOT / "demo").rglob("*.py")])
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def test_every_bot_error_is_a_value_error():
+    family = [obj for obj in vars(errors).values() if isinstance(obj, type) and issubclass(obj, errors.BotError)]
+    assert len(family) >= 6
+    for cls in family:
+        assert issubclass(cls, ValueError), cls
+    with pytest.raises(ValueError):
+        raise errors.SpecError("x")
+
+
+def test_only_the_cli_knows_argparse():
+    users = []
+    for path in LIBRARY:
+        for node in ast.walk(_tree(path)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "argparse" for n in names):
+                users.append(path.relative_to(ROOT).as_posix())
+    assert users == ["bot/cli.py"]
+
+
+def test_no_class_is_longer_than_250_lines():
+    long = {f"{path.relative_to(ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
+            for path in LIBRARY for node in ast.walk(_tree(path))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250}
+    assert long == {}
+
+
+def test_package_code_does_not_read_the_tests_folder():
+    for path in LIBRARY:
+        text = path.read_text(encoding="utf-8")
+        assert '"tests"' not in text and "tests/data" not in text, path
+
+
+@pytest.mark.parametrize("module, name", [
+    ("bot.eval.evaluate", "run_eval"), ("bot.eval.bench", "run_bench"), ("bot.eval.bench", "render"),
+    ("bot.chat", "run_terminal_chat"), ("bot.info", "backbone_info"), ("bot.add", "add_adapter"),
+    ("demo.app", "launch"),
+])
+def test_library_entry_points_take_keyword_arguments(module, name):
+    import importlib
+
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+    assert params and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params), name
+    assert "args" not in {p.name for p in params}
+
+
+def test_backbone_info_and_add_adapter_with_keywords(tmp_path, monkeypatch):
+    from conftest import make_tiny_backbone
+
+    from bot.add import add_adapter
+    from bot.info import backbone_info
+
+    data = tmp_path / "pets.csv"
+    data.write_text("text,label\n" + "".join(f"meow {i},cat\nwoof {i},dog\n" for i in range(6)))
+    path = add_adapter(name="pets", source=data, adapters_dir=tmp_path / "adapters")
+    assert path == tmp_path / "adapters" / "pets" / "adapter.yaml" and path.exists()
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    text = backbone_info(adapters_dir=tmp_path / "adapters")
+    assert "tiny-llama@" in text
+    assert "pets" in text and "not trained yet" in text
+
+
+def _write_manifest(folder: Path, name: str) -> None:
+    folder.mkdir(parents=True)
+    (folder / "adapter.yaml").write_text(
+        f"name: '{name}'\nkind: classify\nlabels: [ham, spam]\ndata: {{bundled: sms_spam}}\n")
+
+
+@pytest.mark.parametrize("command", [["eval", "--no-router"], ["list"], ["train", "1spam"]])
+def test_an_invalid_adapter_name_is_a_clear_error_not_a_traceback(tmp_path, capsys, command):
+    _write_manifest(tmp_path / "1spam", "1spam")
+    assert main([*command, "--adapters-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "'1spam'" in err and "key 'name'" in err and "Fix:" in err
+
+
+def test_the_router_refuses_a_bad_route_name_with_a_bot_error():
+    from test_router import HashEncoder
+
+    from bot.routing import Router
+
+    router = Router(HashEncoder())
+    for name in ("1spam", "help", "", "a b"):
+        with pytest.raises(errors.SpecError):
+            router.add_route(name, ["win a prize"])
+    with pytest.raises(ValueError, match="1spam"):  # a BotError is still a ValueError
+        Router(HashEncoder(), fallback="1spam")
+
+
+def test_atomic_write_text_replaces_whole_files_and_cleans_up(tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "report.md"
+    atomic_write_text(target, "old")
+    assert target.read_text() == "old" and oct(target.stat().st_mode & 0o777) == "0o644"
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.md"]
+
+
+def test_one_normaliser():
+    from bot.data import example_key
+
+    assert normalise("  Hello\t\nWORLD  ") == "hello world"
+    assert example_key({"text": "A  b\nC"}) == normalise("a b c")
+    assert example_key({"prompt": "Hi  There", "reply": "x"}) == "hi there"
+
+
+def test_an_unwritable_path_is_an_error_message(tmp_path, capsys):
+    data = tmp_path / "pets.csv"
+    data.write_text("text,label\n" + "".join(f"meow {i},cat\nwoof {i},dog\n" for i in range(6)))
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert main(["add", "pets", "--from", str(data), "--adapters-dir", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(not_a_folder) in err and "Traceback" not in err
