@@ -430,9 +430,7 @@ class Backbone:
         if unknown:
             raise AdapterError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapters}")
         batch = to_device(batch, self.device)
-        autocast = torch.autocast(self.device.type, dtype=self.compute_dtype,
-                                  enabled=self.compute_dtype != torch.float32)
-        with self.lock, autocast:
+        with self.lock, self.autocast():
             if self.peft is None:
                 return self.base(**batch, **kwargs)
             if all(a is None for a in names):
@@ -443,6 +441,11 @@ class Backbone:
                 return self.peft(**batch, **kwargs)
             return self.peft(**batch, adapter_names=[_PEFT_BASE if a is None else a for a in names],
                              **kwargs)
+
+    def autocast(self):
+        """Autocast to ``compute_dtype`` on the model's device (a no-op for float32)."""
+        return torch.autocast(self.device.type, dtype=self.compute_dtype,
+                              enabled=self.compute_dtype != torch.float32)
 
     @torch.inference_mode()
     def pooled(self, texts: list[str], adapters, max_length: int = 256) -> torch.Tensor:

@@ -114,3 +114,25 @@ def test_micro_batch_weights_add_up_to_the_global_mean(world, accum, size):
             # DDP averages over processes: each process's shares sum to world * its part
             total += share / world
     assert sorted(seen) == batch and total == pytest.approx(1.0)
+
+
+def test_gradient_accumulation_matches_on_the_cached_classify_path(tmp_path):
+    """LoRA on the top layer only: training runs from cached lower-layer states (bot.tasks.frozen)."""
+    from bot.tasks.classify import ClassifyTask
+
+    folder = pets_folder(tmp_path)
+    spec = AdapterSpec.from_dir(folder)
+    spec.lora.layers = [-1]
+    rows = [{"text": f"number {i} is a {w}", "label": "cat" if w in WORDS["cat"] else "dog"}
+            for i, w in enumerate(["meow", "woof", "purr", "bark"] * 5)]
+    states, paths = [], []
+    for parallel in (None, Parallel(None, grad_accum=2)):
+        bb = make_tiny_backbone()
+        torch.manual_seed(0)
+        bb.add_adapter("pets", spec.lora.to_peft(model=bb.base))
+        task = ClassifyTask(spec, bb)
+        paths.append(task.fit(rows, 1.0, 0, parallel=parallel)["path"])
+        states.append({**lora_state(bb, "pets"), "head": task.head.weight.detach().clone()})
+    assert paths == ["cached", "cached"]
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], atol=1e-5), k
