@@ -221,16 +221,19 @@ class ChatSession:
         return turn
 
 
-def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str | None = None) -> int:
+def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str | None = None,
+                      device: str | None = None, load_in: str | None = None) -> int:
     """`bot chat`: the same session in the terminal (stdin/stdout) until Ctrl-D.
 
     Args:
         adapters_dir: folder holding the adapter folders (None: the default).
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
     """
     from .backbone import Backbone
 
-    bb = Backbone.load(backbone)
+    bb = Backbone.load(backbone, device=device, load_in=load_in)
     session = ChatSession.from_dir(bb, adapters_dir)
     for name, err in session.failures.items():
         log.warning("note: adapter %s not loaded: %s", name, err)

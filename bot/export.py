@@ -223,7 +223,7 @@ def plan_export(names: list[str], adapters_dir: Path, backbone, max_lora_rank: i
             continue
         spec = AdapterSpec.from_dir(folder)
         trained_on = spec.backbone.get("fingerprint")
-        if trained_on and trained_on != backbone.fingerprint:
+        if trained_on and not backbone.matches(trained_on):
             problems.append(str(FingerprintMismatch(
                 f"{folder / 'adapter.yaml'}: '{name}' was trained on backbone {trained_on}, but the "
                 f"backbone being exported is {backbone.fingerprint}. Fix: pass the backbone it was "

@@ -83,20 +83,20 @@ def merged_state_dict(backbone, adapter: str | None) -> dict[str, torch.Tensor]:
 
 
 def build_engine(backbone, adapter: str | None, mode: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
 
     if mode not in MODES:
         raise ValueError(f"unknown fast mode '{mode}'; choose one of {MODES}")
-    state = merged_state_dict(backbone, adapter)
-    config = backbone.base.config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    model.eval()
+    from .arch import model_from_weights
+
+    model = model_from_weights(backbone, merged_state_dict(backbone, adapter))
+    device = backbone.device
+    if mode == "w8" and device.type == "cuda":
+        mode = "bf16"  # torch's int8 weight-only kernel is a CPU/MPS kernel
     if mode == "bf16":
         model.to(torch.bfloat16)
     elif mode == "w8":
         quantize_w8(model)
+    model.to(device)
     model.generation_config = backbone.base.generation_config
     return model
 
@@ -142,10 +142,37 @@ class FastGenerator:
             from .errors import AdapterError
 
             raise AdapterError(f"adapter '{adapter}' is not loaded; loaded: {self.backbone.adapters}")
-        model = self.engine(adapter)
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("pad_token_id", self.backbone.tokenizer.pad_token_id)
+        input_ids = input_ids.to(self.backbone.device)
         mask = torch.ones_like(input_ids)
+        if self.backbone.quantized:  # 8/4-bit: no plain weights to merge; decode unmerged
+            with self.backbone.lock:
+                out = self._unmerged(adapter).generate(input_ids=input_ids, attention_mask=mask,
+                                                       **kwargs)
+            return out[:, input_ids.shape[1]:].cpu()
+        model = self.engine(adapter)
         with self._lock:  # one decode at a time: both cores go to it
             out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        return out[:, input_ids.shape[1]:]
+        return out[:, input_ids.shape[1]:].cpu()
+
+    def _unmerged(self, adapter: str | None):
+        """The backbone's own (peft) model set to ``adapter``; the caller holds its lock."""
+        peft = self.backbone.peft
+        if peft is None:
+            return self.backbone.base
+        if adapter is None:
+            return _AdapterOff(peft)
+        peft.set_adapter(adapter)
+        return peft
+
+
+class _AdapterOff:
+    """``generate`` on a peft model with its adapters disabled."""
+
+    def __init__(self, peft):
+        self.peft = peft
+
+    def generate(self, **kwargs):
+        with self.peft.disable_adapter():
+            return self.peft.generate(**kwargs)

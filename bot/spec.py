@@ -21,7 +21,8 @@ from .fsutil import atomic_write_text
 KINDS = ("classify", "generate", "base")
 """``base``: the bare backbone (no LoRA, no training), e.g. the ``assistant`` route."""
 MANIFEST = "adapter.yaml"
-# Every linear layer of a Llama-style decoder block.
+# Every linear layer of a Llama-style decoder block. Other families (GPT-2, GPT-NeoX...)
+# name their layers differently: bot.arch.lora_targets resolves the list per backbone.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ------------------------------------------------------------------ adapter names
@@ -127,9 +128,17 @@ class LoraSettings:
         _require(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
                  where, "lora.target_modules", "a non-empty list of layer names", self.target_modules)
 
-    def to_peft(self, num_layers: int | None = None):
+    def to_peft(self, num_layers: int | None = None, model=None):
+        """A peft LoraConfig; with ``model``, targets it lacks are swapped for its own (bot.arch)."""
         from peft import LoraConfig
 
+        targets, conv1d = list(self.target_modules), False
+        if model is not None:
+            from .arch import lora_targets, targets_are_conv1d
+
+            targets = lora_targets(model, targets)
+            conv1d = targets_are_conv1d(model, targets)  # peft would flip it with a warning
+            num_layers = num_layers or getattr(model.config, "num_hidden_layers", None)
         layers = self.layers
         if layers is not None and num_layers is not None:
             # negative indices count from the top; indices the model lacks are dropped,
@@ -137,7 +146,7 @@ class LoraSettings:
             layers = sorted({i if i >= 0 else num_layers + i for i in layers} & set(range(num_layers)))
             layers = layers or None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), layers_to_transform=layers,
+                          target_modules=targets, layers_to_transform=layers, fan_in_fan_out=conv1d,
                           bias="none")
 
 

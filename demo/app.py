@@ -343,12 +343,15 @@ def build_app(session) -> gr.Blocks:
 
 
 def launch(*, adapters_dir=None, backbone: str | None = None, host: str = "127.0.0.1",
-           port: int = 7860, share: bool = False) -> int:
+           port: int = 7860, share: bool = False, device: str | None = None,
+           load_in: str | None = None) -> int:
     """`bot demo`: load the models once, serve on host:port until Ctrl-C.
 
     Args:
         adapters_dir: folder holding the adapter folders (None: the default).
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
         host: interface to listen on; anything but loopback is announced with a warning.
         port: TCP port.
         share: ask Gradio for a public share link.
@@ -357,7 +360,7 @@ def launch(*, adapters_dir=None, backbone: str | None = None, host: str = "127.0
     from bot.chat import ChatSession
 
     log.info("loading the backbone, adapters and router…")
-    session = ChatSession.from_dir(Backbone.load(backbone), adapters_dir)
+    session = ChatSession.from_dir(Backbone.load(backbone, device=device, load_in=load_in), adapters_dir)
     for name, err in session.failures.items():
         log.warning("note: adapter %s not loaded: %s", name, err)
     log.info("warming up (serving engine, classifiers, router) … %.1f s", session.warm_up())

@@ -214,3 +214,22 @@ def test_classify_accepts_raw_or_templated_input(server):
                         json={"model": "mood", "input": "Mood of: good"})
     task.spec.template = "{text}"
     assert raw.json()["data"][0]["probs"] == filled.json()["data"][0]["probs"]
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    body = {"model": "a", "max_tokens": 200, "stream": True,
+            "messages": [{"role": "user", "content": "go on and on"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                break  # one token arrived: the request is decoding; now hang up
+    sched = server.state.scheduler
+    for _ in range(200):
+        if sched.in_flight() == 0:
+            break
+        time.sleep(0.05)
+    assert sched.in_flight() == 0, "the disconnected request kept its row"
+    text = httpx.get(server.url + "/metrics").text
+    assert 'bot_request_seconds_count{model="a",outcome="cancelled"}' in text, \
+        "the request ran to its end instead of being cancelled"

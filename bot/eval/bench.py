@@ -71,7 +71,7 @@ def _ensure_adapters(bb, adapters_dir) -> list[str]:
     return names
 
 
-def measure_load(backbone_name) -> dict:
+def measure_load(backbone_name, device=None, load_in=None) -> dict:
     from ..backbone import Backbone, resolve_backbone
 
     with tempfile.TemporaryDirectory() as cold_cache:
@@ -79,7 +79,7 @@ def measure_load(backbone_name) -> dict:
         os.environ["BOT_CACHE"] = cold_cache
         try:
             t0 = time.perf_counter()
-            Backbone.load(backbone_name)
+            Backbone.load(backbone_name, device=device, load_in=load_in)
             cold = time.perf_counter() - t0
         finally:
             if old is None:
@@ -88,14 +88,14 @@ def measure_load(backbone_name) -> dict:
                 os.environ["BOT_CACHE"] = old
     resolve_backbone(backbone_name)  # make sure the real cache exists (converts once if not)
     t0 = time.perf_counter()
-    bb = Backbone.load(backbone_name)
+    bb = Backbone.load(backbone_name, device=device, load_in=load_in)
     return {"cold": cold, "cached": time.perf_counter() - t0, "backbone": bb}
 
 
 def measure_generation(bb, adapter: str, n: int) -> list[tuple]:
     """(label, tokens/s, agreement with fp32 greedy tokens) for each path."""
     ids = bb.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)["input_ids"]
+                                           return_tensors="pt", return_dict=True)["input_ids"].to(bb.device)
     fast = bb.fast()
     rows = []
     fast.mode = "fp32"
@@ -147,7 +147,7 @@ def _engine_runner(bb, adapter, mode):
     fast = bb.fast()
     fast.mode = mode
     model = fast.engine(adapter)
-    return lambda enc: model(**enc).logits
+    return lambda enc: model(**{k: v.to(bb.device) for k, v in enc.items()}).logits
 
 
 def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float]:
@@ -158,7 +158,8 @@ def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float
 
 
 def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
-              tokens: int = 64, command_line: str = "") -> str:
+              tokens: int = 64, command_line: str = "", device: str | None = None,
+              load_in: str | None = None) -> str:
     """Measure load, generation, fast-path quality, mixed batches and memory; write ``out``.
 
     Args:
@@ -167,12 +168,14 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         out: markdown file to write.
         tokens: length of the greedy reply that is timed.
         command_line: recorded in the report.
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
 
     Returns:
         the markdown that was written.
     """
     log.info("measuring load times (cold load converts the GGUF into a temporary cache) ...")
-    load = measure_load(backbone)
+    load = measure_load(backbone, device=device, load_in=load_in)
     bb = load["backbone"]
     rss0 = rss_mb()
     names = _ensure_adapters(bb, adapters_dir)

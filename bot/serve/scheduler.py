@@ -52,12 +52,14 @@ class UnknownModel(ServeError):
     code = "model_not_found"
 
 
-def auto_precision() -> str:
-    """int8 weights where the CPU has native bf16 math; exact float32 elsewhere.
+def auto_precision(device=None) -> str:
+    """int8 weights where the CPU has native bf16 math; exact float32 elsewhere; bf16 on GPUs.
 
     Without native bf16 (AVX2-only laptops) the int8 kernel's bf16 activations are
     emulated and slower than a plain float32 matmul (DATA.md's microbenchmark).
     """
+    if device is not None and device.type != "cpu":
+        return "bf16"
     try:
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except Exception:
@@ -83,7 +85,7 @@ class Scheduler:
                  max_len: int = 2048, metrics=None):
         self.backbone = backbone
         self.tokenizer = backbone.tokenizer
-        self.precision = auto_precision() if precision == "auto" else precision
+        self.precision = auto_precision(backbone.device) if precision == "auto" else precision
         self.engine = LoraEngine(backbone, self.precision)
         self.classifiers = dict(classifiers or {})
         for name in generators or []:

@@ -70,7 +70,12 @@ class GenerateTask(Task):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     # ---------------------------------------------------------------- train
-    def fit(self, rows: list[dict], epochs: float, seed: int) -> dict:
+    def fit(self, rows: list[dict], epochs: float, seed: int, parallel=None) -> dict:
+        """Train the LoRA weights on rows ``{"prompt", "reply"}`` (loss on reply tokens only).
+
+        Args:
+            parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
+        """
         cfg = self.spec.train
         items = [self.encode_pair(r["prompt"], r["reply"], cfg.max_length) for r in rows]
         rng = random.Random(seed)
@@ -84,8 +89,10 @@ class GenerateTask(Task):
             return _shifted_nll(out.logits, labels).sum() / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
 
         groups = [{"params": lora_parameters(self.backbone, self.name), "lr": cfg.learning_rate}]
+        # each item weighs its reply tokens, so micro-batches add up to the batch's token mean
         stats = optimise(self.backbone, self.name, groups, batches, loss_fn, epochs,
-                         desc=f"train {self.name}")
+                         desc=f"train {self.name}", parallel=parallel,
+                         weight=lambda it: sum(y != IGNORE for y in it[1][1:]))
         stats["examples_seen"] = int(round(len(items) * epochs))
         return stats
 
@@ -136,7 +143,7 @@ class GenerateTask(Task):
 def _shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood (0 where the label is ignored)."""
     logits = logits[:, :-1].float()
-    target = labels[:, 1:]
+    target = labels[:, 1:].to(logits.device)
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                             target.reshape(-1), ignore_index=IGNORE,
                                             reduction="none")
