@@ -14,6 +14,8 @@ from .spec import MANIFEST, AdapterSpec, LoraSettings, TrainSettings, check_adap
 TRASH = ".trash"
 log = logging.getLogger(__name__)
 
+MIN_PER_LABEL = 5  # fewer examples than this rarely reach the held-out split and are learned poorly
+
 
 def _cells(table: Table, path: Path, col: str, label: bool = False) -> list[str]:
     """One column as text (numbers too; see bot.data); empty cells refused with their lines."""
@@ -33,8 +35,14 @@ def _columns(columns: list[str], path: Path, wanted: dict[str, str]) -> None:
 
 
 def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", label_col="label",
-             prompt_col="prompt", reply_col="reply", description: str = "") -> AdapterSpec:
-    """Validate the file and build a manifest with defaults that train on a laptop CPU."""
+             prompt_col="prompt", reply_col="reply", description: str = "",
+             min_per_label: int = MIN_PER_LABEL) -> AdapterSpec:
+    """Validate the file and build a manifest with defaults that train on a laptop CPU.
+
+    Args:
+        min_per_label: labels with fewer examples are refused (a lower value is kept in
+            the manifest as ``data.min_per_label``, so ``bot train`` accepts them too).
+    """
     table = read_rows(source)
     rows, columns = table.rows, table.columns
     rng = random.Random(0)
@@ -42,8 +50,10 @@ def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", l
         _columns(columns, source, {"text": text_col, "label": label_col})
         texts = _cells(table, source, text_col)
         labels = check_classify_rows([{"label": v} for v in _cells(table, source, label_col, label=True)],
-                                     source)
+                                     source, min_per_label)
         data = {"path": str(source.resolve()), "text_col": text_col, "label_col": label_col}
+        if min_per_label != MIN_PER_LABEL:
+            data["min_per_label"] = min_per_label
         lora = LoraSettings(layers=list(range(-16, 0)))  # the top 16 layers
         template = "{text}"
     else:
@@ -68,7 +78,8 @@ def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", l
 
 def add_adapter(*, name: str, source: str | Path, adapters_dir: str | Path, kind: str = "classify",
                 text_col: str = "text", label_col: str = "label", prompt_col: str = "prompt",
-                reply_col: str = "reply", description: str = "", force: bool = False) -> Path:
+                reply_col: str = "reply", description: str = "", force: bool = False,
+                min_per_label: int = MIN_PER_LABEL) -> Path:
     """Check ``source`` and write ``adapters_dir/name/adapter.yaml``; return its path.
 
     With ``force`` an existing folder is moved whole to ``adapters_dir/.trash/NAME-<time>/``
@@ -84,6 +95,7 @@ def add_adapter(*, name: str, source: str | Path, adapters_dir: str | Path, kind
         prompt_col, reply_col: generate columns.
         description: one line for /help and the demo.
         force: replace an existing adapter folder (the old one goes to ``.trash``).
+        min_per_label: rarer labels are refused (see :func:`scaffold`).
     """
     check_adapter_name(name, "bot add NAME")
     source = Path(source).expanduser()
@@ -95,7 +107,8 @@ def add_adapter(*, name: str, source: str | Path, adapters_dir: str | Path, kind
         what = "an adapter" if (folder / MANIFEST).exists() else "files"
         raise SpecError(f"{folder} already holds {what}. Fix: pick another name, or pass --force to "
                         f"move the old folder to {folder.parent / TRASH}/ and start afresh")
-    spec = scaffold(name, source, kind, text_col, label_col, prompt_col, reply_col, description)
+    spec = scaffold(name, source, kind, text_col, label_col, prompt_col, reply_col, description,
+                    min_per_label)
     if occupied:
         move_aside(folder)
     return spec.save(folder)

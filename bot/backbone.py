@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +27,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .assets import cache_dir, hub_offline, package_dir, writable_cache_dir
+from .device import (
+    compute_dtype,
+    model_device,
+    quantization_config,
+    resolve_device,
+    resolve_load_in,
+    to_device,
+    weight_dtype,
+)
 from .errors import AdapterError, BackboneError, FingerprintMismatch
 from .fsutil import atomic_dir_write
 from .spec import check_adapter_name
@@ -135,20 +143,25 @@ def cache_entry_problem(dest: Path) -> str | None:
     return None
 
 
-def _load_pretrained(ref: str):
+def _load_pretrained(ref: str, dtype: torch.dtype = torch.float32, quantization=None,
+                     device: torch.device | None = None):
+    """(model, tokenizer) from a folder or hub id; quantized loads go straight to ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = {"dtype": dtype}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": str(device)})
     try:
         # try the local HF cache first, so an offline machine fails fast and clearly
         tok = AutoTokenizer.from_pretrained(ref, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(ref, local_files_only=True, **kwargs)
         return model, tok
     except OSError as local_err:
         if hub_offline():
             raise BackboneError(_not_found_msg(ref, local_err)) from local_err
     try:
         tok = AutoTokenizer.from_pretrained(ref)
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
         return model, tok
     except Exception as err:  # network errors come in many types
         raise BackboneError(_not_found_msg(ref, err)) from err
@@ -166,59 +179,116 @@ def fingerprint_model(name: str, model: torch.nn.Module) -> str:
 
     Hashing every weight would add noticeably to each load; a strided sample of each
     tensor (plus its name and shape) tells backbones apart just as well in practice.
+    The sample is rounded to bfloat16 before hashing, so a float32 model and its bf16
+    copy (GPU loads) get the same fingerprint, on any device.
     """
-    h = hashlib.sha256()
+    return _fingerprints(name, model)[0]
+
+
+def _fingerprints(name: str, model: torch.nn.Module) -> tuple[str, str | None]:
+    """(fingerprint, legacy fingerprint): the legacy one hashed the float32 sample as is.
+
+    Adapters trained before fingerprints ignored the dtype carry the legacy one; it can
+    only be recomputed from float32 weights (None otherwise).
+    """
+    new, old = hashlib.sha256(), hashlib.sha256()
     cfg = model.config.to_dict()
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures",
                 "quantization_config", "use_cache"):
         cfg.pop(key, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    head = json.dumps(cfg, sort_keys=True, default=str).encode()
+    new.update(head)
+    old.update(head)
+    all_fp32 = True
     for pname, tensor in sorted(model.state_dict().items()):
         if "lora_" in pname:
             continue
         pname = pname.replace(".base_layer.", ".")
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
-        sample = flat[::step][:4096].to(torch.float32).contiguous()
-        h.update(f"{pname}:{tuple(tensor.shape)}".encode())
-        h.update(sample.numpy().tobytes())
+        sample = flat[::step][:4096].cpu()
+        all_fp32 &= sample.dtype == torch.float32
+        label = f"{pname}:{tuple(tensor.shape)}".encode()
+        new.update(label)
+        new.update(sample.to(torch.bfloat16).to(torch.float32).contiguous().numpy().tobytes())
+        old.update(label)
+        old.update(sample.to(torch.float32).contiguous().numpy().tobytes())
     short = name.rstrip("/").split("/")[-1]
-    return f"{short}@{h.hexdigest()[:16]}"
+    return f"{short}@{new.hexdigest()[:16]}", f"{short}@{old.hexdigest()[:16]}" if all_fp32 else None
 
 
 class Backbone:
     """A causal LM loaded once, holding named LoRA adapters.
 
     Args:
-        model: a transformers causal LM (float32).
-        tokenizer: its tokenizer (with a chat template for generation).
+        model: a transformers causal LM, on the device it will run on.
+        tokenizer: its tokenizer (a chat template is added when it has none).
         info: where it was loaded from.
+        fingerprint: precomputed (fingerprint, legacy) pair (quantized loads hash the
+            unquantized weights); None = hash ``model``.
     """
 
-    def __init__(self, model, tokenizer, info: LoadInfo):
+    def __init__(self, model, tokenizer, info: LoadInfo, fingerprint: tuple | None = None):
+        from .arch import prepare_tokenizer
+
         self.base = model.eval()
-        self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = prepare_tokenizer(tokenizer, info.name)
         self.info = info
         self.peft = None  # a peft.PeftModel wrapping self.base, once an adapter exists
         self.lock = threading.RLock()
-        self.fingerprint = fingerprint_model(info.name, self.base)
+        self.fingerprint, self._legacy_fingerprint = fingerprint or _fingerprints(info.name, self.base)
         self._fast = None
-        # Weights stay float32 (training keeps fp32 master weights); matmuls may run in
-        # bfloat16 under autocast, much faster on CPUs with native bf16 (README, Design).
+        self.load_in = "fp32" if self.base.dtype == torch.float32 else "bf16"
+        # Weights stay float32 on the CPU (training keeps fp32 master weights); matmuls may
+        # run in bfloat16 under autocast, much faster on CPUs with native bf16 (README, Design).
         self.compute_dtype = torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live; every input is moved here."""
+        return model_device(self.base)
+
+    def matches(self, fingerprint: str) -> bool:
+        """True if an adapter trained on ``fingerprint`` fits this backbone.
+
+        Also accepts the float32-only fingerprint that adapters saved before the
+        dtype-independent one carry (computable only from float32 weights).
+        """
+        return fingerprint in (self.fingerprint, self._legacy_fingerprint)
+
+    @property
+    def quantized(self) -> bool:
+        """True for a bitsandbytes 8-bit/4-bit load (the serving engine refuses those)."""
+        return self.load_in in ("8bit", "4bit")
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, name: str | None = None) -> Backbone:
-        """Load the embedded SmolLM2 (default), a folder, a .gguf file or a hub id."""
+    def load(cls, name: str | None = None, *, device: str | torch.device | None = None,
+             load_in: str | None = None) -> Backbone:
+        """Load the embedded SmolLM2 (default), a folder, a .gguf file or a hub id.
+
+        Args:
+            device: auto|cpu|cuda|mps (None: ``$BOT_DEVICE`` or auto = CUDA, MPS, CPU).
+            load_in: auto|fp32|bf16|8bit|4bit weight precision (None: ``$BOT_LOAD_IN`` or
+                auto = fp32 on CPU/MPS, bf16 on CUDA); 8bit/4bit need CUDA + bitsandbytes.
+        """
         t0 = time.perf_counter()
+        dev = resolve_device(device)
+        precision = resolve_load_in(load_in, dev)  # refuses 8bit/4bit before any loading
         ref, display, converted = resolve_backbone(name)
-        model, tok = _load_pretrained(ref)
+        fingerprint = None
+        if precision in ("8bit", "4bit"):
+            # the quantized weights hash differently, so fingerprint a bf16 CPU copy first
+            plain, _ = _load_pretrained(ref, torch.bfloat16)
+            fingerprint = _fingerprints(display, plain)
+            del plain
+        model, tok = _load_pretrained(ref, weight_dtype(precision), quantization_config(precision), dev)
+        if fingerprint is None:
+            model.to(dev)
         info = LoadInfo(display, ref, time.perf_counter() - t0, converted)
-        bb = cls(model, tok, info)
-        bb.compute_dtype = default_compute_dtype()
+        bb = cls(model, tok, info, fingerprint)
+        bb.load_in = precision
+        bb.compute_dtype = compute_dtype(dev)
         return bb
 
     @classmethod
@@ -271,7 +341,7 @@ class Backbone:
         from peft.utils import set_peft_model_state_dict
 
         folder = Path(folder)
-        if expected_fingerprint and expected_fingerprint != self.fingerprint:
+        if expected_fingerprint and not self.matches(expected_fingerprint):
             raise FingerprintMismatch(
                 f"adapter '{name}' ({folder}) was trained on backbone {expected_fingerprint}, but "
                 f"the loaded backbone is {self.fingerprint}. Fix: load the backbone it was trained "
@@ -340,10 +410,15 @@ class Backbone:
 
     # -------------------------------------------------------------- inference
     def encode(self, texts: list[str], max_length: int = 256) -> dict:
-        """Tokenize with right padding, so positions match an unpadded run."""
+        """Tokenize with right padding (so positions match an unpadded run), on the model's device.
+
+        Right padding whatever the tokenizer's own default: models with learned absolute
+        positions (GPT-2) would otherwise shift every left-padded row.
+        """
         self.tokenizer.padding_side = "right"
-        return self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                              max_length=max_length)
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                               max_length=max_length)
+        return to_device(dict(batch), self.device)
 
     def forward(self, batch: dict, adapters: list[str | None] | str | None, **kwargs):
         """Run the model once; row ``i`` uses adapter ``adapters[i]`` (None = base)."""
@@ -354,9 +429,8 @@ class Backbone:
         unknown = sorted({a for a in names if a is not None and a not in self.adapters})
         if unknown:
             raise AdapterError(f"adapter(s) {unknown} are not loaded; loaded: {self.adapters}")
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16,
-                                  enabled=self.compute_dtype == torch.bfloat16)
-        with self.lock, autocast:
+        batch = to_device(batch, self.device)
+        with self.lock, self.autocast():
             if self.peft is None:
                 return self.base(**batch, **kwargs)
             if all(a is None for a in names):
@@ -367,6 +441,11 @@ class Backbone:
                 return self.peft(**batch, **kwargs)
             return self.peft(**batch, adapter_names=[_PEFT_BASE if a is None else a for a in names],
                              **kwargs)
+
+    def autocast(self):
+        """Autocast to ``compute_dtype`` on the model's device (a no-op for float32)."""
+        return torch.autocast(self.device.type, dtype=self.compute_dtype,
+                              enabled=self.compute_dtype != torch.float32)
 
     @torch.inference_mode()
     def pooled(self, texts: list[str], adapters, max_length: int = 256) -> torch.Tensor:
@@ -385,22 +464,15 @@ class Backbone:
 
 
 def default_compute_dtype() -> torch.dtype:
-    """bfloat16 autocast where the CPU has native bf16 math; ``BOT_COMPUTE=fp32`` opts out."""
-    choice = os.environ.get("BOT_COMPUTE", "auto").lower()
-    if choice in ("fp32", "float32"):
-        return torch.float32
-    if choice in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    try:
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except Exception:  # older torch builds lack the probe
-        native = False
-    return torch.bfloat16 if native else torch.float32
+    """The CPU's autocast dtype (see bot.device.compute_dtype)."""
+    return compute_dtype(torch.device("cpu"))
 
 
 def last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    last = mask.sum(dim=1) - 1
-    return hidden[torch.arange(hidden.shape[0]), last]
+    """Each row's state at its last real token, whether the padding is on the left or right."""
+    width = mask.shape[1]
+    last = width - 1 - mask.flip(1).to(torch.long).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
 
 
 def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from .text import MAX_CHARS
 MAX_NEW_TOKENS = 160
 ANALYSIS_TOKENS = 128  # the chips need a text's opening, not a whole article
 REPETITION_PENALTY = 1.1  # greedy replies of a 135M model loop without it
+GENERATING = ("generate", "base")  # task kinds that answer with generated text
 _SCHEDULER_LOCK = threading.Lock()
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class ChatSession:
         """
         t0 = time.perf_counter()
         for task in self.tasks.values():
-            if task.kind == "generate":
+            if task.kind in GENERATING:
                 "".join(self._generate(task, "hello", max_tokens=2, history=[]))
         self.router.route("hello")
         self._analyse("hello")
@@ -206,7 +207,8 @@ class ChatSession:
         ids = task.prompt_ids(text, self.history if history is None else history)[0].tolist()
         params = SamplingParams(max_tokens=max_tokens or self.max_new_tokens,
                                 repetition_penalty=REPETITION_PENALTY)
-        yield from self.scheduler.stream(ids, task.name, params)
+        # A base-kind task (the assistant route) decodes with no adapter: the bare backbone.
+        yield from self.scheduler.stream(ids, task.adapter_name, params)
 
     def _finish(self, turn: Turn, t0: float, t_route: float, t_analysis: float) -> Turn:
         now = time.perf_counter()
@@ -219,19 +221,23 @@ class ChatSession:
         return turn
 
 
-def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str | None = None) -> int:
+def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str | None = None,
+                      device: str | None = None, load_in: str | None = None) -> int:
     """`bot chat`: the same session in the terminal (stdin/stdout) until Ctrl-D.
 
     Args:
         adapters_dir: folder holding the adapter folders (None: the default).
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
     """
     from .backbone import Backbone
 
-    bb = Backbone.load(backbone)
+    bb = Backbone.load(backbone, device=device, load_in=load_in)
     session = ChatSession.from_dir(bb, adapters_dir)
     for name, err in session.failures.items():
         log.warning("note: adapter %s not loaded: %s", name, err)
+    log.info("warming up (serving engine, classifiers, router) ... %.1f s", session.warm_up())
     print(f"adapters: {', '.join(session.tasks)}. /help lists commands; Ctrl-D quits.")
     while True:
         try:

@@ -376,7 +376,8 @@ def check_classify_rows(rows: list[dict], path, min_per_label: int = 5) -> list[
     rare = {k: v for k, v in counts.items() if v < min_per_label}
     if rare:
         raise DataError(f"{path}: label(s) {rare} have fewer than {min_per_label} examples. "
-                        "Fix: add examples or merge/remove those labels")
+                        "Fix: add examples or merge/remove those labels, or keep them anyway with "
+                        "`bot add --min-per-label 1` (they will be learned poorly)")
     return sorted(counts)
 
 

@@ -147,13 +147,46 @@ def read_head(folder: Path, spec: AdapterSpec, hidden: int) -> tuple[torch.Tenso
         return None, [f"{path}: head weight has shape {got}, expected {want} (labels "
                       f"{spec.labels}, hidden size {hidden}). Fix: bot train {spec.name}"]
     bias = state.get("bias")
+    weight = weight.detach().to(torch.float32).contiguous()
     if bias is not None and bool(bias.abs().max() > 0):
-        return None, [
-            f"{path}: the head has a non-zero bias (max |bias| {float(bias.abs().max()):.3g}). "
-            f"vLLM's classifier `score` layer and transformers' LlamaForSequenceClassification "
-            f"have no bias, so dropping it could change predictions. Fix: `bot train {spec.name}` "
-            f"retrains the head without a bias"]
-    return weight.detach().to(torch.float32).contiguous(), []
+        return (weight, bias.detach().to(torch.float32)), []  # checked on held-out data later
+    return weight, []
+
+
+def bias_free_check(backbone, spec: AdapterSpec, weight: torch.Tensor, bias: torch.Tensor,
+                    max_rows: int = 1000, batch_size: int = 16) -> dict:
+    """Does dropping the head's bias change any prediction on the held-out split?
+
+    vLLM's ``score`` layer (and transformers' LlamaForSequenceClassification head) has no
+    bias. Old heads were trained with one; the issue allows exporting them without it when
+    no held-out prediction changes. The final states are computed once with bot's own
+    classifier path; both heads are then applied to the same states.
+    """
+    from tqdm.auto import tqdm
+
+    from .registry import load_task
+    from .routing.build import spec_splits
+
+    rows = spec_splits(spec).test[:max_rows]
+    texts = [t for r in rows for t in [r["text"], *r.get("views", {}).values()]]
+    loaded_here = spec.name not in backbone.adapters
+    if loaded_here:
+        load_task(backbone, spec)
+    changed, top = 0, 0.0
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"bias check {spec.name}",
+                          unit="batch"):
+            chunk = [spec.template.format(text=t) for t in texts[start:start + batch_size]]
+            states = backbone.pooled(chunk, spec.name, spec.train.max_length).float()
+            with_bias = torch.softmax(states @ weight.T + bias, dim=-1)
+            without = torch.softmax(states @ weight.T, dim=-1)
+            changed += int((with_bias.argmax(-1) != without.argmax(-1)).sum())
+            top = max(top, float((with_bias - without).abs().max()))
+    finally:
+        if loaded_here:
+            backbone.drop_adapter(spec.name)
+    return {"n": len(texts), "changed": changed, "max_prob_diff": round(top, 6),
+            "max_abs_bias": round(float(bias.abs().max()), 6)}
 
 
 def choose_max_lora_rank(ranks: list[int], requested: int | None) -> int:
@@ -190,7 +223,7 @@ def plan_export(names: list[str], adapters_dir: Path, backbone, max_lora_rank: i
             continue
         spec = AdapterSpec.from_dir(folder)
         trained_on = spec.backbone.get("fingerprint")
-        if trained_on and trained_on != backbone.fingerprint:
+        if trained_on and not backbone.matches(trained_on):
             problems.append(str(FingerprintMismatch(
                 f"{folder / 'adapter.yaml'}: '{name}' was trained on backbone {trained_on}, but the "
                 f"backbone being exported is {backbone.fingerprint}. Fix: pass the backbone it was "
@@ -209,9 +242,23 @@ def plan_export(names: list[str], adapters_dir: Path, backbone, max_lora_rank: i
         if spec.kind == "classify":
             head, head_problems = read_head(folder, spec, hidden)
             found += head_problems
+        extra = {}
+        if isinstance(head, tuple):  # a head with a bias: export it only if nothing changes
+            head, bias = head
+            extra["bias_dropped"] = check = bias_free_check(backbone, spec, head, bias)
+            if check["changed"]:
+                found.append(
+                    f"{folder / 'head.safetensors'}: the head has a bias (max |bias| "
+                    f"{check['max_abs_bias']:.3g}) and dropping it, as vLLM's bias-free `score` "
+                    f"layer requires, changes {check['changed']} of {check['n']} held-out "
+                    f"predictions. Fix: `bot train {name}` retrains the head without a bias")
+            else:
+                log.info("%s: head bias (max %.3g) dropped; no held-out prediction changes "
+                         "(n=%d, largest probability change %.4f)", name, check["max_abs_bias"],
+                         check["n"], check["max_prob_diff"])
         problems += found
         if not found:
-            items.append(Item(spec, config, weights, head))
+            items.append(Item(spec, config, weights, head, extra))
     if problems:
         raise ExportError("cannot export for vLLM:\n  - " + "\n  - ".join(problems))
     chosen = choose_max_lora_rank([it.rank for it in items], max_lora_rank)
@@ -399,7 +446,8 @@ def export(names: list[str], to: str | Path, *, backbone, adapters_dir: str | Pa
                                "system_prompt": _system_prompt(it.spec)}
                      for it in items if it.spec.kind == "generate"},
         "classify": {it.name: {"path": it.name, "rank": it.rank, "labels": list(it.spec.labels),
-                               "template": it.spec.template, "base": f"{BASE}-classify-{n}"}
+                               "template": it.spec.template, "base": f"{BASE}-classify-{n}",
+                               **it.extra}
                      for n, group in groups.items() for it in group},
     }
 

@@ -56,20 +56,17 @@ def merged_state_dict(backbone, adapter: str | None) -> dict[str, torch.Tensor]:
 
 def build_engine(backbone, adapter: str | None, mode: str) -> nn.Module:
     """A peft-free copy of the backbone with ``adapter`` merged, in kernel ``mode`` (bot.kernels)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    from .arch import model_from_weights
 
     if mode not in KINDS:
         raise ValueError(f"unknown fast mode '{mode}'; choose one of {MODES}")
-    state = merged_state_dict(backbone, adapter)
-    config = backbone.base.config
-    with no_init_weights():  # every weight is loaded next; random init would cost seconds
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model.eval()
+    model = model_from_weights(backbone, merged_state_dict(backbone, adapter))
     model.requires_grad_(False)
+    device = backbone.device
+    if mode in ("w8", "w8f", "w4") and device.type == "cuda":
+        mode = "bf16"  # torch's int8/int4 weight-only kernels here are CPU kernels
     convert(model, mode)
+    model.to(device)
     model.generation_config = backbone.base.generation_config
     return model
 
@@ -128,10 +125,37 @@ class FastGenerator:
             from .errors import AdapterError
 
             raise AdapterError(f"adapter '{adapter}' is not loaded; loaded: {self.backbone.adapters}")
-        model = self.engine(adapter)
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("pad_token_id", self.backbone.tokenizer.pad_token_id)
+        input_ids = input_ids.to(self.backbone.device)
         mask = torch.ones_like(input_ids)
+        if self.backbone.quantized:  # 8/4-bit: no plain weights to merge; decode unmerged
+            with self.backbone.lock:
+                out = self._unmerged(adapter).generate(input_ids=input_ids, attention_mask=mask,
+                                                       **kwargs)
+            return out[:, input_ids.shape[1]:].cpu()
+        model = self.engine(adapter)
         with self._lock:  # one decode at a time: both cores go to it
             out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        return out[:, input_ids.shape[1]:]
+        return out[:, input_ids.shape[1]:].cpu()
+
+    def _unmerged(self, adapter: str | None):
+        """The backbone's own (peft) model set to ``adapter``; the caller holds its lock."""
+        peft = self.backbone.peft
+        if peft is None:
+            return self.backbone.base
+        if adapter is None:
+            return _AdapterOff(peft)
+        peft.set_adapter(adapter)
+        return peft
+
+
+class _AdapterOff:
+    """``generate`` on a peft model with its adapters disabled."""
+
+    def __init__(self, peft):
+        self.peft = peft
+
+    def generate(self, **kwargs):
+        with self.peft.disable_adapter():
+            return self.peft.generate(**kwargs)

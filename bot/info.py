@@ -42,18 +42,21 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}"
 
 
-def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None) -> str:
+def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None, device: str | None = None,
+                  load_in: str | None = None) -> str:
     """A plain-text summary of the backbone and the adapters under ``adapters_dir``.
 
     Args:
         adapters_dir: folder holding ``<name>/adapter.yaml``.
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
     """
     from .backbone import Backbone
     from .registry import load_all
 
     before = rss_mb()
-    bb = Backbone.load(backbone)
+    bb = Backbone.load(backbone, device=device, load_in=load_in)
     after_backbone = rss_mb()
     tasks, failures = load_all(bb, adapters_dir)
     lines = [
@@ -62,7 +65,8 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None) -> s
         f"load time    {bb.info.seconds:.2f} s" + ("  (first run: converted GGUF into the cache)" if bb.info.converted else ""),
         f"parameters   {bb.num_parameters / 1e6:.1f} M",
         f"fingerprint  {bb.fingerprint}",
-        f"compute      {str(bb.compute_dtype).replace('torch.', '')} (autocast; weights float32)",
+        f"device       {bb.device}",
+        f"compute      {str(bb.compute_dtype).replace('torch.', '')} (autocast; weights {bb.load_in})",
         f"memory       {rss_mb():.0f} MB resident (backbone added {after_backbone - before:.0f} MB)",
         f"adapters     {len(tasks)} loaded from {adapters_dir}",
     ]

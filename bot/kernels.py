@@ -288,6 +288,9 @@ def choose(backbone, *, refresh: bool = False, kinds=CANDIDATES) -> Choice:
     """
     features = cpu_features()
     key = cache_key(features, model_shape(backbone.base))
+    device = getattr(backbone, "device", torch.device("cpu"))
+    if device.type != "cpu":  # these are CPU kernels; GPUs compute bf16 natively
+        return Choice("bf16", f"bf16: the backbone is on {device.type}; the measured kernels are CPU kernels", key)
     forced = os.environ.get("BOT_KERNEL", "").strip().lower()
     if forced and forced != "auto":
         if forced not in KINDS:

@@ -19,6 +19,8 @@ def load_task(backbone, spec: AdapterSpec):
         AdapterError / FingerprintMismatch with the file named; other adapters keep working.
     """
     folder = Path(spec.folder)
+    if spec.kind == "base":  # the bare backbone: no weights to load
+        return task_class(spec.kind)(spec, backbone)
     backbone.load_adapter(spec.name, folder, spec.backbone.get("fingerprint"))
     task = task_class(spec.kind)(spec, backbone)
     try:
@@ -44,7 +46,8 @@ def load_all(backbone, adapters_dir, names: list[str] | None = None):
     for spec in specs:
         if names and spec.name not in names:
             continue
-        if not (spec.folder / "adapter_model.safetensors").exists():
+        trained = (spec.folder / "adapter_model.safetensors").exists()
+        if spec.kind != "base" and not trained:  # a base route has no weights to train
             failures[spec.name] = f"not trained yet: run `bot train {spec.name}`"
             continue
         try:

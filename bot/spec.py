@@ -18,9 +18,11 @@ import yaml
 from .errors import SpecError
 from .fsutil import atomic_write_text
 
-KINDS = ("classify", "generate")
+KINDS = ("classify", "generate", "base")
+"""``base``: the bare backbone (no LoRA, no training), e.g. the ``assistant`` route."""
 MANIFEST = "adapter.yaml"
-# Every linear layer of a Llama-style decoder block.
+# Every linear layer of a Llama-style decoder block. Other families (GPT-2, GPT-NeoX...)
+# name their layers differently: bot.arch.lora_targets resolves the list per backbone.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ------------------------------------------------------------------ adapter names
@@ -126,9 +128,17 @@ class LoraSettings:
         _require(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
                  where, "lora.target_modules", "a non-empty list of layer names", self.target_modules)
 
-    def to_peft(self, num_layers: int | None = None):
+    def to_peft(self, num_layers: int | None = None, model=None):
+        """A peft LoraConfig; with ``model``, targets it lacks are swapped for its own (bot.arch)."""
         from peft import LoraConfig
 
+        targets, conv1d = list(self.target_modules), False
+        if model is not None:
+            from .arch import lora_targets, targets_are_conv1d
+
+            targets = lora_targets(model, targets)
+            conv1d = targets_are_conv1d(model, targets)  # peft would flip it with a warning
+            num_layers = num_layers or getattr(model.config, "num_hidden_layers", None)
         layers = self.layers
         if layers is not None and num_layers is not None:
             # negative indices count from the top; indices the model lacks are dropped,
@@ -136,7 +146,7 @@ class LoraSettings:
             layers = sorted({i if i >= 0 else num_layers + i for i in layers} & set(range(num_layers)))
             layers = layers or None
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), layers_to_transform=layers,
+                          target_modules=targets, layers_to_transform=layers, fan_in_fan_out=conv1d,
                           bias="none")
 
 
@@ -186,7 +196,8 @@ class AdapterSpec:
     labels: list[str] = field(default_factory=list)
     """Class labels (classify only), in head order."""
     data: dict = field(default_factory=dict)
-    """`{bundled: ID}` or `{path: FILE, text_col:, label_col:}` / `{path:, prompt_col:, reply_col:}`."""
+    """`{bundled: ID}` or `{path: FILE, text_col:, label_col:}` / `{path:, prompt_col:, reply_col:}`;
+    optional `train_extra: [FILE, ...]`: more rows for the training split only (never held out)."""
     template: str = "{text}"
     """Classify: input template with {text}. Generate: the system prompt ('' = the model's own)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -195,6 +206,11 @@ class AdapterSpec:
     """Training settings."""
     route_examples: list[str] = field(default_factory=list)
     """Utterances a user would type to reach this adapter (router)."""
+    route_description: str = ""
+    """What turns this route takes, in a sentence or two (README, /help, the demo)."""
+    route_data: dict = field(default_factory=dict)
+    """Where the router's example turns come from, like `data` (empty = `data` itself); its
+    training split gives route texts, its validation split fits the router, its test split tests it."""
     reply_template: str = ""
     """Classify: how a reply reads, with {label} and {score}, e.g. 'Sounds {label} ({score:.2f})'."""
     backbone: dict = field(default_factory=dict)
@@ -210,9 +226,14 @@ class AdapterSpec:
             _require(isinstance(getattr(self, key), str), where, key, "a string", getattr(self, key))
         if self.kind == "classify" and self.labels:
             _require(len(self.labels) >= 2, where, "labels", "at least two labels", self.labels)
-        if self.data:
-            _require(bool(self.data.get("bundled") or self.data.get("path")), where, "data",
-                     "a mapping with `bundled: ID` or `path: FILE`", self.data)
+        for key in ("data", "route_data"):
+            value = getattr(self, key)
+            if value:
+                _require(bool(value.get("bundled") or value.get("path")), where, key,
+                         "a mapping with `bundled: ID` or `path: FILE`", value)
+        extra = self.data.get("train_extra", [])
+        _require(isinstance(extra, list) and all(isinstance(x, str) for x in extra), where,
+                 "data.train_extra", "a list of file paths", extra)
         if self.kind == "classify":
             _require("{text}" in self.template, where, "template", "a string containing {text}", self.template)
             check_template(self.template, where, "template")
@@ -258,8 +279,9 @@ class AdapterSpec:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise SpecError(f"{path}: key '{key}' must be a list of strings, got {value!r}. "
                                 "Fix: quote numbers and yes/no words, e.g. ['0', '1']")
-        if not isinstance(kwargs.get("data", {}), dict):
-            raise SpecError(f"{path}: key 'data' must be a mapping, got {kwargs['data']!r}")
+        for key in ("data", "route_data"):
+            if not isinstance(kwargs.get(key, {}), dict):
+                raise SpecError(f"{path}: key '{key}' must be a mapping, got {kwargs[key]!r}")
         try:
             return cls(**kwargs, folder=path.parent)
         except TypeError as err:

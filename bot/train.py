@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from .tasks import task_class
 
 METRICS = "metrics.json"
 CHECK_N = 100  # the integration test re-measures the first CHECK_N held-out examples
+PATH_KEYS = ("path", "path_reason", "epoch_seconds", "cache_seconds", "cache_mb", "cache_where")
 
 
 def training_rows(spec: AdapterSpec, max_examples: int | None = None):
@@ -26,7 +30,7 @@ def training_rows(spec: AdapterSpec, max_examples: int | None = None):
     rows = data_mod.load_source(spec.data, spec.kind, spec.folder)
     where = spec.data.get("path") or spec.data.get("bundled")
     if spec.kind == "classify":
-        found = data_mod.check_classify_rows(rows, where)
+        found = data_mod.check_classify_rows(rows, where, spec.data.get("min_per_label", 5))
         if not spec.labels:
             spec = spec.replace(labels=found)
         unknown = sorted(set(found) - set(spec.labels))
@@ -38,24 +42,45 @@ def training_rows(spec: AdapterSpec, max_examples: int | None = None):
     if cap and len(splits.train) > cap:
         rng = random.Random(spec.train.seed)
         splits.train = rng.sample(splits.train, cap)
+    splits.train = splits.train + extra_training_rows(spec)
     return spec, splits
+
+
+def extra_training_rows(spec: AdapterSpec) -> list[dict]:
+    """Rows of the files under ``data.train_extra``: added to training only, never held out.
+
+    The held-out split stays the data set's own, so its scores keep measuring that data
+    (the chat adapter's self-distilled replies, issue 11, must not inflate its dialogue score).
+    """
+    rows = []
+    for path in spec.data.get("train_extra") or []:
+        rows += data_mod.load_source({"path": path}, spec.kind, spec.folder)
+    return rows
 
 
 def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: float | None = None,
                   max_examples: int | None = None, eval_examples: int | None = 1000,
-                  command: str = "") -> dict:
+                  command: str = "", parallel=None) -> dict:
     """Train ``spec`` on ``backbone`` and write the adapter folder ``out_dir`` atomically.
 
     Nothing is written to ``out_dir`` until training and evaluation have finished, so a
     crash or Ctrl-C leaves the previous adapter intact.
+
+    Args:
+        parallel: a bot.parallel.Parallel: data-parallel processes and gradient
+            accumulation (None = this process alone). Only the main process evaluates
+            and saves; the others return their training figures.
 
     Returns:
         the metrics dict also written to ``metrics.json``.
     """
     check_run_values(epochs=epochs, max_examples=max_examples, eval_examples=eval_examples)
     check_context(spec, backbone)
-    with adapter_lock(out_dir):
-        return _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command)
+    # with several processes only the main one locks: it alone evaluates and saves
+    main_process = parallel is None or parallel.is_main
+    with adapter_lock(out_dir) if main_process else contextlib.nullcontext():
+        return _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command,
+                      parallel)
 
 
 def check_context(spec: AdapterSpec, backbone) -> None:
@@ -71,19 +96,21 @@ def _manifest(spec: AdapterSpec) -> str:
     return str(spec.folder / MANIFEST) if spec.folder else f"adapter '{spec.name}'"
 
 
-def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command) -> dict:
+def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command, parallel) -> dict:
     spec, splits = training_rows(spec, max_examples)
     epochs = epochs if epochs is not None else spec.train.epochs
     torch.manual_seed(spec.train.seed)
     backbone.drop_adapter(spec.name)
     try:
-        backbone.add_adapter(spec.name, spec.lora.to_peft(backbone.base.config.num_hidden_layers))
+        backbone.add_adapter(spec.name, spec.lora.to_peft(model=backbone.base))
     except AdapterError as err:
         raise SpecError(f"{_manifest(spec)}: key 'lora.target_modules': {err}") from err
     task = task_class(spec.kind)(spec, backbone)
     t0 = time.perf_counter()
-    stats = task.fit(splits.train, epochs, spec.train.seed)
+    stats = task.fit(splits.train, epochs, spec.train.seed, parallel=parallel)
     train_seconds = time.perf_counter() - t0
+    if parallel is not None and not parallel.is_main:
+        return {"adapter": spec.name, "steps": stats["steps"], "process": parallel.rank}
 
     test = splits.test[:eval_examples] if eval_examples else splits.test
     t1 = time.perf_counter()
@@ -97,9 +124,13 @@ def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
         "examples_seen": stats["examples_seen"], "steps": stats["steps"], "epochs": epochs,
         "final_loss": stats["final_loss"], "loss_curve": stats["losses"],
+        "train_path": {k: stats[k] for k in PATH_KEYS if k in stats},
         "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
-        "machine": machine(),
+        "machine": machine(), "device": str(backbone.device), "weights": backbone.load_in,
+        "processes": parallel.world if parallel else 1,
+        "grad_accum": parallel.grad_accum if parallel else 1,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **_kept_timing(spec, out_dir),
     }
     save_adapter_folder(spec, backbone, task, metrics, out_dir)
     return metrics
@@ -121,10 +152,27 @@ def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path
         task.save_extra(tmp)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "README.md").unlink(missing_ok=True)  # peft writes a model card we do not want
+        for f in data_files(spec, Path(out_dir)):
+            shutil.copy2(f, tmp / f.name)
         for f in tmp.iterdir():
             f.chmod(0o644)
 
     return atomic_dir_write(Path(out_dir), write)
+
+
+def data_files(spec, folder: Path) -> list[Path]:
+    """Data files the manifest names inside its own folder (and their ``.meta.json`` notes).
+
+    The folder is swapped whole on save, so these are carried over into the new one.
+    """
+    sources = [spec.data, spec.route_data]
+    names = [s.get("path") for s in sources] + list(spec.data.get("train_extra") or [])
+    files = []
+    for name in filter(None, names):
+        path = folder / name
+        if not Path(name).is_absolute() and path.parent == folder and path.is_file():
+            files += [path] + [m for m in [path.with_suffix(".meta.json")] if m.is_file()]
+    return files
 
 
 def reevaluate_adapter(folder: str | Path, backbone, eval_examples: int | None = 1000,
@@ -153,3 +201,53 @@ def _reevaluate(folder: Path, backbone, eval_examples, command) -> dict:
     })
     atomic_write_text(folder / METRICS, json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def time_cache(spec: AdapterSpec, backbone, steps: int = 8) -> dict:
+    """Seconds per epoch with and without cached frozen layers, timed side by side.
+
+    Trains a throwaway copy of the adapter for ``steps`` step pairs (see
+    ``ClassifyTask.time_paths``), then records the figures as ``cache_speedup`` in the
+    adapter's metrics.json (if it exists).
+    """
+    if spec.kind != "classify":
+        raise SpecError(f"--time-cache times classify training; adapter '{spec.name}' is {spec.kind}")
+    spec, splits = training_rows(spec)
+    name = f"{spec.name}-timing"
+    backbone.drop_adapter(name)
+    torch.manual_seed(spec.train.seed)
+    backbone.add_adapter(name, spec.lora.to_peft(model=backbone.base))
+    try:
+        result = task_class(spec.kind)(spec.replace(name=name), backbone).time_paths(
+            splits.train, steps, spec.train.seed)
+    finally:
+        backbone.drop_adapter(name)
+    result.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), settings=_timing_settings(spec))
+    path = Path(spec.folder) / METRICS if spec.folder else None
+    if path and path.exists() and "cache_speedup" in result:
+        with adapter_lock(spec.folder):  # re-entrant: `bot train --time-cache` already holds it
+            metrics = json.loads(path.read_text())
+            metrics["cache_speedup"] = result["cache_speedup"]
+            metrics["cache_timing"] = result
+            atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+    return result
+
+
+def _timing_settings(spec: AdapterSpec) -> dict:
+    """What the per-epoch timing depends on; a retrain with the same settings keeps the figure."""
+    return {"lora": dataclasses.asdict(spec.lora), "max_length": spec.train.max_length,
+            "batch_size": spec.train.batch_size, "data": spec.data}
+
+
+def _kept_timing(spec: AdapterSpec, out_dir: Path) -> dict:
+    """``cache_speedup`` from the previous metrics.json, if measured with the same settings."""
+    try:
+        old = json.loads((Path(out_dir) / METRICS).read_text())
+    except (OSError, ValueError):
+        return {}
+    timing = old.get("cache_timing") if isinstance(old, dict) else None
+    if not isinstance(timing, dict) or "cache_speedup" not in old \
+            or timing.get("settings") != json.loads(json.dumps(_timing_settings(spec))):
+        return {}
+    return {"cache_speedup": old["cache_speedup"], "cache_timing": timing}
+

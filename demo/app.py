@@ -22,9 +22,9 @@ REPORTS = REPO / "reports"
 EVAL_MD = "eval.md"
 EMPTY_NOTICE = "Type a message to start."
 NO_REPORT = "No evaluation report yet: run `bot eval` to create the report."
-# The backbone lock serialises model calls anyway; 2 lets one request route or classify
-# while another decodes, and everything beyond waits in the queue.
-CONCURRENCY = 2
+# Replies decode in the shared scheduler's batches (bot.serve), so up to CONCURRENCY browser
+# tabs are answered together; beyond QUEUE_SIZE, Gradio refuses at once with a message.
+CONCURRENCY = 16
 QUEUE_SIZE = 64
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 log = logging.getLogger(__name__)
@@ -212,6 +212,10 @@ def adapter_card(task) -> str:
              f"- **kind:** {spec.kind}"]
     if spec.labels:
         lines.append(f"- **labels:** {', '.join(spec.labels)}")
+    if spec.route_description:
+        lines.append(f"- **the router sends here:** {spec.route_description}")
+    if spec.kind == "base":
+        return "\n".join(lines + ["- **weights:** none: the bare backbone answers (nothing to train)"])
     lines += [f"- **training data:** {data_size(metrics)}", "", "**Held-out metrics**", ""]
     return "\n".join(lines + heldout_table(metrics.get("heldout")))
 
@@ -339,12 +343,15 @@ def build_app(session) -> gr.Blocks:
 
 
 def launch(*, adapters_dir=None, backbone: str | None = None, host: str = "127.0.0.1",
-           port: int = 7860, share: bool = False) -> int:
+           port: int = 7860, share: bool = False, device: str | None = None,
+           load_in: str | None = None) -> int:
     """`bot demo`: load the models once, serve on host:port until Ctrl-C.
 
     Args:
         adapters_dir: folder holding the adapter folders (None: the default).
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
         host: interface to listen on; anything but loopback is announced with a warning.
         port: TCP port.
         share: ask Gradio for a public share link.
@@ -353,10 +360,10 @@ def launch(*, adapters_dir=None, backbone: str | None = None, host: str = "127.0
     from bot.chat import ChatSession
 
     log.info("loading the backbone, adapters and router…")
-    session = ChatSession.from_dir(Backbone.load(backbone), adapters_dir)
+    session = ChatSession.from_dir(Backbone.load(backbone, device=device, load_in=load_in), adapters_dir)
     for name, err in session.failures.items():
         log.warning("note: adapter %s not loaded: %s", name, err)
-    log.info("warming up (building the fast generation engine) … %.1f s", session.warm_up())
+    log.info("warming up (serving engine, classifiers, router) … %.1f s", session.warm_up())
     app = build_app(session)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -65,3 +65,32 @@ def tiny_backbone():
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+FAMILIES = ("qwen2", "gpt2", "gpt_neox", "gemma")
+"""Causal LM families besides Llama that the tests build (bot.arch handles their names)."""
+
+
+def make_tiny_family(family: str, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A tiny random model of ``family`` over the byte tokenizer's 260 ids.
+
+    GPT-2 uses Conv1D layers named c_attn/c_proj/c_fc and learned absolute positions;
+    GPT-NeoX a fused query_key_value; Qwen2 has biased q/k/v; Gemma scales embeddings.
+    """
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    ids = dict(vocab_size=260, pad_token_id=256, eos_token_id=258, bos_token_id=257)
+    llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, max_position_embeddings=512, **ids)
+    if family == "qwen2":
+        config = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **llama_like)
+    elif family == "gemma":
+        config = tf.GemmaConfig(num_key_value_heads=2, head_dim=hidden // 4, **llama_like)
+    elif family == "gpt_neox":
+        config = tf.GPTNeoXConfig(**llama_like)
+    elif family == "gpt2":
+        config = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **ids)
+    else:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    return tf.AutoModelForCausalLM.from_config(config).eval()

@@ -54,7 +54,7 @@ def test_info_reports_backbone_adapters_and_memory(tmp_path, monkeypatch, capsys
 
     spec = toy_spec(tmp_path, epochs=1.0)
     train_adapter(spec, make_tiny_backbone(), spec.folder)
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     assert main(["info", "--adapters-dir", str(spec.folder.parent)]) == 0
     out = capsys.readouterr().out
     assert "tiny-llama@" in out and "parameters" in out and "MB resident" in out

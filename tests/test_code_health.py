@@ -79,7 +79,7 @@ def test_backbone_info_and_add_adapter_with_keywords(tmp_path, monkeypatch):
     data.write_text("text,label\n" + "".join(f"meow {i},cat\nwoof {i},dog\n" for i in range(6)))
     path = add_adapter(name="pets", source=data, adapters_dir=tmp_path / "adapters")
     assert path == tmp_path / "adapters" / "pets" / "adapter.yaml" and path.exists()
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     text = backbone_info(adapters_dir=tmp_path / "adapters")
     assert "tiny-llama@" in text
     assert "pets" in text and "not trained yet" in text

@@ -6,6 +6,7 @@ Needs /usr/bin/chromium (`apt-get install chromium`) and the three trained defau
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -182,6 +183,24 @@ def test_routes_each_message_to_the_right_adapter(server, browser):
         report = page.locator("#eval-report")
         report.wait_for()
         assert report.inner_text().strip()  # the report, or how to make one
+    finally:
+        context.close()
+
+
+def test_a_request_reaches_the_assistant_and_gets_a_full_answer(server, browser):
+    """The assistant example button sends a request; the bare backbone answers it at length."""
+    context, page = open_chat(browser, server)
+    try:
+        page.get_by_role("button", name=re.compile(r"^assistant: ")).first.click()
+        request = page.locator("#msg textarea").input_value()
+        assert request, "the assistant example did not fill the message box"
+        page.click("#send")
+        assert wait_turn(page, 1) == "assistant", f"{request!r} went to the wrong adapter"
+        reply = last_reply(page)
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", reply) if len(s.split()) >= 3]
+        assert len(sentences) >= 2, f"a one-sentence answer to {request!r}: {reply!r}"
+        send(page, "What is the tallest mountain in Africa?")
+        assert wait_turn(page, 2) == "assistant"
     finally:
         context.close()
 

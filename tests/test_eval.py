@@ -19,7 +19,7 @@ def trained(tmp_path, monkeypatch):
     bb = make_tiny_backbone()
     spec = toy_spec(tmp_path, epochs=2.0)
     train_adapter(spec, bb, spec.folder)
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     return spec
 
 
@@ -85,6 +85,40 @@ def test_learning_curve_points_are_nested_sizes(trained):
     sizes = [n for n, _ in curve["points"]["adapter"]]
     assert sizes[0] == 16 and sizes[1] > 16
     assert all(0 <= acc <= 1 for _, acc in curve["points"]["tfidf+logreg"])
+
+
+def test_no_zero_shot_skips_the_column(trained, tmp_path, monkeypatch):
+    def never(*a, **kw):
+        raise AssertionError("zero-shot ran despite --no-zero-shot")
+
+    monkeypatch.setattr(evaluate, "zero_shot", never)
+    out = tmp_path / "rep"
+    assert main(["eval", "pets", "--adapters-dir", str(trained.folder.parent), "--out", str(out),
+                 "--no-router", "--no-zero-shot"]) == 0
+    pets = json.loads((out / "eval.json").read_text())["tasks"]["pets"]
+    assert pets["zero_shot"] is None and "no-zero-shot" in pets["zero_shot_note"]
+    assert pets["adapter"]["n"] > 0 and pets["baseline"]["accuracy"] > 0
+
+
+def test_interrupted_zero_shot_keeps_the_adapter_scores_on_disk(trained, tmp_path, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "zero_shot", interrupted)
+    out = tmp_path / "rep"
+    assert main(["eval", "pets", "--adapters-dir", str(trained.folder.parent), "--out", str(out),
+                 "--no-router"]) == 130
+    pets = json.loads((out / "eval.json").read_text())["tasks"]["pets"]
+    assert pets["adapter"]["n"] > 0 and pets["baseline"] is not None and pets["zero_shot"] is None
+    assert "pets" in (out / "eval.md").read_text()
+
+
+def test_zero_shot_is_skipped_with_a_reason_for_many_or_ambiguous_labels(tokenizer):
+    many = [f"label{i}" for i in range(evaluate.ZERO_SHOT_MAX_LABELS + 1)]
+    assert "21 labels" in evaluate.zero_shot_skip_reason(many, tokenizer)
+    # the tiny byte-level tokenizer: 'DESC:manner' and 'DESC:def' share the first token 'D'
+    assert "same token" in evaluate.zero_shot_skip_reason(["DESC:manner", "DESC:def"], tokenizer)
+    assert evaluate.zero_shot_skip_reason(["cat", "dog"], tokenizer) is None
 
 
 def test_run_eval_takes_keywords_and_the_cli_shows_its_log_lines(trained, tmp_path, capsys):

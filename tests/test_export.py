@@ -24,7 +24,7 @@ WORDS = ["meow", "purr", "woof", "bark", "tweet", "whiskers", "fetch", "the", "a
 
 
 def make_adapter(bb, root, name, kind, *, r=8, layers=None, labels=("cat", "dog", "bird"),
-                 targets=("q_proj", "v_proj", "up_proj", "down_proj"), seed=0):
+                 targets=("q_proj", "v_proj", "up_proj", "down_proj"), seed=0, data=None):
     """An adapter with random (non-zero) LoRA B weights and head, saved the way bot saves it."""
     folder = root / name
     raw = {"name": name, "kind": kind, "lora": {"r": r, "target_modules": list(targets),
@@ -32,6 +32,8 @@ def make_adapter(bb, root, name, kind, *, r=8, layers=None, labels=("cat", "dog"
            "backbone": {"name": bb.info.name, "fingerprint": bb.fingerprint}}
     if kind == "classify":
         raw.update(labels=list(labels), template=TEMPLATE)
+    if data is not None:
+        raw["data"] = {"path": str(data), "text_col": "text", "label_col": "label"}
     spec = AdapterSpec.from_dict(raw, folder / "adapter.yaml")
     bb.add_adapter(name, spec.lora.to_peft(bb.base.config.num_hidden_layers))
     gen = torch.Generator().manual_seed(seed)
@@ -271,17 +273,36 @@ def tiny(tmp_path):
     return make_tiny_backbone(), tmp_path / "adapters", tmp_path / "out"
 
 
-def test_refuses_a_head_with_a_bias(tiny):
-    bb, adapters, out = tiny
-    make_adapter(bb, adapters, "pets", "classify")
+def _pets_with_bias(tmp_path, bb, adapters, bias):
+    rng = random.Random(0)
+    rows = ["text,label"] + [f"{' '.join(rng.choice(WORDS) for _ in range(5))} {i},"
+                             f"{('cat', 'dog', 'bird')[i % 3]}" for i in range(120)]
+    (tmp_path / "pets.csv").write_text("\n".join(rows) + "\n")
+    make_adapter(bb, adapters, "pets", "classify", data=tmp_path / "pets.csv")
     head = adapters / "pets" / "head.safetensors"
     state = load_file(str(head))
-    state["bias"] = torch.tensor([0.5, 0.0, -0.1])
+    state["bias"] = torch.tensor(bias)
     save_file(state, str(head))
-    with pytest.raises(ExportError, match=r"non-zero bias.*Fix: `bot train pets`") as err:
+
+
+def test_refuses_a_head_whose_bias_changes_held_out_predictions(tmp_path, tiny):
+    bb, adapters, out = tiny
+    _pets_with_bias(tmp_path, bb, adapters, [50.0, 0.0, -50.0])
+    with pytest.raises(ExportError, match=r"has a bias.*changes \d+ of \d+ held-out predictions.*"
+                                          r"Fix: `bot train pets`") as err:
         export(["pets"], out, backbone=bb, adapters_dir=adapters)
     assert "head.safetensors" in str(err.value)
     assert not out.exists(), "a refused export writes nothing"
+
+
+def test_drops_a_bias_that_changes_no_held_out_prediction(tmp_path, tiny):
+    bb, adapters, out = tiny
+    _pets_with_bias(tmp_path, bb, adapters, [1e-7, 0.0, -1e-7])
+    bb.drop_adapter("pets")  # as in `bot export`: the backbone arrives without the adapter
+    manifest = export(["pets"], out, backbone=bb, adapters_dir=adapters)
+    check = manifest["classify"]["pets"]["bias_dropped"]
+    assert check["changed"] == 0 and check["n"] > 0 and check["max_prob_diff"] < 1e-5
+    assert "pets" not in bb.adapters, "the check leaves the backbone as it found it"
 
 
 def test_refuses_ranks_vllm_cannot_serve(tiny):

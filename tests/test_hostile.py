@@ -143,7 +143,7 @@ def test_1_eval_of_another_adapter_ignores_a_broken_manifest(tmp_path, trained, 
     root = adapters_with(tmp_path, trained, "pets")
     (root / "broken").mkdir()
     write(root / "broken" / "adapter.yaml", "name: broken\nkind: classify\ncolour: red\n")
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     code = main(["eval", "pets", "--adapters-dir", str(root), "--out", str(tmp_path / "rep"),
                  "--max-examples", "8", "--no-router"])
     assert code == 0
@@ -155,7 +155,7 @@ def test_1_eval_of_a_broken_adapter_reports_it_failed(tmp_path, trained, monkeyp
     root = adapters_with(tmp_path, trained, "pets")
     (root / "broken").mkdir()
     write(root / "broken" / "adapter.yaml", "name: [unclosed\n")
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None: make_tiny_backbone()))
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     code = main(["eval", "broken", "pets", "--adapters-dir", str(root), "--out", str(tmp_path / "rep"),
                  "--max-examples", "8", "--no-router"])
     assert code == 0

@@ -215,3 +215,36 @@ def test_classify_jobs_batch_across_adapters(tmp_path, bb):
     sched.close()
     for name in tasks:
         bb.drop_adapter(name)
+
+
+def test_sixteen_chat_sessions_share_batches_and_match_sequential(tmp_path, bb):
+    """Demo tabs / `bot chat`: forked sessions decode together, each answer as if alone."""
+    from test_router import HashEncoder
+
+    from bot import ChatSession, Router
+    from bot.tasks.generate import GenerateTask
+
+    spec = AdapterSpec.from_dict({"name": "a", "kind": "generate", "template": ""},
+                                 tmp_path / "a" / "adapter.yaml")
+    router = Router(HashEncoder(), per_adapter_k=3)
+    router.add_route("a", ["hello how are you", "tell me a joke"])
+    sched = Scheduler(bb, generators=["a"], precision="fp32", max_batch=16)
+    sched.eos = set()
+    root = ChatSession(bb, {"a": GenerateTask(spec, bb)}, router, max_new_tokens=10,
+                       scheduler=sched)
+    texts = [f"message {i} {'x' * i}" for i in range(16)]
+    sequential = [root.fork().send(t).reply for t in texts]
+    steps_before = sched.steps
+    got: list = [None] * 16
+
+    def one(i):
+        got[i] = root.fork().send(texts[i]).reply
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == sequential
+    assert sched.steps - steps_before < 16 * 10 / 2, "sessions did not share batches"
+    sched.close()

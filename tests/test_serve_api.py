@@ -197,3 +197,39 @@ def test_metrics_and_health(server, client):
     assert 'bot_requests_total{endpoint="/v1/chat/completions",model="a",status="200"}' in text
     assert "bot_batch_size_bucket" in text and "bot_time_to_first_token_seconds" in text
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_classify_accepts_raw_or_templated_input(server):
+    """A vLLM client sends the template filled in; bot serve must not apply it twice."""
+    from bot.serve.api import _untemplated
+
+    assert _untemplated("Review: {text}\nLabel:", "Review: great\nLabel:") == "great"
+    assert _untemplated("Review: {text}\nLabel:", "great") == "great"
+    assert _untemplated("{text}", "Review: x") == "Review: x"
+    task = server.state.scheduler.classifiers["mood"]
+    task.spec.template = "Mood of: {text}"
+    hdr = {"Authorization": f"Bearer {KEY}"}
+    raw = httpx.post(server.url + "/v1/classify", headers=hdr, json={"model": "mood", "input": "good"})
+    filled = httpx.post(server.url + "/v1/classify", headers=hdr,
+                        json={"model": "mood", "input": "Mood of: good"})
+    task.spec.template = "{text}"
+    assert raw.json()["data"][0]["probs"] == filled.json()["data"][0]["probs"]
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    body = {"model": "a", "max_tokens": 200, "stream": True,
+            "messages": [{"role": "user", "content": "go on and on"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                break  # one token arrived: the request is decoding; now hang up
+    sched = server.state.scheduler
+    for _ in range(200):
+        if sched.in_flight() == 0:
+            break
+        time.sleep(0.05)
+    assert sched.in_flight() == 0, "the disconnected request kept its row"
+    text = httpx.get(server.url + "/metrics").text
+    assert 'bot_request_seconds_count{model="a",outcome="cancelled"}' in text, \
+        "the request ran to its end instead of being cancelled"

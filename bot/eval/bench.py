@@ -64,7 +64,7 @@ def _ensure_adapters(bb, adapters_dir) -> list[str]:
     return names
 
 
-def measure_load(backbone_name) -> dict:
+def measure_load(backbone_name, device=None, load_in=None) -> dict:
     from ..backbone import Backbone, resolve_backbone
 
     with tempfile.TemporaryDirectory() as cold_cache:
@@ -72,7 +72,7 @@ def measure_load(backbone_name) -> dict:
         os.environ["BOT_CACHE"] = cold_cache
         try:
             t0 = time.perf_counter()
-            Backbone.load(backbone_name)
+            Backbone.load(backbone_name, device=device, load_in=load_in)
             cold = time.perf_counter() - t0
         finally:
             if old is None:
@@ -81,13 +81,13 @@ def measure_load(backbone_name) -> dict:
                 os.environ["BOT_CACHE"] = old
     resolve_backbone(backbone_name)  # make sure the real cache exists (converts once if not)
     t0 = time.perf_counter()
-    bb = Backbone.load(backbone_name)
+    bb = Backbone.load(backbone_name, device=device, load_in=load_in)
     return {"cold": cold, "cached": time.perf_counter() - t0, "backbone": bb}
 
 
 def prompt_ids(bb) -> torch.Tensor:
     return bb.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)["input_ids"]
+                                           return_tensors="pt", return_dict=True)["input_ids"].to(bb.device)
 
 
 def _row(path: str, label: str, rate: float, agree: float | None = None, engine: str = "torch") -> dict:
@@ -208,7 +208,7 @@ def _engine_runner(bb, adapter, mode):
     old, fast.mode = fast.mode, mode
     model = fast.engine(adapter)
     fast.mode = old
-    return lambda enc: model(**enc).logits
+    return lambda enc: model(**{k: v.to(bb.device) for k, v in enc.items()}).logits
 
 
 def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float]:
@@ -232,7 +232,7 @@ def _llama_features(gen) -> str:
     return " ".join(part.strip() for part in info.split("|") if "= 1" in part or "=1" in part)
 
 
-def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: bool = True,
+def bench_one_isa(*, adapters_dir, backbone=None, device=None, load_in=None, tokens: int = 64, with_load: bool = True,
                   quality_rows: int = 60, all_kinds: bool = False, refresh_kernels: bool = False) -> dict:
     """Everything for the CPU setting this process runs under (see the module docstring).
 
@@ -247,12 +247,12 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
     features = {**cpu_features(), "threads": torch.get_num_threads()}
     if with_load:
         log.info("measuring load times (cold load converts the GGUF into a temporary cache) ...")
-        load = measure_load(backbone)
+        load = measure_load(backbone, device=device, load_in=load_in)
         bb = load.pop("backbone")
     else:
         from ..backbone import Backbone
 
-        bb, load = Backbone.load(backbone), None
+        bb, load = Backbone.load(backbone, device=device, load_in=load_in), None
     rss0 = rss_mb()
     names = _ensure_adapters(bb, adapters_dir)
     adapter = "chat" if "chat" in names else names[0]
@@ -309,7 +309,8 @@ def bench_one_isa(*, adapters_dir, backbone=None, tokens: int = 64, with_load: b
 def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
               tokens: int = 64, command_line: str = "", llamacpp_path: str | None = None,
               llamacpp_avx2_path: str | None = None, isas=("native", "avx2"), all_kinds: bool = False,
-              refresh_kernels: bool = False, threads: int | None = None, quality_rows: int = 60) -> str:
+              refresh_kernels: bool = False, threads: int | None = None, quality_rows: int = 60,
+              device: str | None = None, load_in: str | None = None) -> str:
     """Run :func:`bench_one_isa` per CPU setting in child processes; write ``out`` and its .json.
 
     Args:
@@ -325,6 +326,8 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         all_kinds: time every kernel end to end (see :func:`bench_one_isa`).
         refresh_kernels: measure the kernel choice again rather than reuse the cached one.
         quality_rows: held-out dialogue pairs scored for the perplexity check.
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
         threads: torch and llama.cpp threads in the children (default: torch's default).
             On a machine shared with other jobs, 1 avoids threads waiting at every op for a
             descheduled peer, which made a decode step take seconds here.
@@ -345,6 +348,7 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         log.info("benchmark, CPU setting %s ...", name)
         with tempfile.NamedTemporaryFile(suffix=".json") as fh:
             args = {"adapters_dir": str(adapters_dir), "backbone": backbone, "tokens": tokens,
+                    "device": device, "load_in": load_in,
                     "with_load": i == 0, "all_kinds": all_kinds,
                     "refresh_kernels": refresh_kernels, "quality_rows": quality_rows, "json": fh.name}
             subprocess.run([sys.executable, "-m", "bot.eval.bench", json.dumps(args)], env=env, check=True)

@@ -30,17 +30,38 @@ HELPFUL_PROMPTS = ["How do I boil an egg?", "Give me two tips for sleeping bette
 
 
 # ------------------------------------------------------------ zero-shot base
+ZERO_SHOT_MAX_LABELS = 20  # the prompt lists every label; beyond this it is long and rarely meaningful
+
+
+def zero_shot_skip_reason(labels: list[str], tokenizer, max_labels: int = ZERO_SHOT_MAX_LABELS) -> str | None:
+    """Why the zero-shot column cannot be scored for these labels, or None when it can."""
+    if len(labels) > max_labels:
+        return (f"skipped: {len(labels)} labels (more than {max_labels}); a prompt listing them all "
+                "is too long for the small backbone to answer meaningfully")
+    firsts = {}
+    for lab in labels:
+        for first in _first_tokens(tokenizer, lab):
+            if firsts.setdefault(first, lab) != lab:
+                return (f"skipped: labels '{firsts[first]}' and '{lab}' start with the same token, "
+                        "so one forward pass cannot tell them apart")
+    return None
+
+
+def _first_tokens(tokenizer, label: str) -> set[int]:
+    return {tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in (label, label.capitalize())}
+
+
 @torch.inference_mode()
 def zero_shot(task: ClassifyTask, texts: list[str], batch_size: int = 8, progress=None) -> list[str]:
     """Ask the bare instruct backbone to pick a label; score each label's first token.
 
     One forward pass per text: the label whose first token is most likely right after the
-    assistant header wins (lower- and capitalised spellings both count).
+    assistant header wins (lower- and capitalised spellings both count). Callers check
+    ``zero_shot_skip_reason`` first (too many labels, or labels sharing a first token).
     """
     bb, tok = task.backbone, task.backbone.tokenizer
     options = ", ".join(task.labels)
-    firsts = {lab: {tok(v, add_special_tokens=False)["input_ids"][0] for v in (lab, lab.capitalize())}
-              for lab in task.labels}
+    firsts = {lab: _first_tokens(tok, lab) for lab in task.labels}
     preds = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
@@ -62,28 +83,51 @@ def zero_shot(task: ClassifyTask, texts: list[str], batch_size: int = 8, progres
 
 
 # --------------------------------------------------------------- per adapter
-def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], bar) -> dict:
+def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], *,
+                  with_zero_shot: bool = True, checkpoint=None) -> dict:
+    """Adapter scores first, then TF-IDF, then the (slow) zero-shot column.
+
+    Args:
+        with_zero_shot: False skips the zero-shot column (``bot eval --no-zero-shot``).
+        checkpoint: called with the result so far after each phase, so an interrupted
+            run still has the adapter's own scores on disk.
+    """
     labels = task.labels
     truth = [r["label"] for r in test]
-    result = task.evaluate(test, progress=bar.update)
+    n_views = sum(len(r.get("views", {})) for r in test)
+    with tqdm(total=len(test) + n_views, desc=f"eval {task.name}: adapter", unit="ex", file=sys.stderr) as pbar:
+        result = task.evaluate(test, progress=pbar.update)
     adapter = result.pop("text")
-    zs = zero_shot(task, [r["text"] for r in test], progress=bar.update)
+    out = {"kind": "classify", "status": "ok", "n_test": len(test), "n_train": len(train),
+           "adapter": adapter, "views": result, "zero_shot": None, "baseline": None}
     # one TF-IDF fit, scored on the texts and on every view (a fair comparison per view)
     views = {v: [r for r in test if v in r.get("views", {})] for v in result}
-    queries = [r["text"] for r in test] + [r["views"][v] for v, rows in views.items() for r in rows]
-    preds = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], queries)
-    base, rest = preds[:len(test)], preds[len(test):]
-    out = {"kind": "classify", "status": "ok", "n_test": len(test), "n_train": len(train),
-           "adapter": adapter, "views": result,
-           "zero_shot": M.classification_metrics(truth, zs, labels),
-           "baseline": M.classification_metrics(truth, base, labels)}
-    for view, vtest in views.items():
-        vpred, rest = rest[:len(vtest)], rest[len(vtest):]
-        out.setdefault("views_baseline", {})[view] = M.classification_metrics(
-            [r["label"] for r in vtest], vpred, labels)
-    out["verdict"] = M.transfer_verdict(adapter["accuracy"], out["baseline"]["accuracy"],
-                                        out["zero_shot"]["accuracy"])
+    if train:
+        queries = [r["text"] for r in test] + [r["views"][v] for v, rows in views.items() for r in rows]
+        preds = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], queries)
+        base, rest = preds[:len(test)], preds[len(test):]
+        out["baseline"] = M.classification_metrics(truth, base, labels)
+        for view, vtest in views.items():
+            vpred, rest = rest[:len(vtest)], rest[len(vtest):]
+            out.setdefault("views_baseline", {})[view] = M.classification_metrics(
+                [r["label"] for r in vtest], vpred, labels)
+    _set_verdict(out)
+    skip = "skipped (--no-zero-shot)" if not with_zero_shot else zero_shot_skip_reason(labels, task.backbone.tokenizer)
+    if skip:
+        out["zero_shot_note"] = skip
+        return out
+    if checkpoint:
+        checkpoint(out)
+    with tqdm(total=len(test), desc=f"eval {task.name}: zero-shot", unit="ex", file=sys.stderr) as zbar:
+        zs = zero_shot(task, [r["text"] for r in test], progress=zbar.update)
+    out["zero_shot"] = M.classification_metrics(truth, zs, labels)
+    _set_verdict(out)
     return out
+
+
+def _set_verdict(out: dict) -> None:
+    acc = lambda key: out[key]["accuracy"] if out.get(key) else None  # noqa: E731
+    out["verdict"] = M.transfer_verdict(acc("adapter"), acc("baseline"), acc("zero_shot"))
 
 
 def eval_generate(task, test: list[dict], bar) -> dict:
@@ -101,26 +145,29 @@ def eval_generate(task, test: list[dict], bar) -> dict:
 
 
 def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = None,
-             loaded: dict | None = None) -> dict:
+             loaded: dict | None = None, *, with_zero_shot: bool = True, checkpoint=None) -> dict:
     """Evaluate one adapter; any failure becomes ``{"status": "failed", "error": ...}``.
 
     Args:
         loaded: when given, the loaded task is stored here by name (the router reuses it).
+        with_zero_shot, checkpoint: see ``eval_classify``.
     """
     try:
         task = load_task(bb, spec)
         if loaded is not None:
             loaded[spec.name] = task
+        if spec.kind == "base":
+            return {"kind": "base", "status": "ok", "n_test": 0,
+                    "verdict": "The bare backbone answers this route: no adapter to score."}
         if data_file:
             test = user_test_rows(spec, data_file)
             train = training_rows(spec)[1].train if spec.kind == "classify" else []
         else:
             _, splits = training_rows(spec)
             test, train = splits.test[:max_examples], splits.train
-        per_row = 2 + len(test[0].get("views", {})) if test and "text" in test[0] else 2
-        with tqdm(total=len(test) * per_row, desc=f"eval {spec.name}", unit="ex", file=sys.stderr) as bar:
-            if spec.kind == "classify":
-                return eval_classify(task, test, train, bar)
+        if spec.kind == "classify":
+            return eval_classify(task, test, train, with_zero_shot=with_zero_shot, checkpoint=checkpoint)
+        with tqdm(total=len(test) * 2, desc=f"eval {spec.name}", unit="ex", file=sys.stderr) as bar:
             return eval_generate(task, test, bar)
     except BotError as err:
         return {"kind": spec.kind, "status": "failed", "error": str(err)}
@@ -178,8 +225,9 @@ def eval_latency(session, n: int = 12) -> dict:
     from ..routing import load_handwritten
 
     turns = load_handwritten(set(session.tasks))
-    cls_turns = [t for t, a in turns if a != "chat"][:n]
-    chat_turns = [t for t, a in turns if a == "chat"][: max(3, n // 2)]
+    kinds = {name: task.kind for name, task in session.tasks.items()}
+    cls_turns = [t for t, a in turns if kinds.get(a) == "classify"][:n]
+    chat_turns = [t for t, a in turns if kinds.get(a) == "generate"][: max(3, n // 2)]
     cls_ms, first_ms, route_ms = [], [], []
     for text in cls_turns:
         session.router.clear_cache()  # eval_router already embedded these turns
@@ -216,7 +264,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
         epochs = max(spec.train.epochs, 40 * spec.train.batch_size / max(1, n))
         bb.drop_adapter(name)
         torch.manual_seed(spec.train.seed)
-        bb.add_adapter(name, spec.lora.to_peft(bb.base.config.num_hidden_layers))
+        bb.add_adapter(name, spec.lora.to_peft(model=bb.base))
         task = ClassifyTask(cspec, bb)
         task.fit(subset, epochs, spec.train.seed)
         acc = task.evaluate(test)["text"]["accuracy"]
@@ -234,7 +282,8 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
 def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbone: str | None = None,
              data: str | None = None, out: str | Path = "reports", max_examples: int = 400,
              curve: str | None = None, curve_adapters: str | None = None, no_router: bool = False,
-             command_line: str = "") -> dict:
+             instructions: str | None = None, no_zero_shot: bool = False, command_line: str = "",
+             device: str | None = None, load_in: str | None = None) -> dict:
     """Evaluate adapters, the router and latency; write ``eval.json`` and ``eval.md`` into ``out``.
 
     Args:
@@ -247,7 +296,12 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         curve: learning-curve sizes, e.g. "32,128,ALL" (None: no curve).
         curve_adapters: comma-separated adapters for ``curve`` (None: every classify adapter).
         no_router: skip the router and latency evaluation.
+        instructions: a JSONL of requests with hand-written answers (``prompt``, ``reply``):
+            how helpful the chat adapter stays (bot.eval.helpful), with the router's picks.
+        no_zero_shot: skip the zero-shot column (the slowest part on a big ``data`` file).
         command_line: recorded in the report's meta.
+        device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
+        load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
 
     Returns:
         the results dict written to ``out/eval.json``.
@@ -268,16 +322,28 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
     require_usable(specs, broken)
     if data and len(specs) + len(broken) != 1:
         raise DataError("--data evaluates exactly one adapter: bot eval NAME --data FILE")
-    bb = Backbone.load(backbone)
+    bb = Backbone.load(backbone, device=device, load_in=load_in)
     results = {"tasks": {}, "meta": {
         "command": command_line, "backbone": bb.fingerprint, "machine": machine(),
+        "device": str(bb.device),
         "date": time.strftime("%Y-%m-%d %H:%M")}}
     tasks = {}
     for name, error in broken.items():
         results["tasks"][name] = {"status": "failed", "error": error}
         _log_line(name, results["tasks"][name])
     for spec in specs:
-        results["tasks"][spec.name] = eval_one(spec, bb, max_examples, data, tasks)
+        def partial(res, name=spec.name):  # the adapter's own scores reach disk before the slow columns
+            _log_line(name, res)
+            results["tasks"][name] = res
+            write_report(results, out, plots=False)
+
+        try:
+            results["tasks"][spec.name] = eval_one(spec, bb, max_examples, data, tasks,
+                                                   with_zero_shot=not no_zero_shot, checkpoint=partial)
+        except KeyboardInterrupt:
+            if spec.name in results["tasks"]:
+                log.warning("interrupted: %s keeps the scores computed so far", out)
+            raise
         _log_line(spec.name, results["tasks"][spec.name])
     ok_specs = [s for s in specs if results["tasks"][s.name]["status"] == "ok"]
     if not no_router and not data and len(ok_specs) >= 2:
@@ -287,6 +353,8 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         session = ChatSession(bb, tasks, build_router(ok_specs))
         results["router"] = eval_router(ok_specs, session)
         results["latency"] = eval_latency(session)
+        _route_timing(results["latency"], adapters_dir)
+        _helpfulness(results, session, instructions)
         log.info("router: accuracy %.1f%%, median %.1f ms/turn", 100 * results["router"]["accuracy"],
                  results["router"]["median_route_ms"])
     if curve:
@@ -299,6 +367,39 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
     return results
 
 
+def _route_timing(latency: dict, adapters_dir) -> None:
+    """``route_ms``: median over 200 short turns, in a fresh process per CPU setting."""
+    from ..routing.latency import measure_both_isas
+
+    latency["route_ms_in_turn"] = latency.pop("route_ms")  # the few turns timed end to end
+    try:
+        isa = measure_both_isas(adapters_dir)
+    except Exception as err:  # a child that cannot start must not lose the whole report
+        log.warning("routing time per CPU setting not measured: %s", err)
+        return
+    latency["route_isa"] = isa
+    latency["route_ms"] = isa["native"]["median_ms"]
+    latency["route_ms_avx2"] = isa["avx2"]["median_ms"]
+
+
+def _helpfulness(results: dict, session, instructions: str | None) -> None:
+    """``tasks.<chat>.instructions`` for every generate task, when a file is given."""
+    from ..data import load_user_file
+    from .helpful import eval_instructions
+
+    if not instructions:
+        return
+    rows = load_user_file(instructions, "generate")
+    for name, task in session.tasks.items():
+        t = results["tasks"][name]
+        if task.kind != "generate" or t.get("status") != "ok":
+            continue
+        change = t["ppl_adapter"] / t["ppl_base"] - 1.0
+        t["instructions"] = eval_instructions(session, rows, name, dialogue_ppl_change=change)
+        log.info("%s on %d instructions: ppl ratio %.2f, length ratio %.2f", name, len(rows),
+                 t["instructions"]["ppl_ratio"], t["instructions"]["length_ratio"] or 0.0)
+
+
 def all_failed(results: dict) -> bool:
     """True when every evaluated adapter failed (``bot eval`` then exits with 1)."""
     failed = [n for n, t in results["tasks"].items() if t["status"] != "ok"]
@@ -308,9 +409,14 @@ def all_failed(results: dict) -> bool:
 def _log_line(name: str, t: dict) -> None:
     if t["status"] != "ok":
         log.warning("%s: FAILED: %s", name, t["error"])
+    elif t["kind"] == "base":
+        log.info("%s: the bare backbone (no adapter to score)", name)
     elif t["kind"] == "classify":
-        log.info("%s: adapter %.1f%% | zero-shot %.1f%% | tfidf %.1f%% (n=%d)", name,
-                 100 * t["adapter"]["accuracy"], 100 * t["zero_shot"]["accuracy"],
-                 100 * t["baseline"]["accuracy"], t["n_test"])
+        acc = lambda key: f"{100 * t[key]['accuracy']:.1f}%" if t.get(key) else "—"  # noqa: E731
+        zs = acc("zero_shot") if t.get("zero_shot") else t.get("zero_shot_note", "running")
+        log.info("%s: adapter %s | tfidf %s | zero-shot %s (n=%d)", name, acc("adapter"), acc("baseline"), zs,
+                 t["n_test"])
+        if t.get("baseline") and t["adapter"]["accuracy"] <= t["baseline"]["accuracy"]:
+            log.warning("%s: the adapter LOSES to TF-IDF: %s", name, t["verdict"])
     else:
         log.info("%s: perplexity base %.2f -> adapter %.2f", name, t["ppl_base"], t["ppl_adapter"])

@@ -131,6 +131,8 @@ def _summary(tasks: dict) -> list[str]:
     for name, t in tasks.items():
         if _failed(t):
             rows.append([name, "failed", DASH, DASH, t.get("error", "")])
+        elif _kind(t) == "base":
+            rows.append([name, "bare backbone", DASH, DASH, t.get("verdict", "")])
         elif _kind(t) == "generate":
             rows.append([name, f"ppl {_num(t.get('ppl_adapter'), '.2f')}",
                          f"ppl {_num(t.get('ppl_base'), '.2f')}", DASH,
@@ -173,7 +175,12 @@ def _latency(lat: dict) -> list[str]:
     """End-to-end medians measured through ChatSession (route + analysis + adapter)."""
     rows = [["classification turn, end to end", _num(lat.get("classify_turn_ms"), ".0f"), lat.get("n_classify")],
             ["first streamed token of a chat reply", _num(lat.get("first_token_ms"), ".0f"), lat.get("n_chat")],
-            ["routing only", _num(lat.get("route_ms"), ".1f"), lat.get("n_classify")]]
+            ["routing only, inside those turns", _num(lat.get("route_ms_in_turn"), ".1f"), lat.get("n_classify")]]
+    for isa, m in (lat.get("route_isa") or {}).items():
+        env = " ".join(f"{k}={v}" for k, v in (m.get("env") or {}).items())
+        rows.append([f"routing a short turn, cold cache, CPU {isa} ({m.get('aten_capability')}"
+                     + (f"; {env}" if env else "") + f"); p90 {_num(m.get('p90_ms'), '.1f')}",
+                     _num(m.get("median_ms"), ".1f"), m.get("n")])
     return ["## Latency (median ms)", ""] + _table(["what", "ms", "n"], rows) + [""]
 
 
@@ -211,6 +218,33 @@ def _generate_section(name: str, t: dict) -> list[str]:
     if samples:
         lines += _table(["prompt", "base", "adapter"],
                         [[s.get("prompt"), s.get("base"), s.get("adapter")] for s in samples]) + [""]
+    return lines + _instructions(name, t.get("instructions"))
+
+
+def _instructions(name: str, ins: dict | None) -> list[str]:
+    """How helpful the adapter stays on hand-written requests (bot.eval.helpful)."""
+    if not ins:
+        return []
+    from .helpful import TARGETS
+
+    met = ins.get("met") or {}
+    word = {True: "met", False: "NOT MET", None: DASH}
+    rows = [["hand-written answers' perplexity, adapter / base",
+             f"{_num(ins.get('ppl_ratio'), '.3f')} ({_num(ins.get('ppl_adapter'), '.2f')} / "
+             f"{_num(ins.get('ppl_base'), '.2f')})", f"<= {TARGETS['ppl_ratio']}", word[met.get("ppl_ratio")]],
+            ["median reply length (words), adapter / base",
+             f"{_num(ins.get('length_ratio'), '.2f')} ({ins.get('length_adapter')} / {ins.get('length_base')})",
+             f">= {TARGETS['length_ratio']}", word[met.get("length_ratio")]],
+            ["held-out dialogue perplexity change", _pct(ins.get("dialogue_ppl_change")),
+             f"<= {TARGETS['dialogue_ppl_change']:+.0%}", word[met.get("dialogue_ppl_change")]]]
+    lines = [f"### {name}: does it stay helpful?", "",
+             f"{ins.get('n')} requests and questions with hand-written answers (never trained on); "
+             f"replies greedy, at most {ins.get('max_tokens')} tokens. Router's picks: "
+             + ", ".join(f"{k} {v}" for k, v in sorted((ins.get("routed_to") or {}).items())) + ".", ""]
+    lines += _table(["figure", "measured", "target", ""], rows) + [""]
+    lines += _table(["prompt", "base", name, "router's pick"],
+                    [[s["prompt"], s["base"], s["adapter"], f"**{s['route']}**: {s['routed']}"]
+                     for s in ins.get("samples") or []]) + [""]
     return lines
 
 
@@ -257,6 +291,8 @@ def write_report(results: dict, out_dir, plots: bool = True) -> tuple[Path, Path
     if results.get("latency"):
         lines += _latency(results["latency"])
     for name, t in ok.items():
+        if _kind(t) == "base":
+            continue
         lines += _generate_section(name, t) if _kind(t) == "generate" else _classify_section(name, t, out_dir, plots)
     lines += _curves(results.get("curves") or {}, out_dir, plots)
     failed = {n: t for n, t in tasks.items() if _failed(t)}

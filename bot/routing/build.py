@@ -24,10 +24,11 @@ from .turns import load_handwritten
 
 log = logging.getLogger(__name__)
 
-# Training texts per route: more examples route held-out turns better, and each one costs
-# an embedding at build time (reports/eval.md has the router accuracy this gives).
-ROUTE_TRAIN_SAMPLE = 700
-FIT_SAMPLE = 120
+# Training texts per route: more examples route held-out turns better (the linear head gained
+# about one point going from 700 to 1500, issue 11), and each one costs an embedding at build time (reports/eval.md has the router accuracy this gives).
+ROUTE_TRAIN_SAMPLE = 1500
+FIT_SAMPLE = 300
+HEAD_MIN_EXAMPLES = 100  # per route, for the linear head (fitting.fit_head)
 
 
 def turn_texts(rows: list[dict], rng: random.Random, n: int) -> list[str]:
@@ -45,23 +46,36 @@ def turn_texts(rows: list[dict], rng: random.Random, n: int) -> list[str]:
 
 
 def spec_splits(spec):
-    rows = load_source(spec.data, spec.kind, spec.folder)
+    """Splits of the route's data: ``route_data`` when the manifest has it, else ``data``."""
+    source = spec.route_data or spec.data
+    # A base route's own file holds prompt/reply rows, as a generate adapter's would.
+    rows = load_source(source, "generate" if spec.kind == "base" else spec.kind, spec.folder)
     return split(rows, seed=spec.train.seed)
 
 
 def router_key(specs, encoder_name: str) -> str:
-    blob = json.dumps([[s.name, s.kind, s.route_examples, s.data, s.train.seed, s.description]
-                       for s in specs] + [encoder_name, ROUTE_TRAIN_SAMPLE, FIT_SAMPLE], sort_keys=True)
+    blob = json.dumps([[s.name, s.kind, s.route_examples, s.data, s.route_data, s.train.seed,
+                        s.description, s.route_description] for s in specs]
+                      + [encoder_name, ROUTE_TRAIN_SAMPLE, FIT_SAMPLE, HEAD_MIN_EXAMPLES], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_router(specs, encoder=None, use_cache: bool = True, fallback: str = "chat") -> Router:
+def default_fallback(specs) -> str:
+    """Where turns that fit no route go: the bare-backbone (``base``) route, else ``chat``."""
+    return next((s.name for s in specs if s.kind == "base"), "chat")
+
+
+def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | None = None) -> Router:
     """A Router over ``specs`` (AdapterSpec list), fitted on their validation splits.
 
     A cached router that cannot be read, has another format or another encoder is rebuilt.
+
+    Args:
+        fallback: the route for turns that fit none (None: ``default_fallback(specs)``).
     """
+    fallback = fallback or default_fallback(specs)
     encoder = encoder or load_encoder()
-    key = router_key(specs, getattr(encoder, "name_hint", "minilm"))
+    key = router_key(specs, getattr(encoder, "name_hint", "minilm") + f"|{fallback}")
     cached = cache_dir() / "router" / key
     if use_cache and (cached / "router.json").exists():
         try:
@@ -86,7 +100,10 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str = "c
     seen = route_texts(router)
     heldout = {name: [t for t in texts if normalise(t) not in seen] for name, texts in heldout.items()}
     if len(heldout) >= 2:
-        router.fit(heldout)
+        # A linear head needs data behind every route; routes built from a few examples alone
+        # are scored by similarity, which needs no training.
+        enough = all(len(texts) >= HEAD_MIN_EXAMPLES for texts in router.examples.values())
+        router.fit(heldout, head=enough)
     _describe(router, specs)
     if use_cache:
         try:

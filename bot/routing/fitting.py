@@ -5,8 +5,13 @@
 * ``score``: that similarity calibrated into [0, 1] by a logistic model over two features that
   do not depend on which route it is: the similarity itself and its lead over the best other
   route. Because the features are route-agnostic, a route added later is scored without refitting;
-* ``threshold``: the best score below which a turn falls back;
-* ``margin``: how much another route must lead for a follow-up to switch away.
+* ``threshold``: the best score below which a turn falls back; then one threshold per route,
+  fitted by coordinate ascent from that common one (a route whose near misses are usually
+  right keeps a low cut, one that attracts stray turns gets a high one);
+* ``margin``: how much another route must lead for a follow-up to switch away;
+* ``head``: optionally, a linear classifier over the embeddings, trained on the routes' own
+  example texts; its softmax replaces the calibrated similarity when every route has enough
+  examples to learn from (``build_router``), and is dropped when a route is added later.
 
 Arrays are (n_turns, n_routes) with columns in ``routes`` order; labels are adapter names.
 """
@@ -14,6 +19,8 @@ Arrays are (n_turns, n_routes) with columns in ``routes`` order; labels are adap
 from __future__ import annotations
 
 import numpy as np
+
+HEAD_C = 10.0  # inverse regularisation of the head; unit-length embeddings need little
 
 
 def top_k_similarity(vectors: np.ndarray, route_embeddings: list[np.ndarray], k: int) -> np.ndarray:
@@ -63,10 +70,65 @@ def fit_calibration(sims: np.ndarray, labels: np.ndarray, routes: list[str]):
     return (float(w_sim), float(w_lead), float(bias))
 
 
-def predict(scores: np.ndarray, routes: list[str], threshold: float, fallback: str) -> np.ndarray:
-    """The best route per turn, or ``fallback`` where the best score is below ``threshold``."""
-    best = np.array(routes)[scores.argmax(axis=1)]
-    return np.where(scores.max(axis=1) >= threshold, best, fallback)
+def predict(scores: np.ndarray, routes: list[str], threshold, fallback: str) -> np.ndarray:
+    """The best route per turn, or ``fallback`` where the best score is below its threshold.
+
+    Args:
+        threshold: one cut for every route, or one per route (in ``routes`` order).
+    """
+    index = scores.argmax(axis=1)
+    cut = np.broadcast_to(np.asarray(threshold, dtype=float), (len(routes),))[index]
+    return np.where(scores.max(axis=1) >= cut, np.array(routes)[index], fallback)
+
+
+def fit_route_thresholds(scores: np.ndarray, labels: np.ndarray, routes: list[str], fallback: str,
+                         start: float, rounds: int = 2) -> list[float]:
+    """One cut per route (``routes`` order), each chosen while the others stay fixed.
+
+    The fallback's own cut stays at ``start``: its turns go to the fallback either way.
+    """
+    cuts = np.full(len(routes), float(start))
+    best = scores.argmax(axis=1)
+    for _ in range(rounds):
+        for r, name in enumerate(routes):
+            mine = best == r
+            if name == fallback or not mine.any():
+                continue
+
+            def accuracy_at(cut: float, r: int = r) -> float:
+                trial = cuts.copy()
+                trial[r] = cut
+                return float((predict(scores, routes, trial, fallback) == labels).mean())
+
+            cuts[r] = best_cut(scores[mine, r], accuracy_at, int(mine.sum()))
+    return [float(c) for c in cuts]
+
+
+def fit_head(vectors: np.ndarray, labels: np.ndarray, routes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression over embeddings: (weight (n_routes, dim), bias (n_routes,))."""
+    from sklearn.linear_model import LogisticRegression
+
+    # Balanced: a route with thousands of news texts must not outvote one with hundreds of turns.
+    model = LogisticRegression(C=HEAD_C, max_iter=3000, class_weight="balanced")
+    model.fit(vectors, labels)
+    order = [list(model.classes_).index(name) for name in routes]
+    return (model.coef_[order].astype(np.float32), model.intercept_[order].astype(np.float32))
+
+
+def fit_route_head(embeddings: dict[str, np.ndarray]) -> dict:
+    """The head over every route's example embeddings: ``{"routes", "weight", "bias"}``."""
+    routes = list(embeddings)
+    labels = np.array([name for name, e in embeddings.items() for _ in range(len(e))])
+    weight, bias = fit_head(np.concatenate(list(embeddings.values())), labels, routes)
+    return {"routes": routes, "weight": weight, "bias": bias}
+
+
+def head_scores(vectors: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Softmax probabilities of the head: shape (n_texts, n_routes)."""
+    logits = vectors @ weight.T + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def best_cut(values: np.ndarray, accuracy_at, n: int) -> float:
@@ -94,7 +156,7 @@ def fit_threshold(scores: np.ndarray, labels: np.ndarray, routes: list[str], fal
                     len(labels))
 
 
-def fit_margin(scores: np.ndarray, labels: np.ndarray, routes: list[str], threshold: float,
+def fit_margin(scores: np.ndarray, labels: np.ndarray, routes: list[str], threshold,
                default: float) -> float:
     """Margin that best balances follow-ups that should stay and topic changes that should switch.
 
@@ -111,7 +173,8 @@ def fit_margin(scores: np.ndarray, labels: np.ndarray, routes: list[str], thresh
     lead = (scores.max(axis=1)[:, None] - scores).ravel()  # best's lead over each previous p
     previous = np.tile(np.arange(len(routes)), len(rows))
     truth, best = np.repeat(truth, len(routes)), np.repeat(best, len(routes))
-    passes = np.repeat(scores.max(axis=1) >= threshold, len(routes))
+    cut = np.broadcast_to(np.asarray(threshold, dtype=float), (len(routes),))[scores.argmax(axis=1)]
+    passes = np.repeat(scores.max(axis=1) >= cut, len(routes))
     should_stay, best_is_truth = previous == truth, best == truth
 
     def accuracy(cut: float) -> float:
@@ -123,10 +186,11 @@ def fit_margin(scores: np.ndarray, labels: np.ndarray, routes: list[str], thresh
     return best_cut(lead, accuracy, len(rows))
 
 
-def fitted_values(threshold: float, margin: float, calibration) -> dict:
+def fitted_values(threshold: float, margin: float, calibration, thresholds: dict | None = None) -> dict:
     """The fitted values, rounded for reports."""
     return {
         "threshold": round(threshold, 4),
+        "thresholds": {name: round(cut, 4) for name, cut in (thresholds or {}).items()},
         "margin": round(margin, 4),
         "calibration": None if calibration is None else dict(
             zip(("w_sim", "w_lead", "bias"), (round(v, 4) for v in calibration), strict=True)),

@@ -2,9 +2,10 @@
 
 Each route (adapter) is described by a handful of example turns. A turn is embedded once with a
 sentence encoder and compared with every example; ``bot.routing.fitting`` explains the scores.
-``fit`` learns the calibration, the fallback ``threshold`` and the follow-up ``margin`` on
-held-out labelled turns. Before ``fit`` the score is the clipped cosine similarity, the threshold
-is 0 (never fall back) and the margin is ``DEFAULT_MARGIN``.
+``fit`` learns the calibration, the fallback thresholds (one per route) and the follow-up
+``margin`` on held-out labelled turns; ``fit(..., head=True)`` also trains a linear head on the
+routes' examples and scores with it. Before ``fit`` the score is the clipped cosine similarity,
+the threshold is 0 (never fall back) and the margin is ``DEFAULT_MARGIN``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ def _score_of(name: str, scores: dict[str, float]) -> float:
     return round(1.0 - max(scores.values(), default=0.0), 4)
 
 
+def _checked_heldout(pairs: list[tuple[str, str]], names: list[str], examples: dict) -> list:
+    """``pairs`` when they can fit the router; a DataError naming the problem otherwise."""
+    if not pairs or not examples:
+        raise DataError("fit() needs routes (add_route) and at least one held-out turn")
+    unknown = sorted({label for _, label in pairs} - set(names))
+    if unknown:
+        raise DataError(f"labels {unknown} are not adapters of this router ({names}); "
+                        f"add_route() them first or relabel the turns")
+    seen = {normalise(e) for ex in examples.values() for e in ex}
+    leaked = [t for t, _ in pairs if normalise(t) in seen]
+    if leaked:
+        raise DataError(f"{len(leaked)} held-out turns are also route examples, e.g. "
+                        f"{leaked[0][:60]!r}; hold out turns the routes have not seen")
+    return pairs
+
+
 class Router:
     """Route chat turns to adapters by similarity to example turns.
 
@@ -78,6 +95,8 @@ class Router:
         self.threshold = float(threshold)
         self.margin = float(margin)
         self.calibration: tuple[float, float, float] | None = None  # (w_sim, w_lead, bias)
+        self.thresholds: dict[str, float] = {}  # per route; a route not here uses ``threshold``
+        self.head: dict | None = None  # {"routes", "weight", "bias"} once fit(head=True)
         self.describe: dict[str, str] = {}
         self._examples: dict[str, list[str]] = {}
         self._embeddings: dict[str, np.ndarray] = {}
@@ -116,6 +135,8 @@ class Router:
             raise DataError(f"route '{name}' needs at least one non-empty example")
         self._embeddings[name] = self.embedder.encode(examples)
         self._examples[name] = examples
+        if self.head is not None:  # the head knows only the routes it was fitted on
+            self.head, self.thresholds = None, {}
         if description is not None:
             self.describe[name] = description
 
@@ -127,8 +148,8 @@ class Router:
         """One line per command, with the descriptions from ``describe``."""
         lines = ["Commands (otherwise I pick an adapter for you):"]
         for name in self.names:
-            default = ("general conversation; used when nothing else fits"
-                       if name == self.fallback else f"{len(self._examples[name])} example turns")
+            default = ("used when nothing else fits" if name not in self._examples
+                       else f"{len(self._examples[name])} example turns")
             lines.append(f"  /{name} <text> - {self.describe.get(name, default)}")
         lines.append(f"  /{HELP} - this list")
         return "\n".join(lines)
@@ -138,13 +159,21 @@ class Router:
     def _similarities(self, vectors: np.ndarray) -> np.ndarray:
         return fitting.top_k_similarity(vectors, list(self._embeddings.values()), self.per_adapter_k)
 
+    def _score_matrix(self, vectors: np.ndarray) -> np.ndarray:
+        """Scores (n_turns, n_routes): the head's probabilities, else calibrated similarities."""
+        if self.head is not None:
+            return fitting.head_scores(vectors, self.head["weight"], self.head["bias"])
+        return fitting.calibrate(self._similarities(vectors), self.calibration)
+
     def _scores(self, text: str) -> dict[str, float]:
-        """Calibrated score of every route for one turn."""
+        """Score of every route for one turn."""
         if not self._examples:
             return {}
-        sims = self._similarities(self.embedder.embed_one(text)[None, :])
-        row = fitting.calibrate(sims, self.calibration)[0]
+        row = self._score_matrix(self.embedder.embed_one(text)[None, :])[0]
         return {name: round(float(s), 4) for name, s in zip(self._examples, row, strict=True)}
+
+    def cut(self, name: str) -> float:
+        return self.thresholds.get(name, self.threshold)  # route ``name``'s fallback threshold
 
     # ----- routing --------------------------------------------------------------------------
 
@@ -189,10 +218,10 @@ class Router:
             return RouteChoice(self.fallback, 1.0, None, 0.0, {}, f"no routes -> fallback "
                                f"'{self.fallback}'", fallback=True, text=text)
         best, best_score = ranked[0]
-        if best_score < self.threshold:
+        if best_score < self.cut(best):
             return RouteChoice(self.fallback, round(1.0 - best_score, 4), best, best_score, scores,
-                               f"below threshold {self.threshold:.2f} (best '{best}' "
-                               f"{best_score:.2f}) -> fallback '{self.fallback}'",
+                               f"no route fits: best '{best}' {best_score:.2f} is below threshold "
+                               f"{self.cut(best):.2f} -> fallback '{self.fallback}'",
                                fallback=True, text=text)
         runner, runner_score = ranked[1] if len(ranked) > 1 else (None, 0.0)
         reason = f"best match '{best}' ({best_score:.2f}"
@@ -204,7 +233,7 @@ class Router:
         best, best_score = _ranked(scores)[0] if scores else (previous, 0.0)
         kept = _score_of(previous, scores)
         lead = best_score - kept
-        if best != previous and best_score >= self.threshold and lead >= self.margin:
+        if best != previous and best_score >= self.cut(best) and lead >= self.margin:
             return RouteChoice(best, best_score, previous, kept, scores,
                                f"follow-up, but '{best}' beats '{previous}' by {lead:.2f} "
                                f">= margin {self.margin:.2f}", text=text)
@@ -219,33 +248,29 @@ class Router:
 
     # ----- fitting and evaluation -------------------------------------------------------------
 
-    def fit(self, heldout) -> dict:
-        """Fit calibration, threshold and follow-up margin on held-out labelled turns.
+    def fit(self, heldout, head: bool = False) -> dict:
+        """Fit calibration, thresholds and follow-up margin on held-out labelled turns.
 
         ``heldout`` must not repeat route examples (that would fit the threshold on memorised
         turns). Returns the fitted values and the accuracy on ``heldout`` itself, which is
-        optimistic: measure with ``evaluate`` on other turns.
+        optimistic: measure with ``evaluate`` on other turns. ``head``: also train a linear head
+        on the route examples (worth it with hundreds per route) and score with it.
         """
-        pairs = as_pairs(heldout)
-        if not pairs or not self._examples:
-            raise DataError("fit() needs routes (add_route) and at least one held-out turn")
-        unknown = sorted({label for _, label in pairs} - set(self.names))
-        if unknown:
-            raise DataError(f"labels {unknown} are not adapters of this router ({self.names}); "
-                            f"add_route() them first or relabel the turns")
-        seen = {normalise(e) for ex in self._examples.values() for e in ex}
-        leaked = [t for t, _ in pairs if normalise(t) in seen]
-        if leaked:
-            raise DataError(f"{len(leaked)} held-out turns are also route examples, e.g. "
-                            f"{leaked[0][:60]!r}; hold out turns the routes have not seen")
+        pairs = _checked_heldout(as_pairs(heldout), self.names, self._examples)
         labels = np.array([label for _, label in pairs])
-        sims = self._similarities(self.embedder.encode([scoring_text(t) for t, _ in pairs]))
-        self.calibration = fitting.fit_calibration(sims, labels, self.routes)
-        scores = fitting.calibrate(sims, self.calibration)
+        vectors = self.embedder.encode([scoring_text(t) for t, _ in pairs])
+        self.head = None
+        self.calibration = fitting.fit_calibration(self._similarities(vectors), labels, self.routes)
+        if head:
+            self.head = fitting.fit_route_head(self._embeddings)
+        scores = self._score_matrix(vectors)
         self.threshold = fitting.fit_threshold(scores, labels, self.routes, self.fallback)
-        self.margin = fitting.fit_margin(scores, labels, self.routes, self.threshold, self.margin)
-        predicted = fitting.predict(scores, self.routes, self.threshold, self.fallback)
-        return {**fitting.fitted_values(self.threshold, self.margin, self.calibration),
+        cuts = fitting.fit_route_thresholds(scores, labels, self.routes, self.fallback, self.threshold)
+        self.thresholds = dict(zip(self.routes, cuts, strict=True))
+        self.margin = fitting.fit_margin(scores, labels, self.routes, cuts, self.margin)
+        predicted = fitting.predict(scores, self.routes, cuts, self.fallback)
+        return {**fitting.fitted_values(self.threshold, self.margin, self.calibration,
+                                        self.thresholds), "head": self.head is not None,
                 "per_adapter_k": self.per_adapter_k, "n": int(len(labels)),
                 "accuracy": round(float((predicted == labels).mean()), 4)}
 
@@ -272,10 +297,11 @@ class Router:
         config = {
             "fallback": self.fallback, "per_adapter_k": self.per_adapter_k,
             "threshold": self.threshold, "margin": self.margin, "calibration": self.calibration,
+            "thresholds": self.thresholds, "head_routes": self.head and self.head["routes"],
             "describe": self.describe, "examples": self._examples, "max_chars": self.max_chars,
         }
-        return store.write_router(path, config, self._embeddings,
-                                  self.embedder.encode([store.PROBE])[0])
+        head = {f"head.{k}": self.head[k] for k in ("weight", "bias")} if self.head else {}
+        return store.write_router(path, config, self._embeddings, self.embedder.encode([store.PROBE])[0], head)
 
     @classmethod
     def load(cls, path, encoder) -> Router:
@@ -292,4 +318,8 @@ class Router:
         for name, examples in config["examples"].items():
             router._examples[name] = list(examples)
             router._embeddings[name] = tensors[f"route.{name}"]
+        router.thresholds = {k: float(v) for k, v in config["thresholds"].items()}
+        if config["head_routes"]:
+            router.head = {"routes": list(config["head_routes"]), "weight": tensors["head.weight"],
+                           "bias": tensors["head.bias"]}
         return router

@@ -14,15 +14,20 @@ import numpy as np
 from ..errors import DataError
 from ..fsutil import atomic_dir_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-route thresholds and the optional linear head
 PROBE = "The router checks that it is loaded with the encoder it was saved with."
 
 
-def write_router(folder, config: dict, embeddings: dict[str, np.ndarray], probe: np.ndarray) -> Path:
-    """Write both files into ``folder`` atomically (a crash leaves the old router or none)."""
+def write_router(folder, config: dict, embeddings: dict[str, np.ndarray], probe: np.ndarray,
+                 extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write both files into ``folder`` atomically (a crash leaves the old router or none).
+
+    Args:
+        extra: more tensors to store (the fitted head).
+    """
     from safetensors.numpy import save_file
 
-    tensors = {f"route.{name}": emb for name, emb in embeddings.items()}
+    tensors = {f"route.{name}": emb for name, emb in embeddings.items()} | dict(extra or {})
     tensors["probe"] = probe
     config = {"format_version": FORMAT_VERSION, **config}
 

@@ -145,6 +145,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(404, f"'{body.model}' is not a classify adapter; classify adapters: "
                            f"{sorted(state.scheduler.classifiers)}", "model_not_found", "model")
         task = state.scheduler.classifiers[body.model]
+        texts = [_untemplated(task.spec.template, t) for t in texts]
         probs = await _in_thread(state.scheduler.classify, texts, [body.model] * len(texts))
         data = [{"index": i, "label": max(p, key=p.get), "probs": list(p.values()),
                  "label_probs": p, "num_classes": len(p)} for i, p in enumerate(probs)]
@@ -176,6 +177,19 @@ def create_app(state: ServerState) -> FastAPI:
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app
+
+
+def _untemplated(template: str, text: str) -> str:
+    """Accept raw text or, as vLLM's /classify needs, text with the adapter's template applied.
+
+    A client written for vLLM sends the template filled in; the same request to bot serve
+    must not get the template twice.
+    """
+    head, _, tail = template.partition("{text}")
+    if (head or tail) and text.startswith(head) and text.endswith(tail) \
+            and len(text) >= len(head) + len(tail):
+        return text[len(head):len(text) - len(tail)]
+    return text
 
 
 def _need_key(state: ServerState) -> None:

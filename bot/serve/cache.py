@@ -72,9 +72,10 @@ class SlotCache(Cache):
             self.values.append(value_states.new_zeros(shape))
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._pos is not None:  # decode: one new token per row, each at its own position
-            rows = torch.arange(key_states.shape[0])
-            k[rows, :, self._pos] = key_states[:, :, 0]
-            v[rows, :, self._pos] = value_states[:, :, 0]
+            rows = torch.arange(key_states.shape[0], device=k.device)
+            pos = self._pos.to(k.device)
+            k[rows, :, pos] = key_states[:, :, 0]
+            v[rows, :, pos] = value_states[:, :, 0]
             return k[self._rows, :, :self._width], v[self._rows, :, :self._width]
         n, width = key_states.shape[0], key_states.shape[2]
         rows = slice(self._first, self._first + n)

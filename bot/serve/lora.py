@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch import model_from_weights
+from ..errors import BackboneError
 from ..kernels import KINDS as PRECISIONS
 from ..kernels import activation_dtype, convert
 
@@ -37,7 +39,7 @@ class RowGroups:
     all_rows: str | None = None
 
     @classmethod
-    def from_names(cls, names: list[str | None]) -> RowGroups:
+    def from_names(cls, names: list[str | None], device=None) -> RowGroups:
         distinct = set(names)
         if len(distinct) == 1:
             only = next(iter(distinct))
@@ -46,7 +48,7 @@ class RowGroups:
         for i, name in enumerate(names):
             if name is not None:
                 groups.setdefault(name, []).append(i)
-        return cls({k: torch.tensor(v) for k, v in groups.items()})
+        return cls({k: torch.tensor(v, device=device) for k, v in groups.items()})
 
 
 class MultiLoraLinear(nn.Module):
@@ -110,21 +112,20 @@ class LoraEngine:
     """
 
     def __init__(self, backbone, precision: str = "fp32"):
-        from transformers import AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
-
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision '{precision}'; choose one of {PRECISIONS}")
+        if backbone.quantized:
+            raise BackboneError(f"the serving engine cannot run a {backbone.load_in} (bitsandbytes) "
+                                "backbone: it rebuilds the model from plain weights. Fix: load the "
+                                "backbone with --load-in bf16 (or fp32) to chat or serve")
+        device = backbone.device
+        if precision in ("w8", "w8f", "w4") and device.type != "cpu":
+            precision = "bf16"  # the int8/int4 weight-only kernels here are CPU kernels
         self.backbone = backbone
         self.precision = precision
-        config = backbone.base.config
         with backbone.lock:
-            state = _shared_state(backbone)
-            with no_init_weights():  # every weight is assigned next; random init costs seconds
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            # assign=True makes the engine's parameters views of the backbone's tensors
-            model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
+            # the engine's parameters are the backbone's own tensors (assigned, not copied)
+            model = model_from_weights(backbone, _shared_state(backbone))
         model.eval()
         model.requires_grad_(False)
         convert(model, precision)  # quantized kinds replace the shared linears by converted copies
@@ -179,6 +180,16 @@ class LoraEngine:
 
     # ------------------------------------------------------------ forward
     @torch.inference_mode()
+    def sequence_logits(self, enc: dict, adapters: list[str | None]) -> torch.Tensor:
+        """Logits at every position of right-padded rows (scoring held-out text)."""
+        self.routing.current = RowGroups.from_names(adapters)
+        try:
+            return self.model(input_ids=enc["input_ids"],
+                              attention_mask=enc["attention_mask"]).logits.float()
+        finally:
+            self.routing.current = None
+
+    @torch.inference_mode()
     def forward(self, input_ids, position_ids, attention_mask, cache, adapters: list[str | None],
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         """One forward pass; returns the logits at ``logits_rows`` (one position per row).
@@ -189,16 +200,22 @@ class LoraEngine:
             logits_rows: per row, the query position whose logits are wanted
                 (default: the last one).
         """
-        self.routing.current = RowGroups.from_names(adapters)
+        dev = self.device
+        self.routing.current = RowGroups.from_names(adapters, dev)
         try:
-            out = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
-                                   attention_mask=attention_mask, cache=cache, use_cache=True)
+            out = self.model.base_model(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
+                                        attention_mask=attention_mask.to(dev), cache=cache,
+                                        use_cache=True)
         finally:
             self.routing.current = None
         hidden = out.last_hidden_state
         if logits_rows is None:
             last = hidden[:, -1]
         else:
-            last = hidden[torch.arange(hidden.shape[0]), logits_rows]
+            last = hidden[torch.arange(hidden.shape[0], device=dev), logits_rows.to(dev)]
         head = self.model.get_output_embeddings()
-        return head(last).float()
+        return head(last).float().cpu()  # sampling (per-request CPU generators) runs on the CPU
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device

@@ -52,12 +52,15 @@ class UnknownModel(ServeError):
     code = "model_not_found"
 
 
-def auto_precision(backbone=None) -> str:
-    """The kernel bot.kernels measured (and cached) for this CPU and ``backbone``.
+def auto_precision(backbone=None, device=None) -> str:
+    """The kernel bot.kernels measured (and cached) for this CPU and ``backbone``; bf16 on GPUs.
 
     Without a backbone (nothing to measure on): int8 weights where the CPU has native
     bf16 math, exact float32 elsewhere (AVX2-only CPUs emulate bf16; DATA.md).
     """
+    device = device if device is not None else getattr(backbone, "device", None)
+    if device is not None and device.type != "cpu":
+        return "bf16"
     if backbone is not None:
         from ..kernels import choose
 

@@ -91,7 +91,8 @@ class ServerState:
         return self.backbone.info.name
 
     def model_ids(self) -> list[str]:
-        return [self.base_name, *self.scheduler.generators, *sorted(self.scheduler.classifiers),
+        bases = [n for n in self.tasks if self._is_base(n)]
+        return [self.base_name, *bases, *self.scheduler.generators, *sorted(self.scheduler.classifiers),
                 *(["auto"] if self.router is not None else [])]
 
     def model_cards(self) -> list[dict]:
@@ -102,6 +103,7 @@ class ServerState:
                     "root": root, "parent": parent, **extra}
         cards = [card(self.base_name, root=self.backbone.info.source,
                       max_model_len=self.scheduler.max_len)]
+        cards += [card(n, self.base_name, kind="base") for n in self.tasks if self._is_base(n)]
         cards += [card(n, self.base_name, kind="generate") for n in self.scheduler.generators]
         cards += [card(n, self.base_name, kind="classify",
                        labels=self.scheduler.classifiers[n].labels)
@@ -130,7 +132,7 @@ class ServerState:
                 return ChatPlan("help", reply=self.router.help_text(), route=route)
             last = route.text or last
             model = route.adapter if route.adapter in self.tasks else self.base_name
-        if model == self.base_name:
+        if model == self.base_name or self._is_base(model):  # a base-kind route: no adapter
             return ChatPlan(None, route=route)
         if model in self.scheduler.generators:
             return ChatPlan(model, route=route)
@@ -139,6 +141,10 @@ class ServerState:
             task = self.scheduler.classifiers[model]
             return ChatPlan(model, reply=task.reply(probs), label_scores=probs, route=route)
         raise UnknownModel(f"model '{model}' does not exist; available: {self.model_ids()}")
+
+    def _is_base(self, model: str) -> bool:
+        task = self.tasks.get(model)
+        return task is not None and task.kind == "base"
 
     def prompt_ids(self, adapter: str | None, messages: list[dict]) -> list[int]:
         """The chat template applied to ``messages`` (plus the adapter's system prompt)."""

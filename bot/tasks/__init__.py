@@ -1,4 +1,4 @@
-"""Task kinds, registered by name: ``classify`` and ``generate``.
+"""Task kinds, registered by name: ``classify``, ``generate`` and ``base`` (no adapter).
 
 A task kind knows how to train an adapter of its kind, run it, evaluate it and save
 whatever it keeps beside the LoRA weights (a classifier head, say). New kinds plug in
@@ -24,4 +24,4 @@ def task_class(kind: str) -> type:
     return TASKS[kind]
 
 
-from . import classify, generate  # noqa: E402,F401  (registers the built-in kinds)
+from . import bare, classify, generate  # noqa: E402,F401  (registers the built-in kinds)

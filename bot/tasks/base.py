@@ -56,36 +56,58 @@ def lora_parameters(backbone, name: str) -> list[torch.nn.Parameter]:
 
 
 def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, epochs: float,
-             desc: str, log_every: int = 1) -> dict:
+             desc: str, log_every: int = 1, *, modules: list | None = None, weight=None,
+             parallel=None) -> dict:
     """AdamW with linear warm-up (6 %) and linear decay; a tqdm bar shows loss and ETA.
 
     Args:
         groups: optimizer parameter groups (each with its own ``lr``).
-        batches: one epoch of batches; ``epochs`` may be fractional.
-        loss_fn: ``batch -> scalar loss``.
+        batches: one epoch of global batches; ``epochs`` may be fractional.
+        loss_fn: ``batch -> mean loss`` over the batch's items.
+        modules: task modules trained beside the LoRA weights (a classifier head).
+        weight: ``item -> its share of a batch's loss`` (default 1 per item); micro-batches
+            are weighted by it, so accumulation and data parallelism keep the loss exact.
+        parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
     Returns:
         {"steps", "seconds", "final_loss", "losses"}.
     """
+    from ..parallel import LossModule, Parallel
+
+    parallel = parallel or Parallel()
+    weight = weight or (lambda item: 1.0)
     total = max(1, math.ceil(len(batches) * epochs))
+    params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, int(0.06 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    # fp16 autocast (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(backbone.device.type,
+                                  enabled=backbone.compute_dtype == torch.float16)
     losses, ema = [], None
     t0 = time.perf_counter()
     backbone.peft.train()
     try:
         with backbone.lock:
             backbone.peft.set_adapter(name)
-            bar = tqdm(range(total), desc=desc, unit="step", dynamic_ncols=True)
+            model = parallel.wrap(LossModule([backbone.peft, *(modules or [])], loss_fn), params)
+            bar = tqdm(range(total), desc=desc, unit="step", dynamic_ncols=True,
+                       disable=not parallel.is_main)
             for step in bar:
-                loss = loss_fn(batches[step % len(batches)])
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-                opt.step()
+                pieces = parallel.micro_batches(batches[step % len(batches)], weight)
+                step_loss = 0.0
+                for i, (piece, share) in enumerate(pieces):
+                    with parallel.no_sync(model, last=i == len(pieces) - 1):
+                        loss = model(piece) * share
+                        scaler.scale(loss).backward()
+                    step_loss += loss.item()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(parallel.mean(step_loss))
                 ema = losses[-1] if ema is None else 0.9 * ema + 0.1 * losses[-1]
                 if step % log_every == 0:
                     bar.set_postfix(loss=f"{ema:.4f}")

@@ -6,18 +6,22 @@ weights, so saving and loading an adapter never loses it (cf. peft issues #310, 
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..backbone import last_token_states
 from ..errors import AdapterError
-from . import register_task
+from . import frozen, register_task
 from .base import Task, length_bucketed_batches, lora_parameters, optimise
 
 HEAD_FILE = "head.safetensors"
+log = logging.getLogger(__name__)
 
 
 class ClassifyTask(Task):
@@ -26,7 +30,9 @@ class ClassifyTask(Task):
     def __init__(self, spec, backbone):
         super().__init__(spec, backbone)
         hidden = backbone.base.config.hidden_size
-        self.head = torch.nn.Linear(hidden, max(2, len(spec.labels)))
+        # no bias: the exported transformers/vLLM `score` layer has none (heads saved
+        # with a bias by older versions still load, see load_extra)
+        self.head = torch.nn.Linear(hidden, max(2, len(spec.labels)), bias=False).to(backbone.device)
 
     @property
     def labels(self) -> list[str]:
@@ -37,9 +43,8 @@ class ClassifyTask(Task):
 
     # ------------------------------------------------------------------ I/O
     def save_extra(self, folder) -> None:
-        save_file({"weight": self.head.weight.detach().contiguous(),
-                   "bias": self.head.bias.detach().contiguous()}, str(Path(folder) / HEAD_FILE),
-                  metadata={"labels": "\t".join(self.labels)})
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(state, str(Path(folder) / HEAD_FILE), metadata={"labels": "\t".join(self.labels)})
 
     def load_extra(self, folder) -> None:
         path = Path(folder) / HEAD_FILE
@@ -48,50 +53,162 @@ class ClassifyTask(Task):
                                f"Fix: retrain with `bot train {self.name}`")
         try:
             state = load_file(str(path))
+            if "bias" in state and self.head.bias is None:  # a head saved before heads lost their bias
+                self.head = torch.nn.Linear(self.head.in_features, self.head.out_features,
+                                            bias=True).to(self.backbone.device)
             self.head.load_state_dict(state)
         except Exception as err:
             raise AdapterError(f"{path} is corrupt or does not match labels {self.labels} "
                                f"and hidden size {self.head.in_features}: {err}") from err
 
     # ---------------------------------------------------------------- train
-    def fit(self, rows: list[dict], epochs: float, seed: int) -> dict:
+    def _items(self, rows: list[dict]) -> list[tuple[str, int]]:
+        """(formatted text, label index) for each row and each of its extra views."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        return [(self.format(text), index[r["label"]])
+                for r in rows for text in [r["text"], *r.get("views", {}).values()]]
+
+    def _batches(self, items, seed: int) -> tuple[list[list[int]], list[int]]:
+        """Length-bucketed batches of item indices, and each item's token count."""
+        cfg = self.spec.train
+        tok = self.backbone.tokenizer
+        lengths = [len(ids) for ids in tok([t for t, _ in items], truncation=True,
+                                            max_length=cfg.max_length)["input_ids"]]
+        batches = length_bucketed_batches(range(len(items)), lengths.__getitem__, cfg.batch_size,
+                                          random.Random(seed))
+        return batches, lengths
+
+    def _loss_uncached(self, items, batch: list[int]) -> torch.Tensor:
+        enc = self.backbone.encode([items[i][0] for i in batch], self.spec.train.max_length)
+        out = self.backbone.forward(enc, self.name, output_hidden_states=True, logits_to_keep=1)
+        pooled = last_token_states(out.hidden_states[-1], enc["attention_mask"])
+        return self._loss(pooled, items, batch)
+
+    def _loss_cached(self, items, batch: list[int], cache: frozen.StateCache, k: int) -> torch.Tensor:
+        hidden, mask = (t.to(self.backbone.device) for t in cache.batch(batch))
+        states = frozen.upper_states(self.backbone, hidden, mask, k)
+        return self._loss(last_token_states(states, mask), items, batch)
+
+    def _loss(self, pooled, items, batch) -> torch.Tensor:
+        target = torch.tensor([items[i][1] for i in batch], device=pooled.device)
+        return torch.nn.functional.cross_entropy(self.head(pooled.float()), target)
+
+    def build_cache(self, items, batches, lengths, k: int, desc: str = "") -> frozen.StateCache:
+        """Hidden states entering layer ``k`` for every item, batched as in training."""
+        cache = frozen.StateCache(lengths, self.backbone.base.config.hidden_size,
+                                  self.backbone.base.model.embed_tokens.weight.dtype, label=self.name)
+        try:
+            for batch in tqdm(batches, desc=desc or f"cache {self.name} layers 0-{k - 1}", unit="batch"):
+                enc = self.backbone.encode([items[i][0] for i in batch], self.spec.train.max_length)
+                cache.put(batch, frozen.lower_states(self.backbone, self.name, enc, k))
+        except BaseException:
+            cache.close()
+            raise
+        return cache
+
+    def fit(self, rows: list[dict], epochs: float, seed: int, cache: bool | None = None,
+            parallel=None) -> dict:
         """Train LoRA + head on rows ``{"text", "label", ["views"]}``.
 
         Each row's extra views (e.g. a headline) are added as training examples too.
+
+        Args:
+            cache: None = cache the frozen layers when ``frozen.plan`` allows it;
+                False = always run the whole model (the reference path).
+            parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
+        Returns:
+            optimise()'s stats plus ``path`` (cached/uncached), ``path_reason`` and, when
+            cached, ``cache_seconds``, ``cache_mb`` and ``cache_where``.
         """
         cfg = self.spec.train
-        index = {label: i for i, label in enumerate(self.labels)}
-        items = []
-        for r in rows:
-            for text in [r["text"], *r.get("views", {}).values()]:
-                items.append((self.format(text), index[r["label"]]))
-        tok = self.backbone.tokenizer
-        lengths = {t: len(tok(t, truncation=True, max_length=cfg.max_length)["input_ids"])
-                   for t, _ in items}
-        rng = random.Random(seed)
+        items = self._items(rows)
+        batches, lengths = self._batches(items, seed)
+        k, reason = frozen.plan(self.backbone, self.name) if cache is not False else (None, "caching was turned off")
+        log.info("train %s: %s path (%s)", self.name, "cached" if k else "uncached", reason)
+        extra = {"path": "cached" if k else "uncached", "path_reason": reason}
+        states = None
+        if k:
+            t0 = time.perf_counter()
+            states = self.build_cache(items, batches, lengths, k)
+            extra.update(cache_seconds=round(time.perf_counter() - t0, 1),
+                         cache_mb=round(states.nbytes / 2**20, 1), cache_where=states.where)
+            log.info("train %s: cached %.0f MB in %s (%.0f s)", self.name, extra["cache_mb"],
+                     states.where, extra["cache_seconds"])
+        # seeded after the cache pass, so both paths start from the same random state
         torch.manual_seed(seed)
         torch.nn.init.normal_(self.head.weight, std=0.02)
-        torch.nn.init.zeros_(self.head.bias)
-        batches = length_bucketed_batches(items, lambda it: lengths[it[0]], cfg.batch_size, rng)
+        if self.head.bias is not None:
+            torch.nn.init.zeros_(self.head.bias)
 
         def loss_fn(batch):
-            enc = self.backbone.encode([t for t, _ in batch], cfg.max_length)
-            out = self.backbone.forward(enc, self.name, output_hidden_states=True, logits_to_keep=1)
-            pooled = last_token_states(out.hidden_states[-1], enc["attention_mask"])
-            target = torch.tensor([y for _, y in batch])
-            return torch.nn.functional.cross_entropy(self.head(pooled.float()), target)
+            if states is not None:
+                return self._loss_cached(items, batch, states, k)
+            return self._loss_uncached(items, batch)
 
         groups = [{"params": lora_parameters(self.backbone, self.name), "lr": cfg.learning_rate},
                   {"params": list(self.head.parameters()), "lr": cfg.head_lr}]
-        stats = optimise(self.backbone, self.name, groups, batches, loss_fn, epochs,
-                         desc=f"train {self.name}")
+        try:
+            stats = optimise(self.backbone, self.name, groups, batches, loss_fn, epochs,
+                             desc=f"train {self.name} ({extra['path']})", modules=[self.head],
+                             parallel=parallel)
+        finally:
+            if states is not None:
+                states.close()
         stats["examples_seen"] = int(round(len(items) * epochs))
-        return stats
+        stats["epoch_seconds"] = round(stats["seconds"] / epochs, 1)
+        return {**stats, **extra}
+
+    def time_paths(self, rows: list[dict], steps: int, seed: int = 0) -> dict:
+        """Seconds per training epoch, uncached vs cached, timed side by side.
+
+        Runs ``steps`` optimiser steps of each path, alternating (uncached, cached) on
+        the same batches, so a busy machine slows both alike; wall-clock and process CPU
+        seconds are both kept. The one-off cache pass is timed separately. Call on a
+        fresh, throwaway adapter: it trains it.
+        """
+        items = self._items(rows)
+        batches, lengths = self._batches(items, seed)
+        k, reason = frozen.plan(self.backbone, self.name)
+        if not k:
+            return {"path": "uncached", "path_reason": reason}
+        chosen = batches[:steps]
+        t0 = time.perf_counter()
+        cache = self.build_cache(items, chosen, lengths, k, desc="cache (timing)")
+        per_batch = (time.perf_counter() - t0) / len(chosen)
+        params = lora_parameters(self.backbone, self.name) + list(self.head.parameters())
+        opt = torch.optim.AdamW(params, lr=self.spec.train.learning_rate)
+        seconds = {"uncached": 0.0, "cached": 0.0}
+        cpu = {"uncached": 0.0, "cached": 0.0}  # process CPU time: less swayed by other jobs
+        self.backbone.peft.train()
+        try:
+            with self.backbone.lock:
+                self.backbone.peft.set_adapter(self.name)
+                for batch in tqdm(chosen, desc="time uncached vs cached", unit="step pair"):
+                    for path in ("uncached", "cached"):
+                        t, c = time.perf_counter(), time.process_time()
+                        loss = (self._loss_cached(items, batch, cache, k) if path == "cached"
+                                else self._loss_uncached(items, batch))
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        seconds[path] += time.perf_counter() - t
+                        cpu[path] += time.process_time() - c
+        finally:
+            self.backbone.peft.eval()
+            cache.close()
+        scale = len(batches) / len(chosen)  # seconds per epoch
+        out = {f"{p}_epoch_seconds": round(s * scale, 3) for p, s in seconds.items()}
+        out.update({f"{p}_epoch_cpu_seconds": round(s * scale, 3) for p, s in cpu.items()})
+        return {**out, "cache_speedup": round(seconds["uncached"] / seconds["cached"], 2),
+                "cache_speedup_cpu": round(cpu["uncached"] / cpu["cached"], 2), "threads": torch.get_num_threads(),
+                "cache_build_seconds": round(per_batch * len(batches), 1), "steps_timed": len(chosen),
+                "steps_per_epoch": len(batches), "first_cached_layer": k,
+                "cache_mb": round(cache.nbytes / 2**20, 1)}
 
     # ---------------------------------------------------------------- infer
     @torch.inference_mode()
     def probs_from_states(self, states: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(states.float()), dim=-1)
+        return torch.softmax(self.head(states.float().to(self.head.weight.device)), dim=-1).cpu()
 
     def predict(self, texts: list[str], batch_size: int = 16, max_length: int | None = None,
                 progress=None, adapter: str | None = "__self__") -> list[dict[str, float]]:

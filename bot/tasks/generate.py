@@ -20,6 +20,11 @@ IGNORE = -100
 class GenerateTask(Task):
     kind = "generate"
 
+    @property
+    def adapter_name(self) -> str | None:
+        """The LoRA adapter that generates (None: the bare backbone)."""
+        return self.name
+
     def messages(self, prompt: str, history: list[dict] | None = None) -> list[dict]:
         """Chat messages for a prompt; the manifest's template is the system prompt."""
         msgs = []
@@ -65,7 +70,12 @@ class GenerateTask(Task):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     # ---------------------------------------------------------------- train
-    def fit(self, rows: list[dict], epochs: float, seed: int) -> dict:
+    def fit(self, rows: list[dict], epochs: float, seed: int, parallel=None) -> dict:
+        """Train the LoRA weights on rows ``{"prompt", "reply"}`` (loss on reply tokens only).
+
+        Args:
+            parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
+        """
         cfg = self.spec.train
         items = [self.encode_pair(r["prompt"], r["reply"], cfg.max_length) for r in rows]
         rng = random.Random(seed)
@@ -79,24 +89,28 @@ class GenerateTask(Task):
             return _shifted_nll(out.logits, labels).sum() / (labels[:, 1:] != IGNORE).sum().clamp(min=1)
 
         groups = [{"params": lora_parameters(self.backbone, self.name), "lr": cfg.learning_rate}]
+        # each item weighs its reply tokens, so micro-batches add up to the batch's token mean
         stats = optimise(self.backbone, self.name, groups, batches, loss_fn, epochs,
-                         desc=f"train {self.name}")
+                         desc=f"train {self.name}", parallel=parallel,
+                         weight=lambda it: sum(y != IGNORE for y in it[1][1:]))
         stats["examples_seen"] = int(round(len(items) * epochs))
         return stats
 
     # ------------------------------------------------------------- evaluate
     @torch.inference_mode()
     def perplexity(self, rows: list[dict], adapter: str | None = "__self__", batch_size: int = 16,
-                   progress=None, logits=None) -> float:
+                   progress=None, logits=None, max_length: int | None = None) -> float:
         """Held-out perplexity of the reference replies (``adapter=None``: bare backbone).
 
         Args:
             logits: ``batch -> logits`` to score with another model (e.g. a fast-path engine)
                 instead of the backbone with ``adapter``.
+            max_length: tokens per example (default: the manifest's ``train.max_length``).
         """
-        adapter = self.name if adapter == "__self__" else adapter
+        adapter = self.adapter_name if adapter == "__self__" else adapter
         logits = logits or (lambda enc: self.backbone.forward(enc, adapter).logits)
-        items = [self.encode_pair(r["prompt"], r["reply"], self.spec.train.max_length) for r in rows]
+        items = [self.encode_pair(r["prompt"], r["reply"], max_length or self.spec.train.max_length)
+                 for r in rows]
         items.sort(key=lambda it: len(it[0]))
         total, count = 0.0, 0
         for start in range(0, len(items), batch_size):
@@ -118,7 +132,7 @@ class GenerateTask(Task):
     # ---------------------------------------------------------------- reply
     def generate(self, prompt: str, history=None, adapter: str | None = "__self__",
                  max_new_tokens: int = 128, streamer=None, **kwargs) -> str:
-        adapter = self.name if adapter == "__self__" else adapter
+        adapter = self.adapter_name if adapter == "__self__" else adapter
         ids = self.prompt_ids(prompt, history)
         kwargs.setdefault("repetition_penalty", 1.1)
         new = self.backbone.fast().generate(ids, adapter=adapter, max_new_tokens=max_new_tokens,
@@ -129,7 +143,7 @@ class GenerateTask(Task):
 def _shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood (0 where the label is ignored)."""
     logits = logits[:, :-1].float()
-    target = labels[:, 1:]
+    target = labels[:, 1:].to(logits.device)
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                             target.reshape(-1), ignore_index=IGNORE,
                                             reduction="none")

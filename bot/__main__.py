@@ -1,0 +1,7 @@
+"""``python -m bot`` (and ``accelerate launch -m bot train NAME``): the `bot` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
