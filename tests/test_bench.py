@@ -74,7 +74,7 @@ def test_render_writes_every_section_and_the_verdicts():
     records = [_record("native"), _record("avx2", fast=15.0)]
     result = {"command": "bot bench --tokens 4", "machine": "x86_64, 2 CPU cores", "date": "today",
               "isa": records, **bench_report.summary(records, bench.TARGETS)}
-    text = bench_report.render(result)
+    text = bench_report.render(result=result)
     assert "Command: `bot bench --tokens 4`" in text
     for section in ("## Targets", "## Load", "## CPU setting: native", "## CPU setting: avx2",
                     "### Generation (4-token", "### Mixed batch", "## Memory"):

@@ -57,7 +57,7 @@ def test_package_code_does_not_read_the_tests_folder():
 
 
 @pytest.mark.parametrize("module, name", [
-    ("bot.eval.evaluate", "run_eval"), ("bot.eval.bench", "run_bench"), ("bot.eval.bench", "render"),
+    ("bot.eval.evaluate", "run_eval"), ("bot.eval.bench", "run_bench"), ("bot.eval.bench_report", "render"),
     ("bot.chat", "run_terminal_chat"), ("bot.info", "backbone_info"), ("bot.add", "add_adapter"),
     ("demo.app", "launch"),
 ])

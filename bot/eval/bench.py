@@ -360,7 +360,7 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
               "isa": records}
     out = Path(out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    text = render(result)
+    text = render(result=result)
     atomic_write_text(out, text)
     return text
 

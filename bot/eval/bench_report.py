@@ -33,7 +33,7 @@ def _verdict(entry: dict) -> str:
     return "met" if entry["met"] else "**NOT MET**"
 
 
-def render(result: dict) -> str:
+def render(*, result: dict) -> str:
     """The benchmark markdown (see ``bot.eval.bench.run_bench``)."""
     first = result["isa"][0]
     b = first["backbone"]
