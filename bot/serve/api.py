@@ -119,7 +119,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": state.model_ids(), "in_flight": state.scheduler.in_flight()}
+        return {"status": "ok", "models": state.model_ids(), "in_flight": state.scheduler.in_flight(),
+                "precision": state.scheduler.precision}
 
     @app.get("/metrics")
     async def metrics():

@@ -34,14 +34,13 @@ def cpu_features() -> dict:
     import torch
 
     from ..info import cpu_name
-    from .scheduler import auto_precision
 
     try:
         bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
         bf16 = False
     return {"cpu": cpu_name(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": bf16, "precision": auto_precision(), "threads": torch.get_num_threads(),
+            "native_bf16": bf16, "threads": torch.get_num_threads(),
             "env": {k: os.environ[k] for k in AVX2_ENV if k in os.environ}}
 
 
@@ -94,14 +93,14 @@ def measure_quality(bb, task, n_rows: int = 60) -> dict:
 
     rows = spec_splits(task.spec).test[:n_rows]
     out = {"n": len(rows)}
-    for precision in dict.fromkeys(["fp32", auto_precision()]):
+    auto = auto_precision(bb)  # the kernel bot serve picks for this CPU (bot.kernels)
+    for precision in dict.fromkeys(["fp32", auto]):
         engine = LoraEngine(bb, precision)
         engine.add_adapter(task.name)
         out[f"ppl_{precision}"] = round(task.perplexity(
             rows, batch_size=8,
             logits=lambda enc, e=engine: e.sequence_logits(enc, [task.name] * len(enc["input_ids"]))), 3)
         del engine
-    auto = auto_precision()
     out["precision"] = auto
     out["ppl_ratio"] = round(out[f"ppl_{auto}"] / out["ppl_fp32"], 4)
     return out
@@ -206,6 +205,9 @@ def bench_one_isa(adapters_dir, backbone=None, n_requests: int = 32, max_tokens:
         proc = start_server(adapters_dir, backbone, port, Path(tmp) / "serve.log")
         try:
             url = f"http://127.0.0.1:{port}/v1"
+            import httpx
+
+            features["precision"] = httpx.get(f"http://127.0.0.1:{port}/health").json()["precision"]
             run_level(url, jobs[:4], 4, 8)  # warm-up
             levels = {c: run_level(url, jobs, c, max_tokens) for c in LEVELS}
         finally:
