@@ -54,7 +54,7 @@ def _ensure_adapters(bb, adapters_dir) -> list[str]:
     from ..registry import load_all
 
     tasks, _ = load_all(bb, adapters_dir)
-    names = list(tasks)
+    names = [n for n in tasks if n in bb.adapters]  # a `base` route (assistant) has no LoRA
     for i, name in enumerate(["topic", "sentiment", "chat"]):
         if name not in names:
             torch.manual_seed(i)
