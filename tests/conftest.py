@@ -94,3 +94,23 @@ def make_tiny_family(family: str, seed: int = 0, hidden: int = 32, layers: int =
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def run_concurrently(fn, n: int, timeout: float = 300.0) -> list:
+    """Call ``fn(i)`` for i in 0..n-1, each from its own thread at once; results in order.
+
+    A call that did not finish in time leaves None in its place.
+    """
+    import threading
+
+    results: list = [None] * n
+
+    def one(i):
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results

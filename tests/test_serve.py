@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import make_tokenizer, run_concurrently
 from peft import LoraConfig
 
 from bot.backbone import Backbone
@@ -235,16 +235,7 @@ def test_sixteen_chat_sessions_share_batches_and_match_sequential(tmp_path, bb):
     texts = [f"message {i} {'x' * i}" for i in range(16)]
     sequential = [root.fork().send(t).reply for t in texts]
     steps_before = sched.steps
-    got: list = [None] * 16
-
-    def one(i):
-        got[i] = root.fork().send(texts[i]).reply
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    got = run_concurrently(lambda i: root.fork().send(texts[i]).reply, 16, 60)
     assert got == sequential
     assert sched.steps - steps_before < 16 * 10 / 2, "sessions did not share batches"
     sched.close()

@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import run_concurrently
 from test_router import HashEncoder
 from test_serve import spread_backbone
 
@@ -178,16 +179,8 @@ def test_sixteen_concurrent_clients_equal_their_sequential_answers(server, clien
     texts = [f"request number {i} about {'cats ' * (i % 5)}" for i in range(16)]
     sequential = [chat(client, m, t, max_tokens=12).choices[0].message.content
                   for m, t in zip(models, texts)]
-    got: list = [None] * 16
-
-    def one(i):
-        got[i] = chat(client, models[i], texts[i], max_tokens=12).choices[0].message.content
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    got = run_concurrently(
+        lambda i: chat(client, models[i], texts[i], max_tokens=12).choices[0].message.content, 16, 60)
     assert got == sequential
 
 

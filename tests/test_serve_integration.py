@@ -10,13 +10,13 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from conftest import run_concurrently
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,16 +98,8 @@ def test_sixteen_concurrent_clients_match_sequential_fp32(client):
          "I really enjoyed this film, the acting was superb", "Shares in the bank fell sharply"] * 4)]
     sequential = [ask(client, m, t, max_tokens=16).choices[0].message.content
                   for m, t in zip(models, texts)]
-    got: list = [None] * 16
-
-    def one(i):
-        got[i] = ask(client, models[i], texts[i], max_tokens=16).choices[0].message.content
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    got = run_concurrently(
+        lambda i: ask(client, models[i], texts[i], max_tokens=16).choices[0].message.content, 16)
     assert None not in got, "a request was lost"
     assert got == sequential
 
