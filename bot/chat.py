@@ -68,7 +68,7 @@ class ChatSession:
     """
 
     def __init__(self, backbone, tasks: dict, router, max_chars: int = MAX_CHARS,
-                 max_new_tokens: int = MAX_NEW_TOKENS, scheduler=None):
+                 max_new_tokens: int = MAX_NEW_TOKENS, scheduler=None, llama=None):
         self.backbone = backbone
         self.tasks = tasks
         self.router = router
@@ -78,6 +78,9 @@ class ChatSession:
         self.previous: str | None = None
         self.failures: dict[str, str] = {}
         self._scheduler = scheduler
+        # bot.llamacpp.LlamaCppGenerator for generated replies (`bot chat --engine llamacpp`)
+        self.llama = llama
+        self._llama_refused: set[str] = set()
 
     @classmethod
     def from_dir(cls, backbone=None, adapters_dir=None, encoder=None, **kwargs) -> ChatSession:
@@ -109,7 +112,7 @@ class ChatSession:
     def fork(self) -> ChatSession:
         """A fresh conversation sharing this one's models and scheduler (one per browser tab)."""
         other = ChatSession(self.backbone, self.tasks, self.router, self.max_chars,
-                            self.max_new_tokens, scheduler=self.scheduler)
+                            self.max_new_tokens, scheduler=self.scheduler, llama=self.llama)
         other.failures = self.failures
         return other
 
@@ -205,10 +208,30 @@ class ChatSession:
         from .serve import SamplingParams
 
         ids = task.prompt_ids(text, self.history if history is None else history)[0].tolist()
+        if self.llama is not None and self._llama_can(task.adapter_name):
+            yield from self.llama.stream(ids, task.adapter_name, max_tokens or self.max_new_tokens,
+                                         repetition_penalty=REPETITION_PENALTY)
+            return
         params = SamplingParams(max_tokens=max_tokens or self.max_new_tokens,
                                 repetition_penalty=REPETITION_PENALTY)
         # A base-kind task (the assistant route) decodes with no adapter: the bare backbone.
         yield from self.scheduler.stream(ids, task.adapter_name, params)
+
+    def _llama_can(self, adapter: str | None) -> bool:
+        """Whether llama.cpp can run ``adapter`` (its GGUF LoRA file is written on first use)."""
+        from .errors import BotError
+
+        if adapter is None:
+            return True
+        if adapter in self._llama_refused:
+            return False
+        try:
+            self.llama.lora_file(adapter)
+            return True
+        except BotError as err:  # e.g. an adapter on a layer llama.cpp has no tensor for
+            log.warning("adapter %s stays on PyTorch: %s", adapter, err)
+            self._llama_refused.add(adapter)
+            return False
 
     def _finish(self, turn: Turn, t0: float, t_route: float, t_analysis: float) -> Turn:
         now = time.perf_counter()
@@ -222,10 +245,13 @@ class ChatSession:
 
 
 def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str | None = None,
-                      device: str | None = None, load_in: str | None = None) -> int:
+                      device: str | None = None, load_in: str | None = None,
+                      engine: str | None = None) -> int:
     """`bot chat`: the same session in the terminal (stdin/stdout) until Ctrl-D.
 
     Args:
+        engine: "torch" or "llamacpp" for generated replies (None: $BOT_ENGINE, else torch);
+            see bot.llamacpp.chat_engine.
         adapters_dir: folder holding the adapter folders (None: the default).
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
         device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
@@ -234,7 +260,10 @@ def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str |
     from .backbone import Backbone
 
     bb = Backbone.load(backbone, device=device, load_in=load_in)
-    session = ChatSession.from_dir(bb, adapters_dir)
+    from .llamacpp import chat_engine
+
+    llama = chat_engine(bb, engine)
+    session = ChatSession.from_dir(bb, adapters_dir, llama=llama)
     for name, err in session.failures.items():
         log.warning("note: adapter %s not loaded: %s", name, err)
     log.info("warming up (serving engine, classifiers, router) ... %.1f s", session.warm_up())

@@ -188,7 +188,7 @@ def cmd_chat(args) -> int:
     from .chat import run_terminal_chat
 
     return run_terminal_chat(adapters_dir=args.adapters_dir, backbone=args.backbone,
-                             device=args.device, load_in=args.load_in)
+                             device=args.device, load_in=args.load_in, engine=args.engine)
 
 
 def cmd_bench(args) -> int:
@@ -354,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_distill)
 
     c = sub.add_parser("chat", parents=[common, model], help="chat in the terminal")
+    c.add_argument("--engine", choices=["torch", "llamacpp"], default=None,
+                   help="what generates replies: the PyTorch fast path (default) or llama.cpp "
+                        "(optional .[llamacpp] extra, one conversation at a time; falls back to "
+                        "PyTorch with a message when it cannot run). Default: $BOT_ENGINE, else torch")
     c.set_defaults(func=cmd_chat)
 
     sub.add_parser("list", parents=[common], help="list adapters and their held-out scores").set_defaults(func=cmd_list)

@@ -10,6 +10,11 @@ step reads every weight. So (figures in reports/bench.md and the README's Design
   (``mode="auto"``, the default). Dynamic int8 quantization of activations (torch.ao
   ``quantize_dynamic``) was also tried: fast, but it ruined perplexity, so it is not offered.
 
+Greedy replies of Llama-style engines then run through :class:`bot.decode.LeanDecoder`
+(fused q/k/v and gate/up matmuls, a pre-allocated KV cache, no ``generate()`` machinery
+per token); sampling, other options and other architectures use ``generate()``.
+``BOT_DECODE=generate`` forces ``generate()`` everywhere (to compare, or to rule it out).
+
 An "engine" is a plain (peft-free) model holding base + one merged adapter in the
 chosen precision. Engines are built on first use and kept in a small LRU cache, so
 the backbone's own fp32 weights (used for training and classification) are never
@@ -18,6 +23,7 @@ modified.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 
@@ -28,6 +34,22 @@ from .kernels import KINDS, convert
 
 MODES = (*KINDS, "auto")
 DEFAULT_MODE = "auto"
+# generate() options the lean decode loop implements; any other one keeps generate()
+LEAN_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "pad_token_id", "eos_token_id",
+                "repetition_penalty", "streamer"}
+DECODE_ENV = "BOT_DECODE"
+
+
+def decode_loop(model: nn.Module, options: dict | None = None) -> str:
+    """``"lean"`` when bot.decode.LeanDecoder runs this engine's replies, else ``"generate"``."""
+    from .decode import supports
+
+    if os.environ.get(DECODE_ENV, "lean").strip().lower() in ("generate", "hf"):
+        return "generate"
+    if options is not None and (options.get("do_sample") or set(options) - LEAN_OPTIONS
+                                or options.get("max_new_tokens") is None):
+        return "generate"
+    return "lean" if supports(model) else "generate"
 
 
 def merged_state_dict(backbone, adapter: str | None) -> dict[str, torch.Tensor]:
@@ -136,8 +158,25 @@ class FastGenerator:
             return out[:, input_ids.shape[1]:].cpu()
         model = self.engine(adapter)
         with self._lock:  # one decode at a time: both cores go to it
+            if decode_loop(model, kwargs) == "lean":
+                return self._lean(model).generate(
+                    input_ids, kwargs["max_new_tokens"], min_new_tokens=kwargs.get("min_new_tokens") or 0,
+                    eos_token_id=kwargs.get("eos_token_id", model.generation_config.eos_token_id),
+                    repetition_penalty=kwargs.get("repetition_penalty") or 1.0,
+                    streamer=kwargs.get("streamer"))
             out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         return out[:, input_ids.shape[1]:].cpu()
+
+    @staticmethod
+    def _lean(model: nn.Module):
+        """The engine's LeanDecoder, built on first use (it fuses the engine's weights in place)."""
+        from .decode import LeanDecoder
+
+        decoder = getattr(model, "bot_lean_decoder", None)
+        if decoder is None:
+            decoder = LeanDecoder(model)
+            model.bot_lean_decoder = decoder
+        return decoder
 
     def _unmerged(self, adapter: str | None):
         """The backbone's own (peft) model set to ``adapter``; the caller holds its lock."""

@@ -77,6 +77,19 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None, devi
     return "\n".join(lines + kernel_lines(bb))
 
 
+def decode_line(bb) -> str:
+    """Which loop the fast path's greedy replies run (bot.decode or transformers' generate())."""
+    from .decode import supports
+    from .fastgen import DECODE_ENV
+
+    if os.environ.get(DECODE_ENV, "").strip().lower() in ("generate", "hf"):
+        return f"transformers generate() (set by {DECODE_ENV})"
+    if supports(bb.base):
+        return (f"lean loop (bot.decode: fused q/k/v and gate/up matmuls, pre-allocated KV cache); "
+                f"{DECODE_ENV}=generate for transformers generate()")
+    return f"transformers generate() (no lean loop for {bb.base.config.model_type})"
+
+
 def kernel_lines(bb) -> list[str]:
     """What generation runs with here, and why (measured on first use, then cached)."""
     from .kernels import DESCRIPTIONS, choose, cpu_features
@@ -87,7 +100,8 @@ def kernel_lines(bb) -> list[str]:
     lines = [f"cpu          {cpu_name()}: ATen kernels {f['aten_capability']}, native bf16 {f['native_bf16']}",
              f"generation   {choice.kind} = {DESCRIPTIONS[choice.kind]}",
              f"  why        {choice.reason}",
-             f"  cache      {'reused' if choice.cached else 'measured now and saved'}, key {choice.key}"]
+             f"  cache      {'reused' if choice.cached else 'measured now and saved'}, key {choice.key}",
+             f"  decode     {decode_line(bb)}"]
     if import_llama_cpp() is None:
         lines.append("llama.cpp    not installed (optional: pip install -e '.[llamacpp]')")
     else:

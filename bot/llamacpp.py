@@ -17,6 +17,12 @@ llama.cpp, about 15 minutes on 2 cores) a generation adapter can run there:
 
 ``BOT_LLAMACPP_PATH`` may name a site-packages folder holding a llama_cpp build made in
 another environment (appended to ``sys.path`` only if the import fails otherwise).
+
+`bot chat --engine llamacpp` (or ``BOT_ENGINE=llamacpp``) sends the terminal chat's
+generated replies here (:func:`chat_engine`); classification, routing, the demo and
+`bot serve` stay on PyTorch. One conversation decodes at a time, so this is the
+single-user engine; without llama-cpp-python, or for a backbone not loaded from a
+GGUF file, the chat says why and uses the PyTorch path.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +41,8 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV_PATH = "BOT_LLAMACPP_PATH"
+ENGINE_ENV = "BOT_ENGINE"
+ENGINES = ("torch", "llamacpp")
 
 
 def import_llama_cpp():
@@ -198,28 +207,63 @@ class LlamaCppGenerator:
                 del self._engines[key]
 
     def generate(self, input_ids: list[int], adapter: str | None = None, max_new_tokens: int = 128,
-                 suppress_eos: bool = False) -> list[int]:
+                 suppress_eos: bool = False, repetition_penalty: float = 1.0) -> list[int]:
         """Greedy reply token ids; ``suppress_eos`` forces exactly ``max_new_tokens``."""
+        return list(self.tokens(input_ids, adapter, max_new_tokens, suppress_eos, repetition_penalty))
+
+    def _eos(self, llm) -> set[int]:
+        """llama.cpp's end-of-sequence id and the backbone's (a chat template may end turns with another)."""
+        ids = {int(llm.token_eos())}
+        for value in (self.backbone.tokenizer.eos_token_id,
+                      getattr(self.backbone.base.generation_config, "eos_token_id", None)):
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        return ids
+
+    def tokens(self, input_ids: list[int], adapter: str | None = None, max_new_tokens: int = 128,
+               suppress_eos: bool = False, repetition_penalty: float = 1.0) -> Iterator[int]:
+        """Greedy reply token ids as they come (one decode at a time: the lock is held throughout).
+
+        ``repetition_penalty`` is llama.cpp's repeat penalty, over its last 64 tokens (the
+        prompt's tail included); transformers' penalises every earlier token. The
+        end-of-sequence id is not yielded.
+        """
         llm = self.engine(adapter)
-        eos = llm.token_eos()
+        eos = self._eos(llm)
         kwargs = {}
         if suppress_eos:
             import numpy as np
 
             def no_eos(_ids, logits):
-                logits[eos] = -np.inf
+                logits[list(eos)] = -np.inf
                 return logits
 
             kwargs["logits_processor"] = self.llama_cpp.LogitsProcessorList([no_eos])
-        out = []
+        if max_new_tokens <= 0:
+            return
+        count = 0
         with self._lock:
-            for tok in llm.generate(list(input_ids), top_k=1, temp=0.0, reset=True, **kwargs):
-                if tok == eos and not suppress_eos:
-                    break
-                out.append(int(tok))
-                if len(out) >= max_new_tokens:
-                    break
-        return out
+            for tok in llm.generate(list(input_ids), top_k=1, temp=0.0, reset=True,
+                                    repeat_penalty=repetition_penalty, **kwargs):
+                if tok in eos and not suppress_eos:
+                    return
+                yield int(tok)
+                count += 1
+                if count >= max_new_tokens:
+                    return
+
+    def stream(self, input_ids: list[int], adapter: str | None = None, max_new_tokens: int = 128,
+               repetition_penalty: float = 1.0) -> Iterator[str]:
+        """The greedy reply as text pieces, decoded with the backbone's tokenizer (same vocabulary)."""
+        tok = self.backbone.tokenizer
+        ids, text = [], ""
+        for t in self.tokens(input_ids, adapter, max_new_tokens, repetition_penalty=repetition_penalty):
+            ids.append(t)
+            new = tok.decode(ids, skip_special_tokens=True)
+            if new.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if len(new) > len(text):
+                yield new[len(text):]
+            text = new
 
     def logits(self, adapter: str | None):
         """``batch -> logits`` for GenerateTask.perplexity (rows scored one by one, unpadded)."""
@@ -241,3 +285,32 @@ class LlamaCppGenerator:
             return torch.stack(rows)
 
         return run
+
+
+def chat_engine(backbone, engine: str | None = None) -> LlamaCppGenerator | None:
+    """The llama.cpp engine for `bot chat` replies, or None for the PyTorch path.
+
+    Args:
+        backbone: the loaded Backbone.
+        engine: "torch" or "llamacpp" (None: ``$BOT_ENGINE``, else "torch").
+
+    Raises:
+        BotError: ``engine`` names no engine. When llama.cpp was asked for but cannot run
+            here (not installed, backbone not from a GGUF file), the reason is logged as a
+            warning and None is returned: the chat still works, on PyTorch.
+    """
+    from .errors import BotError
+
+    name = (engine or os.environ.get(ENGINE_ENV) or "torch").strip().lower()
+    if name not in ENGINES:
+        source = "--engine" if engine else ENGINE_ENV
+        raise BotError(f"{source}={name} is not an engine. Fix: use one of {', '.join(ENGINES)}")
+    if name == "torch":
+        return None
+    try:
+        gen = LlamaCppGenerator(backbone)
+    except BotError as err:
+        log.warning("the llama.cpp engine cannot run here, so replies use the PyTorch fast path: %s", err)
+        return None
+    log.info("generated replies run on llama.cpp (%s, adapters as GGUF LoRA files)", gen.gguf.name)
+    return gen

@@ -158,3 +158,12 @@ def test_bot_info_says_which_kernel_and_why(bb, monkeypatch):
     assert "generation   w8 = int8 weight-only" in first and "2.00x" in first
     assert "measured now and saved" in first and "ATen kernels" in first
     assert "reused" in "\n".join(kernel_lines(bb))
+
+
+def test_bot_info_says_which_decode_loop(bb, monkeypatch):
+    from bot.info import decode_line
+
+    monkeypatch.delenv("BOT_DECODE", raising=False)
+    assert decode_line(bb).startswith("lean loop (bot.decode")
+    monkeypatch.setenv("BOT_DECODE", "generate")
+    assert decode_line(bb) == "transformers generate() (set by BOT_DECODE)"

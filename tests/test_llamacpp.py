@@ -103,3 +103,56 @@ def test_llama_cpp_generates_exact_lengths_and_stops_at_eos(real):
     assert len(gen.generate(ids, "rand", 12, suppress_eos=True)) == 12
     reply = gen.generate(ids, None, 200)
     assert 0 < len(reply) <= 200 and gen.engine(None).token_eos() not in reply
+
+
+def test_chat_engine_is_chosen_by_flag_or_env_and_falls_back_with_the_reason(monkeypatch, caplog):
+    from bot.errors import BotError
+
+    bb = make_tiny_backbone()
+    monkeypatch.delenv("BOT_ENGINE", raising=False)
+    assert llamacpp.chat_engine(bb) is None and llamacpp.chat_engine(bb, "torch") is None
+    monkeypatch.setenv("BOT_ENGINE", "cuda-graphs")
+    with pytest.raises(BotError, match=r"BOT_ENGINE=cuda-graphs is not an engine\. Fix: use one of torch, llamacpp"):
+        llamacpp.chat_engine(bb)
+    monkeypatch.setenv("BOT_ENGINE", "llamacpp")
+    monkeypatch.setattr(llamacpp, "import_llama_cpp", lambda: None)
+    with caplog.at_level("WARNING", logger="bot.llamacpp"):
+        assert llamacpp.chat_engine(bb) is None
+    assert "replies use the PyTorch fast path" in caplog.text and "pip install -e '.[llamacpp]'" in caplog.text
+
+
+@needs_llama
+def test_chat_engine_without_a_gguf_source_falls_back(caplog):
+    with caplog.at_level("WARNING", logger="bot.llamacpp"):
+        assert llamacpp.chat_engine(make_tiny_backbone(), "llamacpp") is None
+    assert "not converted from a GGUF file" in caplog.text
+
+
+@needs_llama
+@pytest.mark.integration
+def test_chat_replies_run_on_llama_cpp_with_the_adapter(real, tmp_path):
+    """`bot chat --engine llamacpp`: the session's streamed reply is llama.cpp's greedy reply."""
+    from test_router import HashEncoder
+
+    from bot import ChatSession, Router
+    from bot.chat import REPETITION_PENALTY
+    from bot.spec import AdapterSpec
+    from bot.tasks.generate import GenerateTask
+
+    gen = llamacpp.chat_engine(real, "llamacpp")
+    assert isinstance(gen, llamacpp.LlamaCppGenerator)
+    spec = AdapterSpec.from_dict({"name": "rand", "kind": "generate", "template": ""},
+                                 tmp_path / "rand" / "adapter.yaml")
+    router = Router(HashEncoder(), per_adapter_k=3)
+    router.add_route("rand", ["hello how are you", "tell me a joke"])
+    task = GenerateTask(spec, real)
+    session = ChatSession(real, {"rand": task}, router, max_new_tokens=16, llama=gen)
+    # llama.cpp reuses a cached prompt prefix and then re-evaluates only the last prompt
+    # token, whose logits then round differently than in a full prompt batch: start both cold
+    gen.engine("rand").reset()
+    turn = session.send("Say hi.")
+    ids = task.prompt_ids("Say hi.", [])[0].tolist()
+    gen.engine("rand").reset()
+    expected = gen.generate(ids, "rand", 16, repetition_penalty=REPETITION_PENALTY)
+    assert expected and turn.reply == real.tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert turn.adapter == "rand" and session.fork().llama is gen

@@ -94,7 +94,8 @@ def _row(path: str, label: str, rate: float, agree: float | None = None, engine:
     return {"path": path, "label": label, "tokens_per_s": round(rate, 2), "agree": agree, "engine": engine}
 
 
-def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats: int = 3) -> list[dict]:
+def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats: int = 3,
+                       before: str | None = None) -> list[dict]:
     """One row per path: tokens/s of an ``n``-token greedy reply and agreement with fp32 tokens.
 
     The paths take turns (one reply each, ``repeats`` rounds after a warm-up round), so
@@ -103,12 +104,15 @@ def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats
     Args:
         kinds: fast-path kernels to time (default: all of bot.kernels.KINDS).
         llama: a LlamaCppGenerator, or None to leave llama.cpp out.
+        before: also time this kernel's engine through transformers' ``generate()`` (the
+            fast path before bot.decode's lean loop), for a same-run before/after ratio.
     """
     from ..kernels import KINDS
 
     ids = prompt_ids(bb)
     plain = ids[0].tolist()
     fast = bb.fast()
+    fast.max_engines = max(fast.max_engines, 8)  # every timed engine stays built between turns
 
     def engine(kind, name):
         old, fast.mode = fast.mode, kind
@@ -117,6 +121,16 @@ def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats
         finally:
             fast.mode = old
 
+    def fast_path(kind):
+        """The fast path as GenerateTask runs it (FastGenerator.generate: lean loop where it applies)."""
+        def gen(_ids, k):
+            old, fast.mode = fast.mode, kind
+            try:
+                return fast.generate(_ids, adapter=adapter, max_new_tokens=k, min_new_tokens=k, pad_token_id=0)[0]
+            finally:
+                fast.mode = old
+        return gen
+
     def naive(_ids, k):
         with bb.lock:
             bb.peft.set_adapter(adapter)
@@ -124,8 +138,11 @@ def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats
 
     paths = [("base_fp32", "base model, plain transformers fp32 (baseline)", engine("fp32", None), "torch"),
              ("peft_fp32", f"'{adapter}' adapter, naive peft unmerged fp32", naive, "torch")]
-    paths += [(f"fast_{kind}", f"'{adapter}' adapter, fast path {kind} (merged)", engine(kind, adapter), "torch")
-              for kind in kinds or KINDS]
+    if before is not None:
+        paths.append((f"fast_{before}_generate", f"'{adapter}' adapter, fast path {before} through "
+                      "transformers generate() (before the lean loop)", engine(before, adapter), "torch"))
+    paths += [(f"fast_{kind}", f"'{adapter}' adapter, fast path {kind} (merged, {_loop(fast, kind, adapter)} loop)",
+               fast_path(kind), "torch") for kind in kinds or KINDS]
     if llama is not None:
         # the bar: llama.cpp's own decode loop (``Llama.generate``), EOS suppressed like a
         # logit bias. ``create_completion`` (llama_plain) was also timed and ran about 6x
@@ -154,6 +171,16 @@ def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats
         rows.append(_row(path, label, n / statistics.median(times[path]), agree, engine=eng))
     fast.invalidate(adapter)  # drop the merged engines built for timing
     return rows
+
+
+def _loop(fast, kind: str, adapter: str) -> str:
+    from ..fastgen import decode_loop
+
+    old, fast.mode = fast.mode, kind
+    try:
+        return decode_loop(fast.engine(adapter), {"max_new_tokens": 1})
+    finally:
+        fast.mode = old
 
 
 def llama_plain(gen, prompt: list[int], n: int) -> list[int]:
@@ -204,11 +231,20 @@ def measure_quality(bb, adapter: str, n_rows: int = 60, kinds=None, llama=None) 
 
 
 def _engine_runner(bb, adapter, mode):
+    """Score with the fast path's own math: the lean decoder where it applies (one unpadded row)."""
+    from ..fastgen import FastGenerator, decode_loop
+
     fast = bb.fast()
     old, fast.mode = fast.mode, mode
     model = fast.engine(adapter)
     fast.mode = old
-    return lambda enc: model(**{k: v.to(bb.device) for k, v in enc.items()}).logits
+    lean = FastGenerator._lean(model) if decode_loop(model) == "lean" else None
+
+    def run(enc):
+        if lean is not None and enc["input_ids"].shape[0] == 1 and bool(enc["attention_mask"].all()):
+            return lean.score(enc["input_ids"].to(bb.device))
+        return model(**{k: v.to(bb.device) for k, v in enc.items()}).logits
+    return run
 
 
 def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float]:
@@ -269,7 +305,7 @@ def bench_one_isa(*, adapters_dir, backbone=None, device=None, load_in=None, tok
 
     kinds = KINDS if all_kinds else tuple(dict.fromkeys(("fp32", "w8", choice.kind)))
     log.info("measuring generation ...")
-    gen = measure_generation(bb, adapter, tokens, kinds=kinds, llama=llama)
+    gen = measure_generation(bb, adapter, tokens, kinds=kinds, llama=llama, before=choice.kind)
     log.info("measuring quality ...")
     quality = measure_quality(bb, adapter, n_rows=quality_rows, llama=llama,
                               kinds=KINDS if all_kinds else tuple(dict.fromkeys(("w8", choice.kind))))
@@ -289,6 +325,8 @@ def bench_one_isa(*, adapters_dir, backbone=None, device=None, load_in=None, tok
         "mixed": {"adapters": mixed_names, "mixed_ms": round(mixed * 1000, 1), "sequential_ms": round(seq * 1000, 1)},
         "fast_vs_fp32": round(fast / rates["base_fp32"], 3),
         "fast_vs_llamacpp": round(fast / rates["llamacpp"], 3) if "llamacpp" in rates else None,
+        # the lean decode loop against the same engine through generate(), same run
+        "fast_vs_generate": round(fast / rates[f"fast_{choice.kind}_generate"], 3),
         "llamacpp_engine_vs_fp32": (round(rates["llamacpp_lora"] / rates["base_fp32"], 3)
                                     if "llamacpp_lora" in rates else None),
         "llamacpp_engine_vs_llamacpp": (round(rates["llamacpp_lora"] / rates["llamacpp"], 3)
