@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import make_tiny_backbone
 from peft import LoraConfig
@@ -86,3 +88,23 @@ def test_render_writes_every_section_and_the_verdicts():
     assert "fast path w8 (merged) ← chosen" in text
     assert "| cached safetensors load | 0.50 | 0.250 |" in text
     assert "ATen kernels AVX2, native bf16 False" in text and "llama.cpp rows: AVX2 = 1" in text
+
+
+def test_training_cache_section_reads_each_classify_adapters_timing(tmp_path):
+    timing = {"cache_speedup_cpu": 2.31, "uncached_epoch_seconds": 430.0, "cached_epoch_seconds": 190.0,
+              "cache_build_seconds": 150.0, "cache_mb": 895.0, "first_cached_layer": 24, "steps_timed": 8,
+              "threads": 2, "date": "2026-11-29 08:00:00"}
+    for name, metrics in {"topic": {"kind": "classify", "cache_speedup": 2.26, "cache_timing": timing},
+                          "sentiment": {"kind": "classify"},          # trained, never timed
+                          "chat": {"kind": "generate"}}.items():      # not a classifier: left out
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    rows = bench.training_cache_rows(tmp_path)
+    assert [r["adapter"] for r in rows] == ["sentiment", "topic"]
+    assert rows[0]["cache_speedup"] is None and rows[1]["cache_speedup"] == 2.26
+    text = "\n".join(bench_report._training_cache(rows))
+    assert "## Training: frozen-layer cache" in text
+    assert "| topic | 24 | 430 | 190 | **2.26x** | 2.31x | 150 | 895 | 8 | 2026-11-29 08:00:00 |" in text
+    assert "bot train sentiment --time-cache 8" in text

@@ -344,6 +344,30 @@ def bench_one_isa(*, adapters_dir, backbone=None, device=None, load_in=None, tok
     return rec
 
 
+def training_cache_rows(adapters_dir: str | Path) -> list[dict]:
+    """Each classify adapter's frozen-layer cache timing (``bot train NAME --time-cache N``).
+
+    Read from the adapters' metrics.json, where the side-by-side timing was recorded; an
+    adapter that was never timed is listed with ``cache_speedup`` None.
+    """
+    rows = []
+    for path in sorted(Path(adapters_dir).glob("*/metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(metrics, dict) or metrics.get("kind") != "classify":
+            continue
+        timing = metrics.get("cache_timing") or {}
+        rows.append({"adapter": path.parent.name, "cache_speedup": metrics.get("cache_speedup"),
+                     **{k: timing.get(k) for k in ("cache_speedup_cpu", "uncached_epoch_seconds",
+                                                    "cached_epoch_seconds", "cache_build_seconds",
+                                                    "cache_mb", "first_cached_layer", "steps_timed",
+                                                    "threads", "date")},
+                     "train_seconds": metrics.get("train_seconds"), "epochs": metrics.get("epochs")})
+    return rows
+
+
 def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str | Path = "reports/bench.md",
               tokens: int = 64, command_line: str = "", llamacpp_path: str | None = None,
               llamacpp_avx2_path: str | None = None, isas=("native", "avx2"), all_kinds: bool = False,
@@ -395,7 +419,7 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
         records.append(rec)
     result = {"command": command_line, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}, **summary(records, TARGETS),
-              "isa": records}
+              "isa": records, "training_cache": training_cache_rows(adapters_dir)}
     out = Path(out)
     atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     text = render(result=result)

@@ -59,7 +59,31 @@ def render(*, result: dict) -> str:
     for rec in result["isa"]:
         lines += _isa_section(rec)
     lines += _memory(first)
+    lines += _training_cache(result.get("training_cache") or [])
     return "\n".join(lines)
+
+
+def _training_cache(rows: list[dict]) -> list[str]:
+    """Classify training with and without the frozen-layer cache (from metrics.json)."""
+    if not rows:
+        return []
+    lines = ["", "## Training: frozen-layer cache", "",
+             "Seconds per training epoch of each classify adapter, whole model vs cached lower layers, "
+             "timed side by side in one run (`bot train NAME --time-cache N`, recorded in the "
+             "adapter's metrics.json; target: cached <= 0.5x uncached, i.e. cache_speedup >= 2).", "",
+             "| adapter | first LoRA layer | uncached s/epoch | cached s/epoch | cache_speedup (wall) "
+             "| CPU time | one-off cache pass s | cache MB | step pairs | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("cache_speedup") is None:
+            lines.append(f"| {r['adapter']} | not timed: run `bot train {r['adapter']} --time-cache 8` "
+                         "| | | | | | | | |")
+            continue
+        lines.append(f"| {r['adapter']} | {r['first_cached_layer']} | {r['uncached_epoch_seconds']:.0f} "
+                     f"| {r['cached_epoch_seconds']:.0f} | **{r['cache_speedup']:.2f}x** "
+                     f"| {r['cache_speedup_cpu']:.2f}x | {r['cache_build_seconds']:.0f} | {r['cache_mb']:.0f} "
+                     f"| {r['steps_timed']} | {r['date']} |")
+    return lines
 
 
 def _isa_section(rec: dict) -> list[str]:
