@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import DataError
 from ..fsutil import atomic_dir_write
 
-FORMAT_VERSION = 2  # 2: per-route thresholds and the optional linear head
+FORMAT_VERSION = 3  # 2: per-route thresholds and the optional linear head; 3: n-gram features in the head
 PROBE = "The router checks that it is loaded with the encoder it was saved with."
 
 
