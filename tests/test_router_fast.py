@@ -73,3 +73,30 @@ def test_bundled_encoder_is_direct_and_matches_sentence_transformers():
     assert isinstance(direct, DirectEncoder) and not isinstance(plain, DirectEncoder)
     texts = [*TEXTS, "What is the capital of Japan?", "I absolutely loved this movie"]
     assert np.abs(direct.encode(texts) - _reference(plain, texts)).max() < 1e-5
+
+
+def test_router_only_eval_keeps_the_other_sections_of_a_report(tmp_path, monkeypatch):
+    import json
+
+    from bot.eval import router_eval
+
+    (tmp_path / "eval.json").write_text(json.dumps({"tasks": {"topic": {"status": "failed", "error": "x"}},
+                                                    "latency": {"first_token_ms": 5.0}}))
+    section = {"n": 4, "accuracy": 0.75, "n_handwritten": 2, "labels": ["a", "b"], "per_class": {},
+               "by_source": {"hand-written: a": {"accuracy": 0.5, "n": 2},
+                             "test split: b": {"accuracy": 1.0, "n": 2}}}
+    monkeypatch.setattr(router_eval, "scan", lambda d: ([_Spec("a"), _Spec("b")], {}))
+    monkeypatch.setattr("bot.routing.build_router", lambda specs: "router")
+    monkeypatch.setattr("bot.eval.evaluate.eval_router", lambda specs, session: dict(section))
+    results = router_eval.run_router_eval(adapters_dir=tmp_path, out=tmp_path, latency=False,
+                                          command_line="bot eval --only router")
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["tasks"]["topic"]["error"] == "x" and saved["latency"] == {"first_token_ms": 5.0}
+    assert saved["router"]["accuracy"] == 0.75 and saved["router"]["command"] == "bot eval --only router"
+    lines = router_eval.summary_lines(results["router"])
+    assert lines[0].startswith("router accuracy 75.0% on 4") and "hand-written: a" in lines[1]
+
+
+class _Spec:
+    def __init__(self, name):
+        self.name = name

@@ -20,8 +20,7 @@ from ..spec import check_adapter_name
 from ..text import MAX_CHARS, normalise
 from . import fitting, store
 from .cache import Embedder
-from .commands import HELP, parse_command, scoring_text, split_follow_up
-from .features import NgramFeatures
+from .commands import HELP, help_lines, parse_command, scoring_text, split_follow_up
 from .turns import as_pairs
 
 DEFAULT_MARGIN = 0.1  # cosine units; only used until fit() replaces it
@@ -141,23 +140,15 @@ class Router:
         if description is not None:
             self.describe[name] = description
 
-    def prime(self, texts: list[str]) -> None:
-        """Embed turns in batches ahead of ``route`` (evaluation); the decisions do not change."""
+    def prime(self, texts: list[str]) -> None:  # embed in batches ahead of route(): evaluation
         self.embedder.prime([scoring_text(str(t)) for t in texts])
 
-    def clear_cache(self) -> None:
-        """Forget cached turn embeddings (for timing cold routing)."""
+    def clear_cache(self) -> None:  # forget cached turn embeddings (for timing cold routing)
         self.embedder.clear()
 
     def help_text(self) -> str:
         """One line per command, with the descriptions from ``describe``."""
-        lines = ["Commands (otherwise I pick an adapter for you):"]
-        for name in self.names:
-            default = ("used when nothing else fits" if name not in self._examples
-                       else f"{len(self._examples[name])} example turns")
-            lines.append(f"  /{name} <text> - {self.describe.get(name, default)}")
-        lines.append(f"  /{HELP} - this list")
-        return "\n".join(lines)
+        return help_lines(self.names, {n: len(e) for n, e in self._examples.items()}, self.describe)
 
     # ----- scoring --------------------------------------------------------------------------
 
@@ -165,10 +156,8 @@ class Router:
         return fitting.top_k_similarity(vectors, list(self._embeddings.values()), self.per_adapter_k)
 
     def _score_matrix(self, vectors: np.ndarray, texts: list[str]) -> np.ndarray:
-        """Scores (n_turns, n_routes): the head's probabilities, else calibrated similarities.
-
-        ``texts``: what was embedded (the head also reads their n-grams).
-        """
+        """Scores (n_turns, n_routes): the head's probabilities (it also reads the ``texts``'
+        n-grams), else calibrated similarities."""
         if self.head is not None:
             return fitting.head_scores(vectors, self.head, [t[: self.max_chars] for t in texts])
         return fitting.calibrate(self._similarities(vectors), self.calibration)
@@ -260,12 +249,10 @@ class Router:
             embedding_weight: float = 1.0) -> dict:
         """Fit calibration, thresholds and follow-up margin on held-out labelled turns.
 
-        ``heldout`` must not repeat route examples (that would fit the threshold on memorised
-        turns). Returns the fitted values and the accuracy on ``heldout`` itself, which is
-        optimistic: measure with ``evaluate`` on other turns. ``head``: also train a linear head
-        on the route examples (worth it with hundreds per route) and score with it;
-        ``ngrams``: (word, char) vocabulary sizes of its TF-IDF features, (0, 0) for none;
-        ``embedding_weight``: the embeddings' scale beside those features.
+        ``heldout`` must not repeat route examples. Returns the fitted values and the (optimistic)
+        accuracy on ``heldout``. ``head``: also train a linear head on the route examples (worth
+        it with hundreds per route), over the embeddings times ``embedding_weight`` and ``ngrams``
+        = (word, char) TF-IDF vocabulary sizes (bot.routing.features; (0, 0) for none).
         """
         pairs = _checked_heldout(as_pairs(heldout), self.names, self._examples)
         labels = np.array([label for _, label in pairs])
@@ -310,15 +297,12 @@ class Router:
         config = {
             "fallback": self.fallback, "per_adapter_k": self.per_adapter_k,
             "threshold": self.threshold, "margin": self.margin, "calibration": self.calibration,
-            "thresholds": self.thresholds, "head_routes": self.head and self.head["routes"],
-            "describe": self.describe, "examples": self._examples, "max_chars": self.max_chars,
-            "head_embedding_weight": self.head and self.head["embedding_weight"],
-            "head_ngrams": self.head and self.head["ngrams"] and self.head["ngrams"].to_config(),
+            "thresholds": self.thresholds, "describe": self.describe, "examples": self._examples,
+            "max_chars": self.max_chars,
         }
-        head = {f"head.{k}": self.head[k] for k in ("weight", "bias")} if self.head else {}
-        if self.head and self.head["ngrams"]:
-            head |= self.head["ngrams"].tensors()
-        return store.write_router(path, config, self._embeddings, self.embedder.encode([store.PROBE])[0], head)
+        head_config, head = store.head_to_disk(self.head)
+        return store.write_router(path, config | head_config, self._embeddings,
+                                  self.embedder.encode([store.PROBE])[0], head)
 
     @classmethod
     def load(cls, path, encoder) -> Router:
@@ -336,10 +320,5 @@ class Router:
             router._examples[name] = list(examples)
             router._embeddings[name] = tensors[f"route.{name}"]
         router.thresholds = {k: float(v) for k, v in config["thresholds"].items()}
-        if config["head_routes"]:
-            ngrams = config.get("head_ngrams")
-            router.head = {"routes": list(config["head_routes"]), "weight": tensors["head.weight"],
-                           "bias": tensors["head.bias"],
-                           "embedding_weight": float(config.get("head_embedding_weight") or 1.0),
-                           "ngrams": ngrams and NgramFeatures.from_saved(ngrams, tensors)}
+        router.head = store.head_from_disk(config, tensors)
         return router

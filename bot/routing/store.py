@@ -60,6 +60,29 @@ def read_router(folder) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
+def head_to_disk(head: dict | None) -> tuple[dict, dict[str, np.ndarray]]:
+    """The fitted head (bot.routing.fitting.fit_route_head) as router.json keys and tensors."""
+    if head is None:
+        return {"head_routes": None}, {}
+    ngrams = head.get("ngrams")
+    config = {"head_routes": head["routes"], "head_embedding_weight": head["embedding_weight"],
+              "head_ngrams": ngrams.to_config() if ngrams else None}
+    tensors = {"head.weight": head["weight"], "head.bias": head["bias"]}
+    return config, tensors | (ngrams.tensors() if ngrams else {})
+
+
+def head_from_disk(config: dict, tensors: dict[str, np.ndarray]) -> dict | None:
+    """The head that ``head_to_disk`` wrote, or None when the router has none."""
+    from .features import NgramFeatures
+
+    if not config.get("head_routes"):
+        return None
+    ngrams = config.get("head_ngrams")
+    return {"routes": list(config["head_routes"]), "weight": tensors["head.weight"],
+            "bias": tensors["head.bias"], "embedding_weight": float(config["head_embedding_weight"]),
+            "ngrams": NgramFeatures.from_saved(ngrams, tensors) if ngrams else None}
+
+
 def same_encoder(probe: np.ndarray, saved: np.ndarray) -> bool:
     """True when the probe sentence embeds (almost) as it did when the router was saved."""
     return probe.shape == saved.shape and float(probe @ saved) >= 0.99
