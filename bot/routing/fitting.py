@@ -111,8 +111,11 @@ def fit_head(inputs, labels: np.ndarray, routes: list[str]) -> tuple[np.ndarray,
     # Balanced: a route with thousands of news texts must not outvote one with hundreds of turns.
     model = LogisticRegression(C=HEAD_C, max_iter=3000, class_weight="balanced")
     model.fit(inputs, labels)
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:  # two routes: one logit z for classes_[1]; softmax(-z/2, z/2) = sigmoid(z)
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
     order = [list(model.classes_).index(name) for name in routes]
-    return (model.coef_[order].astype(np.float32), model.intercept_[order].astype(np.float32))
+    return (coef[order].astype(np.float32), intercept[order].astype(np.float32))
 
 
 def head_inputs(vectors: np.ndarray, texts: list[str], ngrams=None, embedding_weight: float = 1.0):
