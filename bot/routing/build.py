@@ -32,7 +32,7 @@ HEAD_MIN_EXAMPLES = 100  # per route, for the linear head (fitting.fit_head)
 # The head's n-gram TF-IDF features (word, char vocabulary sizes) and the embeddings' weight
 # beside them, chosen by accuracy on the validation splits (issue 11; reports/eval.md).
 HEAD_NGRAMS = (20000, 30000)
-HEAD_EMBEDDING_WEIGHT = 2.0
+HEAD_EMBEDDING_WEIGHT = 1.0
 
 
 def turn_texts(rows: list[dict], rng: random.Random, n: int) -> list[str]:
