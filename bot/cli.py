@@ -164,6 +164,15 @@ def cmd_add(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.evaluate import all_failed, run_eval
 
+    if args.only == "router":
+        from .eval.router_eval import run_router_eval, summary_lines
+
+        results = run_router_eval(adapters_dir=args.adapters_dir, out=args.out, names=args.names,
+                                  latency=not args.no_latency, command_line=args.command_line)
+        print("\n".join(summary_lines(results["router"], results.get("latency"))))
+        print(f"wrote the router section of {Path(args.out) / 'eval.json'} and {Path(args.out) / 'eval.md'}")
+        return 0
+
     results = run_eval(adapters_dir=args.adapters_dir, names=args.names, backbone=args.backbone,
                        data=args.data, out=args.out, max_examples=args.max_examples,
                        curve=args.curve, curve_adapters=args.curve_adapters,
@@ -338,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--curve", type=_curve_sizes, help="learning curve sizes, e.g. 32,128,512,ALL")
     e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
+    e.add_argument("--only", choices=["router"],
+                   help="router: only the router's held-out accuracy and routing time (about a minute; "
+                   "no backbone), merged into an existing OUT/eval.json")
+    e.add_argument("--no-latency", action="store_true",
+                   help="with --only router: skip the routing-time measurement")
     e.add_argument("--instructions", help="JSONL of requests with hand-written answers (prompt, reply): "
                    "how helpful the chat adapter stays (the repository has one under tests/)")
     e.add_argument("--no-zero-shot", action="store_true",

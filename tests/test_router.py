@@ -419,3 +419,26 @@ def test_per_route_thresholds_send_weak_turns_of_one_route_to_the_fallback():
     cuts = fitting.fit_route_thresholds(scores, labels, routes, "f", start=0.0)
     assert list(fitting.predict(scores, routes, cuts, "f")) == list(labels)
     assert cuts[0] > 0.55 and cuts[1] <= 0.6  # route a is strict, route b keeps its weak turns
+
+
+def test_head_with_ngram_features_reads_how_a_turn_is_written_and_survives_a_save(tmp_path):
+    """Two routes whose examples share their words and differ only in punctuation: the
+    hashing encoder ignores punctuation, so only the character n-grams can tell them apart."""
+    words = ["shares fall", "team wins", "minister speaks", "chip launches", "film opens",
+             "bank cuts rates", "league final", "tax plan", "phone sales", "star award"]
+    router = Router(HashEncoder(), fallback="b", per_adapter_k=3)
+    router.add_route("a", [f"{w}?!" for w in words])
+    router.add_route("b", [f"{w}..." for w in words])
+    heldout = {"a": ["oil prices?!", "cup final?!"], "b": ["oil prices...", "cup final..."]}
+    plain = router.fit(heldout, head=True)
+    assert plain["accuracy"] <= 0.75  # the words alone cannot separate them
+    report = router.fit(heldout, head=True, ngrams=(50, 200), embedding_weight=2.0)
+    assert report["accuracy"] == 1.0, report
+    assert router.head["ngrams"].size > 0 and router.head["weight"].shape[1] == 1024 + router.head["ngrams"].size
+    choice = router.route("election results?!")
+    assert choice.adapter == "a" and choice.runner_up == "b" and "best match 'a'" in choice.reason
+    loaded = Router.load(router.save(tmp_path / "router"), HashEncoder())
+    assert loaded.head["embedding_weight"] == 2.0
+    for text in ["election results?!", "election results...", "zebra"]:
+        assert loaded.route(text).scores == pytest.approx(router.route(text).scores, abs=1e-4)
+        assert loaded.route(text).adapter == router.route(text).adapter

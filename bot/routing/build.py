@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 ROUTE_TRAIN_SAMPLE = 1500
 FIT_SAMPLE = 300
 HEAD_MIN_EXAMPLES = 100  # per route, for the linear head (fitting.fit_head)
+# The head's n-gram TF-IDF features (word, char vocabulary sizes) and the embeddings' weight
+# beside them, chosen by accuracy on the validation splits (issue 11; reports/eval.md).
+HEAD_NGRAMS = (20000, 30000)
+HEAD_EMBEDDING_WEIGHT = 1.0
 
 
 def turn_texts(rows: list[dict], rng: random.Random, n: int) -> list[str]:
@@ -56,7 +60,8 @@ def spec_splits(spec):
 def router_key(specs, encoder_name: str) -> str:
     blob = json.dumps([[s.name, s.kind, s.route_examples, s.data, s.route_data, s.train.seed,
                         s.description, s.route_description] for s in specs]
-                      + [encoder_name, ROUTE_TRAIN_SAMPLE, FIT_SAMPLE, HEAD_MIN_EXAMPLES], sort_keys=True)
+                      + [encoder_name, ROUTE_TRAIN_SAMPLE, FIT_SAMPLE, HEAD_MIN_EXAMPLES,
+                         HEAD_NGRAMS, HEAD_EMBEDDING_WEIGHT], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -103,7 +108,7 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | No
         # A linear head needs data behind every route; routes built from a few examples alone
         # are scored by similarity, which needs no training.
         enough = all(len(texts) >= HEAD_MIN_EXAMPLES for texts in router.examples.values())
-        router.fit(heldout, head=enough)
+        router.fit(heldout, head=enough, ngrams=HEAD_NGRAMS, embedding_weight=HEAD_EMBEDDING_WEIGHT)
     _describe(router, specs)
     if use_cache:
         try:

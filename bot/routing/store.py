@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import DataError
 from ..fsutil import atomic_dir_write
 
-FORMAT_VERSION = 2  # 2: per-route thresholds and the optional linear head
+FORMAT_VERSION = 3  # 2: per-route thresholds and the optional linear head; 3: n-gram features in the head
 PROBE = "The router checks that it is loaded with the encoder it was saved with."
 
 
@@ -58,6 +58,29 @@ def read_router(folder) -> tuple[dict, dict[str, np.ndarray]]:
                         f"reads format {FORMAT_VERSION}. Fix: rebuild the router (add_route() and "
                         "fit(), or delete the folder and let build_router() make it again)")
     return config, tensors
+
+
+def head_to_disk(head: dict | None) -> tuple[dict, dict[str, np.ndarray]]:
+    """The fitted head (bot.routing.fitting.fit_route_head) as router.json keys and tensors."""
+    if head is None:
+        return {"head_routes": None}, {}
+    ngrams = head.get("ngrams")
+    config = {"head_routes": head["routes"], "head_embedding_weight": head["embedding_weight"],
+              "head_ngrams": ngrams.to_config() if ngrams else None}
+    tensors = {"head.weight": head["weight"], "head.bias": head["bias"]}
+    return config, tensors | (ngrams.tensors() if ngrams else {})
+
+
+def head_from_disk(config: dict, tensors: dict[str, np.ndarray]) -> dict | None:
+    """The head that ``head_to_disk`` wrote, or None when the router has none."""
+    from .features import NgramFeatures
+
+    if not config.get("head_routes"):
+        return None
+    ngrams = config.get("head_ngrams")
+    return {"routes": list(config["head_routes"]), "weight": tensors["head.weight"],
+            "bias": tensors["head.bias"], "embedding_weight": float(config["head_embedding_weight"]),
+            "ngrams": NgramFeatures.from_saved(ngrams, tensors) if ngrams else None}
 
 
 def same_encoder(probe: np.ndarray, saved: np.ndarray) -> bool:

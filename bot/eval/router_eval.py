@@ -1,0 +1,99 @@
+"""``bot eval --only router``: the router's held-out accuracy (and routing time) in a minute.
+
+The full ``bot eval`` also scores every adapter, which takes a quarter of an hour; the router's
+figures do not depend on that. This writes the same ``router`` section (and ``latency.route_*``)
+into ``OUT/eval.json``, keeping every other section of an existing report, and redraws
+``eval.md``. The router is built exactly as the full run builds it (``build_router``, fitted on
+the validation splits) and scored on the same turns (test splits + hand-written turns).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from ..errors import DataError
+from ..spec import require_usable, scan
+
+log = logging.getLogger(__name__)
+
+
+def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = None,
+                    latency: bool = True, command_line: str = "") -> dict:
+    """Score the router on the held-out turns; merge its section into ``out/eval.json``.
+
+    Args:
+        adapters_dir: folder holding ``<name>/adapter.yaml``.
+        out: report folder; an existing ``eval.json`` there keeps its other sections.
+        names: the routes (None or empty: every adapter folder, as the demo routes them).
+        latency: also time ``route()`` on 200 short turns per CPU setting (bot.routing.latency).
+        command_line: recorded as ``router.command``.
+
+    Returns:
+        the whole report dict written to ``out/eval.json``.
+    """
+    from ..routing import build_router
+    from .evaluate import eval_router
+    from .report import write_report
+
+    specs, broken = scan(adapters_dir)
+    require_usable(specs, broken)
+    if names:
+        specs = [s for s in specs if s.name in names]
+    if len(specs) < 2:
+        raise DataError(f"the router needs at least two adapters under {adapters_dir}, found "
+                        f"{[s.name for s in specs]}")
+    t0 = time.perf_counter()
+    router = build_router(specs)
+    section = eval_router(specs, session=_RouterOnly(router))
+    section["command"] = command_line
+    section["date"] = time.strftime("%Y-%m-%d %H:%M")
+    section["seconds"] = round(time.perf_counter() - t0, 1)
+    results = _existing(Path(out) / "eval.json")
+    results["router"] = section
+    if latency:
+        _merge_route_timing(results.setdefault("latency", {}), adapters_dir)
+    write_report(results, out)
+    return results
+
+
+class _RouterOnly:
+    """What ``eval_router`` reads from a chat session: only its router."""
+
+    def __init__(self, router):
+        self.router = router
+
+
+def _existing(path: Path) -> dict:
+    """The report already in ``path`` (another run's adapter figures stay), else a new one."""
+    if not path.exists():
+        return {"tasks": {}}
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path} ({err}). Fix: delete it or pass another --out") from err
+    return results if isinstance(results, dict) else {"tasks": {}}
+
+
+def _merge_route_timing(latency: dict, adapters_dir) -> None:
+    """``route_isa``, ``route_ms`` and ``route_ms_avx2`` as the full run writes them."""
+    from ..routing.latency import measure_both_isas
+
+    isa = measure_both_isas(adapters_dir)
+    latency["route_isa"] = isa
+    latency["route_ms"] = isa["native"]["median_ms"]
+    latency["route_ms_avx2"] = isa["avx2"]["median_ms"]
+
+
+def summary_lines(router: dict, latency: dict | None = None) -> list[str]:
+    """The figures a person reads after ``bot eval --only router``: accuracy by source, ms."""
+    lines = [f"router accuracy {100 * router['accuracy']:.1f}% on {router['n']} held-out turns "
+             f"({router['n_handwritten']} hand-written)"]
+    lines += [f"  {source:<28} {100 * v['accuracy']:5.1f}%  n={v['n']}"
+              for source, v in router["by_source"].items()]
+    if latency and "route_isa" in latency:
+        lines.append("median route() time, short turns, no cache hits: " + ", ".join(
+            f"{name} {v['median_ms']:.1f} ms" for name, v in latency["route_isa"].items()))
+    return lines
