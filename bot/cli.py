@@ -258,11 +258,13 @@ def cmd_demo(args) -> int:
 # -------------------------------------------------------------------- parser
 # figures: metrics.json of each adapter and reports/bench.md (2-core x86_64 CPU, bf16 autocast)
 TRAIN_EPILOG = """\
-time on the 2-core reference machine, idle, without the frozen-layer cache:
-  topic 14 min (1.5 epochs), sentiment 16 min (1 epoch), chat 13 min.
-classify adapters cache the hidden states below their first LoRA layer once
-per training text (about 0.4 uncached epoch for topic, 0.2 for sentiment), then
-each epoch takes 0.64x (topic) / 0.77x (sentiment) of the uncached CPU time.
+time on the 2-core reference machine, frozen-layer cache on (topic: LoRA on
+layers 24-29, 3 epochs; sentiment: layers 14-29, 1 epoch): topic 37 min and
+sentiment 32 min on a machine shared with other jobs (topic about 21 min idle,
+estimated from --time-cache), chat 3 min. the cache is built once per training
+text (topic 6 min, sentiment 5 min idle); then a topic epoch costs 0.49x of the
+uncached wall time (cache_speedup 2.04x, 2.21x CPU time) and a sentiment epoch
+0.81x (1.24x): the fewer layers carry LoRA, the more the cache saves.
 the cache holds 4 bytes x hidden size x training tokens: topic 895 MB,
 sentiment 928 MB. up to $BOT_TRAIN_CACHE_MB (default 1024) it stays in memory,
 above that it is a temporary file under $BOT_CACHE/train-states (deleted after).

@@ -148,11 +148,11 @@ def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats
         # logit bias. ``create_completion`` (llama_plain) was also timed and ran about 6x
         # slower than ``generate`` in the same run, so it would make a weak bar.
         paths += [("llamacpp", "base model, llama.cpp (llama-cpp-python generate, same GGUF)",
-                   lambda _ids, k: llama.generate(plain, None, k, suppress_eos=True), "llama.cpp"),
+                   lambda _ids, k: llama_fresh(llama, plain, None, k), "llama.cpp"),
                   ("llamacpp_completion", "base model, llama.cpp create_completion + logit_bias",
                    lambda _ids, k: llama_plain(llama, plain, k), "llama.cpp"),
                   ("llamacpp_lora", f"'{adapter}' adapter, bot's llama.cpp engine (GGUF LoRA)",
-                   lambda _ids, k: llama.generate(plain, adapter, k, suppress_eos=True), "llama.cpp")]
+                   lambda _ids, k: llama_fresh(llama, plain, adapter, k), "llama.cpp")]
     times = {p[0]: [] for p in paths}
     tokens = {}
     for round_ in range(repeats + 1):
@@ -181,6 +181,17 @@ def _loop(fast, kind: str, adapter: str) -> str:
         return decode_loop(fast.engine(adapter), {"max_new_tokens": 1})
     finally:
         fast.mode = old
+
+
+def llama_fresh(gen, prompt: list[int], adapter: str | None, n: int) -> list[int]:
+    """llama.cpp's own decode loop from an empty context, exactly ``n`` tokens.
+
+    ``Llama.generate`` keeps the previous call's tokens and skips the prompt prefix they
+    share, so a repeated timed run would skip its prefill while the PyTorch rows pay
+    theirs; resetting first makes every row pay for the same prompt.
+    """
+    gen.engine(adapter).reset()
+    return gen.generate(prompt, adapter, n, suppress_eos=True)
 
 
 def llama_plain(gen, prompt: list[int], n: int) -> list[int]:
