@@ -36,7 +36,8 @@ CASES = [
 ]
 PARALLEL_CASES = [
     ("Hi! How was your weekend?", "chat"),
-    ("Can you tell me a joke about cats?", "assistant"),  # a request: the assistant route
+    # a request to explain: the assistant route (a joke request is chat's by its route_description)
+    ("Explain how a rainbow forms.", "assistant"),
     ("Stock markets tumble as the central bank raises interest rates", "topic"),
     ("Absolutely love these headphones, the sound is crisp and clear.", "sentiment"),
 ]
