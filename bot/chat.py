@@ -80,7 +80,7 @@ class ChatSession:
         self._scheduler = scheduler
         # bot.llamacpp.LlamaCppGenerator for generated replies (`bot chat --engine llamacpp`)
         self.llama = llama
-        self._llama_refused: set[str] = set()
+        self._llama_usable: dict[str, bool] = {}  # adapter -> GGUF LoRA written (checked once)
 
     @classmethod
     def from_dir(cls, backbone=None, adapters_dir=None, encoder=None, **kwargs) -> ChatSession:
@@ -223,15 +223,14 @@ class ChatSession:
 
         if adapter is None:
             return True
-        if adapter in self._llama_refused:
-            return False
-        try:
-            self.llama.lora_file(adapter)
-            return True
-        except BotError as err:  # e.g. an adapter on a layer llama.cpp has no tensor for
-            log.warning("adapter %s stays on PyTorch: %s", adapter, err)
-            self._llama_refused.add(adapter)
-            return False
+        if adapter not in self._llama_usable:
+            try:
+                self.llama.lora_file(adapter)
+                self._llama_usable[adapter] = True
+            except BotError as err:  # e.g. an adapter on a layer llama.cpp has no tensor for
+                log.warning("adapter %s stays on PyTorch: %s", adapter, err)
+                self._llama_usable[adapter] = False
+        return self._llama_usable[adapter]
 
     def _finish(self, turn: Turn, t0: float, t_route: float, t_analysis: float) -> Turn:
         now = time.perf_counter()

@@ -93,6 +93,38 @@ def build_engine(backbone, adapter: str | None, mode: str) -> nn.Module:
     return model
 
 
+class EngineLRU:
+    """Engines keyed by ``(adapter, variant)``, built once under ``lock``; the most recent kept.
+
+    Shared by the PyTorch fast path and the llama.cpp engine: an engine is costly to build
+    (a merged, converted copy of the weights) and worth keeping while its adapter is in use.
+    """
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.items: OrderedDict[tuple, object] = OrderedDict()
+
+    def get(self, key: tuple, build, size: int):
+        """The engine under ``key`` (``build()`` makes it on a miss); keeps at most ``size``."""
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+            engine = self.items[key] = build()
+            while len(self.items) > size:
+                self.items.popitem(last=False)
+            return engine
+
+    def __getitem__(self, key: tuple):
+        return self.items[key]
+
+    def drop(self, adapter: str | None) -> None:
+        """Forget every engine built from ``adapter``."""
+        with self.lock:
+            for key in [k for k in self.items if k[0] == adapter]:
+                del self.items[key]
+
+
 class FastGenerator:
     """Generate on one adapter through a cached merged/quantized engine.
 
@@ -107,8 +139,8 @@ class FastGenerator:
         self.backbone = backbone
         self.mode = mode
         self.max_engines = max_engines
-        self._engines: OrderedDict[tuple, nn.Module] = OrderedDict()
         self._lock = threading.RLock()
+        self._engines = EngineLRU(self._lock)
         self._auto: str | None = None
 
     @property
@@ -123,22 +155,13 @@ class FastGenerator:
         return self._auto
 
     def engine(self, adapter: str | None) -> nn.Module:
-        key = (adapter, self.kind)
-        with self._lock:
-            if key in self._engines:
-                self._engines.move_to_end(key)
-                return self._engines[key]
-            model = build_engine(self.backbone, adapter, key[1])
-            self._engines[key] = model
-            while len(self._engines) > self.max_engines:
-                self._engines.popitem(last=False)
-            return model
+        kind = self.kind
+        return self._engines.get((adapter, kind), lambda: build_engine(self.backbone, adapter, kind),
+                                 self.max_engines)
 
     def invalidate(self, adapter: str | None) -> None:
         """Forget engines built from ``adapter`` (it was reloaded, retrained or dropped)."""
-        with self._lock:
-            for key in [k for k in self._engines if k[0] == adapter]:
-                del self._engines[key]
+        self._engines.drop(adapter)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, adapter: str | None = None, **kwargs) -> torch.Tensor:

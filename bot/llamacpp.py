@@ -32,11 +32,12 @@ import logging
 import os
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from .fastgen import EngineLRU
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,8 @@ class LlamaCppGenerator:
         self.n_threads = n_threads or torch.get_num_threads()
         self.n_ctx = n_ctx
         self.max_engines = max_engines
-        self._engines: OrderedDict = OrderedDict()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # also held while decoding: one decode at a time
+        self._engines = EngineLRU(self._lock)
 
     def lora_file(self, adapter: str) -> Path:
         """The adapter as a GGUF LoRA file in ``$BOT_CACHE/gguf-lora`` (written once per content)."""
@@ -188,23 +189,15 @@ class LlamaCppGenerator:
         return path
 
     def engine(self, adapter: str | None, logits_all: bool = False):
-        key = (adapter, logits_all)
-        with self._lock:
-            if key in self._engines:
-                self._engines.move_to_end(key)
-                return self._engines[key]
+        def build():
             lora = str(self.lora_file(adapter)) if adapter else None
-            llm = self.llama_cpp.Llama(model_path=str(self.gguf), lora_path=lora, n_ctx=self.n_ctx,
-                                       n_threads=self.n_threads, logits_all=logits_all, verbose=False)
-            self._engines[key] = llm
-            while len(self._engines) > self.max_engines:
-                self._engines.popitem(last=False)
-            return llm
+            return self.llama_cpp.Llama(model_path=str(self.gguf), lora_path=lora, n_ctx=self.n_ctx,
+                                        n_threads=self.n_threads, logits_all=logits_all, verbose=False)
+
+        return self._engines.get((adapter, logits_all), build, self.max_engines)
 
     def invalidate(self, adapter: str | None) -> None:
-        with self._lock:
-            for key in [k for k in self._engines if k[0] == adapter]:
-                del self._engines[key]
+        self._engines.drop(adapter)
 
     def generate(self, input_ids: list[int], adapter: str | None = None, max_new_tokens: int = 128,
                  suppress_eos: bool = False, repetition_penalty: float = 1.0) -> list[int]:

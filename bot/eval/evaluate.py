@@ -370,17 +370,13 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
 
 def _route_timing(latency: dict, adapters_dir) -> None:
     """``route_ms``: median over 200 short turns, in a fresh process per CPU setting."""
-    from ..routing.latency import measure_both_isas
+    from ..routing.latency import record_both_isas
 
     latency["route_ms_in_turn"] = latency.pop("route_ms")  # the few turns timed end to end
     try:
-        isa = measure_both_isas(adapters_dir)
+        record_both_isas(latency, adapters_dir)
     except Exception as err:  # a child that cannot start must not lose the whole report
         log.warning("routing time per CPU setting not measured: %s", err)
-        return
-    latency["route_isa"] = isa
-    latency["route_ms"] = isa["native"]["median_ms"]
-    latency["route_ms_avx2"] = isa["avx2"]["median_ms"]
 
 
 def _helpfulness(results: dict, session, instructions: str | None) -> None:

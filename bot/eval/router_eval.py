@@ -54,7 +54,9 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
     results = _existing(Path(out) / "eval.json")
     results["router"] = section
     if latency:
-        _merge_route_timing(results.setdefault("latency", {}), adapters_dir)
+        from ..routing.latency import record_both_isas
+
+        record_both_isas(results.setdefault("latency", {}), adapters_dir)
     write_report(results, out)
     return results
 
@@ -75,16 +77,6 @@ def _existing(path: Path) -> dict:
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read {path} ({err}). Fix: delete it or pass another --out") from err
     return results if isinstance(results, dict) else {"tasks": {}}
-
-
-def _merge_route_timing(latency: dict, adapters_dir) -> None:
-    """``route_isa``, ``route_ms`` and ``route_ms_avx2`` as the full run writes them."""
-    from ..routing.latency import measure_both_isas
-
-    isa = measure_both_isas(adapters_dir)
-    latency["route_isa"] = isa
-    latency["route_ms"] = isa["native"]["median_ms"]
-    latency["route_ms_avx2"] = isa["avx2"]["median_ms"]
 
 
 def summary_lines(router: dict, latency: dict | None = None) -> list[str]:

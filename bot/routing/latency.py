@@ -77,6 +77,14 @@ def measure_both_isas(adapters_dir, n: int = 200) -> dict:
     return results
 
 
+def record_both_isas(latency: dict, adapters_dir) -> None:
+    """Measure both CPU settings into a report's ``latency``: ``route_isa``, ``route_ms``, ``route_ms_avx2``."""
+    isa = measure_both_isas(adapters_dir)
+    latency["route_isa"] = isa
+    latency["route_ms"] = isa["native"]["median_ms"]
+    latency["route_ms_avx2"] = isa["avx2"]["median_ms"]
+
+
 def main(argv=None) -> int:
     """Child process entry: ``python -m bot.routing.latency '{"adapters_dir": ..., "json": ...}'``."""
     args = json.loads((argv or sys.argv[1:])[0])
