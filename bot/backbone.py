@@ -14,6 +14,7 @@ Design notes:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -236,6 +237,9 @@ class Backbone:
         self.info = info
         self.peft = None  # a peft.PeftModel wrapping self.base, once an adapter exists
         self.lock = threading.RLock()
+        # Padded batches use a private copy of the tokenizer (see encode), built on first use.
+        self._batch_tok = None
+        self._batch_tok_lock = threading.Lock()
         self.fingerprint, self._legacy_fingerprint = fingerprint or _fingerprints(info.name, self.base)
         self._fast = None
         self.load_in = "fp32" if self.base.dtype == torch.float32 else "bf16"
@@ -414,10 +418,19 @@ class Backbone:
 
         Right padding whatever the tokenizer's own default: models with learned absolute
         positions (GPT-2) would otherwise shift every left-padded row.
+
+        A fast tokenizer keeps its padding and truncation settings in shared state, and each
+        call sets them before it encodes. The serving thread pads classification batches while
+        chat threads build unpadded prompts, so sharing one tokenizer let a prompt switch
+        padding off in the middle of a batch ("Unable to create tensor"). Padded batches
+        therefore go through a private copy, one at a time; ``self.tokenizer`` is left as it was.
         """
-        self.tokenizer.padding_side = "right"
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                               max_length=max_length)
+        with self._batch_tok_lock:
+            if self._batch_tok is None:
+                self._batch_tok = copy.deepcopy(self.tokenizer)
+                self._batch_tok.padding_side = "right"
+            batch = self._batch_tok(texts, return_tensors="pt", padding=True, truncation=True,
+                                    max_length=max_length)
         return to_device(dict(batch), self.device)
 
     def forward(self, batch: dict, adapters: list[str | None] | str | None, **kwargs):

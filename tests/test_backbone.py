@@ -193,3 +193,45 @@ def test_missing_backbone_folder_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BackboneError, match="config.json"):
         Backbone.load(str(tmp_path / "empty"))
+
+
+def test_padded_batches_leave_the_shared_tokenizer_alone(tiny_backbone):
+    """A fast tokenizer's padding/truncation settings are shared state: the serving thread's
+    padded classification batches must not switch them under a chat thread's prompt (and the
+    reverse), which once gave "Unable to create tensor" in the demo's parallel sessions."""
+    backend = tiny_backbone.tokenizer.backend_tokenizer
+    before = (backend.padding, backend.truncation, tiny_backbone.tokenizer.padding_side)
+    batch = tiny_backbone.encode(["hi", "a much longer text than that"], max_length=12)
+    assert batch["input_ids"].shape == (2, 12)
+    assert (backend.padding, backend.truncation, tiny_backbone.tokenizer.padding_side) == before
+
+
+def test_padded_batches_while_other_threads_tokenize(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    texts = ["short", "a somewhat longer text", "x" * 40]
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def prompts() -> None:  # what chat threads do: unpadded prompts, no truncation
+        while not stop.is_set():
+            tok.apply_chat_template([{"role": "user", "content": "hello there"}],
+                                    add_generation_prompt=True, return_dict=True)
+            tok("some text")["input_ids"]
+
+    others = [threading.Thread(target=prompts) for _ in range(2)]
+    for t in others:
+        t.start()
+    try:
+        for _ in range(300):
+            try:
+                batch = tiny_backbone.encode(texts, max_length=24)
+            except ValueError as err:
+                errors.append(str(err))
+                continue
+            if batch["input_ids"].shape != (3, 24):
+                errors.append(f"ragged batch {tuple(batch['input_ids'].shape)}")
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+    assert not errors, errors[:3]

@@ -95,6 +95,9 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+_SERVER_LOG: list[Path] = []  # the running demo's log, quoted when a turn fails
+
+
 @pytest.fixture(scope="module")
 def server():
     reason = _skip_reason()
@@ -102,6 +105,7 @@ def server():
         pytest.skip(reason)
     port = _free_port()
     log = Path(tempfile.mkstemp(prefix="bot-demo-", suffix=".log")[1])
+    _SERVER_LOG[:] = [log]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GRADIO_ANALYTICS_ENABLED": "False"}
     with log.open("w") as out:
         proc = subprocess.Popen([*_bot_command(), "demo", "--port", str(port)], cwd=REPO, env=env,
@@ -145,7 +149,11 @@ def wait_turn(page, number: int) -> str:
     """Wait until turn ``number`` is finished; return the adapter the panel names."""
     done = f'#last-turn .turn-info[data-turn="{number}"]:not([data-adapter=""])'
     page.wait_for_selector(done, timeout=TURN_TIMEOUT_MS)
-    return page.get_attribute(done, "data-adapter")
+    adapter = page.get_attribute(done, "data-adapter")
+    if adapter == "error":  # name the failure, not just the wrong adapter
+        detail = page.locator(done).inner_text().strip()
+        pytest.fail(f"turn {number} failed in the demo: {detail}\n{_SERVER_LOG[0].read_text()[-4000:]}")
+    return adapter
 
 
 def user_messages(page) -> list[str]:

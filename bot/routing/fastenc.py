@@ -17,6 +17,7 @@ cache on it).
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import numpy as np
@@ -66,6 +67,8 @@ class DirectEncoder:
         self.batch_size = int(batch_size)
         self.name_hint = getattr(model, "name_hint", "encoder") + ("|int8" if int8 else "")
         self._torch = torch
+        # the tokenizer's padding/truncation settings are shared state (see Backbone.encode)
+        self._tok_lock = threading.Lock()
 
     def encode(self, texts, normalize_embeddings: bool = True, convert_to_numpy: bool = True,
                batch_size: int | None = None, **_unused) -> np.ndarray:
@@ -83,8 +86,9 @@ class DirectEncoder:
     def _forward(self, texts: list[str], normalize: bool) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            batch = self.tokenizer(texts, padding=True, truncation="longest_first",
-                                   max_length=self.max_seq_length, return_tensors="pt")
+            with self._tok_lock:
+                batch = self.tokenizer(texts, padding=True, truncation="longest_first",
+                                       max_length=self.max_seq_length, return_tensors="pt")
             hidden = self.transformer(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             vectors = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
