@@ -218,6 +218,21 @@ def _fingerprints(name: str, model: torch.nn.Module) -> tuple[str, str | None]:
     return f"{short}@{new.hexdigest()[:16]}", f"{short}@{old.hexdigest()[:16]}" if all_fp32 else None
 
 
+class _PaddedTokenizer:
+    """Right-padded, truncated batches from a private copy of ``tokenizer``, one call at a time."""
+
+    def __init__(self, tokenizer):
+        self.source, self.copy, self.lock = tokenizer, None, threading.Lock()
+
+    def __call__(self, texts: list[str], max_length: int) -> dict:
+        with self.lock:
+            if self.copy is None:
+                self.copy = copy.deepcopy(self.source)
+                self.copy.padding_side = "right"
+            return dict(self.copy(texts, return_tensors="pt", padding=True, truncation=True,
+                                  max_length=max_length))
+
+
 class Backbone:
     """A causal LM loaded once, holding named LoRA adapters.
 
@@ -237,9 +252,7 @@ class Backbone:
         self.info = info
         self.peft = None  # a peft.PeftModel wrapping self.base, once an adapter exists
         self.lock = threading.RLock()
-        # Padded batches use a private copy of the tokenizer (see encode), built on first use.
-        self._batch_tok = None
-        self._batch_tok_lock = threading.Lock()
+        self._padded = _PaddedTokenizer(self.tokenizer)  # see encode
         self.fingerprint, self._legacy_fingerprint = fingerprint or _fingerprints(info.name, self.base)
         self._fast = None
         self.load_in = "fp32" if self.base.dtype == torch.float32 else "bf16"
@@ -417,21 +430,12 @@ class Backbone:
         """Tokenize with right padding (so positions match an unpadded run), on the model's device.
 
         Right padding whatever the tokenizer's own default: models with learned absolute
-        positions (GPT-2) would otherwise shift every left-padded row.
-
-        A fast tokenizer keeps its padding and truncation settings in shared state, and each
-        call sets them before it encodes. The serving thread pads classification batches while
-        chat threads build unpadded prompts, so sharing one tokenizer let a prompt switch
-        padding off in the middle of a batch ("Unable to create tensor"). Padded batches
-        therefore go through a private copy, one at a time; ``self.tokenizer`` is left as it was.
+        positions (GPT-2) would otherwise shift every left-padded row. A fast tokenizer's
+        padding/truncation settings are shared state that each call sets: a chat thread's
+        unpadded prompt once switched padding off under the serving thread's batch ("Unable
+        to create tensor"), so padded batches use a private copy, one at a time.
         """
-        with self._batch_tok_lock:
-            if self._batch_tok is None:
-                self._batch_tok = copy.deepcopy(self.tokenizer)
-                self._batch_tok.padding_side = "right"
-            batch = self._batch_tok(texts, return_tensors="pt", padding=True, truncation=True,
-                                    max_length=max_length)
-        return to_device(dict(batch), self.device)
+        return to_device(self._padded(texts, max_length), self.device)
 
     def forward(self, batch: dict, adapters: list[str | None] | str | None, **kwargs):
         """Run the model once; row ``i`` uses adapter ``adapters[i]`` (None = base)."""

@@ -19,6 +19,9 @@ from .assets import default_adapters_dir
 from .device import DEVICES, LOAD_IN
 from .errors import BotError
 
+# bot.kernels.KINDS, spelled out so `bot --help` does not import torch (tests/test_kernels.py checks)
+KERNEL_KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h")
+
 
 def _command_line(argv) -> str:
     return "bot " + " ".join(shlex.quote(a) for a in argv)
@@ -416,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting or running before new ones get 429")
     v.add_argument("--max-model-len", type=_positive, default=2048,
                    help="context limit per request: prompt + max_tokens")
-    v.add_argument("--precision", choices=["auto", "fp32", "bf16", "w8", "w8f", "w4"], default="auto",
+    v.add_argument("--precision", choices=["auto", *KERNEL_KINDS], default="auto",
                    help="base weights while serving (auto: the kernel measured fastest on this CPU "
                         "and cached, see `bot info`; fp32 is exact)")
     v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")

@@ -30,7 +30,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .kernels import KINDS, convert
+from .kernels import KINDS, QUANTIZED, convert
 
 MODES = (*KINDS, "auto")
 DEFAULT_MODE = "auto"
@@ -85,7 +85,7 @@ def build_engine(backbone, adapter: str | None, mode: str) -> nn.Module:
     model = model_from_weights(backbone, merged_state_dict(backbone, adapter))
     model.requires_grad_(False)
     device = backbone.device
-    if mode in ("w8", "w8f", "w4") and device.type == "cuda":
+    if mode in QUANTIZED and device.type == "cuda":
         mode = "bf16"  # torch's int8/int4 weight-only kernels here are CPU kernels
     convert(model, mode)
     model.to(device)

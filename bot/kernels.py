@@ -13,8 +13,18 @@ Candidates (``KINDS``): ``fp32`` (exact), ``bf16``, ``w8`` (int8 weight-only per
 row, bf16 activations, ``torch._weight_int8pack_mm``), ``w8f`` (the same int8 weights
 with float32 activations), ``w4`` (int4 weight-only in groups of 32 with a scale and a
 minimum per group, GGUF Q4_1's layout; ``torch._weight_int4pack_mm_for_cpu``, bf16
-activations; opt-in only, see ``CANDIDATES``). A candidate is eligible only if the
-perplexity of a probe text stays within ``MAX_PPL_RATIO`` of float32.
+activations; opt-in only, see ``CANDIDATES``), and ``w8h`` / ``bf16h``: ``w8`` / ``bf16``
+with the output head in float16 weights and float32 activations (PyTorch's fbgemm matmul
+for float16 weights). A candidate is eligible only if the perplexity of a probe text stays
+within ``MAX_PPL_RATIO`` of float32.
+
+Why a separate head kernel: the output head (vocabulary x hidden, 49152 x 576 on the embedded
+backbone) is a fifth of the weights and the largest single matmul of a decode step. Timed
+alone at batch 1 (``scripts/kernel_layers.py``, idle machine), ``_weight_int8pack_mm`` took
+1.9 ms for it natively and 2.1 ms with AVX2 only, bf16 1.8 ms with AVX2 only, and fbgemm's
+float16-weight matmul 1.4 / 1.2 ms, with a relative error of 2e-4. Dynamically quantized
+int8 (int8 activations too) was faster still but put the probe perplexity at 1.03-1.04x fp32
+for the head alone and 2.6x for every layer: activation outliers, so it is not a candidate.
 """
 
 from __future__ import annotations
@@ -30,16 +40,18 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-KINDS = ("fp32", "bf16", "w8", "w8f", "w4")
+KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h")
 # measured at first use; w4 is left out: its probe perplexity was 1.11x fp32 on the embedded
 # backbone (over the 2 % gate) and packing it costs seconds, so it is opt-in (BOT_KERNEL=w4)
-CANDIDATES = ("fp32", "bf16", "w8", "w8f")
+CANDIDATES = ("fp32", "bf16", "w8", "w8f", "w8h", "bf16h")
 DESCRIPTIONS = {
     "fp32": "float32 weights and math (exact)",
     "bf16": "bfloat16 weights and activations",
     "w8": "int8 weight-only (one scale per row), bfloat16 activations",
     "w8f": "int8 weight-only (one scale per row), float32 activations",
     "w4": "int4 weight-only (groups of 32, scale + minimum), bfloat16 activations",
+    "w8h": "w8, with the output head in float16 weights and float32 activations",
+    "bf16h": "bf16, with the output head in float16 weights and float32 activations",
 }
 MAX_PPL_RATIO = 1.02
 # a candidate must beat float32 by this margin to be chosen over the exact kernel (timing noise)
@@ -57,6 +69,12 @@ PROBE_TEXT = (
     "Most people think the job was lonely, but the keeper said he never felt alone: the sea "
     "was always talking, and every ship that answered his light was a conversation."
 )
+
+
+# kinds whose linear layers are replaced by quantized ones (CPU kernels: CUDA falls back to bf16)
+QUANTIZED = ("w8", "w8f", "w4", "w8h", "bf16h")
+# kinds whose output head is a Float16WeightLinear
+F16_HEAD = ("w8h", "bf16h")
 
 
 def activation_dtype(kind: str) -> torch.dtype:
@@ -122,7 +140,34 @@ class Int4WeightLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _quantized(child: nn.Linear, kind: str) -> nn.Module:
+class Float16WeightLinear(nn.Module):
+    """A frozen linear layer with float16 weights run by fbgemm, float32 activations.
+
+    Used for the output head (see the module docstring); returns float32 (logits are read
+    in float32 anyway). Needs PyTorch's x86 quantized engine; elsewhere building it raises
+    RuntimeError and the kernel choice skips the kinds that use it.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        w = weight.detach().float()
+        n, k = w.shape
+        self.inner = DynamicLinear(k, n, bias_=bias is not None, dtype=torch.float16)
+        self.inner.set_weight_bias(w, None if bias is None else bias.detach().float())
+        self.in_features, self.out_features = k, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float())
+
+
+def _quantized(child: nn.Linear, kind: str, head: bool = False) -> nn.Module | None:
+    """The layer ``child`` becomes under ``kind`` (None: it stays as it is)."""
+    if kind in F16_HEAD:
+        if head:
+            return Float16WeightLinear(child.weight, child.bias)
+        return Int8WeightLinear(child.weight, child.bias, torch.bfloat16) if kind == "w8h" else None
     if kind == "w4" and child.in_features % 32 == 0 and child.out_features % 8 == 0:
         return Int4WeightLinear(child.weight, child.bias)
     if kind == "w4":  # shapes the int4 kernel cannot take stay at 8 bits
@@ -140,11 +185,14 @@ def convert(model: nn.Module, kind: str) -> nn.Module:
         raise ValueError(f"unknown kernel '{kind}'; choose one of {KINDS}")
     if activation_dtype(kind) == torch.bfloat16:
         model.to(torch.bfloat16)
-    if kind in ("w8", "w8f", "w4"):
+    if kind in QUANTIZED:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(module, child_name, _quantized(child, kind))
+                    new = _quantized(child, kind, head=child is head)
+                    if new is not None:
+                        setattr(module, child_name, new)
     return model
 
 
@@ -182,6 +230,7 @@ class Choice:
     key: str
     measured: dict = field(default_factory=dict)  # kind -> {"ms_per_token", "ppl_ratio"}
     cached: bool = False
+    candidates: list = field(default_factory=list)  # the kinds that were measured
 
 
 def _cache_path():
@@ -302,15 +351,19 @@ def choose(backbone, *, refresh: bool = False, kinds=CANDIDATES) -> Choice:
 
             raise BotError(f"BOT_KERNEL={forced} is not a kernel. Fix: set it to one of {KINDS} or 'auto'")
         return Choice(forced, f"{forced}: set by BOT_KERNEL", key)
+    wanted = list(dict.fromkeys(("fp32", *kinds)))
     if not refresh:
         hit = _read_cache().get(key)
-        if isinstance(hit, dict) and hit.get("kind") in KINDS:
-            return Choice(hit["kind"], hit.get("reason", ""), key, hit.get("measured", {}), cached=True)
+        # a choice made among other candidates (an older bot) is measured again
+        if (isinstance(hit, dict) and hit.get("kind") in KINDS
+                and sorted(hit.get("candidates") or []) == sorted(wanted)):
+            return Choice(hit["kind"], hit.get("reason", ""), key, hit.get("measured", {}),
+                          cached=True, candidates=wanted)
     log.info("measuring generation kernels for %s (once; cached in %s) ...", key, _cache_path())
     t0 = time.perf_counter()
-    measured = measure(backbone, kinds=tuple(dict.fromkeys(("fp32", *kinds))))
+    measured = measure(backbone, kinds=tuple(wanted))
     kind, reason = pick(measured)
     reason += f"; measured in {time.perf_counter() - t0:.1f} s"
-    choice = Choice(kind, reason, key, measured)
+    choice = Choice(kind, reason, key, measured, candidates=wanted)
     _write_cache(key, choice)
     return choice

@@ -40,7 +40,7 @@ def _reference(model, ids, **kwargs):
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "w8", "w8f"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "w8", "w8f", "w8h", "bf16h"])
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_lean_greedy_tokens_equal_generate(bb, kind, penalty):
     """The engine's replies through the lean loop equal transformers' generate() on it."""
@@ -55,9 +55,19 @@ def test_lean_greedy_tokens_equal_generate(bb, kind, penalty):
     if kind == "fp32":
         assert got == ref  # exact
     else:
-        # fused matmuls may round differently in bf16; on this tiny model they did not
+        # fused matmuls may round differently in bf16: a reply may only part from generate()'s
+        # where generate() itself nearly tied (this random tiny model's logits are close)
         same = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
-        assert same >= 30, (same, got, ref)
+        if same < len(ref):
+            prefix = torch.cat([ids, torch.tensor([ref[:same]], dtype=torch.long)], 1)
+            with torch.inference_mode():
+                logits = engine(input_ids=prefix).logits[0, -1].float().clone()
+            if penalty != 1.0:  # the scores generate() compared
+                seen = torch.zeros_like(logits, dtype=torch.bool)
+                seen[prefix[0]] = True
+                logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+            gap = float(logits[ref[same]] - logits[got[same]])
+            assert abs(gap) < 0.02 * float(logits.std()), (same, gap, got, ref)
     # the fused weights are views: the engine still runs through transformers, unchanged
     assert _reference(engine, ids, **opts) == ref
 

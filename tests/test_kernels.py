@@ -45,8 +45,13 @@ def test_every_kernel_scores_text_within_two_percent_of_fp32(bb, kind):
     engine = build_engine(bb, "chat", kind)
     assert ppl(engine) == pytest.approx(ref, rel=kernels.MAX_PPL_RATIO - 1)
     quantized = {type(m).__name__ for m in engine.modules()}
-    expected = {"w8": "Int8WeightLinear", "w8f": "Int8WeightLinear", "w4": "Int4WeightLinear"}.get(kind)
+    expected = {"w8": "Int8WeightLinear", "w8f": "Int8WeightLinear", "w4": "Int4WeightLinear",
+                "w8h": "Int8WeightLinear"}.get(kind)
     assert expected is None or expected in quantized
+    if kind in kernels.F16_HEAD:
+        assert type(engine.get_output_embeddings()).__name__ == "Float16WeightLinear"
+        assert engine.model.layers[0].mlp.down_proj.__class__.__name__ == (
+            "Int8WeightLinear" if kind == "w8h" else "Linear")
     if kind == "w8f":
         assert engine.model.embed_tokens.weight.dtype == torch.float32
 
@@ -77,10 +82,15 @@ def test_choice_is_measured_once_cached_and_reused(bb, monkeypatch, tmp_path):
     assert data[first.key]["kind"] == first.kind
     again = kernels.choose(bb)
     assert again.cached and again.kind == first.kind and len(calls) == 1
+    # a choice cached by a bot with other candidates is measured again
+    data[first.key]["candidates"] = ["fp32", "w8"]
+    (tmp_path / kernels.CACHE_FILE).write_text(json.dumps(data))
+    assert not kernels.choose(bb).cached and len(calls) == 2
+    assert kernels.choose(bb).cached and len(calls) == 2
     # the serving engine takes the same choice
     from bot.serve.scheduler import auto_precision
 
-    assert auto_precision(bb) == first.kind and len(calls) == 1
+    assert auto_precision(bb) == first.kind and len(calls) == 2
 
 
 def test_other_cpu_features_are_measured_again(bb, monkeypatch, tmp_path):
@@ -167,3 +177,9 @@ def test_bot_info_says_which_decode_loop(bb, monkeypatch):
     assert decode_line(bb).startswith("lean loop (bot.decode")
     monkeypatch.setenv("BOT_DECODE", "generate")
     assert decode_line(bb) == "transformers generate() (set by BOT_DECODE)"
+
+
+def test_the_cli_offers_every_kernel():
+    from bot import cli
+
+    assert cli.KERNEL_KINDS == kernels.KINDS

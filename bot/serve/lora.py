@@ -23,7 +23,7 @@ from torch import nn
 from ..arch import model_from_weights
 from ..errors import BackboneError
 from ..kernels import KINDS as PRECISIONS
-from ..kernels import activation_dtype, convert
+from ..kernels import QUANTIZED, activation_dtype, convert
 
 
 @dataclass
@@ -108,7 +108,7 @@ class LoraEngine:
     Args:
         backbone: a loaded Backbone (its adapters are read from its peft model).
         precision: a kernel of bot.kernels.KINDS: "fp32" shares the backbone's weights
-            (no copy; exact); the others ("bf16", "w8", "w8f", "w4") convert a copy once.
+            (no copy; exact); the others convert a copy once.
     """
 
     def __init__(self, backbone, precision: str = "fp32"):
@@ -119,7 +119,7 @@ class LoraEngine:
                                 "backbone: it rebuilds the model from plain weights. Fix: load the "
                                 "backbone with --load-in bf16 (or fp32) to chat or serve")
         device = backbone.device
-        if precision in ("w8", "w8f", "w4") and device.type != "cpu":
+        if precision in QUANTIZED and device.type != "cpu":
             precision = "bf16"  # the int8/int4 weight-only kernels here are CPU kernels
         self.backbone = backbone
         self.precision = precision
