@@ -12,6 +12,7 @@ import pytest
 
 from bot.errors import DataError
 from bot.routing.fastenc import DirectEncoder
+from bot.routing.encoder import ENCODER_INT8
 
 TEXTS = ["hello there", "  leading and trailing spaces  ", "", "x",
          "How do I bake banana bread? " * 40,  # longer than max_seq_length: truncated alike
@@ -53,7 +54,7 @@ def test_int8_encoder_is_close_but_not_identical(tiny_model):
     exact, int8 = DirectEncoder(tiny_model).encode(TEXTS), DirectEncoder(tiny_model, int8=True).encode(TEXTS)
     cosine = (exact * int8).sum(axis=1)
     assert cosine.min() > 0.9 and np.abs(exact - int8).max() > 1e-6
-    assert DirectEncoder(tiny_model, int8=True).name_hint.endswith("|int8")
+    assert DirectEncoder(tiny_model, int8=True).name_hint.endswith("|int8-rows")
 
 
 def test_direct_encoder_refuses_another_pooling(tiny_model):
@@ -68,11 +69,16 @@ def test_direct_encoder_refuses_another_pooling(tiny_model):
 def test_bundled_encoder_is_direct_and_matches_sentence_transformers():
     from bot.routing import load_encoder
 
-    direct = load_encoder()
+    direct = load_encoder(int8=False)
     plain = load_encoder(direct=False)
     assert isinstance(direct, DirectEncoder) and not isinstance(plain, DirectEncoder)
     texts = [*TEXTS, "What is the capital of Japan?", "I absolutely loved this movie"]
     assert np.abs(direct.encode(texts) - _reference(plain, texts)).max() < 1e-5
+    # the default (int8 linear layers) stays close to the exact vectors on real text
+    default = load_encoder()
+    assert default.int8 == ENCODER_INT8
+    cosine = (default.encode(texts) * _reference(plain, texts)).sum(axis=1)
+    assert cosine.min() > 0.9, cosine
 
 
 def test_router_only_eval_keeps_the_other_sections_of_a_report(tmp_path, monkeypatch):
