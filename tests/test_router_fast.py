@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from bot.errors import DataError
-from bot.routing.fastenc import DirectEncoder
 from bot.routing.encoder import ENCODER_INT8
+from bot.routing.fastenc import DirectEncoder
 
 TEXTS = ["hello there", "  leading and trailing spaces  ", "", "x",
          "How do I bake banana bread? " * 40,  # longer than max_seq_length: truncated alike
