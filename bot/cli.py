@@ -264,7 +264,7 @@ TRAIN_EPILOG = """\
 time on the 2-core reference machine, frozen-layer cache on (topic and
 sentiment: LoRA on layers 24-29, 3 epochs): topic 37 min and sentiment 49 min
 on a machine shared with other jobs (about 21 and 34 min idle, estimated from
---time-cache), chat 4 min. the cache is built once per training text (topic 6
+--time-cache), chat 6.5 min. the cache is built once per training text (topic 6
 min, sentiment 8.5 min idle); then a topic epoch costs 0.49x of the uncached
 wall time (cache_speedup 2.04x, 2.21x CPU time) and a sentiment epoch 0.47x
 (2.11x): the fewer layers carry LoRA, the more the cache saves.
