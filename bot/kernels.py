@@ -71,15 +71,15 @@ PROBE_TEXT = (
 )
 
 
-# kinds whose linear layers are replaced by quantized ones (CPU kernels: CUDA falls back to bf16)
-QUANTIZED = ("w8", "w8f", "w4", "w8h", "bf16h")
-# kinds whose output head is a Float16WeightLinear
-F16_HEAD = ("w8h", "bf16h")
+# kinds whose output head is a Float16WeightLinear -> the kind of every other layer
+F16_HEAD = {"w8h": "w8", "bf16h": "bf16"}
+# kinds with CPU-only layers (int8/int4 weight-only, fbgemm): other devices fall back to bf16
+QUANTIZED = ("w8", "w8f", "w4", *F16_HEAD)
 
 
 def activation_dtype(kind: str) -> torch.dtype:
     """The dtype activations (and non-linear weights) use under ``kind``."""
-    return torch.float32 if kind in ("fp32", "w8f") else torch.bfloat16
+    return torch.float32 if F16_HEAD.get(kind, kind) in ("fp32", "w8f") else torch.bfloat16
 
 
 # ---------------------------------------------------------------- layers
@@ -162,12 +162,7 @@ class Float16WeightLinear(nn.Module):
         return self.inner(x.float())
 
 
-def _quantized(child: nn.Linear, kind: str, head: bool = False) -> nn.Module | None:
-    """The layer ``child`` becomes under ``kind`` (None: it stays as it is)."""
-    if kind in F16_HEAD:
-        if head:
-            return Float16WeightLinear(child.weight, child.bias)
-        return Int8WeightLinear(child.weight, child.bias, torch.bfloat16) if kind == "w8h" else None
+def _quantized(child: nn.Linear, kind: str) -> nn.Module:
     if kind == "w4" and child.in_features % 32 == 0 and child.out_features % 8 == 0:
         return Int4WeightLinear(child.weight, child.bias)
     if kind == "w4":  # shapes the int4 kernel cannot take stay at 8 bits
@@ -185,14 +180,15 @@ def convert(model: nn.Module, kind: str) -> nn.Module:
         raise ValueError(f"unknown kernel '{kind}'; choose one of {KINDS}")
     if activation_dtype(kind) == torch.bfloat16:
         model.to(torch.bfloat16)
-    if kind in QUANTIZED:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if kind in F16_HEAD:  # the head first: it is no nn.Linear afterwards, so the body skips it
+        head = model.get_output_embeddings()
+        model.set_output_embeddings(Float16WeightLinear(head.weight, head.bias))
+    body = F16_HEAD.get(kind, kind)
+    if body in ("w8", "w8f", "w4"):
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
-                    new = _quantized(child, kind, head=child is head)
-                    if new is not None:
-                        setattr(module, child_name, new)
+                    setattr(module, child_name, _quantized(child, body))
     return model
 
 

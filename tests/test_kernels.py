@@ -86,11 +86,12 @@ def test_choice_is_measured_once_cached_and_reused(bb, monkeypatch, tmp_path):
     data[first.key]["candidates"] = ["fp32", "w8"]
     (tmp_path / kernels.CACHE_FILE).write_text(json.dumps(data))
     assert not kernels.choose(bb).cached and len(calls) == 2
-    assert kernels.choose(bb).cached and len(calls) == 2
-    # the serving engine takes the same choice
+    latest = kernels.choose(bb)  # timed again on a tiny model: it may pick another kernel
+    assert latest.cached and len(calls) == 2
+    # the serving engine takes the same (cached) choice
     from bot.serve.scheduler import auto_precision
 
-    assert auto_precision(bb) == first.kind and len(calls) == 2
+    assert auto_precision(bb) == latest.kind and len(calls) == 2
 
 
 def test_other_cpu_features_are_measured_again(bb, monkeypatch, tmp_path):
