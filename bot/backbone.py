@@ -232,6 +232,18 @@ class _PaddedTokenizer:
             return dict(self.copy(texts, return_tensors="pt", padding=True, truncation=True,
                                   max_length=max_length))
 
+    def ids(self, text: str) -> list[int]:
+        """``text``'s token ids, without special tokens, from the private copy."""
+        with self.lock:
+            if self.copy is None:
+                self.copy = copy.deepcopy(self.source)
+                self.copy.padding_side = "right"
+            return list(self.copy(text, add_special_tokens=False, truncation=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return (self.copy or self.source).decode(ids)
+
 
 class Backbone:
     """A causal LM loaded once, holding named LoRA adapters.
@@ -436,6 +448,24 @@ class Backbone:
         to create tensor"), so padded batches use a private copy, one at a time.
         """
         return to_device(self._padded(texts, max_length), self.device)
+
+    def fit_template(self, template: str, text: str, max_length: int) -> str:
+        """``template.format(text=...)`` cut to ``max_length`` tokens by shortening ``text`` alone.
+
+        Plain right truncation of the formatted prompt drops the words after ``{text}``
+        ("...\n\nTopic:"), so a long article's last token, the one a classify head reads,
+        would be some word in the middle of it. Here the text loses its end instead (two
+        tokens of slack for merges at the seams); ``encode`` still truncates as a safety net.
+        """
+        prompt = template.format(text=text)
+        if len(prompt.encode("utf-8")) <= max_length:  # a byte-level token covers >= 1 byte
+            return prompt
+        overhead = len(self._padded.ids(template.format(text=""))) + 2
+        budget = max_length - overhead
+        ids = self._padded.ids(text)
+        if budget <= 0 or len(ids) <= budget:
+            return prompt
+        return template.format(text=self._padded.decode(ids[:budget]))
 
     def forward(self, batch: dict, adapters: list[str | None] | str | None, **kwargs):
         """Run the model once; row ``i`` uses adapter ``adapters[i]`` (None = base)."""

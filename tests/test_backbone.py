@@ -235,3 +235,44 @@ def test_padded_batches_while_other_threads_tokenize(tiny_backbone):
         for t in others:
             t.join()
     assert not errors, errors[:3]
+
+
+TEMPLATE = "Classify the topic of this news text.\n\n{text}\n\nTopic:"
+
+
+def test_long_text_is_cut_before_the_template_ending(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    article = "Shares in the company rose sharply today. " * 40
+    prompt = tiny_backbone.fit_template(TEMPLATE, article, 64)
+    assert prompt.startswith("Classify the topic") and prompt.endswith("\n\nTopic:")
+    assert len(tok(prompt)["input_ids"]) <= 64
+    # the encoder's own truncation would have dropped the ending
+    plain = tok(TEMPLATE.format(text=article), truncation=True, max_length=64)["input_ids"]
+    assert not tok.decode(plain).endswith("Topic:")
+    # and the last token a classify head reads is the ending's, not the article's
+    batch = tiny_backbone.encode([prompt], 64)
+    last = int(batch["attention_mask"][0].sum()) - 1
+    assert tok.decode(batch["input_ids"][0, last - 1:last + 1]).endswith(":")
+
+
+def test_short_text_and_unicode_are_left_whole(tiny_backbone):
+    short = "Striker scores twice"
+    # the tiny tokenizer has one token per byte: the template alone is 51 tokens
+    assert tiny_backbone.fit_template(TEMPLATE, short, 128) == TEMPLATE.format(text=short)
+    # byte-level tokens: a 4-byte character is several tokens, so the cut counts tokens, not characters
+    emoji = "\U0001F600" * 30
+    prompt = tiny_backbone.fit_template(TEMPLATE, emoji, 128)
+    assert prompt.endswith("Topic:") and len(tiny_backbone.tokenizer(prompt)["input_ids"]) <= 128
+    assert "\U0001F600" in prompt
+
+
+def test_classify_task_prompts_keep_their_ending(tiny_backbone):
+    from bot.spec import AdapterSpec
+    from bot.tasks.classify import ClassifyTask
+
+    spec = AdapterSpec.from_dict({"name": "topic", "kind": "classify", "labels": ["a", "b"],
+                                  "template": TEMPLATE, "train": {"max_length": 96}})
+    task = ClassifyTask(spec, tiny_backbone)
+    items = task._items([{"text": "word " * 200, "label": "a", "views": {"headline": "short one"}}])
+    assert [t.endswith("Topic:") for t, _ in items] == [True, True]
+    assert len(tiny_backbone.tokenizer(items[0][0])["input_ids"]) <= 96

@@ -343,7 +343,7 @@ def _classify_now(backbone, classifiers: dict, texts: list[str], adapters: list[
     for start in range(0, len(texts), chunk):
         names = adapters[start:start + chunk]
         tasks = [classifiers[n] for n in names]
-        formatted = [t.format(x) for t, x in zip(tasks, texts[start:start + chunk])]
+        formatted = [t.format(x, max_length) for t, x in zip(tasks, texts[start:start + chunk])]
         states = backbone.pooled(formatted, names, max_length)
         out += [dict(zip(t.labels, t.probs_from_states(s[None])[0].tolist()))
                 for t, s in zip(tasks, states)]

@@ -38,8 +38,11 @@ class ClassifyTask(Task):
     def labels(self) -> list[str]:
         return list(self.spec.labels)
 
-    def format(self, text: str) -> str:
-        return self.spec.template.format(text=text)
+    def format(self, text: str, max_length: int | None = None) -> str:
+        """The prompt for ``text``; with ``max_length``, the text is cut so the prompt's end survives."""
+        if max_length is None:
+            return self.spec.template.format(text=text)
+        return self.backbone.fit_template(self.spec.template, text, max_length)
 
     # ------------------------------------------------------------------ I/O
     def save_extra(self, folder) -> None:
@@ -65,7 +68,8 @@ class ClassifyTask(Task):
     def _items(self, rows: list[dict]) -> list[tuple[str, int]]:
         """(formatted text, label index) for each row and each of its extra views."""
         index = {label: i for i, label in enumerate(self.labels)}
-        return [(self.format(text), index[r["label"]])
+        cut = self.spec.train.max_length
+        return [(self.format(text, cut), index[r["label"]])
                 for r in rows for text in [r["text"], *r.get("views", {}).values()]]
 
     def _batches(self, items, seed: int) -> tuple[list[list[int]], list[int]]:
@@ -219,7 +223,8 @@ class ClassifyTask(Task):
         out: list[dict | None] = [None] * len(texts)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            states = self.backbone.pooled([self.format(texts[i]) for i in idx], adapter, max_length)
+            states = self.backbone.pooled([self.format(texts[i], max_length) for i in idx], adapter,
+                                          max_length)
             for i, p in zip(idx, self.probs_from_states(states)):
                 out[i] = dict(zip(self.labels, p.tolist()))
             if progress:
@@ -254,7 +259,7 @@ def analyse(backbone, tasks: list[ClassifyTask], text: str, max_length: int = 12
     """
     if not tasks:
         return {}
-    formatted = [t.format(text) for t in tasks]
+    formatted = [t.format(text, max_length) for t in tasks]
     states = backbone.pooled(formatted, [t.name for t in tasks], max_length)
     return {t.name: dict(zip(t.labels, t.probs_from_states(s[None])[0].tolist()))
             for t, s in zip(tasks, states)}
