@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from .assets import default_adapters_dir
@@ -445,8 +446,8 @@ def _training_threads() -> int:
     """Threads for a training run: ``$BOT_TRAIN_THREADS``, else the cores other jobs leave free.
 
     Threads time-sliced against other busy processes wait on each other at every
-    parallel op, so a training run takes only the cores the 1-minute load average
-    leaves idle (at least one).
+    parallel op, so a training run takes only the cores that are busy *now* leave
+    idle (at least one); see ``_busy_cores``.
     """
     cores = os.cpu_count() or 1
     wanted = os.environ.get("BOT_TRAIN_THREADS", "").strip()
@@ -455,8 +456,34 @@ def _training_threads() -> int:
             raise BotError(f"BOT_TRAIN_THREADS={wanted!r} is not a whole number >= 1. "
                            "Fix: set it to a thread count, e.g. 2, or unset it")
         return int(wanted)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, cores - int(busy + 0.5)))
+    return max(1, min(cores, cores - int(_busy_cores() + 0.5)))
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(all, idle) jiffies of the whole machine from /proc/stat, or None where it cannot be read."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _busy_cores(window: float = 1.0) -> float:
+    """Cores kept busy over the next ``window`` seconds (Linux), else the 1-minute load average.
+
+    The load average lags: right after one training run ended it still read 1.3 on a
+    2-core machine, so the next run (``make train-defaults`` trains one adapter after
+    another) took a single thread for its whole length, about twice the time.
+    """
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(window)
+        after = _cpu_times()
+        if after is not None and after[0] > before[0]:
+            spent, idle = after[0] - before[0], after[1] - before[1]
+            return (spent - idle) / spent * (os.cpu_count() or 1)
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def _passive_omp_for_training(argv: list[str]) -> None:

@@ -442,3 +442,40 @@ def test_head_with_ngram_features_reads_how_a_turn_is_written_and_survives_a_sav
     for text in ["election results?!", "election results...", "zebra"]:
         assert loaded.route(text).scores == pytest.approx(router.route(text).scores, abs=1e-4)
         assert loaded.route(text).adapter == router.route(text).adapter
+
+
+class BatchDependentEncoder:
+    """Sorts longest first and encodes ``batch_size`` at a time, like DirectEncoder, and each
+    vector depends on the rest of its batch, as an int8 encoder's rows do."""
+
+    batch_size = 4
+
+    def __init__(self):
+        self.batches: list[list[str]] = []
+
+    def encode(self, texts, **_):
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), 3), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            self.batches.append([texts[i] for i in rows])
+            width = max(len(texts[i]) for i in rows)
+            for i in rows:
+                out[i] = [len(texts[i]), width, 1.0]
+        return out
+
+
+def test_embedding_many_texts_with_progress_keeps_the_batches_of_one_call(monkeypatch, capsys):
+    from bot.routing import cache
+
+    rng = np.random.default_rng(0)
+    texts = ["x" * int(n) for n in rng.integers(1, 300, size=203)]
+    whole = cache.Embedder(BatchDependentEncoder())
+    single = whole.encode(texts)
+    monkeypatch.setattr(cache, "PROGRESS_MIN", 10)
+    chunked = cache.Embedder(BatchDependentEncoder())
+    shown = chunked.encode(texts, progress="router: embed 'x' examples")
+    assert np.array_equal(shown, single)
+    assert sorted(map(tuple, chunked.encoder.batches)) == sorted(map(tuple, whole.encoder.batches))
+    assert len(chunked.encoder.batches) == len(whole.encoder.batches) == 51
+    assert "router: embed 'x' examples" in capsys.readouterr().err

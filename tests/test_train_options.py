@@ -46,11 +46,29 @@ def test_training_threads_leave_busy_cores_alone(monkeypatch):
 
     monkeypatch.delenv("BOT_TRAIN_THREADS", raising=False)
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert cli._training_threads() == 4
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.7, 0.0, 0.0))
-    assert cli._training_threads() == 1
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-    assert cli._training_threads() == 1
+    for busy, threads in ((0.2, 4), (2.7, 1), (9.0, 1), (1.4, 3)):
+        monkeypatch.setattr(cli, "_busy_cores", lambda busy=busy: busy)
+        assert cli._training_threads() == threads
     monkeypatch.setenv("BOT_TRAIN_THREADS", "3")
     assert cli._training_threads() == 3
+
+
+def test_busy_cores_are_measured_now_not_from_the_lagging_load_average(monkeypatch):
+    from bot import cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    # a job that just ended still shows in the 1-minute load average ...
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.3, 1.3, 1.8))
+    # ... but over the sampled second the machine was 95 % idle
+    samples = iter([(10_000, 4_000), (10_200, 4_190)])
+    monkeypatch.setattr(cli, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    assert abs(cli._busy_cores() - 0.1) < 1e-9
+    samples = iter([(10_000, 4_000), (10_200, 4_190)])
+    assert cli._training_threads() == 2
+    # one core busy: half the jiffies idle
+    samples = iter([(0, 0), (200, 100)])
+    assert cli._busy_cores() == 1.0
+    # no /proc/stat: the load average
+    monkeypatch.setattr(cli, "_cpu_times", lambda: None)
+    assert cli._busy_cores() == 1.3

@@ -9,6 +9,8 @@ import numpy as np
 
 from ..text import MAX_CHARS
 
+PROGRESS_MIN = 2000  # texts: below this, embedding takes seconds and shows no progress bar
+
 
 class Embedder:
     """Embed texts with ``encoder``; remember the last ``cache_size`` single turns.
@@ -28,17 +30,40 @@ class Embedder:
         self._cache_size = int(cache_size)
         self._lock = threading.Lock()  # the demo may route from several threads
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """Embed texts as unit-length float32 rows (no cache)."""
+    def encode(self, texts: list[str], progress: str | None = None) -> np.ndarray:
+        """Embed texts as unit-length float32 rows (no cache).
+
+        Args:
+            progress: a progress-bar label, shown when there are more than PROGRESS_MIN texts
+                (building a router embeds thousands). The texts go to the encoder longest
+                first, in whole multiples of its batch size, so the batches (and the vectors:
+                an int8 encoder's rows depend on their batch) are those of a single call.
+        """
         clipped = [t[: self.max_chars] for t in texts]
-        vectors = np.asarray(
-            self.encoder.encode(clipped, normalize_embeddings=True, convert_to_numpy=True,
-                                show_progress_bar=False),
-            dtype=np.float32,
-        ).reshape(len(texts), -1)
+        if progress and len(clipped) > PROGRESS_MIN:
+            from tqdm.auto import tqdm
+
+            order = sorted(range(len(clipped)), key=lambda i: -len(clipped[i]))
+            step = int(getattr(self.encoder, "batch_size", 32) or 32) * 16
+            parts = []
+            with tqdm(total=len(order), desc=progress, unit="text") as bar:
+                for start in range(0, len(order), step):
+                    parts.append(self._vectors([clipped[i] for i in order[start:start + step]]))
+                    bar.update(len(parts[-1]))
+            vectors = np.empty((len(clipped), parts[0].shape[1]), dtype=np.float32)
+            vectors[order] = np.concatenate(parts)
+        else:
+            vectors = self._vectors(clipped)
         # Normalise again: not every encoder honours normalize_embeddings.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.maximum(norms, 1e-12)
+
+    def _vectors(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(
+            self.encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
+                                show_progress_bar=False),
+            dtype=np.float32,
+        ).reshape(len(texts), -1)
 
     def embed_one(self, text: str) -> np.ndarray:
         """Embed one turn, reusing the cache."""

@@ -133,7 +133,7 @@ class Router:
         examples = [str(e) for e in examples if str(e).strip()]
         if not examples:
             raise DataError(f"route '{name}' needs at least one non-empty example")
-        self._embeddings[name] = self.embedder.encode(examples)
+        self._embeddings[name] = self.embedder.encode(examples, progress=f"router: embed '{name}' examples")
         self._examples[name] = examples
         if self.head is not None:  # the head knows only the routes it was fitted on
             self.head, self.thresholds = None, {}
