@@ -166,6 +166,8 @@ class TrainSettings:
     """Cap on training examples (None = the whole training split)."""
     head_lr: float = 1e-3
     """Learning rate for a classification head."""
+    view_repeats: int = 1
+    """Times each extra view of a row (a BBC headline) is trained on per epoch (classify)."""
 
     def check(self, where: str) -> None:
         _require(_finite(self.epochs) and 0 < self.epochs <= MAX_EPOCHS, where, "train.epochs",
@@ -183,6 +185,8 @@ class TrainSettings:
                  "an integer in [0, 2**32)", self.seed)
         _require(self.max_examples is None or (isinstance(self.max_examples, int) and self.max_examples >= 1),
                  where, "train.max_examples", "null or an integer >= 1", self.max_examples)
+        _require(isinstance(self.view_repeats, int) and 1 <= self.view_repeats <= 100, where,
+                 "train.view_repeats", "an integer in [1, 100]", self.view_repeats)
 
 
 @dataclass

@@ -235,8 +235,11 @@ def time_cache(spec: AdapterSpec, backbone, steps: int = 8) -> dict:
 
 def _timing_settings(spec: AdapterSpec) -> dict:
     """What the per-epoch timing depends on; a retrain with the same settings keeps the figure."""
-    return {"lora": dataclasses.asdict(spec.lora), "max_length": spec.train.max_length,
-            "batch_size": spec.train.batch_size, "data": spec.data}
+    settings = {"lora": dataclasses.asdict(spec.lora), "max_length": spec.train.max_length,
+                "batch_size": spec.train.batch_size, "data": spec.data}
+    if spec.train.view_repeats != 1:  # more items per epoch (absent = 1, as recorded before it existed)
+        settings["view_repeats"] = spec.train.view_repeats
+    return settings
 
 
 def _kept_timing(spec: AdapterSpec, out_dir: Path) -> dict:

@@ -276,3 +276,7 @@ def test_classify_task_prompts_keep_their_ending(tiny_backbone):
     items = task._items([{"text": "word " * 200, "label": "a", "views": {"headline": "short one"}}])
     assert [t.endswith("Topic:") for t, _ in items] == [True, True]
     assert len(tiny_backbone.tokenizer(items[0][0])["input_ids"]) <= 96
+    spec.train.view_repeats = 3
+    items = task._items([{"text": "an article", "label": "b", "views": {"headline": "short one"}}])
+    assert [label for _, label in items] == [1, 1, 1, 1]
+    assert [t.count("short one") for t, _ in items] == [0, 1, 1, 1]

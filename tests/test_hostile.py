@@ -362,6 +362,7 @@ def test_4_train_adapter_refuses_bad_values_from_python(tmp_path, trained):
     ("train", "max_length", 10**12), ("train", "epochs", float("inf")), ("train", "epochs", 101),
     ("lora", "r", 10**9), ("train", "batch_size", 10**9), ("train", "learning_rate", 5.0),
     ("train", "head_lr", float("nan")), ("lora", "alpha", float("inf")), ("train", "max_examples", 0),
+    ("train", "view_repeats", 0), ("train", "view_repeats", 2.5),
 ])
 def test_4_manifest_values_out_of_range_are_refused(tmp_path, section, key, value):
     import yaml

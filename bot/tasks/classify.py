@@ -66,11 +66,16 @@ class ClassifyTask(Task):
 
     # ---------------------------------------------------------------- train
     def _items(self, rows: list[dict]) -> list[tuple[str, int]]:
-        """(formatted text, label index) for each row and each of its extra views."""
+        """(formatted text, label index) for each row, and ``view_repeats`` times each extra view.
+
+        A view such as a headline is a few tokens against an article's 256, so repeating it
+        trains the short form more for little time.
+        """
         index = {label: i for i, label in enumerate(self.labels)}
-        cut = self.spec.train.max_length
+        cut, repeats = self.spec.train.max_length, self.spec.train.view_repeats
         return [(self.format(text, cut), index[r["label"]])
-                for r in rows for text in [r["text"], *r.get("views", {}).values()]]
+                for r in rows
+                for text in [r["text"], *[v for v in r.get("views", {}).values() for _ in range(repeats)]]]
 
     def _batches(self, items, seed: int) -> tuple[list[list[int]], list[int]]:
         """Length-bucketed batches of item indices, and each item's token count."""
