@@ -244,6 +244,25 @@ class _PaddedTokenizer:
         with self.lock:
             return (self.copy or self.source).decode(ids)
 
+    def fit_template(self, template: str, text: str, max_length: int) -> str:
+        """``template.format(text=...)`` cut to ``max_length`` tokens by shortening ``text`` alone.
+
+        Plain right truncation of the formatted prompt drops the words after ``{text}``
+        ("...\n\nTopic:"), so a long article's last token, the one a classify head reads,
+        would be some word in the middle of it. Here the text loses its end instead (two
+        tokens of slack for merges at the seams); ``encode`` still truncates as a safety net.
+        """
+        prompt = template.format(text=text)
+        # a token covers >= 1 byte of text; 2 more for special tokens (BOS/EOS) a tokenizer adds
+        if len(prompt.encode("utf-8")) + 2 <= max_length:
+            return prompt
+        overhead = len(self.ids(template.format(text=""))) + 2
+        budget = max_length - overhead
+        ids = self.ids(text)
+        if budget <= 0 or len(ids) <= budget:
+            return prompt
+        return template.format(text=self.decode(ids[:budget]))
+
 
 class Backbone:
     """A causal LM loaded once, holding named LoRA adapters.
@@ -450,22 +469,8 @@ class Backbone:
         return to_device(self._padded(texts, max_length), self.device)
 
     def fit_template(self, template: str, text: str, max_length: int) -> str:
-        """``template.format(text=...)`` cut to ``max_length`` tokens by shortening ``text`` alone.
-
-        Plain right truncation of the formatted prompt drops the words after ``{text}``
-        ("...\n\nTopic:"), so a long article's last token, the one a classify head reads,
-        would be some word in the middle of it. Here the text loses its end instead (two
-        tokens of slack for merges at the seams); ``encode`` still truncates as a safety net.
-        """
-        prompt = template.format(text=text)
-        if len(prompt.encode("utf-8")) <= max_length:  # a byte-level token covers >= 1 byte
-            return prompt
-        overhead = len(self._padded.ids(template.format(text=""))) + 2
-        budget = max_length - overhead
-        ids = self._padded.ids(text)
-        if budget <= 0 or len(ids) <= budget:
-            return prompt
-        return template.format(text=self._padded.decode(ids[:budget]))
+        """The prompt for ``text`` in ``max_length`` tokens, ending intact (``_PaddedTokenizer.fit_template``)."""
+        return self._padded.fit_template(template, text, max_length)
 
     def forward(self, batch: dict, adapters: list[str | None] | str | None, **kwargs):
         """Run the model once; row ``i`` uses adapter ``adapters[i]`` (None = base)."""

@@ -45,10 +45,17 @@ def test_training_threads_leave_busy_cores_alone(monkeypatch):
     from bot import cli
 
     monkeypatch.delenv("BOT_TRAIN_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
     for busy, threads in ((0.2, 4), (2.7, 1), (9.0, 1), (1.4, 3)):
         monkeypatch.setattr(cli, "_busy_cores", lambda busy=busy: busy)
         assert cli._training_threads() == threads
+    # two processes launched together (accelerate) split the free cores between them
+    monkeypatch.setattr(cli, "_busy_cores", lambda: 0.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cli._training_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert cli._training_threads() == 1
     monkeypatch.setenv("BOT_TRAIN_THREADS", "3")
     assert cli._training_threads() == 3
 
