@@ -223,26 +223,28 @@ class _PaddedTokenizer:
 
     def __init__(self, tokenizer):
         self.source, self.copy, self.lock = tokenizer, None, threading.Lock()
+        self._overhead: dict[str, int] = {}  # template -> its tokens without the text, + slack
+
+    def _private(self):
+        """The private copy, made on first use (call with ``lock`` held)."""
+        if self.copy is None:
+            self.copy = copy.deepcopy(self.source)
+            self.copy.padding_side = "right"
+        return self.copy
 
     def __call__(self, texts: list[str], max_length: int) -> dict:
         with self.lock:
-            if self.copy is None:
-                self.copy = copy.deepcopy(self.source)
-                self.copy.padding_side = "right"
-            return dict(self.copy(texts, return_tensors="pt", padding=True, truncation=True,
-                                  max_length=max_length))
+            return dict(self._private()(texts, return_tensors="pt", padding=True, truncation=True,
+                                        max_length=max_length))
 
     def ids(self, text: str) -> list[int]:
         """``text``'s token ids, without special tokens, from the private copy."""
         with self.lock:
-            if self.copy is None:
-                self.copy = copy.deepcopy(self.source)
-                self.copy.padding_side = "right"
-            return list(self.copy(text, add_special_tokens=False, truncation=False)["input_ids"])
+            return list(self._private()(text, add_special_tokens=False, truncation=False)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         with self.lock:
-            return (self.copy or self.source).decode(ids)
+            return self._private().decode(ids)
 
     def fit_template(self, template: str, text: str, max_length: int) -> str:
         """``template.format(text=...)`` cut to ``max_length`` tokens by shortening ``text`` alone.
@@ -256,8 +258,9 @@ class _PaddedTokenizer:
         # a token covers >= 1 byte of text; 2 more for special tokens (BOS/EOS) a tokenizer adds
         if len(prompt.encode("utf-8")) + 2 <= max_length:
             return prompt
-        overhead = len(self.ids(template.format(text=""))) + 2
-        budget = max_length - overhead
+        if template not in self._overhead:
+            self._overhead[template] = len(self.ids(template.format(text=""))) + 2
+        budget = max_length - self._overhead[template]
         ids = self.ids(text)
         if budget <= 0 or len(ids) <= budget:
             return prompt

@@ -69,30 +69,29 @@ def cmd_train(args) -> int:
                                device=args.device)
     args.device = parallel.device or args.device  # accelerate picks each process's GPU
     # only the main process locks: it alone evaluates and saves
-    try:
-        with adapter_lock(folder) if parallel.is_main else contextlib.nullcontext():
-            bb = _backbone(args)
-            if args.time_cache:
-                r = time_cache(spec, bb, args.time_cache)
-                if "cache_speedup" not in r:
-                    print(f"{args.name}: no cached path ({r['path_reason']})")
-                    return 0
-                print(f"{args.name}: {r['uncached_epoch_seconds']:.0f} s/epoch uncached, "
-                      f"{r['cached_epoch_seconds']:.0f} s/epoch cached (+{r['cache_build_seconds']:.0f} s once "
-                      f"to build {r['cache_mb']:.0f} MB): cache_speedup {r['cache_speedup']:.2f}x wall-clock, "
-                      f"{r['cache_speedup_cpu']:.2f}x CPU time, over {r['steps_timed']} step pairs on "
-                      f"{r['threads']} thread(s)")
+    # closing: every process tears its process group down on the way out (Parallel.close)
+    with contextlib.closing(parallel), (adapter_lock(folder) if parallel.is_main
+                                        else contextlib.nullcontext()):
+        bb = _backbone(args)
+        if args.time_cache:
+            r = time_cache(spec, bb, args.time_cache)
+            if "cache_speedup" not in r:
+                print(f"{args.name}: no cached path ({r['path_reason']})")
                 return 0
-            if args.eval_only:
-                metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
-                print(_summary(metrics))
-                print(f"updated {folder / 'metrics.json'} (training figures kept)")
-                return 0
-            metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
-                                    eval_examples=args.eval_examples, command=args.command_line,
-                                    parallel=parallel)
-    finally:
-        parallel.close()
+            print(f"{args.name}: {r['uncached_epoch_seconds']:.0f} s/epoch uncached, "
+                  f"{r['cached_epoch_seconds']:.0f} s/epoch cached (+{r['cache_build_seconds']:.0f} s once "
+                  f"to build {r['cache_mb']:.0f} MB): cache_speedup {r['cache_speedup']:.2f}x wall-clock, "
+                  f"{r['cache_speedup_cpu']:.2f}x CPU time, over {r['steps_timed']} step pairs on "
+                  f"{r['threads']} thread(s)")
+            return 0
+        if args.eval_only:
+            metrics = reevaluate_adapter(folder, bb, args.eval_examples, args.command_line)
+            print(_summary(metrics))
+            print(f"updated {folder / 'metrics.json'} (training figures kept)")
+            return 0
+        metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
+                                eval_examples=args.eval_examples, command=args.command_line,
+                                parallel=parallel)
     if not parallel.is_main:
         return 0
     print(_summary(metrics))

@@ -32,7 +32,7 @@ GRID = [(0, 0, 1.0, 10.0), (0, 0, 1.0, 30.0), (20000, 0, 2.0, 10.0), (0, 30000, 
         (20000, 30000, 4.0, 10.0), (20000, 30000, 1.0, 30.0), (40000, 60000, 1.0, 10.0)]
 
 
-def route_texts(specs, sample: int) -> dict[str, list[str]]:
+def fitting_texts(specs, sample: int) -> dict[str, list[str]]:
     """Each route's fitting texts as build_router draws them, with ``sample`` training rows."""
     out = {}
     for spec in specs:
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
         args = [a for a in args if a != argv[argv.index("--sample") + 1]]
     specs = discover(args[0] if args else "adapters")
     embedder = Embedder(load_encoder(int8="--int8" in argv))
-    drawn = {n: route_texts(specs, n) for n in samples}
+    drawn = {n: fitting_texts(specs, n) for n in samples}
     val = {spec.name: turn_texts(spec_splits(spec).val, random.Random(spec.train.seed + 1), VAL_PER_ROUTE)
            for spec in specs}
     seen = {normalise(t) for examples in drawn.values() for texts in examples.values() for t in texts}

@@ -96,8 +96,8 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | No
             log.info("rebuilding the router cache: %s", err)
     router = Router(encoder, fallback=fallback, per_adapter_k=10)
     log.info("building the router over %s (first run with these routes: up to %d texts per "
-                "route are embedded, a minute or two on 2 CPU cores; cached in %s)",
-                ", ".join(s.name for s in specs), ROUTE_TRAIN_SAMPLE, cached)
+             "route are embedded, a minute or two on 2 CPU cores; cached in %s)",
+             ", ".join(s.name for s in specs), ROUTE_TRAIN_SAMPLE, cached)
     heldout = {}
     for spec in specs:
         rng = random.Random(spec.train.seed)
