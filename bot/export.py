@@ -176,7 +176,8 @@ def bias_free_check(backbone, spec: AdapterSpec, weight: torch.Tensor, bias: tor
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=f"bias check {spec.name}",
                           unit="batch"):
-            chunk = [spec.template.format(text=t) for t in texts[start:start + batch_size]]
+            chunk = [backbone.fit_template(spec.template, t, spec.train.max_length)
+                     for t in texts[start:start + batch_size]]
             states = backbone.pooled(chunk, spec.name, spec.train.max_length).float()
             with_bias = torch.softmax(states @ weight.T + bias, dim=-1)
             without = torch.softmax(states @ weight.T, dim=-1)
@@ -395,7 +396,7 @@ def write_adapter(dest: Path, item: Item, base_path: Path) -> None:
                 "label2id": {label: i for i, label in enumerate(labels)},
                 "architecture": "LlamaForSequenceClassification", "head_module": HEAD_MODULE,
                 "pooling": "last token", "activation": "softmax",
-                "template": item.spec.template}
+                "template": item.spec.template, "max_length": item.spec.train.max_length}
         (dest / "labels.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -446,7 +447,8 @@ def export(names: list[str], to: str | Path, *, backbone, adapters_dir: str | Pa
                                "system_prompt": _system_prompt(it.spec)}
                      for it in items if it.spec.kind == "generate"},
         "classify": {it.name: {"path": it.name, "rank": it.rank, "labels": list(it.spec.labels),
-                               "template": it.spec.template, "base": f"{BASE}-classify-{n}",
+                               "template": it.spec.template, "max_length": it.spec.train.max_length,
+                               "base": f"{BASE}-classify-{n}",
                                **it.extra}
                      for n, group in groups.items() for it in group},
     }

@@ -53,6 +53,7 @@ def client_snippet(manifest: dict, host: str = "GPU-HOST") -> str:
     vllm_urls = {n: f"http://{host}:{port[n]}/v1" if n in manifest["generate"]
                  else f"http://{host}:{port[n]}" for n in names}
     templates = {n: c["template"] for n, c in manifest["classify"].items()}
+    max_lengths = {n: c.get("max_length", 256) for n, c in manifest["classify"].items()}
     labels = {n: c["labels"] for n, c in manifest["classify"].items()}
     systems = {n: g["system_prompt"] for n, g in manifest["generate"].items()}
     return f'''import httpx
@@ -64,6 +65,8 @@ BASE_URLS = {_py(bot_urls)}
 # BASE_URLS = {_py(vllm_urls)}
 
 TEMPLATES = {_py(templates)}
+MAX_LENGTH = {_py(max_lengths)}  # tokens each classifier was trained on
+TOKENIZER_DIR = "./{manifest['base']}"  # the exported backbone (run from the export folder)
 LABELS = {_py(labels)}
 SYSTEM_PROMPTS = {_py(systems)}
 
@@ -83,11 +86,35 @@ def chat(name, text, max_tokens=64):
     return reply.choices[0].message.content
 
 
+_tokenizer = None
+
+
+def classify_input(name, text):
+    """The classifier's input as bot builds it: the template with `text`, where a text too long
+    for MAX_LENGTH tokens loses its end, so the template's ending (the token the head reads)
+    survives. Sending the whole text would classify a different input than training saw."""
+    global _tokenizer
+    template = TEMPLATES[name]
+    prompt = template.format(text=text)
+    if len(prompt.encode("utf-8")) + 2 <= MAX_LENGTH[name]:  # a token covers at least one byte
+        return prompt
+    if _tokenizer is None:
+        from transformers import AutoTokenizer
+        _tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    def ids(s):
+        return _tokenizer(s, add_special_tokens=False)["input_ids"]
+    budget = MAX_LENGTH[name] - len(ids(template.format(text=""))) - 2
+    text_ids = ids(text)
+    if budget <= 0 or len(text_ids) <= budget:
+        return prompt
+    return template.format(text=_tokenizer.decode(text_ids[:budget]))
+
+
 def classify(name, text):
     """Every label's probability; `input` is the model's exact input, template applied."""
     response = client(name).post(
         "/classify", cast_to=httpx.Response,
-        body={{"model": name, "input": TEMPLATES[name].format(text=text)}})
+        body={{"model": name, "input": classify_input(name, text)}})
     response.raise_for_status()
     return dict(zip(LABELS[name], response.json()["data"][0]["probs"]))
 
@@ -157,7 +184,11 @@ pooling instance, because every head on one instance must have the base head's s
 
 vLLM's `/classify` takes the model's exact input: apply the adapter's template first
 (`{{text}}` is replaced by the user's text). It pools the last token and applies a softmax,
-as bot does.
+as bot does. Each classifier was trained on prompts of at most its `max_length` tokens
+(`export.json`): a longer text loses its end, never the template's ending, because the head
+reads the prompt's last token. `classify_input` in the client code below does that cut with
+the exported tokenizer; sending a whole long article instead classifies an input unlike any
+the adapter was trained on.
 
 {templates}
 

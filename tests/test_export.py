@@ -244,6 +244,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
 def test_readme_client_code_sends_what_both_servers_expect(exported):
     pytest.importorskip("openai")
+    long_text = " ".join(texts(60, seed=5))
     text = (exported["out"] / "README.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
@@ -255,16 +256,24 @@ def test_readme_client_code_sends_what_both_servers_expect(exported):
         assert ns["BASE_URLS"]["mood"] == "http://127.0.0.1:8000/v1"  # bot serve by default
         # bot serve: one /v1 base URL; vLLM: /classify at a pooling instance's root
         ns["BASE_URLS"].update(talk=f"{url}/v1", mood=f"{url}/v1", pets=url)
+        ns["TOKENIZER_DIR"] = str(exported["out"] / "base")  # the snippet runs from the export
         assert ns["chat"]("talk", "hello") == "hi!"
         assert ns["classify"]("mood", "so happy") == {"neg": 0.25, "pos": 0.75}
         ns["classify"]("pets", "woof")
+        ns["classify"]("pets", long_text)
     finally:
         server.shutdown()
-    (p1, chat), (p2, mood), (p3, pets) = _Recorder.seen[-3:]
+    (p1, chat), (p2, mood), (p3, pets), (_, long_pets) = _Recorder.seen[-4:]
     assert p1 == "/v1/chat/completions" and chat["model"] == "talk"
     assert chat["temperature"] == 0 and chat["repetition_penalty"] == 1.1
     assert p2 == "/v1/classify" and mood == {"model": "mood", "input": TEMPLATE.format(text="so happy")}
     assert p3 == "/classify" and pets["input"] == TEMPLATE.format(text="woof")
+    # A text longer than the adapter's max_length: cut exactly as bot cuts it, ending kept.
+    bb, max_length = exported["bb"], exported["manifest"]["classify"]["pets"]["max_length"]
+    assert long_pets["input"] == bb.fit_template(TEMPLATE, long_text, max_length)
+    assert long_pets["input"].endswith("\nAnimal:")
+    assert len(bb.encode([long_pets["input"]], 10 * max_length)["input_ids"][0]) <= max_length
+    assert len(long_pets["input"]) < len(TEMPLATE.format(text=long_text))
 
 
 # ------------------------------------------------------------------ refusals
