@@ -199,6 +199,8 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
     written = set(handwritten)
     sources = ["hand-written" if pair in written else "test split" for pair in pairs]
     truth, pred, fell = [], [], []
+    second = getattr(router, "second", None)
+    asked_before = second.asked if second else 0
     # Embedding in batches is many times faster than one turn at a time; the decisions are the
     # same. Routing *time* is measured apart, without cache hits (latency.route_ms).
     for i, (text, want) in enumerate(tqdm(pairs, desc="eval router", unit="turn", file=sys.stderr)):
@@ -211,6 +213,10 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
     out = M.router_metrics(truth, pred, fell, labels=[s.name for s in specs],
                            texts=[t for t, _ in pairs])
     out["n_handwritten"] = sum(src == "hand-written" for src in sources)
+    # None: the first stage alone (no route adapter fitted for these routes; bot train-router)
+    out["second_stage"] = None if second is None else {
+        "gate": second.gate, "weight": second.weight,
+        "asked_rate": round((second.asked - asked_before) / max(len(pairs), 1), 4)}
     by = {}
     for src, want, got in zip(sources, truth, pred):
         key = f"{src}: {want}"
@@ -350,8 +356,10 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
     if not no_router and not data and len(ok_specs) >= 2:
         from ..chat import ChatSession
         from ..routing import build_router
+        from ..routing.second import attach
 
         session = ChatSession(bb, tasks, build_router(ok_specs))
+        attach(session.router, bb, adapters_dir)  # the router's second stage, when it fits
         results["router"] = eval_router(ok_specs, session)
         results["latency"] = eval_latency(session)
         _route_timing(results["latency"], adapters_dir)

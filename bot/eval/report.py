@@ -152,6 +152,11 @@ def _router(r: dict, out_dir: Path, plots: bool) -> list[str]:
     lines = ["## Router", "",
              f"Accuracy {_pct(r.get('accuracy'))} on {r.get('n', DASH)} prompts, "
              f"macro-F1 {_num(r.get('macro_f1'))}, fallback rate {_pct(r.get('fallback_rate'))}.", ""]
+    second = r.get("second_stage")
+    lines += [f"Second stage: the route adapter was asked on {_pct(second['asked_rate'])} of these turns "
+              f"(first stage's best score below {second['gate']:.2f}; its weight {second['weight']:.1f})."
+              if second else "Second stage: off (no route adapter fitted for these routes; "
+              "`bot train-router`).", ""] if "second_stage" in r else []
     lines += _table(["route", "precision", "recall", "F1", "support"], _prf_rows(r)) + [""]
     png = _ensure_png(out_dir, r.get("confusion_png"), "router_confusion.png",
                       lambda p: plot_confusion(r["confusion"], r["labels"], "router", p),

@@ -47,6 +47,9 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
                         f"{[s.name for s in specs]}")
     t0 = time.perf_counter()
     router = build_router(specs)
+    from ..routing.second import attach_if_trained
+
+    attach_if_trained(router, adapters_dir)
     section = eval_router(specs, session=_RouterOnly(router))
     section["command"] = command_line
     section["date"] = time.strftime("%Y-%m-%d %H:%M")
@@ -85,6 +88,9 @@ def summary_lines(router: dict, latency: dict | None = None) -> list[str]:
              f"({router['n_handwritten']} hand-written)"]
     lines += [f"  {source:<28} {100 * v['accuracy']:5.1f}%  n={v['n']}"
               for source, v in router["by_source"].items()]
+    second = router.get("second_stage")
+    lines.append(f"second stage asked on {100 * second['asked_rate']:.1f}% of turns (gate {second['gate']:.2f})"
+                 if second else "second stage off (bot train-router fits one)")
     if latency and "route_isa" in latency:
         lines.append("median route() time, short turns, no cache hits: " + ", ".join(
             f"{name} {v['median_ms']:.1f} ms" for name, v in latency["route_isa"].items()))

@@ -55,8 +55,12 @@ def measure(adapters_dir, n: int = 200) -> dict:
     from .build import build_router
 
     specs = discover(adapters_dir)
+    from .second import attach_if_trained
+
     router = build_router(specs)
+    second = attach_if_trained(router, adapters_dir)  # timed as users get it: with its second stage
     out = time_routing(router, short_turns(specs, n))
+    out["second_stage_asked"] = second.asked if second else None
     out["aten_capability"] = torch.backends.cpu.get_cpu_capability()
     out["threads"] = torch.get_num_threads()
     return out

@@ -100,6 +100,7 @@ class Router:
         self.describe: dict[str, str] = {}
         self._examples: dict[str, list[str]] = {}
         self._embeddings: dict[str, np.ndarray] = {}
+        self.second = None  # bot.routing.second.SecondStage when attached (second.attach)
 
     @property
     def encoder(self):
@@ -185,7 +186,9 @@ class Router:
         if sticky and not rest.strip():
             return self._stay(previous, {}, "nothing new to score", text)
         scores = self._scores(scoring_text(text))
+        scores, asked = self.second.consult(scores, scoring_text(text)) if self.second else (scores, "")
         choice = self._follow_up(previous, scores, text) if sticky else self._decide(scores, text)
+        choice = replace(choice, reason=f"{choice.reason}; {asked}") if asked else choice
         if not choice.scores or self.fallback in choice.scores:
             return choice
         # Report the example-less fallback too, so ``scores`` covers every adapter.
@@ -283,9 +286,8 @@ class Router:
             raise DataError("evaluate() needs at least one labelled turn")
         predictions: list[RouteChoice] = []
         for start in range(0, len(pairs), 256):
-            chunk = pairs[start:start + 256]
-            self.prime([t for t, _ in chunk])
-            predictions += [self.route(t) for t, _ in chunk]
+            self.prime([t for t, _ in pairs[start:start + 256]])
+            predictions += [self.route(t) for t, _ in pairs[start:start + 256]]
         return router_metrics([label for _, label in pairs], [c.adapter for c in predictions],
                               [c.fallback for c in predictions], labels=self.names,
                               texts=[t for t, _ in pairs])
@@ -294,12 +296,10 @@ class Router:
 
     def save(self, path) -> Path:
         """Write ``router.json`` and ``routes.safetensors`` into the folder ``path``."""
-        config = {
-            "fallback": self.fallback, "per_adapter_k": self.per_adapter_k,
-            "threshold": self.threshold, "margin": self.margin, "calibration": self.calibration,
-            "thresholds": self.thresholds, "describe": self.describe, "examples": self._examples,
-            "max_chars": self.max_chars,
-        }
+        config = {"fallback": self.fallback, "per_adapter_k": self.per_adapter_k,
+                  "threshold": self.threshold, "margin": self.margin, "calibration": self.calibration,
+                  "thresholds": self.thresholds, "describe": self.describe, "examples": self._examples,
+                  "max_chars": self.max_chars}
         head_config, head = store.head_to_disk(self.head)
         return store.write_router(path, config | head_config, self._embeddings,
                                   self.embedder.encode([store.PROBE])[0], head)

@@ -1,0 +1,308 @@
+"""The router's second opinion: a classify adapter on the shared backbone whose labels are routes.
+
+The first stage (bot.routing.router) embeds a turn with a small sentence encoder and reads it
+with a linear head: about 5 ms, and right on about 94 % of held-out turns. Most of its misses
+are between small talk and opinions ("tangled is my favourite film, so beautiful"), where the
+backbone fine-tuned on the routes' own texts reads style better. So when the first stage is
+unsure (its best score below ``gate``), the route adapter runs on the backbone that is loaded
+anyway, and the two probability vectors are averaged (``weight`` on the adapter's). Confident
+turns, most of them, never pay for it, so the median routing time stays the first stage's.
+
+The route adapter is trained by ``bot train-router`` into ``ADAPTERS_DIR/.router/``: its data are
+every route's ``route_examples``, each in a few spellings (they are the only texts written the
+way users type, and bot.data drops exact repeats), and a sample of each route's *training* split; ``gate`` and ``weight`` are then
+chosen on the validation splits plus the hand-written validation turns (``val_turns.jsonl``), and
+written to ``stage.json`` with the figures behind them. The test splits and the hand-written
+test turns are never read. When the routes change (an adapter added or removed), the stage no
+longer matches and is switched off, with a log line saying how to retrain it.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BotError
+
+log = logging.getLogger(__name__)
+
+FOLDER = ".router"  # under ADAPTERS_DIR; dot folders are not adapters (bot.spec.scan)
+NAME = "router"
+STAGE_FILE = "stage.json"
+TEXTS_PER_ROUTE = 3000  # training-split texts per route in routes.csv (bot.data.split trains on 70 %)
+VAL_PER_ROUTE = 1000
+GATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: every turn gets the second opinion
+WEIGHTS = (0.3, 0.5, 0.7)
+VAL_TURNS = Path(__file__).with_name("val_turns.jsonl")
+
+_CONTRACTION = re.compile(r"(\w) (n't|'t|'s|'re|'ve|'ll|'d|'m)\b", re.IGNORECASE)
+_BEFORE_PUNCT = re.compile(r"\s+([?!.,;:)]+)(?=\s|$)")  # "answers ?" but not " :D"
+_QUOTES = re.compile(r"``|''")
+
+
+def plain(text: str) -> str:
+    """``text`` without the data sets' tokenisation quirks, as a person would type it.
+
+    TREC writes "doesn 't" and "Why ?", the VADER snippets carry HTML entities ("&lt;3") and
+    ``''quotes''``. A classifier trained on such texts learns the quirks as cues for their
+    route, and people do not type them; the second stage reads every text through this, in
+    training and in routing alike. Clean text comes back unchanged.
+    """
+    text = html.unescape(text)
+    text = _QUOTES.sub('"', text)
+    text = _CONTRACTION.sub(r"\1\2", text)
+    text = _BEFORE_PUNCT.sub(r"\1", text)
+    return " ".join(text.split())
+
+
+def spellings(text: str) -> list[str]:
+    """``text`` as people type it: as written, lower-case, without its final punctuation."""
+    bare = text.rstrip(".!?")
+    return list(dict.fromkeys(t for t in (text, text.lower(), bare, bare.lower()) if t.strip()))
+
+
+def _texts(rows: list[dict], rng: random.Random, n_texts: int) -> list[str]:
+    """About ``n_texts`` turn texts from ``rows`` (a row with views gives one text per view)."""
+    from .build import turn_texts
+
+    per_row = 1 + len(rows[0].get("views", {})) if rows else 1
+    return turn_texts(rows, rng, max(1, n_texts // per_row))
+
+
+def write_training_file(specs, path: Path, per_route: int = TEXTS_PER_ROUTE) -> dict[str, int]:
+    """``text,label`` CSV of the routes' examples and training texts; rows per route."""
+    from .build import spec_splits
+
+    counts = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "label"])
+        for spec in specs:
+            rng = random.Random(spec.train.seed)
+            try:
+                corpus = _texts(spec_splits(spec).train, rng, per_route)
+            except BotError:
+                corpus = []  # no data: the route's examples alone
+            examples = [v for t in spec.route_examples for v in spellings(plain(t))]
+            texts = examples + [plain(t) for t in corpus]
+            texts = [t for t in texts if t]
+            out.writerows([t, spec.name] for t in texts)
+            counts[spec.name] = len(texts)
+    tmp.replace(path)
+    return counts
+
+
+def folder_of(adapters_dir) -> Path:
+    """Where the route adapter of the routes under ``adapters_dir`` lives."""
+    return Path(adapters_dir) / FOLDER / NAME
+
+
+def write_manifest(specs, adapters_dir) -> Path:
+    """Write ``routes.csv`` and ``adapter.yaml`` of the route adapter; return its folder."""
+    from ..spec import AdapterSpec, LoraSettings, TrainSettings
+
+    folder = folder_of(adapters_dir)
+    counts = write_training_file(specs, folder / "routes.csv")
+    log.info("route adapter data: %s", ", ".join(f"{n} {c}" for n, c in counts.items()))
+    spec = AdapterSpec(
+        name=NAME, kind="classify", labels=[s.name for s in specs],
+        data={"path": "routes.csv", "text_col": "text", "label_col": "label"}, template="{text}",
+        description="The router's second opinion: which route a turn belongs to (bot.routing.second).",
+        lora=LoraSettings(layers=list(range(-16, 0))),
+        # turns are at most 300 characters (build.turn_texts): 96 tokens hold nearly all
+        train=TrainSettings(epochs=1.0, max_length=96, max_examples=None),
+        route_examples=[], reply_template="**{label}** ({score:.2f})")
+    spec.save(folder)
+    return folder
+
+
+class SecondStage:
+    """The route adapter, loaded on the shared backbone, and when to ask it.
+
+    Args:
+        task: the loaded route adapter (a bot.tasks.classify.ClassifyTask).
+        gate: the first stage's best score below which the adapter is asked (0: never).
+        weight: the adapter's share of the averaged probabilities.
+    """
+
+    def __init__(self, task, gate: float, weight: float):
+        self.task, self.gate, self.weight = task, float(gate), float(weight)
+        self.labels = list(task.labels)
+        self.asked = 0  # turns that got the second opinion (reports)
+
+    def probs(self, texts: list[str]) -> np.ndarray:
+        """The adapter's probabilities, shape (len(texts), len(labels))."""
+        rows = self.task.predict([plain(t) for t in texts], batch_size=32)
+        return np.array([[row[name] for name in self.labels] for row in rows], dtype=np.float32)
+
+    def consult(self, scores: dict[str, float], text: str) -> tuple[dict[str, float], str]:
+        """``scores`` averaged with the adapter's when the first stage is unsure, and why."""
+        if not scores or max(scores.values()) >= self.gate or not text.strip():
+            return scores, ""
+        self.asked += 1
+        second = dict(zip(self.labels, self.probs([text])[0].tolist(), strict=True))
+        mixed = {n: round((1 - self.weight) * s + self.weight * second.get(n, 0.0), 4)
+                 for n, s in scores.items()}
+        best = max(second, key=second.get)
+        return mixed, (f"first stage unsure (best below {self.gate:.2f}): averaged with the route "
+                       f"adapter, which says '{best}' {second[best]:.2f}")
+
+
+def attach(router, backbone, adapters_dir) -> SecondStage | None:
+    """Load ``ADAPTERS_DIR/.router/router`` onto ``backbone`` as ``router.second``, if it fits.
+
+    It fits when it was trained and fitted (``stage.json``) for exactly the router's routes and
+    for this backbone; otherwise the router runs on its first stage alone, and the log says why.
+    """
+    from ..registry import load_task
+    from ..spec import AdapterSpec
+
+    folder = folder_of(adapters_dir)
+    router.second = None
+    if not (folder / STAGE_FILE).is_file():
+        return None
+    stage = json.loads((folder / STAGE_FILE).read_text(encoding="utf-8"))
+    why = ""
+    if sorted(stage.get("routes", [])) != sorted(router.routes):
+        why = f"it was fitted for the routes {stage.get('routes')}, the router has {router.routes}"
+    elif NAME in router.names:
+        why = f"an adapter is named '{NAME}' too"
+    elif float(stage.get("gate", 0.0)) <= 0.0:
+        why = "it did not help on validation when it was fitted"
+    if not why:
+        try:
+            task = load_task(backbone, AdapterSpec.from_dir(folder))
+        except BotError as err:
+            why = str(err)
+    if why:
+        log.info("router second stage off: %s. Fix: bot train-router", why)
+        return None
+    router.second = SecondStage(task, stage["gate"], stage["weight"])
+    log.info("router second stage on: the route adapter is asked when the best score is below %.2f",
+             router.second.gate)
+    return router.second
+
+
+def attach_if_trained(router, adapters_dir, backbone_name: str | None = None) -> SecondStage | None:
+    """:func:`attach`, loading a backbone first only when a fitted stage exists (reports)."""
+    if not (folder_of(adapters_dir) / STAGE_FILE).is_file():
+        return None
+    from ..backbone import Backbone
+
+    return attach(router, Backbone.load(backbone_name), adapters_dir)
+
+
+HANDWRITTEN_SHARE = 0.25  # of the validation objective; the test set is ~19 % hand-written
+
+
+def validation_pairs(specs, router) -> list[tuple[str, str, str]]:
+    """(text, route, source) for fitting: validation splits and hand-written validation turns."""
+    from ..text import normalise
+    from .build import route_texts, spec_splits, turn_texts
+    from .turns import load_turns
+
+    seen, pairs = route_texts(router), []
+    for spec in specs:
+        try:
+            rows = spec_splits(spec).val
+        except BotError:
+            continue
+        drawn = turn_texts(rows, random.Random(spec.train.seed + 1), VAL_PER_ROUTE)
+        pairs += [(t, spec.name, "data") for t in drawn if normalise(t) not in seen]
+    pairs += [(t, a, "hand-written") for t, a in load_turns(VAL_TURNS) if a in router.routes]
+    return pairs
+
+
+def _weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Every route's data-set turns weigh the same; hand-written turns HANDWRITTEN_SHARE in all."""
+    weights = np.zeros(len(labels))
+    data = sources == "data"
+    share = HANDWRITTEN_SHARE if (~data).any() else 0.0
+    routes = np.unique(labels[data])
+    for route in routes:
+        mine = data & (labels == route)
+        weights[mine] = (1 - share) / (len(routes) * mine.sum())
+    if share:
+        weights[~data] = share / (~data).sum()
+    return weights
+
+
+def fit_stage(router, stage: SecondStage, pairs) -> dict:
+    """Choose ``gate`` and ``weight`` on ``pairs`` by the router's whole decision (with its
+    fallback cuts); the most accurate wins, the lower gate (fewer adapter calls) on ties.
+    Gate 0 (the first stage alone) wins unless the second opinion helps."""
+    from . import fitting
+    from .commands import scoring_text
+
+    texts = [scoring_text(t) for t, _, _ in pairs]
+    labels = np.array([a for _, a, _ in pairs])
+    sources = np.array([s for _, _, s in pairs])
+    routes, weights = router.routes, _weights(labels, sources)
+    first = router._score_matrix(router.embedder.encode(texts), texts)
+    second = stage.probs(texts)[:, [stage.labels.index(r) for r in routes]]
+    cuts = [router.cut(r) for r in routes]
+
+    def score(gate: float, weight: float) -> dict:
+        asked = first.max(axis=1) < gate
+        mixed = np.where(asked[:, None], (1 - weight) * first + weight * second, first)
+        hit = fitting.predict(mixed, routes, cuts, router.fallback) == labels
+        return {"gate": gate, "weight": weight, "accuracy": round(float(weights @ hit), 4),
+                **{f"accuracy_{s}": round(float(hit[sources == s].mean()), 4)
+                   for s in ("data", "hand-written") if (sources == s).any()},
+                "asked": round(float(asked.mean()), 4)}
+
+    grid = [score(0.0, 0.0)] + [score(g, w) for g in GATES for w in WEIGHTS]
+    best = max(grid, key=lambda r: (r["accuracy"], -r["gate"]))
+    second_alone = np.array(routes)[second.argmax(axis=1)] == labels
+    return {**best, "first_stage": grid[0], "adapter_alone": round(float(weights @ second_alone), 4),
+            "n": len(pairs), "n_handwritten": int((sources == "hand-written").sum()), "grid": grid}
+
+
+def train_router(adapters_dir, backbone, *, command: str = "", fit_only: bool = False) -> dict:
+    """``bot train-router``: (re)train the route adapter for the routes in ``adapters_dir``,
+    then fit its gate and weight on validation; returns what ``stage.json`` holds."""
+    import time
+
+    from ..errors import DataError
+    from ..fsutil import atomic_write_text
+    from ..registry import load_task
+    from ..spec import AdapterSpec, discover
+    from ..train import train_adapter
+    from .build import build_router
+
+    specs = discover(adapters_dir)
+    if len(specs) < 2:
+        raise DataError(f"the router needs at least two adapters under {adapters_dir}, found "
+                        f"{[s.name for s in specs]}. Fix: add adapters first (bot add)")
+    folder = folder_of(adapters_dir)
+    if not fit_only:
+        write_manifest(specs, adapters_dir)
+        train_adapter(AdapterSpec.from_dir(folder), backbone, folder, command=command)
+    elif not (folder / "adapter_model.safetensors").is_file():
+        raise DataError(f"{folder} holds no trained route adapter. Fix: bot train-router "
+                        "without --fit-only")
+    router = build_router(specs)
+    spec = AdapterSpec.from_dir(folder)
+    if sorted(spec.labels) != sorted(router.routes):
+        raise DataError(f"{folder} was trained for the routes {spec.labels}, the adapters now give "
+                        f"{router.routes}. Fix: bot train-router without --fit-only")
+    task = load_task(backbone, spec)
+    try:
+        pairs = validation_pairs(specs, router)
+        log.info("fitting the second stage on %d validation turns", len(pairs))
+        result = fit_stage(router, SecondStage(task, 1.0, 0.5), pairs)
+    finally:
+        backbone.drop_adapter(NAME)
+    result = {"routes": router.routes, **result, "command": command,
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    atomic_write_text(folder / STAGE_FILE, json.dumps(result, indent=1) + "\n")
+    return result
