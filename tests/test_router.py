@@ -479,3 +479,23 @@ def test_embedding_many_texts_with_progress_keeps_the_batches_of_one_call(monkey
     assert sorted(map(tuple, chunked.encoder.batches)) == sorted(map(tuple, whole.encoder.batches))
     assert len(chunked.encoder.batches) == len(whole.encoder.batches) == 51
     assert "router: embed 'x' examples" in capsys.readouterr().err
+
+
+def test_route_examples_written_by_hand_can_outweigh_data_set_texts():
+    from bot.routing import fitting
+
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=16)
+    near = centre + 0.3 * rng.normal(size=(40, 16))  # 40 data-set texts of route b around it
+    far = -centre + 0.3 * rng.normal(size=(40, 16))  # route a's data-set texts, elsewhere
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    embeddings = {"a": unit(np.vstack([centre[None], far])), "b": unit(near)}  # a's first: written
+    probe = unit(centre)[None]
+
+    def pick(**options):
+        head = fitting.fit_route_head(embeddings, **options)
+        return head["routes"][int(fitting.head_scores(probe, head).argmax())]
+
+    assert pick() == "b"  # one example among 40 of the other route's texts is outvoted
+    assert pick(written={"a": 1}, written_weight=1.0) == "b"
+    assert pick(written={"a": 1}, written_weight=200.0) == "a"

@@ -38,6 +38,12 @@ HEAD_MIN_EXAMPLES = 100  # per route, for the linear head (fitting.fit_head)
 # beside them, chosen by accuracy on the validation splits (issue 11; reports/eval.md).
 HEAD_NGRAMS = (20000, 30000)
 HEAD_EMBEDDING_WEIGHT = 1.0
+# Each route example (the manifest's route_examples, written as people type) weighs this many
+# data-set texts in the head. Chosen on validation (the validation splits, route-balanced, and
+# the 100 hand-written turns of val_turns.jsonl; scratch run 2026-11-29, int8 encoder): weights
+# 1 / 3 / 10 / 30 / 100 gave 95.9 / 95.9 / 95.8 / 95.8 / 95.7 % on the splits and 89 / 91 / 91 /
+# 92 / 92 % on the hand-written turns.
+ROUTE_EXAMPLE_WEIGHT = 30.0
 
 
 def turn_texts(rows: list[dict], rng: random.Random, n: int) -> list[str]:
@@ -66,7 +72,7 @@ def router_key(specs, encoder_name: str) -> str:
     blob = json.dumps([[s.name, s.kind, s.route_examples, s.data, s.route_data, s.train.seed,
                         s.description, s.route_description] for s in specs]
                       + [encoder_name, ROUTE_TRAIN_SAMPLE, FIT_SAMPLE, HEAD_MIN_EXAMPLES,
-                         HEAD_NGRAMS, HEAD_EMBEDDING_WEIGHT], sort_keys=True)
+                         HEAD_NGRAMS, HEAD_EMBEDDING_WEIGHT, ROUTE_EXAMPLE_WEIGHT], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -116,7 +122,9 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | No
         # A linear head needs data behind every route; routes built from a few examples alone
         # are scored by similarity, which needs no training.
         enough = all(len(texts) >= HEAD_MIN_EXAMPLES for texts in router.examples.values())
-        router.fit(heldout, head=enough, ngrams=HEAD_NGRAMS, embedding_weight=HEAD_EMBEDDING_WEIGHT)
+        written = {spec.name: len([e for e in spec.route_examples if str(e).strip()]) for spec in specs}
+        router.fit(heldout, head=enough, ngrams=HEAD_NGRAMS, embedding_weight=HEAD_EMBEDDING_WEIGHT,
+                   written=written, written_weight=ROUTE_EXAMPLE_WEIGHT)
     _describe(router, specs)
     if use_cache:
         try:

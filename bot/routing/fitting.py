@@ -104,13 +104,14 @@ def fit_route_thresholds(scores: np.ndarray, labels: np.ndarray, routes: list[st
     return [float(c) for c in cuts]
 
 
-def fit_head(inputs, labels: np.ndarray, routes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def fit_head(inputs, labels: np.ndarray, routes: list[str],
+             sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression: (weight (n_routes, n_inputs), bias (n_routes,))."""
     from sklearn.linear_model import LogisticRegression
 
     # Balanced: a route with thousands of news texts must not outvote one with hundreds of turns.
     model = LogisticRegression(C=HEAD_C, max_iter=3000, class_weight="balanced")
-    model.fit(inputs, labels)
+    model.fit(inputs, labels, sample_weight=sample_weight)
     coef, intercept = model.coef_, model.intercept_
     if coef.shape[0] == 1:  # two routes: one logit z for classes_[1]; softmax(-z/2, z/2) = sigmoid(z)
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
@@ -129,11 +130,14 @@ def head_inputs(vectors: np.ndarray, texts: list[str], ngrams=None, embedding_we
 
 
 def fit_route_head(embeddings: dict[str, np.ndarray], examples: dict[str, list[str]] | None = None,
-                   max_word: int = 0, max_char: int = 0, embedding_weight: float = 1.0) -> dict:
+                   max_word: int = 0, max_char: int = 0, embedding_weight: float = 1.0,
+                   written: dict[str, int] | None = None, written_weight: float = 1.0) -> dict:
     """The head over every route's examples: ``{"routes", "weight", "bias", "ngrams", ...}``.
 
     With ``examples`` and ``max_word``/``max_char`` > 0, n-gram TF-IDF features of the example
-    texts (bot.routing.features) sit beside the embeddings.
+    texts (bot.routing.features) sit beside the embeddings. ``written``: per route, how many of
+    its first texts were written as users type (its manifest's ``route_examples``); each weighs
+    ``written_weight`` times a data-set text.
     """
     from .features import NgramFeatures
 
@@ -144,7 +148,10 @@ def fit_route_head(embeddings: dict[str, np.ndarray], examples: dict[str, list[s
     if examples is not None and (max_word > 0 or max_char > 0):
         ngrams = NgramFeatures.fit(texts, max_word=max_word, max_char=max_char)
     inputs = head_inputs(np.concatenate(list(embeddings.values())), texts, ngrams, embedding_weight)
-    weight, bias = fit_head(inputs, labels, routes)
+    sample_weight = np.concatenate([np.where(np.arange(len(e)) < (written or {}).get(name, 0),
+                                             float(written_weight), 1.0)
+                                    for name, e in embeddings.items()])
+    weight, bias = fit_head(inputs, labels, routes, sample_weight)
     return {"routes": routes, "weight": weight, "bias": bias, "ngrams": ngrams,
             "embedding_weight": float(embedding_weight)}
 

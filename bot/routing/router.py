@@ -248,14 +248,14 @@ class Router:
 
     # ----- fitting and evaluation -------------------------------------------------------------
 
-    def fit(self, heldout, head: bool = False, ngrams: tuple[int, int] = (0, 0),
-            embedding_weight: float = 1.0) -> dict:
+    def fit(self, heldout, head: bool = False, ngrams: tuple[int, int] = (0, 0), **head_options) -> dict:
         """Fit calibration, thresholds and follow-up margin on held-out labelled turns.
 
         ``heldout`` must not repeat route examples. Returns the fitted values and the (optimistic)
         accuracy on ``heldout``. ``head``: also train a linear head on the route examples (worth
-        it with hundreds per route), over the embeddings times ``embedding_weight`` and ``ngrams``
-        = (word, char) TF-IDF vocabulary sizes (bot.routing.features; (0, 0) for none).
+        it with hundreds per route), over the embeddings and ``ngrams`` = (word, char) TF-IDF
+        vocabulary sizes (bot.routing.features; (0, 0) for none); ``head_options`` go to
+        fitting.fit_route_head (``embedding_weight``, ``written``, ``written_weight``).
         """
         pairs = _checked_heldout(as_pairs(heldout), self.names, self._examples)
         labels = np.array([label for _, label in pairs])
@@ -264,8 +264,7 @@ class Router:
         self.head = None
         self.calibration = fitting.fit_calibration(self._similarities(vectors), labels, self.routes)
         if head:
-            self.head = fitting.fit_route_head(self._embeddings, self._examples, *ngrams,
-                                               embedding_weight=embedding_weight)
+            self.head = fitting.fit_route_head(self._embeddings, self._examples, *ngrams, **head_options)
         scores = self._score_matrix(vectors, texts)
         self.threshold = fitting.fit_threshold(scores, labels, self.routes, self.fallback)
         cuts = fitting.fit_route_thresholds(scores, labels, self.routes, self.fallback, self.threshold)
