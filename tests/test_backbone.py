@@ -280,3 +280,22 @@ def test_classify_task_prompts_keep_their_ending(tiny_backbone):
     items = task._items([{"text": "an article", "label": "b", "views": {"headline": "short one"}}])
     assert [label for _, label in items] == [1, 1, 1, 1]
     assert [t.count("short one") for t, _ in items] == [0, 1, 1, 1]
+
+
+def test_one_short_row_skips_bf16_autocast_at_inference_only():
+    bb = make_tiny_backbone()
+    bb.compute_dtype = torch.bfloat16  # as on a CPU with native bf16
+
+    def autocast_on(batch) -> bool:
+        with bb.autocast(batch):
+            return torch.is_autocast_enabled("cpu")
+
+    one, two = bb.encode(["a short turn"], 64), bb.encode(["a short turn", "another"], 64)
+    long = bb.encode(["word " * 200], 512)
+    with torch.inference_mode():
+        assert not autocast_on(one)  # one short row: fp32 is faster than converting weights
+        assert autocast_on(two) and autocast_on(long) and autocast_on(None)
+    assert autocast_on(one)  # with gradients (training) the precision never changes
+    bb.compute_dtype = torch.float32
+    with torch.inference_mode():
+        assert not autocast_on(two)
