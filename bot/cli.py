@@ -160,6 +160,10 @@ def cmd_list(args) -> int:
         except (OSError, ValueError, KeyError, TypeError) as err:
             state = f"{mpath} is unreadable ({type(err).__name__}). Fix: bot train {name} --eval-only"
         print(f"{name:12s} {item.kind:9s} {item.description}\n{'':22s}{state}")
+    if len(specs) >= 2:
+        from .routing.second import status
+
+        print(f"{'(router)':12s} {'2nd stage':9s} {status(args.adapters_dir, [s.name for s in specs])}")
     return 0
 
 

@@ -126,3 +126,19 @@ def test_attach_only_when_the_stage_fits_these_routes(tmp_path, caplog):
         caplog.clear()
         assert attach(router, make_tiny_backbone(), tmp_path) is None and router.second is None
         assert why in caplog.text and "bot train-router" in caplog.text
+
+
+def test_status_line_for_bot_list(tmp_path):
+    from bot.routing.second import status
+
+    assert status(tmp_path, ["a", "b"]).startswith("none")
+    folder = second_module.folder_of(tmp_path)
+    folder.mkdir(parents=True)
+    stage = {"routes": ["a", "b"], "gate": 0.9, "accuracy": 0.95, "first_stage": {"accuracy": 0.9},
+             "date": "2026-11-29 15:51"}
+    (folder / "stage.json").write_text(json.dumps(stage))
+    assert status(tmp_path, ["b", "a"]) == ("validation 90.0 -> 95.0 %, asked when the first stage's best "
+                                            "score is below 0.90 (fitted 2026-11-29 15:51)")
+    assert "Fix: bot train-router" in status(tmp_path, ["a", "b", "c"])
+    (folder / "stage.json").write_text("{not json")
+    assert "unreadable" in status(tmp_path, ["a", "b"])

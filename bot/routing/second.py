@@ -192,6 +192,23 @@ def attach(router, backbone, adapters_dir) -> SecondStage | None:
     return router.second
 
 
+def status(adapters_dir, routes: list[str]) -> str:
+    """One line for ``bot list``: is there a second stage for ``routes``, and what it gained."""
+    path = folder_of(adapters_dir) / STAGE_FILE
+    if not path.is_file():
+        return "none: the router uses its first stage alone (bot train-router adds one)"
+    try:
+        stage = json.loads(path.read_text(encoding="utf-8"))
+        first, fitted = stage["first_stage"]["accuracy"], stage["routes"]
+        line = (f"validation {100 * first:.1f} -> {100 * stage['accuracy']:.1f} %, asked when the first "
+                f"stage's best score is below {stage['gate']:.2f} (fitted {stage.get('date', '?')})")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{path} is unreadable ({type(err).__name__}). Fix: bot train-router --fit-only"
+    if sorted(fitted) != sorted(routes):
+        return f"off: fitted for {fitted}, the adapters give {sorted(routes)}. Fix: bot train-router"
+    return line if stage["gate"] > 0 else "off: it did not help on validation when it was fitted"
+
+
 def attach_if_trained(router, adapters_dir, backbone_name: str | None = None) -> SecondStage | None:
     """:func:`attach`, loading a backbone first only when a fitted stage exists (reports)."""
     if not (folder_of(adapters_dir) / STAGE_FILE).is_file():
