@@ -89,3 +89,34 @@ def test_mixed_analysis_matches_single_runs_on_real_adapters(real_backbone):
         alone = task.predict([text])[0]
         for label, p in alone.items():
             assert mixed[task.name][label] == pytest.approx(p, abs=0.02)
+
+
+def test_committed_router_second_stage_matches_its_metrics_and_attaches(real_backbone):
+    from bot.registry import load_task
+    from bot.routing import build_router
+    from bot.routing.second import NAME, attach, folder_of, plain
+    from bot.spec import discover
+
+    folder = folder_of(ADAPTERS)
+    spec = AdapterSpec.from_dir(folder)
+    recorded = json.loads((folder / "metrics.json").read_text())[f"heldout_first_{CHECK_N}"]
+    _, splits = training_rows(spec)
+    rows = splits.test[:CHECK_N]
+    assert all(plain(r["text"]) == r["text"] for r in rows)  # trained on what it reads when routing
+    task = load_task(real_backbone, spec)
+    got = task.evaluate(rows)["text"]["accuracy"]
+    real_backbone.drop_adapter(NAME)
+    assert abs(got - recorded["text"]["accuracy"]) <= 0.03 and got > 0.9
+    # attached as the demo attaches it: for exactly these routes, with the fitted gate
+    router = build_router(discover(ADAPTERS))
+    stage = json.loads((folder / "stage.json").read_text())
+    try:
+        second = attach(router, real_backbone, ADAPTERS)
+        assert second is not None and second.gate == stage["gate"] > 0
+        assert sorted(second.labels) == sorted(router.routes) == sorted(stage["routes"])
+        unsure = {name: 1 / len(router.routes) for name in router.routes}
+        mixed, why = second.consult(unsure, "Who was the first person to walk on the Moon?")
+        assert "route adapter" in why and max(mixed, key=mixed.get) == "assistant"
+    finally:
+        if NAME in real_backbone.adapters:
+            real_backbone.drop_adapter(NAME)

@@ -121,8 +121,10 @@ def test_attach_only_when_the_stage_fits_these_routes(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="bot.routing.second")
     for stage, why in [({"routes": ["sentiment", "topic"], "gate": 0.9, "weight": 0.5}, "fitted for the routes"),
                        ({"routes": router.routes, "gate": 0.0, "weight": 0.5}, "did not help"),
-                       ({"routes": router.routes, "gate": 0.9, "weight": 0.5}, "adapter.yaml")]:
-        (folder / "stage.json").write_text(json.dumps(stage))
+                       ({"routes": router.routes, "gate": 0.9, "weight": 0.5}, "adapter.yaml"),
+                       ({"routes": router.routes, "weight": 0.5}, "unreadable (KeyError"),
+                       ("{half a file", "unreadable (JSONDecodeError")]:
+        (folder / "stage.json").write_text(stage if isinstance(stage, str) else json.dumps(stage))
         caplog.clear()
         assert attach(router, make_tiny_backbone(), tmp_path) is None and router.second is None
         assert why in caplog.text and "bot train-router" in caplog.text

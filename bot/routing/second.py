@@ -157,6 +157,22 @@ class SecondStage:
                        f"adapter, which says '{best}' {second[best]:.2f}")
 
 
+def _read_stage(path: Path, router) -> tuple[dict, str]:
+    """``stage.json`` and why it cannot be used for ``router`` ('' when it can)."""
+    try:
+        stage = json.loads(path.read_text(encoding="utf-8"))
+        stage["gate"], stage["weight"] = float(stage["gate"]), float(stage["weight"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return {}, f"{path} is unreadable ({type(err).__name__}: {err})"
+    if sorted(stage.get("routes") or []) != sorted(router.routes):
+        return stage, f"it was fitted for the routes {stage.get('routes')}, the router has {router.routes}"
+    if NAME in router.names:
+        return stage, f"an adapter is named '{NAME}' too"
+    if stage["gate"] <= 0.0:
+        return stage, "it did not help on validation when it was fitted"
+    return stage, ""
+
+
 def attach(router, backbone, adapters_dir) -> SecondStage | None:
     """Load ``ADAPTERS_DIR/.router/router`` onto ``backbone`` as ``router.second``, if it fits.
 
@@ -170,14 +186,7 @@ def attach(router, backbone, adapters_dir) -> SecondStage | None:
     router.second = None
     if not (folder / STAGE_FILE).is_file():
         return None
-    stage = json.loads((folder / STAGE_FILE).read_text(encoding="utf-8"))
-    why = ""
-    if sorted(stage.get("routes", [])) != sorted(router.routes):
-        why = f"it was fitted for the routes {stage.get('routes')}, the router has {router.routes}"
-    elif NAME in router.names:
-        why = f"an adapter is named '{NAME}' too"
-    elif float(stage.get("gate", 0.0)) <= 0.0:
-        why = "it did not help on validation when it was fitted"
+    stage, why = _read_stage(folder / STAGE_FILE, router)
     if not why:
         try:
             task = load_task(backbone, AdapterSpec.from_dir(folder))
