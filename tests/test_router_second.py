@@ -57,6 +57,9 @@ def test_asked_only_below_the_gate_and_the_reason_says_so():
     assert after.scores["topic"] == pytest.approx(0.1 * before.scores["topic"] + 0.9 * 0.97, abs=1e-3)
     assert router.route("/sentiment the food was bad").adapter == "sentiment"  # commands still win
     assert router.second.asked == 1
+    router.add_route("weather", ["will it rain tomorrow", "sunny and warm today"])
+    assert "route adapter" not in router.route("the food was bad").reason  # it never saw 'weather'
+    assert router.second.asked == 1
 
 
 def test_the_adapter_reads_plain_text():

@@ -145,8 +145,12 @@ class SecondStage:
         return np.array([[row[name] for name in self.labels] for row in rows], dtype=np.float32)
 
     def consult(self, scores: dict[str, float], text: str) -> tuple[dict[str, float], str]:
-        """``scores`` averaged with the adapter's when the first stage is unsure, and why."""
-        if not scores or max(scores.values()) >= self.gate or not text.strip():
+        """``scores`` averaged with the adapter's when the first stage is unsure, and why.
+
+        Routes added since the adapter was trained (``Router.add_route``) switch it off: it
+        would score a route it has never seen as 0."""
+        if (not scores or max(scores.values()) >= self.gate or not text.strip()
+                or sorted(scores) != sorted(self.labels)):
             return scores, ""
         self.asked += 1
         second = dict(zip(self.labels, self.probs([text])[0].tolist(), strict=True))
