@@ -2,19 +2,22 @@
 
 The first stage (bot.routing.router) embeds a turn with a small sentence encoder and reads it
 with a linear head: about 5 ms, and right on about 94 % of held-out turns. Most of its misses
-are between small talk and opinions ("tangled is my favourite film, so beautiful"), where the
-backbone fine-tuned on the routes' own texts reads style better. So when the first stage is
-unsure (its best score below ``gate``), the route adapter runs on the backbone that is loaded
-anyway, and the two probability vectors are averaged (``weight`` on the adapter's). Confident
-turns, most of them, never pay for it, so the median routing time stays the first stage's.
+are between small talk and opinions ("tangled is my favourite film, so beautiful") and in the
+data sets' own styles (VADER snippets, chitchat turns), which the backbone fine-tuned on the
+routes' training texts reads better; on turns written the way people type, that adapter alone
+is worse than the first stage. So it is a second opinion: when the first stage is unsure (its
+best score below ``gate``), the route adapter runs on the backbone that is loaded anyway, and
+the two probability vectors are averaged (``weight`` on the adapter's). Confident turns, most
+of them, never pay for it, so the median routing time stays the first stage's.
 
-The route adapter is trained by ``bot train-router`` into ``ADAPTERS_DIR/.router/``: its data are
-every route's ``route_examples``, each in a few spellings (they are the only texts written the
-way users type, and bot.data drops exact repeats), and a sample of each route's *training* split; ``gate`` and ``weight`` are then
-chosen on the validation splits plus the hand-written validation turns (``val_turns.jsonl``), and
-written to ``stage.json`` with the figures behind them. The test splits and the hand-written
-test turns are never read. When the routes change (an adapter added or removed), the stage no
-longer matches and is switched off, with a log line saying how to retrain it.
+The route adapter is trained by ``bot train-router`` into ``ADAPTERS_DIR/.router/``. Its data
+are every route's ``route_examples``, each in a few spellings (they are the only texts written
+the way users type, and bot.data drops exact repeats), and a sample of each route's *training*
+split. ``gate`` and ``weight`` are then chosen on the validation splits plus the hand-written
+validation turns (``val_turns.jsonl``) and written to ``stage.json`` with the figures behind
+them. The test splits and the hand-written test turns are never read. When the routes change
+(an adapter added or removed), the stage no longer matches and is switched off, with a log line
+saying how to retrain it.
 """
 
 from __future__ import annotations
