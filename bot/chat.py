@@ -91,10 +91,7 @@ class ChatSession:
 
         backbone = backbone or Backbone.load()
         tasks, failures = load_all(backbone, adapters_dir or default_adapters_dir())
-        from .routing.second import attach
-
-        router = build_router([t.spec for t in tasks.values()], encoder)
-        attach(router, backbone, adapters_dir or default_adapters_dir())  # its second opinion
+        router = build_router([t.spec for t in tasks.values()], encoder, backbone=backbone)
         session = cls(backbone, tasks, router, **kwargs)
         session.failures = failures
         return session

@@ -152,7 +152,8 @@ def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path
         task.save_extra(tmp)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "README.md").unlink(missing_ok=True)  # peft writes a model card we do not want
-        for f in data_files(spec, Path(out_dir)):
+        # from where the manifest reads them (its own folder), which may differ from out_dir
+        for f in data_files(spec, Path(spec.folder or out_dir)):
             shutil.copy2(f, tmp / f.name)
         for f in tmp.iterdir():
             f.chmod(0o644)

@@ -147,3 +147,42 @@ def test_status_line_for_bot_list(tmp_path):
     assert "Fix: bot train-router" in status(tmp_path, ["a", "b", "c"])
     (folder / "stage.json").write_text("{not json")
     assert "unreadable" in status(tmp_path, ["a", "b"])
+
+
+def _two_routes(root):
+    """Two classify adapters with their own CSVs under ``root`` (enough rows to split)."""
+    for name, words in (("pets", ["cat", "dog"]), ("food", ["soup", "bread"])):
+        folder = root / name
+        folder.mkdir(parents=True)
+        rows = ["text,label"] + [f"{words[i % 2]} number {i},{words[i % 2]}" for i in range(40)]
+        (folder / "data.csv").write_text("\n".join(rows) + "\n")
+        (folder / "adapter.yaml").write_text(
+            f"name: {name}\nkind: classify\nlabels: {words}\n"
+            "data: {path: data.csv, text_col: text, label_col: label}\ntemplate: '{text}'\n"
+            f"route_examples: ['{words[0]} please']\n")
+
+
+def test_a_failed_retrain_leaves_the_previous_route_adapter_whole(tmp_path, monkeypatch):
+    import bot.train
+    from bot.routing.second import train_router
+
+    _two_routes(tmp_path)
+    folder = second_module.folder_of(tmp_path)
+    folder.mkdir(parents=True)
+    before = {"adapter.yaml": "name: router\n# the previous one\n", "routes.csv": "text,label\nold,pets\n"}
+    for name, text in before.items():
+        (folder / name).write_text(text)
+    seen = {}
+
+    def crash(spec, backbone, out_dir, **_):
+        seen["rows"] = (spec.folder / "routes.csv").read_text().count("\n")
+        seen["labels"], seen["out"] = spec.labels, out_dir
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(bot.train, "train_adapter", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_router(tmp_path, backbone=None)
+    assert {f.name: f.read_text() for f in folder.iterdir()} == before
+    assert seen["out"] == folder and sorted(seen["labels"]) == ["food", "pets"] and seen["rows"] > 10
+    # no staging folder left (the lock file stays, as every adapter's does)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".router.lock", "router"]

@@ -79,3 +79,24 @@ def test_busy_cores_are_measured_now_not_from_the_lagging_load_average(monkeypat
     # no /proc/stat: the load average
     monkeypatch.setattr(cli, "_cpu_times", lambda: None)
     assert cli._busy_cores() == 1.3
+
+
+def test_saving_elsewhere_carries_the_data_file_from_the_manifests_own_folder(tmp_path):
+    from conftest import make_tiny_backbone
+
+    from bot.tasks import task_class
+    from bot.train import save_adapter_folder
+
+    staging, dest = tmp_path / "staging", tmp_path / "dest"
+    staging.mkdir()
+    (staging / "data.csv").write_text("text,label\na,x\nb,y\n")
+    dest.mkdir()
+    (dest / "data.csv").write_text("text,label\nstale,x\n")  # the previous adapter's copy
+    spec = AdapterSpec.from_dict({"name": "pets", "kind": "classify", "labels": ["x", "y"],
+                                  "template": "{text}", "lora": {"r": 4, "layers": [1]},
+                                  "data": {"path": "data.csv", "text_col": "text", "label_col": "label"}},
+                                 staging / "adapter.yaml")
+    bb = make_tiny_backbone()
+    bb.add_adapter("pets", spec.lora.to_peft(bb.base.config.num_hidden_layers))
+    save_adapter_folder(spec, bb, task_class("classify")(spec, bb), {}, dest)
+    assert (dest / "data.csv").read_text() == "text,label\na,x\nb,y\n"

@@ -356,10 +356,8 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
     if not no_router and not data and len(ok_specs) >= 2:
         from ..chat import ChatSession
         from ..routing import build_router
-        from ..routing.second import attach
 
-        session = ChatSession(bb, tasks, build_router(ok_specs))
-        attach(session.router, bb, adapters_dir)  # the router's second stage, when it fits
+        session = ChatSession(bb, tasks, build_router(ok_specs, backbone=bb))
         results["router"] = eval_router(ok_specs, session)
         results["latency"] = eval_latency(session)
         _route_timing(results["latency"], adapters_dir)

@@ -35,6 +35,7 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
         the whole report dict written to ``out/eval.json``.
     """
     from ..routing import build_router
+    from ..routing.second import attach_if_trained
     from .evaluate import eval_router
     from .report import write_report
 
@@ -47,9 +48,7 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
                         f"{[s.name for s in specs]}")
     t0 = time.perf_counter()
     router = build_router(specs)
-    from ..routing.second import attach_if_trained
-
-    attach_if_trained(router, adapters_dir)
+    attach_if_trained(router, adapters_dir)  # the second stage, with a backbone only if it has one
     section = eval_router(specs, session=_RouterOnly(router))
     section["command"] = command_line
     section["date"] = time.strftime("%Y-%m-%d %H:%M")

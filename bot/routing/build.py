@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import random
+from pathlib import Path
 
 from ..assets import cache_dir
 from ..data import load_source, split
@@ -81,14 +82,27 @@ def default_fallback(specs) -> str:
     return next((s.name for s in specs if s.kind == "base"), "chat")
 
 
-def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | None = None) -> Router:
+def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | None = None,
+                 backbone=None) -> Router:
     """A Router over ``specs`` (AdapterSpec list), fitted on their validation splits.
 
     A cached router that cannot be read, has another format or another encoder is rebuilt.
 
     Args:
         fallback: the route for turns that fit none (None: ``default_fallback(specs)``).
+        backbone: the loaded Backbone; with it, the router's second stage is attached from the
+            specs' adapters folder when one fits these routes (bot.routing.second.attach).
     """
+    router = _fitted_router(specs, encoder, use_cache, fallback)
+    if backbone is not None and specs and specs[0].folder is not None:
+        from .second import attach
+
+        attach(router, backbone, Path(specs[0].folder).parent)
+    return router
+
+
+def _fitted_router(specs, encoder, use_cache: bool, fallback: str | None) -> Router:
+    """The first stage: loaded from the cache, or built and fitted (then cached)."""
     fallback = fallback or default_fallback(specs)
     encoder = encoder or load_encoder()
     key = router_key(specs, getattr(encoder, "name_hint", "minilm") + f"|{fallback}")

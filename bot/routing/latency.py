@@ -53,10 +53,9 @@ def measure(adapters_dir, n: int = 200) -> dict:
 
     from ..spec import discover
     from .build import build_router
-
-    specs = discover(adapters_dir)
     from .second import attach_if_trained
 
+    specs = discover(adapters_dir)
     router = build_router(specs)
     second = attach_if_trained(router, adapters_dir)  # timed as users get it: with its second stage
     out = time_routing(router, short_turns(specs, n))

@@ -185,8 +185,9 @@ class Router:
         sticky = bool(marker) and previous in self.names
         if sticky and not rest.strip():
             return self._stay(previous, {}, "nothing new to score", text)
-        scores = self._scores(scoring_text(text))
-        scores, asked = self.second.consult(scores, scoring_text(text)) if self.second else (scores, "")
+        scoring = scoring_text(text)
+        scores = self._scores(scoring)
+        scores, asked = self.second.consult(scores, scoring) if self.second else (scores, "")
         choice = self._follow_up(previous, scores, text) if sticky else self._decide(scores, text)
         choice = replace(choice, reason=f"{choice.reason}; {asked}") if asked else choice
         if not choice.scores or self.fallback in choice.scores:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import logging
 import random
@@ -81,26 +82,23 @@ def _texts(rows: list[dict], rng: random.Random, n_texts: int) -> list[str]:
 
 def write_training_file(specs, path: Path, per_route: int = TEXTS_PER_ROUTE) -> dict[str, int]:
     """``text,label`` CSV of the routes' examples and training texts; rows per route."""
+    from ..fsutil import atomic_write_text
     from .build import spec_splits
 
-    counts = {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        out = csv.writer(f)
-        out.writerow(["text", "label"])
-        for spec in specs:
-            rng = random.Random(spec.train.seed)
-            try:
-                corpus = _texts(spec_splits(spec).train, rng, per_route)
-            except BotError:
-                corpus = []  # no data: the route's examples alone
-            examples = [v for t in spec.route_examples for v in spellings(plain(t))]
-            texts = examples + [plain(t) for t in corpus]
-            texts = [t for t in texts if t]
-            out.writerows([t, spec.name] for t in texts)
-            counts[spec.name] = len(texts)
-    tmp.replace(path)
+    counts, buffer = {}, io.StringIO(newline="")
+    out = csv.writer(buffer)
+    out.writerow(["text", "label"])
+    for spec in specs:
+        rng = random.Random(spec.train.seed)
+        try:
+            corpus = _texts(spec_splits(spec).train, rng, per_route)
+        except BotError:
+            corpus = []  # no data: the route's examples alone
+        examples = [v for t in spec.route_examples for v in spellings(plain(t))]
+        texts = [t for t in examples + [plain(t) for t in corpus] if t]
+        out.writerows([t, spec.name] for t in texts)
+        counts[spec.name] = len(texts)
+    atomic_write_text(path, buffer.getvalue())
     return counts
 
 
@@ -109,11 +107,10 @@ def folder_of(adapters_dir) -> Path:
     return Path(adapters_dir) / FOLDER / NAME
 
 
-def write_manifest(specs, adapters_dir) -> Path:
-    """Write ``routes.csv`` and ``adapter.yaml`` of the route adapter; return its folder."""
+def write_manifest(specs, folder: Path) -> Path:
+    """Write the route adapter's ``routes.csv`` and ``adapter.yaml`` into ``folder``; return it."""
     from ..spec import AdapterSpec, LoraSettings, TrainSettings
 
-    folder = folder_of(adapters_dir)
     counts = write_training_file(specs, folder / "routes.csv")
     log.info("route adapter data: %s", ", ".join(f"{n} {c}" for n, c in counts.items()))
     spec = AdapterSpec(
@@ -303,24 +300,43 @@ def fit_stage(router, stage: SecondStage, pairs) -> dict:
 def train_router(adapters_dir, backbone, *, command: str = "", fit_only: bool = False) -> dict:
     """``bot train-router``: (re)train the route adapter for the routes in ``adapters_dir``,
     then fit its gate and weight on validation; returns what ``stage.json`` holds."""
-    import time
+    import shutil
 
     from ..errors import DataError
-    from ..fsutil import atomic_write_text
-    from ..registry import load_task
+    from ..fsutil import adapter_lock
     from ..spec import AdapterSpec, discover
     from ..train import train_adapter
-    from .build import build_router
 
     specs = discover(adapters_dir)
     if len(specs) < 2:
         raise DataError(f"the router needs at least two adapters under {adapters_dir}, found "
                         f"{[s.name for s in specs]}. Fix: add adapters first (bot add)")
     folder = folder_of(adapters_dir)
-    if not fit_only:
-        write_manifest(specs, adapters_dir)
-        train_adapter(AdapterSpec.from_dir(folder), backbone, folder, command=command)
-    elif not (folder / "adapter_model.safetensors").is_file():
+    with adapter_lock(folder):
+        if not fit_only:
+            # The new manifest and data wait beside the trained adapter until training ends, so a
+            # crash leaves the previous one whole (train_adapter swaps the folder in at the end).
+            staging = folder.with_name(f".{NAME}.staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            write_manifest(specs, staging)
+            try:
+                train_adapter(AdapterSpec.from_dir(staging), backbone, folder, command=command)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return _fit(specs, folder, backbone, command, fit_only)
+
+
+def _fit(specs, folder: Path, backbone, command: str, fit_only: bool) -> dict:
+    """The fitting half of :func:`train_router`: gate and weight into ``stage.json``."""
+    import time
+
+    from ..errors import DataError
+    from ..fsutil import atomic_write_text
+    from ..registry import load_task
+    from ..spec import AdapterSpec
+    from .build import build_router
+
+    if fit_only and not (folder / "adapter_model.safetensors").is_file():
         raise DataError(f"{folder} holds no trained route adapter. Fix: bot train-router "
                         "without --fit-only")
     router = build_router(specs)

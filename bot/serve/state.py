@@ -75,10 +75,8 @@ class ServerState:
         router = None
         if with_router and tasks:
             from ..routing import build_router
-            from ..routing.second import attach
 
-            router = build_router([t.spec for t in tasks.values()], encoder)
-            attach(router, backbone, adapters_dir)  # the route adapter, when one fits these routes
+            router = build_router([t.spec for t in tasks.values()], encoder, backbone=backbone)
         scheduler = scheduler_for(backbone, tasks, precision=precision, max_batch=max_batch,
                                   max_queue=max_queue, max_len=max_len)
         return cls(backbone, tasks, scheduler, router, api_key)

@@ -73,9 +73,13 @@ class ClassifyTask(Task):
         """
         index = {label: i for i, label in enumerate(self.labels)}
         cut, repeats = self.spec.train.max_length, self.spec.train.view_repeats
-        return [(self.format(text, cut), index[r["label"]])
-                for r in rows
-                for text in [r["text"], *[v for v in r.get("views", {}).values() for _ in range(repeats)]]]
+        items = []
+        for r in rows:
+            label = index[r["label"]]
+            items.append((self.format(r["text"], cut), label))
+            for view in r.get("views", {}).values():
+                items += [(self.format(view, cut), label)] * repeats
+        return items
 
     def _batches(self, items, seed: int) -> tuple[list[list[int]], list[int]]:
         """Length-bucketed batches of item indices, and each item's token count."""
