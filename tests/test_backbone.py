@@ -280,6 +280,15 @@ def test_classify_task_prompts_keep_their_ending(tiny_backbone):
     items = task._items([{"text": "an article", "label": "b", "views": {"headline": "short one"}}])
     assert [label for _, label in items] == [1, 1, 1, 1]
     assert [t.count("short one") for t, _ in items] == [0, 1, 1, 1]
+    # per view: headline twice, lede once, any view not named once
+    spec.train.view_repeats = {"headline": 2, "lede": 1}
+    row = {"text": "an article", "label": "a", "views": {"headline": "short one", "lede": "first line",
+                                                         "other": "third"}}
+    items = task._items([row])
+    assert [sum(v in t for t, _ in items) for v in ("short one", "first line", "third")] == [2, 1, 1]
+    spec.train.view_repeats = {"lede": 0}  # evaluated only
+    items = task._items([row])
+    assert [sum(v in t for t, _ in items) for v in ("short one", "first line", "third")] == [1, 0, 1]
 
 
 def test_one_short_row_skips_bf16_autocast_at_inference_only():

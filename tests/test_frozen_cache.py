@@ -63,6 +63,34 @@ def test_cached_training_matches_uncached(dtype, tol):
         assert b["cat"] == pytest.approx(a["cat"], abs=max(tol, 1e-5))
 
 
+def test_cache_keeps_each_distinct_prompt_once_and_still_matches_uncached():
+    data = rows(32)
+    data[1]["text"] = data[0]["text"]  # two rows with the same text
+    results = {}
+    for cache in (False, None):
+        task = task_on_fresh_backbone(dropout=0.0)
+        task.spec.train.view_repeats = 3
+        results[cache] = task.fit(data, 1.0, seed=0, cache=cache)
+    items = task._items(data)
+    distinct = {t for t, _ in items}
+    assert len(items) == 32 + 3 * 11 and len(distinct) < len(items)
+    lengths = task._batches(items, 0)[1]
+    states = task.build_cache(items, lengths, 2)
+    first = {t: i for i, (t, _) in reversed(list(enumerate(items)))}
+    width = task.backbone.base.config.hidden_size * 4  # bytes per token (float32)
+    assert states.nbytes == sum(lengths[first[t]] for t in distinct) * width
+    same = [i for i, (t, _) in enumerate(items) if t == items[0][0]]
+    assert len(same) == 2 and len(set(states.rows(same))) == 1
+    hidden, mask = states.batch(states.rows([0, 5]))
+    enc = task.backbone.encode([items[0][0], items[5][0]], 40)
+    full = frozen.lower_states(task.backbone, "pets", enc, 2)
+    for row in range(2):
+        n = int(mask[row].sum())
+        assert n == int(enc["attention_mask"][row].sum())
+        assert torch.allclose(hidden[row, :n], full[row, :n], atol=1e-5)
+    assert results[None]["losses"] == pytest.approx(results[False]["losses"], abs=1e-5, rel=1e-5)
+
+
 def test_cache_in_a_memory_mapped_file_gives_the_same_losses(tmp_path, monkeypatch):
     data = rows(32)
     memory = task_on_fresh_backbone(dropout=0.0).fit(data, 1.0, seed=1)

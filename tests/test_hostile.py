@@ -362,7 +362,8 @@ def test_4_train_adapter_refuses_bad_values_from_python(tmp_path, trained):
     ("train", "max_length", 10**12), ("train", "epochs", float("inf")), ("train", "epochs", 101),
     ("lora", "r", 10**9), ("train", "batch_size", 10**9), ("train", "learning_rate", 5.0),
     ("train", "head_lr", float("nan")), ("lora", "alpha", float("inf")), ("train", "max_examples", 0),
-    ("train", "view_repeats", 0), ("train", "view_repeats", 2.5),
+    ("train", "view_repeats", -1), ("train", "view_repeats", 2.5), ("train", "view_repeats", True),
+    ("train", "view_repeats", {"headline": 101}), ("train", "view_repeats", {"headline": "2"}),
 ])
 def test_4_manifest_values_out_of_range_are_refused(tmp_path, section, key, value):
     import yaml

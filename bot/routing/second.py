@@ -74,9 +74,9 @@ def spellings(text: str) -> list[str]:
 
 def _texts(rows: list[dict], rng: random.Random, n_texts: int) -> list[str]:
     """About ``n_texts`` turn texts from ``rows`` (a row with views gives one text per view)."""
-    from .build import turn_texts
+    from .build import TURN_VIEWS, turn_texts
 
-    per_row = 1 + len(rows[0].get("views", {})) if rows else 1
+    per_row = 1 + len(set(rows[0].get("views", {})) & set(TURN_VIEWS)) if rows else 1
     return turn_texts(rows, rng, max(1, n_texts // per_row))
 
 

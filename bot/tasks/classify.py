@@ -66,19 +66,20 @@ class ClassifyTask(Task):
 
     # ---------------------------------------------------------------- train
     def _items(self, rows: list[dict]) -> list[tuple[str, int]]:
-        """(formatted text, label index) for each row, and ``view_repeats`` times each extra view.
+        """(formatted text, label index) for each row, and each extra view as often as
+        ``train.view_repeats`` says.
 
         A view such as a headline is a few tokens against an article's 256, so repeating it
         trains the short form more for little time.
         """
         index = {label: i for i, label in enumerate(self.labels)}
-        cut, repeats = self.spec.train.max_length, self.spec.train.view_repeats
+        cfg = self.spec.train
         items = []
         for r in rows:
             label = index[r["label"]]
-            items.append((self.format(r["text"], cut), label))
-            for view in r.get("views", {}).values():
-                items += [(self.format(view, cut), label)] * repeats
+            items.append((self.format(r["text"], cfg.max_length), label))
+            for name, view in r.get("views", {}).items():
+                items += [(self.format(view, cfg.max_length), label)] * cfg.repeats(name)
         return items
 
     def _batches(self, items, seed: int) -> tuple[list[list[int]], list[int]]:
@@ -98,7 +99,7 @@ class ClassifyTask(Task):
         return self._loss(pooled, items, batch)
 
     def _loss_cached(self, items, batch: list[int], cache: frozen.StateCache, k: int) -> torch.Tensor:
-        hidden, mask = (t.to(self.backbone.device) for t in cache.batch(batch))
+        hidden, mask = (t.to(self.backbone.device) for t in cache.batch(cache.rows(batch)))
         states = frozen.upper_states(self.backbone, hidden, mask, k)
         return self._loss(last_token_states(states, mask), items, batch)
 
@@ -106,14 +107,37 @@ class ClassifyTask(Task):
         target = torch.tensor([items[i][1] for i in batch], device=pooled.device)
         return torch.nn.functional.cross_entropy(self.head(pooled.float()), target)
 
-    def build_cache(self, items, batches, lengths, k: int, desc: str = "") -> frozen.StateCache:
-        """Hidden states entering layer ``k`` for every item, batched as in training."""
-        cache = frozen.StateCache(lengths, self.backbone.base.config.hidden_size,
-                                  self.backbone.base.model.embed_tokens.weight.dtype, label=self.name)
+    def build_cache(self, items, lengths, k: int, among=None, desc: str = "") -> frozen.StateCache:
+        """Hidden states entering layer ``k`` for every distinct prompt among ``items``.
+
+        A prompt that several items share (a headline repeated by ``view_repeats``) is
+        computed and stored once. Prompts run shortest first, as many per batch as fit in
+        ``batch_size x max_length`` tokens, so batches pad little. ``among``: only these
+        item ids (default: all).
+        """
+        cfg = self.spec.train
+        first: dict[str, int] = {}  # prompt -> its row in the cache
+        owner, index = [], {}       # row -> an item with that prompt; item -> row
+        for i in range(len(items)) if among is None else among:
+            row = first.setdefault(items[i][0], len(owner))
+            if row == len(owner):
+                owner.append(i)
+            index[i] = row
+        cache = frozen.StateCache([lengths[i] for i in owner], self.backbone.base.config.hidden_size,
+                                  self.backbone.base.model.embed_tokens.weight.dtype, label=self.name,
+                                  index=index)
+        order = sorted(range(len(owner)), key=lambda row: lengths[owner[row]])
+        budget, groups, start = cfg.batch_size * cfg.max_length, [], 0
+        while start < len(order):  # longest prompt last in each group, so its length sets the padding
+            end = start + 1
+            while end < len(order) and (end + 1 - start) * lengths[owner[order[end]]] <= budget:
+                end += 1
+            groups.append(order[start:end])
+            start = end
         try:
-            for batch in tqdm(batches, desc=desc or f"cache {self.name} layers 0-{k - 1}", unit="batch"):
-                enc = self.backbone.encode([items[i][0] for i in batch], self.spec.train.max_length)
-                cache.put(batch, frozen.lower_states(self.backbone, self.name, enc, k))
+            for rows in tqdm(groups, desc=desc or f"cache {self.name} layers 0-{k - 1}", unit="batch"):
+                enc = self.backbone.encode([items[owner[r]][0] for r in rows], cfg.max_length)
+                cache.put(rows, frozen.lower_states(self.backbone, self.name, enc, k))
         except BaseException:
             cache.close()
             raise
@@ -142,7 +166,7 @@ class ClassifyTask(Task):
         states = None
         if k:
             t0 = time.perf_counter()
-            states = self.build_cache(items, batches, lengths, k)
+            states = self.build_cache(items, lengths, k)
             extra.update(cache_seconds=round(time.perf_counter() - t0, 1),
                          cache_mb=round(states.nbytes / 2**20, 1), cache_where=states.where)
             log.info("train %s: cached %.0f MB in %s (%.0f s)", self.name, extra["cache_mb"],
@@ -186,7 +210,8 @@ class ClassifyTask(Task):
             return {"path": "uncached", "path_reason": reason}
         chosen = batches[:steps]
         t0 = time.perf_counter()
-        cache = self.build_cache(items, chosen, lengths, k, desc="cache (timing)")
+        cache = self.build_cache(items, lengths, k, among=sorted({i for b in chosen for i in b}),
+                                 desc="cache (timing)")
         per_batch = (time.perf_counter() - t0) / len(chosen)
         params = lora_parameters(self.backbone, self.name) + list(self.head.parameters())
         opt = torch.optim.AdamW(params, lr=self.spec.train.learning_rate)

@@ -93,16 +93,20 @@ def run_layers(model, hidden: torch.Tensor, attention_mask: torch.Tensor, layers
 
 
 class StateCache:
-    """Hidden states entering layer k for every training text, unpadded, in one flat tensor.
+    """Hidden states entering layer k for every distinct training text, unpadded, in one flat tensor.
 
     Args:
-        lengths: token count of each text (after truncation), in item order.
+        lengths: token count of each stored text (after truncation), in row order.
         hidden: the model's hidden size.
         dtype: the hidden states' dtype (the embedding dtype).
         label: a name for the memory-mapped file.
+        index: training item id -> its row (items that share a text share a row);
+            None = item ids are rows.
     """
 
-    def __init__(self, lengths: list[int], hidden: int, dtype: torch.dtype, label: str = "states"):
+    def __init__(self, lengths: list[int], hidden: int, dtype: torch.dtype, label: str = "states",
+                 index: dict[int, int] | None = None):
+        self.index = index
         self.lengths = torch.tensor(lengths, dtype=torch.long)
         self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
         total = int(self.lengths.sum())
@@ -123,15 +127,19 @@ class StateCache:
     def where(self) -> str:
         return f"memory-mapped file {self.path}" if self.path else "memory"
 
+    def rows(self, items: list[int]) -> list[int]:
+        """The rows holding training items ``items``."""
+        return list(items) if self.index is None else [self.index[i] for i in items]
+
     def put(self, ids: list[int], states: torch.Tensor) -> None:
-        """Store rows of a right-padded (batch, length, hidden) tensor under item ids."""
+        """Store rows of a right-padded (batch, length, hidden) tensor under row ids."""
         for row, i in enumerate(ids):
             n, start = int(self.lengths[i]), int(self.offsets[i])
             self.store[start:start + n] = states[row, :n]
             self.filled[i] = True
 
     def batch(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(right-padded states, attention mask) for items ``ids``; pads are zeros and masked."""
+        """(right-padded states, attention mask) for rows ``ids``; pads are zeros and masked."""
         lens = self.lengths[ids]
         width = int(lens.max())
         out = torch.zeros((len(ids), width, self.store.shape[1]), dtype=self.store.dtype)
