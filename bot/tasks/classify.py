@@ -108,40 +108,12 @@ class ClassifyTask(Task):
         return torch.nn.functional.cross_entropy(self.head(pooled.float()), target)
 
     def build_cache(self, items, lengths, k: int, among=None, desc: str = "") -> frozen.StateCache:
-        """Hidden states entering layer ``k`` for every distinct prompt among ``items``.
-
-        A prompt that several items share (a headline repeated by ``view_repeats``) is
-        computed and stored once. Prompts run shortest first, as many per batch as fit in
-        ``batch_size x max_length`` tokens, so batches pad little. ``among``: only these
-        item ids (default: all).
-        """
+        """Hidden states entering layer ``k`` for every distinct prompt among ``items``
+        (or the item ids ``among``); see ``frozen.build_cache``."""
         cfg = self.spec.train
-        first: dict[str, int] = {}  # prompt -> its row in the cache
-        owner, index = [], {}       # row -> an item with that prompt; item -> row
-        for i in range(len(items)) if among is None else among:
-            row = first.setdefault(items[i][0], len(owner))
-            if row == len(owner):
-                owner.append(i)
-            index[i] = row
-        cache = frozen.StateCache([lengths[i] for i in owner], self.backbone.base.config.hidden_size,
-                                  self.backbone.base.model.embed_tokens.weight.dtype, label=self.name,
-                                  index=index)
-        order = sorted(range(len(owner)), key=lambda row: lengths[owner[row]])
-        budget, groups, start = cfg.batch_size * cfg.max_length, [], 0
-        while start < len(order):  # longest prompt last in each group, so its length sets the padding
-            end = start + 1
-            while end < len(order) and (end + 1 - start) * lengths[owner[order[end]]] <= budget:
-                end += 1
-            groups.append(order[start:end])
-            start = end
-        try:
-            for rows in tqdm(groups, desc=desc or f"cache {self.name} layers 0-{k - 1}", unit="batch"):
-                enc = self.backbone.encode([items[owner[r]][0] for r in rows], cfg.max_length)
-                cache.put(rows, frozen.lower_states(self.backbone, self.name, enc, k))
-        except BaseException:
-            cache.close()
-            raise
-        return cache
+        return frozen.build_cache(self.backbone, self.name, [t for t, _ in items], lengths, k,
+                                  cfg.batch_size * cfg.max_length, cfg.max_length, among=among,
+                                  desc=desc or f"cache {self.name} layers 0-{k - 1}")
 
     def fit(self, rows: list[dict], epochs: float, seed: int, cache: bool | None = None,
             parallel=None) -> dict:

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..assets import cache_dir
 
@@ -155,6 +156,45 @@ class StateCache:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+
+
+def build_cache(backbone, adapter: str, texts: list[str], lengths: list[int], k: int,
+                batch_tokens: int, max_length: int, among=None, desc: str = "cache") -> StateCache:
+    """Hidden states entering layer ``k`` for every distinct text among ``texts``.
+
+    A text that several training items share (a headline repeated by ``view_repeats``) is
+    computed and stored once; the cache's ``rows`` maps item ids to it. Texts run shortest
+    first, as many per batch as fit in ``batch_tokens``, so batches pad little.
+
+    Args:
+        texts: each training item's prompt; lengths: its token count (after truncation).
+        among: only these item ids (default: all).
+    """
+    first: dict[str, int] = {}  # text -> its row in the cache
+    owner, index = [], {}       # row -> an item with that text; item -> row
+    for i in range(len(texts)) if among is None else among:
+        row = first.setdefault(texts[i], len(owner))
+        if row == len(owner):
+            owner.append(i)
+        index[i] = row
+    cache = StateCache([lengths[i] for i in owner], backbone.base.config.hidden_size,
+                       backbone.base.model.embed_tokens.weight.dtype, label=adapter, index=index)
+    order = sorted(range(len(owner)), key=lambda row: lengths[owner[row]])
+    groups, start = [], 0
+    while start < len(order):  # the longest text comes last in each group and sets its padding
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * lengths[owner[order[end]]] <= batch_tokens:
+            end += 1
+        groups.append(order[start:end])
+        start = end
+    try:
+        for rows in tqdm(groups, desc=desc, unit="batch"):
+            enc = backbone.encode([texts[owner[r]] for r in rows], max_length)
+            cache.put(rows, lower_states(backbone, adapter, enc, k))
+    except BaseException:
+        cache.close()
+        raise
+    return cache
 
 
 def lower_states(backbone, adapter: str, enc: dict, k: int) -> torch.Tensor:
