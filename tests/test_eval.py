@@ -139,3 +139,28 @@ def test_a_bad_curve_is_a_usage_error(trained, capsys):
     with pytest.raises(SystemExit) as done:
         main(["eval", "--curve", "32,abc", "--adapters-dir", str(trained.folder.parent)])
     assert done.value.code == 2 and "expected positive sizes or ALL" in capsys.readouterr().err
+
+
+def test_the_tfidf_baseline_trains_on_the_views_the_adapter_trains_on(trained, monkeypatch):
+    """A headline baseline trained on articles only would flatter the adapter's headline score."""
+    from bot.registry import load_task
+
+    seen = {}
+    real = evaluate.M.tfidf_baseline
+
+    def spy(texts, labels, queries):
+        seen["texts"] = list(texts)
+        return real(texts, labels, queries)
+
+    monkeypatch.setattr(evaluate.M, "tfidf_baseline", spy)
+    task = load_task(make_tiny_backbone(), trained)
+    task.spec.train.view_repeats = {"headline": 2, "lede": 0}  # ledes are evaluated, never trained
+    rows = [{"text": f"the {word} number {i}", "label": label,
+             "views": {"headline": f"{word} {i}", "lede": f"lede {word} {i}"}}
+            for i in range(12) for word, label in (("meow", "cat"), ("woof", "dog"))]
+    out = evaluate.eval_classify(task, rows[:4], rows[4:], with_zero_shot=False)
+    assert out["baseline_trained_on"] == ["text", "headline"]
+    assert "meow 4" in seen["texts"] and seen["texts"].count("meow 4") == 1
+    assert not any(t.startswith("lede") for t in seen["texts"])
+    assert len(seen["texts"]) == 2 * len(rows[4:])
+    assert set(out["views_baseline"]) == {"headline", "lede"}

@@ -104,3 +104,18 @@ def test_plots_write_png(tmp_path, draw):
     path = draw(tmp_path / "sub" / "plot.png")
     data = path.read_bytes()
     assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+
+
+def test_a_view_where_the_adapter_loses_is_said_plainly(tmp_path):
+    res = _results(topic_baseline=["b", "b", "b", "b"])
+    cm = metrics.classification_metrics
+    topic = res["tasks"]["topic"]
+    topic["views"]["lede"] = cm(["a", "b"], ["b", "b"], ["a", "b"])  # adapter 50 %
+    topic["views_baseline"] = {"headline": cm(["a", "b"], ["a", "a"], ["a", "b"]),  # 50 %: adapter leads
+                               "lede": cm(["a", "b"], ["a", "b"], ["a", "b"])}  # 100 %: adapter loses
+    topic["baseline_trained_on"] = ["text", "headline"]
+    md = write_report(res, tmp_path, plots=False)[1].read_text()
+    assert "trains on the adapter's own examples: text, headline" in md
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "+50.0 points" in rows["headline"] and "loses by 50.0 points" in rows["lede"]
+    assert "On lede, the adapter does not beat the TF-IDF baseline." in md

@@ -100,11 +100,16 @@ def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], *,
     adapter = result.pop("text")
     out = {"kind": "classify", "status": "ok", "n_test": len(test), "n_train": len(train),
            "adapter": adapter, "views": result, "zero_shot": None, "baseline": None}
-    # one TF-IDF fit, scored on the texts and on every view (a fair comparison per view)
+    # one TF-IDF fit on the examples the adapter trained on (each text, and each view the
+    # manifest trains), scored on the texts and on every view: a fair comparison per view
     views = {v: [r for r in test if v in r.get("views", {})] for v in result}
     if train:
+        seen = trained_views(task.spec, train)
+        examples = [(r["text"], r["label"]) for r in train] + [
+            (r["views"][v], r["label"]) for v in seen for r in train if v in r.get("views", {})]
+        out["baseline_trained_on"] = ["text", *seen]
         queries = [r["text"] for r in test] + [r["views"][v] for v, rows in views.items() for r in rows]
-        preds = M.tfidf_baseline([r["text"] for r in train], [r["label"] for r in train], queries)
+        preds = M.tfidf_baseline([t for t, _ in examples], [y for _, y in examples], queries)
         base, rest = preds[:len(test)], preds[len(test):]
         out["baseline"] = M.classification_metrics(truth, base, labels)
         for view, vtest in views.items():
@@ -123,6 +128,11 @@ def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], *,
     out["zero_shot"] = M.classification_metrics(truth, zs, labels)
     _set_verdict(out)
     return out
+
+
+def trained_views(spec, rows: list[dict]) -> list[str]:
+    """The extra views among ``rows`` that ``spec``'s training uses (``view_repeats`` > 0)."""
+    return sorted({v for r in rows for v in r.get("views", {}) if spec.train.repeats(v) > 0})
 
 
 def _set_verdict(out: dict) -> None:

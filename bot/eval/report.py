@@ -205,13 +205,28 @@ def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[st
         lines += [f"![{name} confusion matrix]({png})", ""]
     views = t.get("views") or {}
     if views:
-        lines += ["Views of the same test set:", ""]
+        trained = t.get("baseline_trained_on")
+        lines += ["Views of the same test set" + (
+            f" (the TF-IDF baseline trains on the adapter's own examples: {', '.join(trained)}):"
+            if trained else ":"), ""]
         vbase = t.get("views_baseline") or {}
-        lines += _table(["view", "n", "adapter accuracy", "adapter macro-F1", "TF-IDF baseline"],
-                        [[v, m.get("n", DASH), _pct(m.get("accuracy")), _num(m.get("macro_f1")),
-                          _pct((vbase.get(v) or {}).get("accuracy"))]
-                         for v, m in views.items()]) + [""]
+        rows = [[v, m.get("n", DASH), _pct(m.get("accuracy")), _num(m.get("macro_f1")),
+                 _pct((vbase.get(v) or {}).get("accuracy")), _gap(m, vbase.get(v))]
+                for v, m in views.items()]
+        lines += _table(["view", "n", "adapter accuracy", "adapter macro-F1", "TF-IDF baseline",
+                         "adapter vs TF-IDF"], rows) + [""]
+        losing = [v for v, m in views.items() if _gap(m, vbase.get(v)).startswith("loses")]
+        if losing:
+            lines += [f"On {', '.join(losing)}, the adapter does not beat the TF-IDF baseline.", ""]
     return lines
+
+
+def _gap(adapter: dict, baseline: dict | None) -> str:
+    """The adapter's lead over the baseline in points, or that it loses (ties lose too)."""
+    if not baseline or adapter.get("accuracy") is None or baseline.get("accuracy") is None:
+        return DASH
+    gap = 100 * (adapter["accuracy"] - baseline["accuracy"])
+    return f"+{gap:.1f} points" if gap > 0 else f"loses by {-gap:.1f} points"
 
 
 def _generate_section(name: str, t: dict) -> list[str]:
