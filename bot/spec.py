@@ -150,6 +150,11 @@ class LoraSettings:
                           bias="none")
 
 
+def _repeat_count(n) -> bool:
+    """A valid ``view_repeats`` count: an integer (not a bool) in [0, 100]."""
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 100
+
+
 @dataclass
 class TrainSettings:
     epochs: float = 1.0
@@ -193,12 +198,10 @@ class TrainSettings:
                  "an integer in [0, 2**32)", self.seed)
         _require(self.max_examples is None or (isinstance(self.max_examples, int) and self.max_examples >= 1),
                  where, "train.max_examples", "null or an integer >= 1", self.max_examples)
-        counts = self.view_repeats.values() if isinstance(self.view_repeats, dict) else [self.view_repeats]
-        _require(all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 100 for n in counts)
-                 and (not isinstance(self.view_repeats, dict)
-                      or all(isinstance(k, str) and k for k in self.view_repeats)), where,
-                 "train.view_repeats", "an integer in [0, 100], or a mapping {view: integer in [0, 100]} "
-                 "such as {headline: 2, lede: 0}", self.view_repeats)
+        per_view = self.view_repeats if isinstance(self.view_repeats, dict) else {"any": self.view_repeats}
+        _require(all(isinstance(view, str) and view and _repeat_count(n) for view, n in per_view.items()),
+                 where, "train.view_repeats", "an integer in [0, 100], or a mapping {view: integer in "
+                 "[0, 100]} such as {headline: 2, lede: 0}", self.view_repeats)
 
 
 @dataclass

@@ -210,23 +210,29 @@ def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[st
             f" (the TF-IDF baseline trains on the adapter's own examples: {', '.join(trained)}):"
             if trained else ":"), ""]
         vbase = t.get("views_baseline") or {}
+        gaps = {v: _gap(m, vbase.get(v)) for v, m in views.items()}
         rows = [[v, m.get("n", DASH), _pct(m.get("accuracy")), _num(m.get("macro_f1")),
-                 _pct((vbase.get(v) or {}).get("accuracy")), _gap(m, vbase.get(v))]
+                 _pct((vbase.get(v) or {}).get("accuracy")), _gap_text(gaps[v])]
                 for v, m in views.items()]
         lines += _table(["view", "n", "adapter accuracy", "adapter macro-F1", "TF-IDF baseline",
                          "adapter vs TF-IDF"], rows) + [""]
-        losing = [v for v, m in views.items() if _gap(m, vbase.get(v)).startswith("loses")]
+        losing = [v for v, gap in gaps.items() if gap is not None and gap <= 0]
         if losing:
             lines += [f"On {', '.join(losing)}, the adapter does not beat the TF-IDF baseline.", ""]
     return lines
 
 
-def _gap(adapter: dict, baseline: dict | None) -> str:
-    """The adapter's lead over the baseline in points, or that it loses (ties lose too)."""
+def _gap(adapter: dict, baseline: dict | None) -> float | None:
+    """The adapter's lead over the baseline in points (None when either is missing)."""
     if not baseline or adapter.get("accuracy") is None or baseline.get("accuracy") is None:
+        return None
+    return 100 * (adapter["accuracy"] - baseline["accuracy"])
+
+
+def _gap_text(gap: float | None) -> str:
+    if gap is None:
         return DASH
-    gap = 100 * (adapter["accuracy"] - baseline["accuracy"])
-    return f"+{gap:.1f} points" if gap > 0 else f"loses by {-gap:.1f} points"
+    return f"+{gap:.1f} points" if gap > 0 else f"loses by {-gap:.1f} points"  # a tie loses too
 
 
 def _generate_section(name: str, t: dict) -> list[str]:
