@@ -100,18 +100,25 @@ def add_adapter(*, name: str, source: str | Path, adapters_dir: str | Path, kind
     check_adapter_name(name, "bot add NAME")
     source = Path(source).expanduser()
     folder = Path(adapters_dir) / name
+    occupied = check_target(folder, force)
+    spec = scaffold(name, source, kind, text_col, label_col, prompt_col, reply_col, description,
+                    min_per_label)
+    if occupied:
+        move_aside(folder)
+    return spec.save(folder)
+
+
+def check_target(folder: Path, force: bool, moved_to: str = "") -> bool:
+    """Whether ``folder`` already holds files; refused (SpecError) unless ``force``."""
     if folder.exists() and not folder.is_dir():
         raise SpecError(f"{folder} exists and is not a folder. Fix: pick another name or move it away")
     occupied = folder.is_dir() and any(folder.iterdir())
     if occupied and not force:
         what = "an adapter" if (folder / MANIFEST).exists() else "files"
         raise SpecError(f"{folder} already holds {what}. Fix: pick another name, or pass --force to "
-                        f"move the old folder to {folder.parent / TRASH}/ and start afresh")
-    spec = scaffold(name, source, kind, text_col, label_col, prompt_col, reply_col, description,
-                    min_per_label)
-    if occupied:
-        move_aside(folder)
-    return spec.save(folder)
+                        f"move the old folder to {moved_to or str(folder.parent / TRASH) + '/'} and "
+                        "start afresh")
+    return occupied
 
 
 def move_aside(folder: Path) -> Path:

@@ -11,10 +11,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .assets import default_adapters_dir
+from .routing.abstain import clarify
 from .tasks.classify import ClassifyTask
 from .text import MAX_CHARS
 
@@ -38,6 +39,7 @@ class Turn:
     analysis: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notice: str = ""
+    abstained: bool = False  # the router was unsure and the reply asks which route was meant
 
     def chips(self) -> str:
         """e.g. ``sentiment: negative 0.93 · topic: tech 0.64``."""
@@ -134,15 +136,21 @@ class ChatSession:
         return [t for t in self.tasks.values() if isinstance(t, ClassifyTask)]
 
     # ------------------------------------------------------------------ turns
-    def send(self, text: str, force: str | None = None) -> Turn:
+    def send(self, text: str, force: str | None = None, abstain: bool | None = None) -> Turn:
         """Answer ``text`` and return the finished Turn."""
         last = None
-        for _, last in self.stream(text, force):  # noqa: B007 (we want the final Turn)
+        for _, last in self.stream(text, force, abstain):  # noqa: B007 (we want the final Turn)
             pass
         return last
 
-    def stream(self, text: str, force: str | None = None) -> Iterator[tuple[str, Turn | None]]:
-        """Yield (reply so far, None) while generating, then (reply, Turn) once."""
+    def stream(self, text: str, force: str | None = None,
+               abstain: bool | None = None) -> Iterator[tuple[str, Turn | None]]:
+        """Yield (reply so far, None) while generating, then (reply, Turn) once.
+
+        Args:
+            abstain: ask which route was meant when the router is unsure (below its threshold
+                fitted on validation, bot.routing.abstain); None: the fitted default.
+        """
         t0 = time.perf_counter()
         text = (text or "").strip()
         if not text:
@@ -157,6 +165,13 @@ class ChatSession:
         route = self.router.route(text, previous=self.previous)
         t_route = time.perf_counter()
         body = route.text or text
+        question = clarify(self.router, route, abstain)
+        if question:  # unsure: a short question listing the likely routes, no adapter runs
+            route = replace(route, reason=f"{route.reason}; score below the abstain threshold "
+                                          f"{self.router.abstain.threshold:.2f}: asked which route was meant")
+            turn = Turn(text, question, None, route, notice=notice, abstained=True)
+            yield question, self._finish(turn, t0, t_route, t_route)
+            return
         if route.override and route.adapter != "help" and not route.text.strip():
             # a bare "/topic": there is nothing to classify, and "/topic" itself is not a message
             hint = f"Type a message after /{route.adapter}, e.g. /{route.adapter} your text here"

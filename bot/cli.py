@@ -58,6 +58,9 @@ def cmd_train(args) -> int:
     logging.getLogger("bot").info("threads: %d, OMP_WAIT_POLICY=%s", torch.get_num_threads(),
                                   os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)"))
     folder = Path(args.adapters_dir) / args.name
+    from .versions import recover_adapters
+
+    recover_adapters(args.adapters_dir)  # a save a kill interrupted is repaired first, and said so
     spec = AdapterSpec.from_dir(folder)
     if spec.kind == "base":
         raise SpecError(f"{folder / 'adapter.yaml'}: kind 'base' is the bare backbone: there is "
@@ -96,7 +99,21 @@ def cmd_train(args) -> int:
         return 0
     print(_summary(metrics))
     print(f"saved {folder} (metrics.json has the held-out scores and the exact command)")
-    return 0
+    return _retrain_report(args, bb)
+
+
+def _retrain_report(args, bb) -> int:
+    """The change report of a retrained route (previous version kept; --strict rolls back)."""
+    from .addflow import retrain_report
+    from .routing.changes import render
+
+    report = retrain_report(name=args.name, adapters_dir=args.adapters_dir, backbone=bb,
+                            strict=args.strict)
+    if report is None:
+        return 0
+    print(render(report))
+    print(f"report written to {report['path']}")
+    return 1 if report.get("refused") else 0
 
 
 def cmd_train_router(args) -> int:
@@ -145,7 +162,9 @@ def cmd_list(args) -> int:
     import json
 
     from .spec import require_usable, scan
+    from .versions import list_versions, recover_adapters, score_line
 
+    recover_adapters(args.adapters_dir)  # repairs an interrupted save, and says so
     specs, failed = scan(args.adapters_dir)
     require_usable(specs, failed)  # only when nothing at all can be listed
     entries = sorted([(s.name, s) for s in specs] + list(failed.items()), key=lambda e: e[0])
@@ -160,6 +179,10 @@ def cmd_list(args) -> int:
         except (OSError, ValueError, KeyError, TypeError) as err:
             state = f"{mpath} is unreadable ({type(err).__name__}). Fix: bot train {name} --eval-only"
         print(f"{name:12s} {item.kind:9s} {item.description}\n{'':22s}{state}")
+        for i, v in enumerate(list_versions(item.folder), 1):
+            what = "did not exist" if v["absent"] else score_line(v["metrics"])
+            print(f"{'':22s}previous {i}: {v['date']}: {what}"
+                  + (" (bot rollback restores it)" if i == 1 else ""))
     if len(specs) >= 2:
         from .routing.second import status
 
@@ -178,12 +201,67 @@ def cmd_info(args) -> int:
 def cmd_add(args) -> int:
     from .add import add_adapter
 
+    if args.train:
+        return _add_and_train(args)
+    if args.strict:
+        raise BotError("--strict refuses a change that makes the router worse, which only "
+                       "--train measures. Fix: bot add NAME --from FILE --train --strict")
     path = add_adapter(name=args.name, source=args.source, adapters_dir=args.adapters_dir,
                        kind=args.kind, text_col=args.text_col, label_col=args.label_col,
                        prompt_col=args.prompt_col, reply_col=args.reply_col,
                        description=args.description, force=args.force,
                        min_per_label=args.min_per_label)
     print(f"wrote {path}\nnext: bot train {args.name} && bot eval {args.name}")
+    return 0
+
+
+def _add_and_train(args) -> int:
+    import torch
+
+    from .addflow import add_and_train
+    from .routing.changes import render
+    from .spec import check_run_values
+
+    check_values = {"max_examples": args.max_examples, "eval_examples": args.eval_examples}
+    check_run_values(**check_values)
+    torch.set_num_threads(_training_threads())
+    report = add_and_train(name=args.name, source=args.source, adapters_dir=args.adapters_dir,
+                           backbone=_backbone(args), kind=args.kind, text_col=args.text_col,
+                           label_col=args.label_col, prompt_col=args.prompt_col,
+                           reply_col=args.reply_col, description=args.description, force=args.force,
+                           min_per_label=args.min_per_label, strict=args.strict,
+                           command=args.command_line, **check_values)
+    print(render(report))
+    print(f"report written to {report['path']}")
+    return 1 if report.get("refused") else 0
+
+
+def cmd_rm(args) -> int:
+    from .addflow import remove_route
+    from .routing.changes import render
+    from .routing.second import STAGE_FILE, folder_of
+
+    # the backbone only when the router's second stage (which runs on it) is fitted
+    bb = _backbone(args) if (folder_of(args.adapters_dir) / STAGE_FILE).is_file() else None
+    report = remove_route(name=args.name, adapters_dir=args.adapters_dir, backbone=bb,
+                          strict=args.strict)
+    print(render(report))
+    print(f"report written to {report['path']}")
+    return 1 if report.get("refused") else 0
+
+
+def cmd_rollback(args) -> int:
+    from .versions import rollback, score_line
+
+    done = rollback(args.adapters_dir, args.name)
+    if done["absent"]:
+        print(f"{args.name}: removed again (it did not exist before); the folder is in {done['replaced']}")
+    else:
+        print(f"{args.name}: restored the version of {done['date']} ({score_line(done['metrics'])})"
+              + (f"; the replaced one is in {done['replaced']}" if done["replaced"] else ""))
+    print(done["router"])
+    print("router first stage: read from $BOT_CACHE/router/ when this route set was built before "
+          "(its cache is keyed by the manifests, which are restored), else rebuilt at the next start")
     return 0
 
 
@@ -347,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step in each process (train.batch_size stays the "
                         "examples per step)")
+    t.add_argument("--strict", action="store_true",
+                   help="when the retrained version makes a route or its own held-out score more than "
+                        "1 point worse, put the previous version back")
     t.add_argument("--time-cache", type=_positive, metavar="STEPS",
                    help="do not train: time STEPS steps with and without cached frozen layers, side by side, "
                         "and record cache_speedup in metrics.json")
@@ -363,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the trained route adapter; only refit its gate and weight")
     r.set_defaults(func=cmd_train_router)
 
-    a = sub.add_parser("add", parents=[common], help="scaffold a new adapter from a CSV/JSONL file")
+    a = sub.add_parser("add", parents=[common, model], help="scaffold a new adapter from a CSV/JSONL file "
+                       "(--train: train it, refit the router and report what changed)")
     a.add_argument("name")
     a.add_argument("--from", dest="source", required=True, help="CSV, TSV, JSONL or JSON file")
     a.add_argument("--kind", choices=["classify", "generate"], default="classify")
@@ -376,7 +458,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing adapter: its folder is moved to ADAPTERS_DIR/.trash/NAME-<time>/")
     a.add_argument("--min-per-label", type=_positive, default=5,
                    help="refuse labels with fewer examples (default 5; 1 keeps every label, rare ones are learned poorly)")
+    a.add_argument("--train", action="store_true",
+                   help="also train it (bot train's defaults), refit the router for the new route set, "
+                        "score it and print one report: every route's held-out accuracy before and "
+                        "after, the turns that moved, each adapter's score and weight digests")
+    a.add_argument("--strict", action="store_true",
+                   help="with --train: refuse the change (nothing is changed) when an existing route "
+                        "loses more than 1 point")
+    a.add_argument("--max-examples", type=int, help="with --train: cap the training examples")
+    a.add_argument("--eval-examples", type=int, default=400,
+                   help="with --train: held-out examples scored (default 400)")
     a.set_defaults(func=cmd_add)
+
+    m = sub.add_parser("rm", parents=[common, model],
+                       help="move an adapter to ADAPTERS_DIR/.trash, with a report of what it does to routing")
+    m.add_argument("name")
+    m.add_argument("--strict", action="store_true",
+                   help="refuse (nothing is moved) when a remaining route loses more than 1 point")
+    m.set_defaults(func=cmd_rm)
+
+    rb = sub.add_parser("rollback", parents=[common],
+                        help="restore the previous version of an adapter (bot list shows them)")
+    rb.add_argument("name")
+    rb.set_defaults(func=cmd_rollback)
 
     e = sub.add_parser("eval", parents=[common, model], help="per-task accuracy, router quality, transfer report")
     e.add_argument("names", nargs="*", help="adapters to evaluate (default: all)")

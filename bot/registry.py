@@ -34,11 +34,16 @@ def load_task(backbone, spec: AdapterSpec):
 def load_all(backbone, adapters_dir, names: list[str] | None = None):
     """Load every adapter under ``adapters_dir`` (or just ``names``).
 
+    A folder swap that a killed ``bot train`` left half done is repaired first (bot.versions).
+
     Returns:
         (tasks by name, failures as {name: error message}). One bad adapter never
         stops the others from loading: a broken manifest, a clashing name, bad weights
         or an unexpected error in one folder marks only that folder failed.
     """
+    from .versions import recover_adapters
+
+    recover_adapters(adapters_dir)  # a save a kill interrupted: finished or undone, and logged
     specs, failures = scan(adapters_dir)
     if names:
         failures = {k: v for k, v in failures.items() if k in names}

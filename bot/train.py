@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import random
 import shutil
 import time
@@ -14,11 +15,14 @@ import torch
 
 from . import data as data_mod
 from .errors import AdapterError, DataError, SpecError
-from .fsutil import adapter_lock, atomic_dir_write, atomic_write_text
+from .fsutil import adapter_lock, atomic_dir_write, atomic_write_text, recover
 from .info import machine
 from .registry import load_task
 from .spec import MANIFEST, AdapterSpec, check_run_values
 from .tasks import task_class
+from .versions import retirer
+
+log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
 CHECK_N = 100  # the integration test re-measures the first CHECK_N held-out examples
@@ -79,6 +83,9 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
     # with several processes only the main one locks: it alone evaluates and saves
     main_process = parallel is None or parallel.is_main
     with adapter_lock(out_dir) if main_process else contextlib.nullcontext():
+        if main_process:  # a save a kill interrupted is finished or undone first, and said so
+            for line in recover(Path(out_dir), retirer(Path(out_dir), "interrupted save")):
+                log.warning("%s", line)
         return _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command,
                       parallel)
 
@@ -143,8 +150,14 @@ def _headline(evaluation: dict) -> dict:
     return {view: {"accuracy": m["accuracy"], "n": m["n"]} for view, m in evaluation.items()}
 
 
-def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path) -> Path:
-    """Write manifest + LoRA + task extras + metrics into a temp folder, then swap it in."""
+def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path,
+                        keep_previous: bool = True) -> Path:
+    """Write manifest + LoRA + task extras + metrics into a temp folder, then swap it in.
+
+    Args:
+        keep_previous: the folder it replaces is kept as a version (bot.versions; ``bot
+            rollback NAME`` restores it) rather than deleted.
+    """
 
     def write(tmp: Path) -> None:
         spec.save(tmp)
@@ -158,7 +171,8 @@ def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path
         for f in tmp.iterdir():
             f.chmod(0o644)
 
-    return atomic_dir_write(Path(out_dir), write)
+    out_dir = Path(out_dir)
+    return atomic_dir_write(out_dir, write, retirer(out_dir, "retrained") if keep_previous else None)
 
 
 def data_files(spec, folder: Path) -> list[Path]:

@@ -48,7 +48,8 @@ def format_meta(turn) -> str:
     how = "forced" if route.override else f"{route.score:.2f}"
     if route.fallback:
         how = f"fallback, {how}"
-    parts = [f"⚙ adapter: {turn.adapter or 'none'} ({how})"]
+    parts = [f"⚙ unsure ({route.adapter} {route.score:.2f}): asked which adapter" if turn.abstained
+             else f"⚙ adapter: {turn.adapter or 'none'} ({how})"]
     if route.runner_up:
         parts.append(f"runner-up: {route.runner_up} {route.runner_up_score:.2f}")
     parts.append(f"{turn.timings.get('total_ms', 0.0):.0f} ms")
@@ -65,7 +66,7 @@ def turn_details(turn) -> str:
     """Markdown for the metadata box: why this adapter, all scores, timings."""
     route = turn.route
     lines = [f"**Why:** {route.reason}"]
-    if route.adapter != turn.adapter:
+    if route.adapter != turn.adapter and not turn.abstained:
         instead = f"`{turn.adapter}` answered instead" if turn.adapter else "no adapter could answer"
         lines.append(f"The router chose `{route.adapter}`, which is not loaded; {instead}.")
     if route.scores:
@@ -112,8 +113,13 @@ def _shown_user_text(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[:max_chars] + " …"
 
 
-def respond(base, message: str, force: str | None, conv: Conversation | None):
-    """Stream one turn; yields (chat messages, panel html, conversation, textbox value)."""
+def respond(base, message: str, force: str | None, conv: Conversation | None,
+            abstain: bool | None = None):
+    """Stream one turn; yields (chat messages, panel html, conversation, textbox value).
+
+    Args:
+        abstain: ask which adapter was meant when the router is unsure (None: its default).
+    """
     text = (message or "").strip()
     if not text:  # nothing to answer: no router or model call at all
         yield (list(conv.messages) if conv else []), panel_html("", conv.turns if conv else 0,
@@ -129,7 +135,7 @@ def respond(base, message: str, force: str | None, conv: Conversation | None):
     yield list(conv.messages), panel_html("", conv.turns, "Thinking…"), conv, ""
     turn = None
     try:
-        for partial, turn in session.stream(text, force):
+        for partial, turn in session.stream(text, force, abstain):
             if turn is None:
                 conv.messages[-1] = {"role": "assistant", "content": partial}
                 yield list(conv.messages), gr.skip(), conv, gr.skip()
@@ -266,9 +272,32 @@ def eval_view() -> tuple[str, list]:
     return text, figures
 
 
+def routed_summary() -> str:
+    """Routed end-to-end accuracy beside oracle accuracy per classify task, from eval.json."""
+    path = report_file("eval.json")
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8")).get("tasks", {}) if path else {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    rows = [(name, view, m) for name, t in tasks.items() if isinstance(t, dict)
+            for view, m in (t.get("routed") or {}).items()]
+    if not rows:
+        return ""
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f} %"  # noqa: E731
+    lines = ["### What routing costs per task", "",
+             "Held-out texts sent as chat turns: *routed* counts a text right when the router picks "
+             "this task's adapter and its label is right; *oracle* forces the right adapter.", "",
+             "| task | view | n | oracle | routed | cost (points) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {html.escape(n)} | {html.escape(v)} | {m.get('n')} | {pct(m.get('oracle_accuracy'))} | "
+              f"{pct(m.get('routed_accuracy'))} | {m.get('cost_points', '–')} |" for n, v, m in rows]
+    return "\n".join(lines) + "\n\n---\n\n"
+
+
 def refresh_eval():
     """Re-read the report (``bot eval`` may run while the demo is up)."""
     text, figures = eval_view()
+    if text != NO_REPORT:
+        text = routed_summary() + text
     return text, gr.Gallery(value=figures, visible=bool(figures))
 
 
@@ -288,6 +317,17 @@ def example_prompts(session) -> list[tuple[str, str]]:
             if task.spec.route_examples]
 
 
+def abstain_toggle(session) -> dict:
+    """The "ask when unsure" checkbox: on when validation showed it helps (bot.routing.abstain)."""
+    rule = getattr(session.router, "abstain", None)
+    if rule is None:
+        return {"value": False, "interactive": False, "label": "Ask which adapter when unsure",
+                "info": "no abstain threshold fitted for these routes (too few validation turns)"}
+    why = "on by default: it helped on validation" if rule.on else "off by default: it did not help on validation"
+    return {"value": rule.on, "interactive": True, "label": "Ask which adapter when unsure",
+            "info": f"below a route score of {rule.threshold:.2f} (fitted on validation); {why}"}
+
+
 def _chat_tab(session) -> None:
     conv = gr.State(None)
     # No "share" button: conversations stay on this machine.
@@ -300,6 +340,7 @@ def _chat_tab(session) -> None:
     with gr.Row():
         force = gr.Dropdown(["auto", *session.tasks], value="auto", label="Adapter",
                             info="auto lets the router choose", elem_id="force", scale=2)
+        ask = gr.Checkbox(**abstain_toggle(session), elem_id="abstain", scale=2)
         clear = gr.Button("New conversation", elem_id="clear", scale=1)
     panel = gr.HTML(panel_html("", 0, "No turn yet."), elem_id="last-turn")
     prompts = example_prompts(session)
@@ -307,12 +348,12 @@ def _chat_tab(session) -> None:
         gr.Examples([[p] for _, p in prompts], inputs=[msg], label="Examples (one per adapter)",
                     example_labels=[f"{name}: {p}" for name, p in prompts], cache_examples=False)
 
-    def on_send(message, force_name, state):
-        yield from respond(session, message, force_name, state)
+    def on_send(message, force_name, state, ask_back):
+        yield from respond(session, message, force_name, state, bool(ask_back))
 
     outputs = [chatbot, panel, conv, msg]
     for trigger in (msg.submit, send.click):
-        trigger(on_send, [msg, force, conv], outputs, show_progress="minimal")
+        trigger(on_send, [msg, force, conv, ask], outputs, show_progress="minimal")
     clear.click(lambda: ([], panel_html("", 0, "New conversation."), None, ""), None, outputs,
                 queue=False)
     # The chatbot's own trash button must forget the history too, not just the bubbles.

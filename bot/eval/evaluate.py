@@ -84,19 +84,20 @@ def zero_shot(task: ClassifyTask, texts: list[str], batch_size: int = 8, progres
 
 # --------------------------------------------------------------- per adapter
 def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], *,
-                  with_zero_shot: bool = True, checkpoint=None) -> dict:
+                  with_zero_shot: bool = True, checkpoint=None, predictions: dict | None = None) -> dict:
     """Adapter scores first, then TF-IDF, then the (slow) zero-shot column.
 
     Args:
         with_zero_shot: False skips the zero-shot column (``bot eval --no-zero-shot``).
         checkpoint: called with the result so far after each phase, so an interrupted
             run still has the adapter's own scores on disk.
+        predictions: filled with the adapter's predicted labels per view (``eval_routed``).
     """
     labels = task.labels
     truth = [r["label"] for r in test]
     n_views = sum(len(r.get("views", {})) for r in test)
     with tqdm(total=len(test) + n_views, desc=f"eval {task.name}: adapter", unit="ex", file=sys.stderr) as pbar:
-        result = task.evaluate(test, progress=pbar.update)
+        result = task.evaluate(test, progress=pbar.update, predictions=predictions)
     adapter = result.pop("text")
     out = {"kind": "classify", "status": "ok", "n_test": len(test), "n_train": len(train),
            "adapter": adapter, "views": result, "zero_shot": None, "baseline": None}
@@ -155,12 +156,15 @@ def eval_generate(task, test: list[dict], bar) -> dict:
 
 
 def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = None,
-             loaded: dict | None = None, *, with_zero_shot: bool = True, checkpoint=None) -> dict:
+             loaded: dict | None = None, *, with_zero_shot: bool = True, checkpoint=None,
+             kept: dict | None = None) -> dict:
     """Evaluate one adapter; any failure becomes ``{"status": "failed", "error": ...}``.
 
     Args:
         loaded: when given, the loaded task is stored here by name (the router reuses it).
         with_zero_shot, checkpoint: see ``eval_classify``.
+        kept: a classify adapter's test rows and predictions are stored here by name, as
+            ``(rows, {view: labels})`` (routed end-to-end accuracy, ``eval_routed``).
     """
     try:
         task = load_task(bb, spec)
@@ -176,7 +180,11 @@ def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = N
             _, splits = training_rows(spec)
             test, train = splits.test[:max_examples], splits.train
         if spec.kind == "classify":
-            return eval_classify(task, test, train, with_zero_shot=with_zero_shot, checkpoint=checkpoint)
+            predictions: dict = {}
+            if kept is not None:
+                kept[spec.name] = (test, predictions)
+            return eval_classify(task, test, train, with_zero_shot=with_zero_shot,
+                                 checkpoint=checkpoint, predictions=predictions)
         with tqdm(total=len(test) * 2, desc=f"eval {spec.name}", unit="ex", file=sys.stderr) as bar:
             return eval_generate(task, test, bar)
     except BotError as err:
@@ -208,7 +216,7 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
     pairs = router_test_set(specs, exclude=route_texts(router))
     written = set(handwritten)
     sources = ["hand-written" if pair in written else "test split" for pair in pairs]
-    truth, pred, fell = [], [], []
+    truth, pred, fell, choices = [], [], [], []
     second = getattr(router, "second", None)
     asked_before = second.asked if second else 0
     # Embedding in batches is many times faster than one turn at a time; the decisions are the
@@ -217,6 +225,7 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         if i % 256 == 0:  # a chunk at a time: the cache keeps the last 1,024 turns
             router.prime([t for t, _ in pairs[i:i + 256]])
         choice = router.route(text)
+        choices.append(choice)
         truth.append(want)
         pred.append(choice.adapter)
         fell.append(choice.fallback)
@@ -227,6 +236,14 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
     out["second_stage"] = None if second is None else {
         "gate": second.gate, "weight": second.weight,
         "asked_rate": round((second.asked - asked_before) / max(len(pairs), 1), 4)}
+    if getattr(router, "second_note", ""):
+        out["second_stage_note"] = router.second_note
+    rule = getattr(router, "abstain", None)
+    if rule is not None:  # how often it would ask back on these turns, and how right the rest is
+        from ..routing.abstain import measure
+
+        out["abstain"] = {"threshold": rule.threshold, "on_by_default": rule.on,
+                          "validation": rule.figures, "heldout": measure(rule, choices, truth)}
     by = {}
     for src, want, got in zip(sources, truth, pred):
         key = f"{src}: {want}"
@@ -234,6 +251,43 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         by[key] = (hit + (want == got), n + 1)
     out["by_source"] = {k: {"accuracy": h / n, "n": n} for k, (h, n) in sorted(by.items())}
     out["mistakes"] = out.pop("mistakes")  # last, as in earlier reports
+    return out
+
+
+def eval_routed(router, name: str, rows: list[dict], predictions: dict[str, list[str]]) -> dict:
+    """Accuracy of one classify task when the router picks the adapter for each held-out text.
+
+    A text counts as right only when the router sends it to ``name`` *and* the adapter's
+    label is right; the oracle figure forces the right adapter (the adapter's own accuracy).
+    Per view (the text, a BBC headline ...), with where the misrouted texts went and, when an
+    abstain threshold is fitted, how often the router would have asked back instead.
+    """
+    from collections import Counter
+
+    out = {}
+    for view, preds in predictions.items():
+        subset = rows if view == "text" else [r for r in rows if view in r.get("views", {})]
+        texts = [r["text"] if view == "text" else r["views"][view] for r in subset]
+        truth = [r["label"] for r in subset]
+        choices = router.route_all(texts)
+        to_it = [c.adapter == name for c in choices]
+        right = [p == y for p, y in zip(preds, truth, strict=True)]
+        n = len(subset)
+        oracle = sum(right) / n if n else None
+        routed = sum(a and r for a, r in zip(to_it, right)) / n if n else None
+        row = {"n": n, "oracle_accuracy": oracle, "routed_accuracy": routed,
+               "routed_to_adapter": sum(to_it) / n if n else None,
+               "cost_points": round(100 * (oracle - routed), 2) if n else None,
+               "elsewhere": dict(Counter(c.adapter for c in choices if c.adapter != name).most_common())}
+        rule = getattr(router, "abstain", None)
+        if rule is not None and n:
+            asked = [rule.unsure(c) for c in choices]
+            kept = [not a for a in asked]
+            n_kept = sum(kept)
+            row["abstain"] = {"abstain_rate": sum(asked) / n,
+                              "routed_accuracy_rest": (sum(k and a and r for k, a, r in zip(kept, to_it, right))
+                                                       / n_kept) if n_kept else None}
+        out[view] = row
     return out
 
 
@@ -344,7 +398,7 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         "command": command_line, "backbone": bb.fingerprint, "machine": machine(),
         "device": str(bb.device),
         "date": time.strftime("%Y-%m-%d %H:%M")}}
-    tasks = {}
+    tasks, kept = {}, {}
     for name, error in broken.items():
         results["tasks"][name] = {"status": "failed", "error": error}
         _log_line(name, results["tasks"][name])
@@ -356,7 +410,8 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
 
         try:
             results["tasks"][spec.name] = eval_one(spec, bb, max_examples, data, tasks,
-                                                   with_zero_shot=not no_zero_shot, checkpoint=partial)
+                                                   with_zero_shot=not no_zero_shot, checkpoint=partial,
+                                                   kept=kept)
         except KeyboardInterrupt:
             if spec.name in results["tasks"]:
                 log.warning("interrupted: %s keeps the scores computed so far", out)
@@ -369,6 +424,9 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
 
         session = ChatSession(bb, tasks, build_router(ok_specs, backbone=bb))
         results["router"] = eval_router(ok_specs, session)
+        for name, (rows, preds) in kept.items():
+            if results["tasks"][name].get("status") == "ok" and preds:
+                results["tasks"][name]["routed"] = eval_routed(session.router, name, rows, preds)
         results["latency"] = eval_latency(session)
         _route_timing(results["latency"], adapters_dir)
         _helpfulness(results, session, instructions)

@@ -157,6 +157,9 @@ def _router(r: dict, out_dir: Path, plots: bool) -> list[str]:
               f"(first stage's best score below {second['gate']:.2f}; its weight {second['weight']:.1f})."
               if second else "Second stage: off (no route adapter fitted for these routes; "
               "`bot train-router`).", ""] if "second_stage" in r else []
+    if r.get("second_stage_note"):
+        lines += [f"Second stage for these routes: {r['second_stage_note']}.", ""]
+    lines += _abstain(r.get("abstain"))
     lines += _table(["route", "precision", "recall", "F1", "support"], _prf_rows(r)) + [""]
     png = _ensure_png(out_dir, r.get("confusion_png"), "router_confusion.png",
                       lambda p: plot_confusion(r["confusion"], r["labels"], "router", p),
@@ -174,6 +177,51 @@ def _router(r: dict, out_dir: Path, plots: bool) -> list[str]:
         lines += _table(["turn", "true", "routed to"],
                         [[m["text"], m["want"], m["got"]] for m in r["mistakes"][:12]]) + [""]
     return lines
+
+
+def _abstain(rule: dict | None) -> list[str]:
+    """The abstain threshold: how it was fitted on validation and what it does held out."""
+    if not rule:
+        return []
+    val, held = rule.get("validation") or {}, rule.get("heldout") or {}
+    default = ("on by default: on validation it raised (right - wrong) per turn from "
+               f"{_num(val.get('utility_never'))} to {_num(val.get('utility'))}"
+               if rule.get("on_by_default") else
+               "off by default (on validation it did not beat always routing); available per request")
+    return [f"**Abstain when unsure:** below a route score of {_num(rule.get('threshold'))} (fitted on "
+            f"{val.get('n', DASH)} validation turns, scoring +1 for a right route, -1 for a wrong one "
+            f"and 0 for a clarifying question), the turn gets a question listing the likely routes; "
+            f"{default}.", "",
+            *_table(["turns", "abstain rate", "accuracy of the rest", "accuracy without abstaining",
+                     "wrong routes caught", "right routes lost"],
+                    [["validation (weighted)", _pct(val.get("abstain_rate")), _pct(val.get("accuracy_rest")),
+                      _pct(val.get("accuracy_all")), DASH, DASH],
+                     [f"held out ({held.get('n', DASH)})", _pct(held.get("abstain_rate")),
+                      _pct(held.get("accuracy_rest")), _pct(held.get("accuracy_all")),
+                      held.get("wrong_caught", DASH), held.get("right_lost", DASH)]]), ""]
+
+
+def _routed(tasks: dict) -> list[str]:
+    """Routed end to end beside the right adapter forced, per classify task and view."""
+    rows = []
+    for name, t in tasks.items():
+        for view, m in (t.get("routed") or {}).items():
+            ab = m.get("abstain") or {}
+            rows.append([name, view, m.get("n"), _pct(m.get("oracle_accuracy")), _pct(m.get("routed_accuracy")),
+                         DASH if m.get("cost_points") is None else f"{m['cost_points']:.1f}",
+                         _pct(m.get("routed_to_adapter")),
+                         ", ".join(f"{k} {v}" for k, v in (m.get("elsewhere") or {}).items()) or DASH,
+                         f"{_pct(ab.get('abstain_rate'))} / {_pct(ab.get('routed_accuracy_rest'))}" if ab else DASH])
+    if not rows:
+        return []
+    return ["## Routed end to end", "",
+            "Each held-out text of a classify task is sent as a chat turn: the router picks the adapter, "
+            "and the text counts as right only when it reaches this task's adapter and the label is "
+            "right. Oracle = the right adapter forced (the adapter's own accuracy); the cost is what "
+            "routing takes away, in points.", "",
+            *_table(["task", "view", "n", "oracle (adapter forced)", "routed", "routing cost (points)",
+                     "routed to the adapter", "the others went to", "abstain: rate / routed accuracy of the rest"],
+                    rows), ""]
 
 
 def _latency(lat: dict) -> list[str]:
@@ -314,6 +362,7 @@ def write_report(results: dict, out_dir, plots: bool = True) -> tuple[Path, Path
         lines += ["Run: " + ", ".join(f"{k} `{v}`" for k, v in meta.items()), ""]
     if results.get("router"):
         lines += _router(results["router"], out_dir, plots)
+    lines += _routed(ok)
     if results.get("latency"):
         lines += _latency(results["latency"])
     for name, t in ok.items():

@@ -34,7 +34,7 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
     Returns:
         the whole report dict written to ``out/eval.json``.
     """
-    from ..routing import build_router
+    from ..routing import abstain, build_router
     from ..routing.second import attach_if_trained
     from .evaluate import eval_router
     from .report import write_report
@@ -48,7 +48,8 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
                         f"{[s.name for s in specs]}")
     t0 = time.perf_counter()
     router = build_router(specs)
-    attach_if_trained(router, adapters_dir)  # the second stage, with a backbone only if it has one
+    if attach_if_trained(router, adapters_dir):  # the second stage, with a backbone only if it has one
+        abstain.attach(router, specs)  # its threshold is fitted on the scores as served
     section = eval_router(specs, session=_RouterOnly(router))
     section["command"] = command_line
     section["date"] = time.strftime("%Y-%m-%d %H:%M")
@@ -90,6 +91,12 @@ def summary_lines(router: dict, latency: dict | None = None) -> list[str]:
     second = router.get("second_stage")
     lines.append(f"second stage asked on {100 * second['asked_rate']:.1f}% of turns (gate {second['gate']:.2f})"
                  if second else "second stage off (bot train-router fits one)")
+    rule = router.get("abstain")
+    if rule:
+        held = rule["heldout"]
+        lines.append(f"abstain below {rule['threshold']:.3f} ({'on' if rule['on_by_default'] else 'off'} by "
+                     f"default): would ask back on {100 * held['abstain_rate']:.1f}% of these turns, the "
+                     f"rest {100 * (held['accuracy_rest'] or 0):.1f}% right")
     if latency and "route_isa" in latency:
         lines.append("median route() time, short turns, no cache hits: " + ", ".join(
             f"{name} {v['median_ms']:.1f} ms" for name, v in latency["route_isa"].items()))

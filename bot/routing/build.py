@@ -88,7 +88,7 @@ def default_fallback(specs) -> str:
 
 
 def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | None = None,
-                 backbone=None) -> Router:
+                 backbone=None, adapters_dir=None) -> Router:
     """A Router over ``specs`` (AdapterSpec list), fitted on their validation splits.
 
     A cached router that cannot be read, has another format or another encoder is rebuilt.
@@ -97,12 +97,19 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | No
         fallback: the route for turns that fit none (None: ``default_fallback(specs)``).
         backbone: the loaded Backbone; with it, the router's second stage is attached from the
             specs' adapters folder when one fits these routes (bot.routing.second.attach).
+        adapters_dir: where the second stage lives (None: the first spec's parent folder).
+
+    The abstain threshold is fitted on validation last (bot.routing.abstain.attach).
     """
+    from . import abstain
+
     router = _fitted_router(specs, encoder, use_cache, fallback)
-    if backbone is not None and specs and specs[0].folder is not None:
+    adapters_dir = adapters_dir or (specs[0].folder.parent if specs and specs[0].folder else None)
+    if backbone is not None and adapters_dir is not None:
         from .second import attach
 
-        attach(router, backbone, Path(specs[0].folder).parent)
+        attach(router, backbone, Path(adapters_dir), specs)
+    abstain.attach(router, specs)
     return router
 
 
@@ -116,6 +123,7 @@ def _fitted_router(specs, encoder, use_cache: bool, fallback: str | None) -> Rou
         try:
             router = Router.load(cached, encoder)
             _describe(router, specs)
+            router.cache_path = cached
             return router
         except Exception as err:  # a stale, foreign or damaged cache is rebuilt, never fatal
             log.info("rebuilding the router cache: %s", err)
@@ -148,6 +156,7 @@ def _fitted_router(specs, encoder, use_cache: bool, fallback: str | None) -> Rou
     if use_cache:
         try:
             router.save(cached)
+            router.cache_path = cached
         except OSError as err:
             log.warning("could not cache the router in %s (%s); it will be rebuilt next time",
                         cached, err)

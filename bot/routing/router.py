@@ -101,6 +101,10 @@ class Router:
         self._examples: dict[str, list[str]] = {}
         self._embeddings: dict[str, np.ndarray] = {}
         self.second = None  # bot.routing.second.SecondStage when attached (second.attach)
+        self.second_note = ""  # what second.attach decided, and why (reports)
+        self.second_check: dict | None = None  # second.extension_check's figures, when it ran
+        self.cache_path: Path | None = None  # the folder build_router cached this router in
+        self.abstain = None  # bot.routing.abstain.Abstain once fitted (abstain.attach)
 
     @property
     def encoder(self):
@@ -188,7 +192,39 @@ class Router:
         scoring = scoring_text(text)
         scores = self._scores(scoring)
         scores, asked = self.second.consult(scores, scoring) if self.second else (scores, "")
-        choice = self._follow_up(previous, scores, text) if sticky else self._decide(scores, text)
+        return self._choose(scores, text, previous if sticky else None, asked)
+
+    def route_all(self, texts: list[str]) -> list[RouteChoice]:
+        """``route(t)`` for each turn on its own (no previous turn), in batches.
+
+        The turns are embedded together and the second stage reads its unsure ones in one
+        batch: many times faster than one call per turn, for evaluation and reports.
+        """
+        texts = ["" if t is None else str(t) for t in texts]
+        out: list[RouteChoice | None] = [None] * len(texts)
+        todo = []
+        for i, text in enumerate(texts):
+            if parse_command(text):
+                out[i] = self.route(text)
+            else:
+                todo.append(i)
+        scoring = [scoring_text(texts[i]) for i in todo]
+        rows: list[dict[str, float]] = [{} for _ in todo]
+        if self._examples and todo:
+            matrix = np.concatenate([self._score_matrix(self.embedder.encode(scoring[k:k + 256]),
+                                                        scoring[k:k + 256])
+                                     for k in range(0, len(scoring), 256)])
+            rows = [{n: round(float(v), 4) for n, v in zip(self._examples, row, strict=True)}
+                    for row in matrix]
+        mixed = self.second.consult_many(rows, scoring) if self.second else [(r, "") for r in rows]
+        for i, (scores, asked) in zip(todo, mixed, strict=True):
+            out[i] = self._choose(scores, texts[i], None, asked)
+        return out
+
+    def _choose(self, scores: dict[str, float], text: str, previous: str | None,
+                asked: str) -> RouteChoice:
+        """The decision from the turn's scores (``previous``: a follow-up's earlier adapter)."""
+        choice = self._follow_up(previous, scores, text) if previous else self._decide(scores, text)
         choice = replace(choice, reason=f"{choice.reason}; {asked}") if asked else choice
         if not choice.scores or self.fallback in choice.scores:
             return choice

@@ -23,6 +23,7 @@ saying how to retrain it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import io
 import json
@@ -138,6 +139,9 @@ class SecondStage:
         self.task, self.gate, self.weight = task, float(gate), float(weight)
         self.labels = list(task.labels)
         self.asked = 0  # turns that got the second opinion (reports)
+        self.digest = ""  # of the stage.json it was read from (attach)
+        # route sets it is asked for: its own, and one that extension_check found it helps
+        self.route_sets = [sorted(self.labels)]
 
     def probs(self, texts: list[str]) -> np.ndarray:
         """The adapter's probabilities, shape (len(texts), len(labels))."""
@@ -145,30 +149,73 @@ class SecondStage:
         return np.array([[row[name] for name in self.labels] for row in rows], dtype=np.float32)
 
     def consult(self, scores: dict[str, float], text: str) -> tuple[dict[str, float], str]:
-        """``scores`` averaged with the adapter's when the first stage is unsure, and why.
+        """``scores`` averaged with the adapter's when the first stage is unsure, and why."""
+        return self.consult_many([scores], [text])[0]
 
-        Routes added since the adapter was trained (``Router.add_route``) switch it off: it
-        would score a route it has never seen as 0."""
-        if (not scores or max(scores.values()) >= self.gate or not text.strip()
-                or sorted(scores) != sorted(self.labels)):
-            return scores, ""
-        self.asked += 1
-        second = dict(zip(self.labels, self.probs([text])[0].tolist(), strict=True))
-        mixed = {n: round((1 - self.weight) * s + self.weight * second.get(n, 0.0), 4)
-                 for n, s in scores.items()}
-        best = max(second, key=second.get)
+    def consult_many(self, scores: list[dict[str, float]], texts: list[str]) -> list[tuple[dict, str]]:
+        """:meth:`consult` for many turns, the adapter run once over the unsure ones (batched)."""
+        asked = [i for i, (s, t) in enumerate(zip(scores, texts, strict=True)) if self._asks(s, t)]
+        out = [(s, "") for s in scores]
+        if not asked:
+            return out
+        self.asked += len(asked)
+        for i, row in zip(asked, self.probs([texts[i] for i in asked]), strict=True):
+            out[i] = self._mixed(scores[i], dict(zip(self.labels, row.tolist(), strict=True)))
+        return out
+
+    def _asks(self, scores: dict[str, float], text: str) -> bool:
+        """Unsure first stage, something to read, and a route set it is asked for (a route
+        added at run time, ``Router.add_route``, was never checked: it stays quiet then)."""
+        return (bool(scores) and max(scores.values()) < self.gate and bool(text.strip())
+                and sorted(scores) in self.route_sets)
+
+    def _mixed(self, scores: dict[str, float], second: dict[str, float]) -> tuple[dict, str]:
+        """The averaged scores and the reason.
+
+        For the routes it was fitted for: ``(1 - weight) * first + weight * adapter``. When the
+        routes changed since (``bot add``, ``bot rm``), the adapter judges only among the routes
+        it knows: it shares out the first stage's mass for those routes in its own proportions
+        (its probabilities renormalised over them), and a route it never saw keeps the first
+        stage's score. No retraining; the regression report of the change measures the result.
+        """
+        w = self.weight
+        known = [n for n in scores if n in second]
+        if sorted(known) == sorted(scores) == sorted(self.labels):
+            mixed = {n: round((1 - w) * s + w * second[n], 4) for n, s in scores.items()}
+            over = ""
+        else:
+            mass = sum(scores[n] for n in known)
+            total = sum(second[n] for n in known) or 1.0
+            mixed = {n: round((1 - w) * s + w * mass * second[n] / total, 4) if n in second else s
+                     for n, s in scores.items()}
+            over = f" over the {len(known)} routes it was trained on"
+        best = max((n for n in known), key=second.get)
+        share = second[best] / (sum(second[n] for n in known) or 1.0) if over else second[best]
         return mixed, (f"first stage unsure (best below {self.gate:.2f}): averaged with the route "
-                       f"adapter, which says '{best}' {second[best]:.2f}")
+                       f"adapter{over}, which says '{best}' {share:.2f}")
+
+
+def fitted_routes(folder: Path) -> list[str] | None:
+    """The routes the stage in ``folder`` was fitted for (its ``stage.json``), or None."""
+    try:
+        routes = json.loads((Path(folder) / STAGE_FILE).read_text(encoding="utf-8"))["routes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [str(r) for r in routes] if isinstance(routes, list) else None
 
 
 def _read_stage(path: Path, router) -> tuple[dict, str]:
-    """``stage.json`` and why it cannot be used for ``router`` ('' when it can)."""
+    """``stage.json`` and why it cannot be used for ``router`` ('' when it can).
+
+    Routes added or removed since it was fitted are fine while it still knows two of the
+    router's routes (see ``SecondStage._mixed``); whether that helps is checked on validation
+    (:func:`extension_check`)."""
     try:
         stage = json.loads(path.read_text(encoding="utf-8"))
         stage["gate"], stage["weight"] = float(stage["gate"]), float(stage["weight"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         return {}, f"{path} is unreadable ({type(err).__name__}: {err})"
-    if sorted(stage.get("routes") or []) != sorted(router.routes):
+    if len(set(stage.get("routes") or []) & set(router.routes)) < 2:
         return stage, f"it was fitted for the routes {stage.get('routes')}, the router has {router.routes}"
     if NAME in router.names:
         return stage, f"an adapter is named '{NAME}' too"
@@ -177,32 +224,117 @@ def _read_stage(path: Path, router) -> tuple[dict, str]:
     return stage, ""
 
 
-def attach(router, backbone, adapters_dir) -> SecondStage | None:
+def attach(router, backbone, adapters_dir, specs=None) -> SecondStage | None:
     """Load ``ADAPTERS_DIR/.router/router`` onto ``backbone`` as ``router.second``, if it fits.
 
-    It fits when it was trained and fitted (``stage.json``) for exactly the router's routes and
-    for this backbone; otherwise the router runs on its first stage alone, and the log says why.
+    It fits when it was trained and fitted (``stage.json``) for the router's routes and for this
+    backbone. When the routes changed since (an adapter added or removed), it is asked only
+    about the routes it knows, and only if that beats the first stage alone on validation
+    (:func:`extension_check`, cached beside the router). Otherwise the router runs on its
+    first stage alone. ``router.second_note`` and the log say which, and why.
+
+    Args:
+        specs: the routes' manifests (for the validation turns); None: read from adapters_dir.
     """
     from ..registry import load_task
     from ..spec import AdapterSpec
 
     folder = folder_of(adapters_dir)
-    router.second = None
+    router.second, router.second_note = None, "none: no route adapter fitted (bot train-router)"
     if not (folder / STAGE_FILE).is_file():
         return None
     stage, why = _read_stage(folder / STAGE_FILE, router)
+    task = None
     if not why:
         try:
             task = load_task(backbone, AdapterSpec.from_dir(folder))
         except BotError as err:
             why = str(err)
+    candidate = SecondStage(task, stage["gate"], stage["weight"]) if task is not None else None
+    if candidate is not None:  # what a cached fit on the router's scores depends on (abstain)
+        candidate.digest = hashlib.sha256((folder / STAGE_FILE).read_bytes()).hexdigest()[:16]
+    if candidate is not None and sorted(stage["routes"]) != sorted(router.routes):
+        check = extension_check(router, candidate, specs, adapters_dir, folder / STAGE_FILE)
+        router.second_check = check
+        if not check["on"]:
+            why = (f"fitted for {sorted(stage['routes'])}, the router has {sorted(router.routes)}; asked "
+                   f"only about the routes it knows it scored {100 * check['extended']:.1f} % on "
+                   f"{check['n']} validation turns, the first stage alone {100 * check['first_stage']:.1f} %")
     if why:
+        if task is not None:
+            backbone.drop_adapter(NAME)
         log.info("router second stage off: %s. Fix: bot train-router", why)
+        router.second_note = f"off: {why}"
         return None
-    router.second = SecondStage(task, stage["gate"], stage["weight"])
-    log.info("router second stage on: the route adapter is asked when the best score is below %.2f",
-             router.second.gate)
+    router.second = candidate
+    if sorted(stage["routes"]) != sorted(router.routes):
+        check = router.second_check
+        candidate.route_sets.append(sorted(router.routes))
+        router.second_note = (
+            f"extended without retraining: fitted for {sorted(stage['routes'])}, it is asked only "
+            f"about those routes; on {check['n']} validation turns of the routes now served, first "
+            f"stage alone {100 * check['first_stage']:.1f} %, with it {100 * check['extended']:.1f} % "
+            "(bot train-router refits it for every route)")
+    else:
+        router.second_note = f"on: asked when the first stage's best score is below {candidate.gate:.2f}"
+    log.info("router second stage %s", router.second_note)
     return router.second
+
+
+EXTENSION_VAL_PER_ROUTE = 300  # validation turns per route for extension_check (about a minute)
+
+
+def extension_check(router, stage: SecondStage, specs, adapters_dir, stage_file: Path) -> dict:
+    """Does the stage, fitted for other routes, help the router on validation? Cached.
+
+    Both ways (first stage alone, and with the stage asked about the routes it knows) route the
+    validation splits of the router's routes plus the hand-written validation turns; accuracy is
+    weighted as in :func:`fit_stage`. The result is kept in the router's cache folder
+    (``second.json``), keyed by the stage's ``stage.json``, so it is measured once per route set.
+    """
+    import time
+
+    from ..fsutil import atomic_write_text
+    from ..spec import discover
+
+    digest = hashlib.sha256(stage_file.read_bytes()).hexdigest()[:16]
+    cache = getattr(router, "cache_path", None)
+    path = Path(cache) / "second.json" if cache else None
+    if path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("stage") == digest and sorted(saved.get("routes", [])) == sorted(router.routes):
+                return saved
+        except (OSError, ValueError, AttributeError):
+            pass
+    specs = [s for s in (specs if specs is not None else discover(adapters_dir)) if s.name in router.routes]
+    pairs = validation_pairs(specs, router, EXTENSION_VAL_PER_ROUTE)
+    labels = np.array([a for _, a, _ in pairs])
+    weights = _weights(labels, np.array([s for _, _, s in pairs]))
+    texts = [t for t, _, _ in pairs]
+    saved_second = router.second
+    stage.route_sets.append(sorted(router.routes))  # asked about this route set, to measure it
+    try:
+        router.second = None
+        alone = np.array([c.adapter for c in router.route_all(texts)]) == labels
+        router.second = stage
+        asked_before = stage.asked
+        with_stage = np.array([c.adapter for c in router.route_all(texts)]) == labels
+        asked = stage.asked - asked_before
+    finally:
+        router.second = saved_second
+        stage.route_sets.pop()
+    first, extended = float(weights @ alone), float(weights @ with_stage)
+    result = {"stage": digest, "routes": router.routes, "n": len(pairs),
+              "first_stage": round(first, 4), "extended": round(extended, 4),
+              "asked": round(asked / max(len(pairs), 1), 4), "on": extended >= first,
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    if path is not None:
+        try:
+            atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        except OSError as err:
+            log.info("could not cache the second stage check in %s: %s", path, err)
+    return result
 
 
 def status(adapters_dir, routes: list[str]) -> str:
@@ -217,8 +349,12 @@ def status(adapters_dir, routes: list[str]) -> str:
                 f"stage's best score is below {stage['gate']:.2f} (fitted {stage.get('date', '?')})")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{path} is unreadable ({type(err).__name__}). Fix: bot train-router --fit-only"
-    if sorted(fitted) != sorted(routes):
+    if len(set(fitted) & set(routes)) < 2:
         return f"off: fitted for {fitted}, the adapters give {sorted(routes)}. Fix: bot train-router"
+    if sorted(fitted) != sorted(routes):
+        return (f"fitted for {sorted(fitted)}, the adapters give {sorted(routes)}: asked only about the "
+                "routes it knows, if that beats the first stage on validation (checked when the router "
+                "starts). Fix: bot train-router refits it for every route")
     return line if stage["gate"] > 0 else "off: it did not help on validation when it was fitted"
 
 
@@ -234,7 +370,7 @@ def attach_if_trained(router, adapters_dir, backbone_name: str | None = None) ->
 HANDWRITTEN_SHARE = 0.25  # of the validation objective; the test set is ~19 % hand-written
 
 
-def validation_pairs(specs, router) -> list[tuple[str, str, str]]:
+def validation_pairs(specs, router, per_route: int = VAL_PER_ROUTE) -> list[tuple[str, str, str]]:
     """(text, route, source) for fitting: validation splits and hand-written validation turns."""
     from ..text import normalise
     from .build import route_texts, spec_splits, turn_texts
@@ -246,7 +382,7 @@ def validation_pairs(specs, router) -> list[tuple[str, str, str]]:
             rows = spec_splits(spec).val
         except BotError:
             continue
-        drawn = turn_texts(rows, random.Random(spec.train.seed + 1), VAL_PER_ROUTE)
+        drawn = turn_texts(rows, random.Random(spec.train.seed + 1), per_route)
         pairs += [(t, spec.name, "data") for t in drawn if normalise(t) not in seen]
     pairs += [(t, a, "hand-written") for t, a in load_turns(VAL_TURNS) if a in router.routes]
     return pairs

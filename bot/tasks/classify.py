@@ -237,8 +237,13 @@ class ClassifyTask(Task):
                 progress(len(idx))
         return out
 
-    def evaluate(self, rows: list[dict], max_length: int | None = None, progress=None) -> dict:
-        """Accuracy on ``text`` and on each view, with predictions for reports."""
+    def evaluate(self, rows: list[dict], max_length: int | None = None, progress=None,
+                 predictions: dict | None = None) -> dict:
+        """Accuracy on ``text`` and on each view, with predictions for reports.
+
+        Args:
+            predictions: when given, filled with each view's predicted labels in row order
+                (``bot eval`` scores them again with the router choosing the adapter)."""
         from ..eval.metrics import classification_metrics
 
         result = {}
@@ -248,6 +253,8 @@ class ClassifyTask(Task):
             texts = [r["text"] if view is None else r["views"][view] for r in subset]
             probs = self.predict(texts, max_length=max_length, progress=progress)
             preds = [max(p, key=p.get) for p in probs]
+            if predictions is not None:
+                predictions[view or "text"] = preds
             metrics = classification_metrics([r["label"] for r in subset], preds, self.labels)
             result[view or "text"] = metrics
         return result
