@@ -95,7 +95,7 @@ def add_and_train(*, name: str, source, adapters_dir, backbone, kind: str = "cla
         refused = ""
         if strict and drops:
             refused = (f"{', '.join(drops)} lost more than {changes.DROP_POINTS:.0f} point(s); the trained "
-                       f"folder is kept in {to_trash(staging)}")
+                       f"folder is kept in {to_trash(staging, adapters_dir, f'{name}-refused')}")
         elif existed:
             swap_in(staging, folder, retirer(folder, "bot add --force --train"))
         else:

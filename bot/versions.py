@@ -97,12 +97,17 @@ def record_absent(dest: Path, reason: str, extra: dict | None = None) -> Path:
     return entry
 
 
-def to_trash(folder: Path) -> Path:
-    """Move ``folder`` to ``<its adapters dir>/.trash/<name>-<time>/`` (never deleted)."""
+def to_trash(folder: Path, root: Path | None = None, name: str | None = None) -> Path:
+    """Move ``folder`` to ``ROOT/.trash/<name>-<time>/`` (never deleted).
+
+    Args:
+        root: the adapters folder (None: ``folder``'s parent).
+        name: the adapter's name (None: read from a ``.NAME.old-PID`` folder name).
+    """
     folder = Path(folder)
-    trash = folder.parent / TRASH
+    trash = Path(root or folder.parent) / TRASH
     trash.mkdir(exist_ok=True)
-    name = folder.name.lstrip(".").split(".old-")[0].split(".new-")[0]
+    name = name or folder.name.lstrip(".").split(".old-")[0].split(".new-")[0]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest, n = trash / f"{name}-{stamp}", 1
     while dest.exists():

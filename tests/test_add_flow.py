@@ -1,0 +1,183 @@
+"""`bot add --train`, `bot rm`, retraining and the route-change report, on the tiny model.
+
+The router runs on the bag-of-words HashEncoder of test_router (milliseconds, and its
+similarities follow the words): each toy route has its own words, so which turns move when a
+route is added is known in advance.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import make_tiny_backbone
+from test_router import HashEncoder
+from test_versions import tree
+
+from bot import versions
+from bot.addflow import add_and_train, own_score_drop, remove_route, retrain_report
+from bot.routing import changes
+from bot.spec import AdapterSpec, discover
+from bot.train import train_adapter
+
+VOCAB = {
+    "pets": {"cat": ["meow", "purr", "whiskers", "kitten"], "dog": ["woof", "bark", "fetch", "puppy"]},
+    "food": {"sweet": ["cake", "candy", "honey", "sugar"], "savory": ["salt", "cheese", "bacon", "pickle"]},
+    "weather": {"sun": ["sunny", "bright", "clear", "warm"], "rain": ["rainy", "storm", "drizzle", "wet"]},
+    # the words of pets again: a route that takes pets' turns away
+    "animals": {"tame": ["meow", "purr", "woof", "bark"], "wild": ["whiskers", "kitten", "fetch", "puppy"]},
+}
+
+
+def toy_csv(path, route: str, n: int = 120, seed: int = 0):
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for i in range(n):
+        label = rng.choice(sorted(VOCAB[route]))
+        words = rng.sample(VOCAB[route][label], 2)
+        lines.append(f"{words[0]} {words[1]} item {i},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def toy_spec(root, route: str) -> AdapterSpec:
+    folder = root / route
+    spec = AdapterSpec.from_dict({
+        "name": route, "kind": "classify", "labels": sorted(VOCAB[route]),
+        "data": {"path": str(toy_csv(root.parent / f"{route}.csv", route))},
+        "description": f"{route} words", "route_examples": [" ".join(sum(VOCAB[route].values(), []))],
+        "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"epochs": 3.0, "batch_size": 8, "learning_rate": 0.003, "head_lr": 0.03, "max_length": 32},
+    }, folder / "adapter.yaml")
+    spec.save(folder)
+    return AdapterSpec.from_dir(folder)
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """Two trained routes (pets, food) under tmp/adapters; the router cache in tmp/cache."""
+    monkeypatch.setenv("BOT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "adapters"
+    bb = make_tiny_backbone()
+    for route in ("pets", "food"):
+        spec = toy_spec(root, route)
+        train_adapter(spec, bb, spec.folder)
+    return root, bb
+
+
+def add(root, bb, route, tmp_path, **kw):
+    csv = toy_csv(tmp_path / f"new-{route}.csv", route, seed=1)
+    return add_and_train(name=route, source=csv, adapters_dir=root, backbone=bb, encoder=HashEncoder(),
+                         eval_examples=None, **kw)
+
+
+def test_add_train_reports_every_route_and_proves_the_others_untouched(world, tmp_path):
+    root, bb = world
+    digests = {n: changes.weight_digest(root / n) for n in ("pets", "food")}
+    before = tree(root)
+    report = add(root, bb, "weather", tmp_path)
+    assert report["applied"] and (root / "weather" / "adapter_model.safetensors").is_file()
+    assert report["routes_before"] == ["food", "pets"] and report["routes_after"] == ["food", "pets", "weather"]
+    per = report["router"]["per_route"]
+    assert per["weather"]["status"] == "new" and per["weather"]["before"] is None
+    assert per["weather"]["after"] >= 0.8  # its own words: its held-out turns reach it
+    for route in ("pets", "food"):  # distinct words: nothing is taken from them
+        assert per[route]["n"] > 0 and per[route]["change_points"] >= -changes.DROP_POINTS
+    assert report["drops"] == {} and report["warnings"] == []
+    for n in ("pets", "food"):
+        a = report["adapters"][n]
+        assert a["unchanged"] and a["digest_before"] == a["digest_after"] == digests[n]
+        assert a["score_before"] == a["score_after"] and "text" in a["score_before"]
+    assert report["adapters"]["weather"]["digest_before"] is None
+    # every held-out turn of the new route, routed: right adapter and right label
+    routed = report["new_adapter"]["routed"]["text"]
+    metrics = json.loads((root / "weather" / "metrics.json").read_text())
+    assert routed["oracle_accuracy"] == pytest.approx(metrics["heldout"]["text"]["accuracy"])
+    assert routed["routed_accuracy"] <= routed["oracle_accuracy"]
+    assert routed["n"] == metrics["heldout"]["text"]["n"]
+    md = (root / ".changes").glob("*-add-weather.md")
+    text = next(md).read_text()
+    assert "| weather |" in text and "unchanged (same weights)" in text and "Routed end to end" in text
+    # nothing but the new folder (and bookkeeping) appeared
+    after = tree(root)
+    assert {k: v for k, v in after.items() if not k.startswith("weather/")} == before
+    # and rolling back puts every file back as it was
+    done = versions.rollback(root, "weather")
+    assert done["absent"] and not (root / "weather").exists() and tree(root) == before
+
+
+def test_strict_refuses_a_route_that_takes_turns_away_and_changes_nothing(world, tmp_path):
+    root, bb = world
+    before = tree(root)
+    report = add(root, bb, "animals", tmp_path, strict=True)
+    assert not report["applied"] and "pets" in report["drops"] and report["drops"]["pets"] > 1
+    assert "REFUSED" in changes.render(report) and "pets" in report["refused"]
+    assert not (root / "animals").exists() and tree(root) == before
+    assert any(".trash" in str(p) for p in root.glob(".trash/animals-*"))  # kept, not deleted
+    warning = report["warnings"][0]
+    assert warning.startswith("route 'pets' lost") and "-> animals" in warning
+    moved = report["router"]["moved"]
+    assert moved and all(t["before"] != t["after"] for t in moved)
+    assert any(t["true"] == "pets" and t["after"] == "animals" for t in moved)
+    # without --strict the same change goes through, with the warning
+    report = add(root, bb, "animals", tmp_path)
+    assert report["applied"] and report["warnings"] and (root / "animals").is_dir()
+
+
+def test_rm_reports_and_moves_to_the_trash(world, tmp_path):
+    root, bb = world
+    add(root, bb, "weather", tmp_path)
+    before = tree(root)
+    report = remove_route(name="weather", adapters_dir=root, encoder=HashEncoder())
+    assert report["applied"] and not (root / "weather").exists()
+    assert report["router"]["per_route"]["weather"]["status"] == "removed"
+    assert all(a["unchanged"] for n, a in report["adapters"].items() if n != "weather")
+    assert list(root.glob(".trash/weather-*"))
+    versions.rollback(root, "weather")
+    assert tree(root) == before
+
+
+def test_retraining_keeps_the_previous_version_and_reports_the_router_unchanged(world):
+    root, bb = world
+    spec = AdapterSpec.from_dir(root / "pets")
+    old = tree(root / "pets")
+    train_adapter(spec, bb, spec.folder, epochs=1.0)
+    report = retrain_report(name="pets", adapters_dir=root)
+    assert report["router"]["same"] and report["router"]["n_moved"] == 0
+    assert report["adapters"]["food"]["unchanged"] and not report["adapters"]["pets"]["unchanged"]
+    assert "Router: unchanged" in changes.render(report)
+    (kept,) = versions.list_versions(root / "pets")
+    assert tree(kept["source"]) == old
+    versions.rollback(root, "pets")
+    assert tree(root / "pets") == old
+
+
+def test_own_score_drop_compares_equal_sized_views_only():
+    old = {"heldout": {"text": {"accuracy": 0.90, "n": 100}, "headline": {"accuracy": 0.8, "n": 50}}}
+    new = {"heldout": {"text": {"accuracy": 0.85, "n": 100}, "headline": {"accuracy": 0.5, "n": 40}}}
+    assert own_score_drop(old, new) == "text 90.0 -> 85.0 % (n=100)"
+    assert own_score_drop(old, old) == ""
+    assert "+5.0%" in own_score_drop({"heldout": {"ppl_adapter": 20.0}}, {"heldout": {"ppl_adapter": 21.0}})
+
+
+def test_cli_add_train_prints_one_report(world, tmp_path, monkeypatch, capsys):
+    from bot.cli import main
+
+    root, bb = world
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: bb))
+    monkeypatch.setattr("bot.routing.encoder.load_encoder", lambda *a, **k: HashEncoder())
+    csv = toy_csv(tmp_path / "w.csv", "weather", seed=2)
+    assert main(["add", "weather", "--from", str(csv), "--adapters-dir", str(root), "--strict"]) == 2
+    assert "--train" in capsys.readouterr().err
+    assert main(["add", "weather", "--from", str(csv), "--adapters-dir", str(root), "--train",
+                 "--eval-examples", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "# Route set change: add weather" in out and "| pets |" in out and "report written to" in out
+    assert main(["list", "--adapters-dir", str(root)]) == 0
+    assert "previous 1: " in capsys.readouterr().out  # weather: "did not exist"
+    assert main(["rm", "weather", "--adapters-dir", str(root)]) == 0
+    assert "# Route set change: rm weather" in capsys.readouterr().out
+    assert "weather" not in [s.name for s in discover(root)]
+    assert main(["rollback", "weather", "--adapters-dir", str(root)]) == 0
+    assert "weather" in [s.name for s in discover(root)]
