@@ -288,7 +288,7 @@ class Backbone:
         self.lock = threading.RLock()
         self._padded = _PaddedTokenizer(self.tokenizer)  # see encode
         self.fingerprint, self._legacy_fingerprint = fingerprint or _fingerprints(info.name, self.base)
-        self._fast = None
+        self._engine = None
         self.load_in = "fp32" if self.base.dtype == torch.float32 else "bf16"
         # Weights stay float32 on the CPU (training keeps fp32 master weights); matmuls may
         # run in bfloat16 under autocast, much faster on CPUs with native bf16 (README, Design).
@@ -456,8 +456,8 @@ class Backbone:
                    if "lora_" in n and f".{name}." in n + ".")
 
     def _invalidate(self, name: str | None) -> None:
-        if self._fast is not None:
-            self._fast.invalidate(name)
+        if self._engine is not None and name in self._engine.generators:
+            self._engine.remove_adapter(name)  # re-stacked from the new weights on next use
 
     # -------------------------------------------------------------- inference
     def encode(self, texts: list[str], max_length: int = 256) -> dict:
@@ -509,13 +509,14 @@ class Backbone:
         out = self.forward(batch, adapters, output_hidden_states=True, logits_to_keep=1)
         return last_token_states(out.hidden_states[-1], batch["attention_mask"])
 
-    def fast(self):
-        """The generation engine (see bot.fastgen)."""
-        from .fastgen import FastGenerator
+    def engine(self):
+        """The shared engine for library calls: every loaded generation adapter, on first use."""
+        from .engine import Scheduler
 
-        if self._fast is None:
-            self._fast = FastGenerator(self)
-        return self._fast
+        with self.lock:
+            if self._engine is None:
+                self._engine = Scheduler(self, auto_adapters=True)
+            return self._engine
 
 
 # One row of at most this many tokens runs in float32 on a CPU at inference, even where bf16

@@ -220,7 +220,7 @@ class ChatSession:
     def _generate(self, task, text: str, max_tokens: int | None = None,
                   history: list[dict] | None = None) -> Iterator[str]:
         """Stream a generated reply; decoding happens in the shared scheduler's batches."""
-        from .serve import SamplingParams
+        from .engine import SamplingParams
 
         ids = task.prompt_ids(text, self.history if history is None else history)[0].tolist()
         if self.llama is not None and self._llama_can(task.adapter_name):
@@ -274,7 +274,7 @@ def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str |
     from .backbone import Backbone
 
     bb = Backbone.load(backbone, device=device, load_in=load_in)
-    from .llamacpp import chat_engine
+    from .engine.llamacpp import chat_engine
 
     llama = chat_engine(bb, engine)
     session = ChatSession.from_dir(bb, adapters_dir, llama=llama)

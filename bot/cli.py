@@ -20,8 +20,8 @@ from .assets import default_adapters_dir
 from .device import DEVICES, LOAD_IN
 from .errors import BotError
 
-# bot.kernels.KINDS, spelled out so `bot --help` does not import torch (tests/test_kernels.py checks)
-KERNEL_KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h")
+# bot.engine.precision.KINDS, spelled out so `bot --help` does not import torch (tests/test_kernels.py checks)
+KERNEL_KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h", "w8q")
 
 
 def _command_line(argv) -> str:
@@ -313,16 +313,18 @@ def cmd_bench(args) -> int:
 
         result = run_serve_bench(adapters_dir=args.adapters_dir, backbone=args.backbone,
                                  out_dir=Path(args.out).parent, n_requests=args.requests,
-                                 max_tokens=args.tokens, command_line=args.command_line)
-        print(f"speedup_8 {result['speedup_8']}x, p95_ttft_ms_8 {result['p95_ttft_ms_8']}, "
-              f"failed {result['failed']}, adapter_memory_share {result['adapter_memory_share']:.2%}"
-              f" -> {Path(args.out).parent / 'serve.md'}")
+                                 max_tokens=args.tokens, command_line=args.command_line,
+                                 isas=_isas(args.isa), levels=args.levels, against=args.against,
+                                 traffic=_traffic(args.traffic))
+        figures = ", ".join(f"{k} {result[k]}" for k in result["targets"])
+        print(f"{figures} ({result['top_level_isa']}) -> {Path(args.out).parent / 'serve.md'}")
         return 0
+    if args.against:
+        raise SystemExit("bot bench: --against llama-server compares servers; add --serve")
     from .eval.bench import run_bench
 
-    isas = ("native", "avx2") if args.isa == "both" else (args.isa,)
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
-                    tokens=args.tokens, command_line=args.command_line, isas=isas,
+                    tokens=args.tokens, command_line=args.command_line, isas=_isas(args.isa),
                     llamacpp_path=args.llamacpp, llamacpp_avx2_path=args.llamacpp_avx2,
                     all_kinds=args.all_kernels, refresh_kernels=args.refresh_kernels,
                     threads=args.threads, quality_rows=args.quality_rows, device=args.device,
@@ -330,21 +332,45 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _isas(isa: str) -> tuple[str, ...]:
+    return ("native", "avx2") if isa == "both" else (isa,)
+
+
+def _traffic(traffic: str) -> tuple[str, ...]:
+    return ("mixed", "single") if traffic == "both" else (traffic,)
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    """``--levels 1,8``: concurrent clients per level, whole numbers >= 1, each once."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated client counts "
+                                         "such as 1,4,8,16 (whole numbers >= 1)")
+    levels = tuple(dict.fromkeys(int(p) for p in parts))
+    return levels
+
+
 def cmd_serve(args) -> int:
+    from .serve.limits import Limits
     from .serve.server import serve
 
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_input_chars=args.max_input_chars,
+                    max_classify_inputs=args.max_classify_inputs,
+                    header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                    keep_alive_timeout=args.keep_alive_timeout)
     return serve(_backbone(args), args.adapters_dir, host=args.host, port=args.port,
                  api_key=args.api_key or None, precision=args.precision,
                  max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_model_len,
-                 with_router=not args.no_router)
+                 with_router=not args.no_router, limits=limits)
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .export import check_destination, export
 
+    check_destination(args.to, args.force)  # before the backbone loads: refusals come at once
     bb = _backbone(args)
     manifest = export(args.names, args.to, backbone=bb, adapters_dir=args.adapters_dir,
-                      target=args.target, max_lora_rank=args.max_lora_rank)
+                      target=args.target, max_lora_rank=args.max_lora_rank, force=args.force)
     kinds = [*(f"{n} (generate)" for n in manifest["generate"]),
              *(f"{n} (classify)" for n in manifest["classify"])]
     print(f"wrote {args.to}: base + {', '.join(kinds)}; --max-lora-rank {manifest['max_lora_rank']}\n"
@@ -384,6 +410,17 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
     return value
 
 
@@ -527,6 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark `bot serve` instead: 1/4/8/16 concurrent clients vs one by one, "
                         "on this CPU and with AVX2 only -> reports/serve.md and serve.json")
     b.add_argument("--requests", type=_positive, default=32, help="requests per level (--serve)")
+    b.add_argument("--against", choices=["llama-server"], default=None,
+                   help="--serve: drive llama.cpp's llama-server with the same load, one server at "
+                        "a time, and report the ratios (build it first: "
+                        "bash scripts/build-llama-server.sh)")
+    b.add_argument("--levels", type=_levels, default=(1, 4, 8, 16), metavar="N,N,...",
+                   help="--serve: concurrent clients of each level (default 1,4,8,16)")
+    b.add_argument("--traffic", choices=["both", "mixed", "single"], default="both",
+                   help="--serve --against: mixed (base, chat and a second adapter in turn), "
+                        "single (every request on chat) or both (default)")
     b.add_argument("--isa", choices=["both", "native", "avx2"], default="both",
                    help="CPU settings to measure: the machine as it is, PyTorch limited to AVX2, or both")
     b.add_argument("--llamacpp", default=os.environ.get("BOT_LLAMACPP_PATH"), metavar="SITE_PACKAGES",
@@ -550,8 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="default: loopback only")
     v.add_argument("--port", type=int, default=int(os.environ.get("BOT_SERVE_PORT", 8000)))
     v.add_argument("--api-key", default=os.environ.get("BOT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (also BOT_API_KEY); enables adapter "
-                        "loading and unloading over the API")
+                   help="require 'Authorization: Bearer KEY'; enables adapter loading and "
+                        "unloading over the API. A key on the command line shows in `ps` to "
+                        "every user of the machine: set BOT_API_KEY instead to keep it out")
     v.add_argument("--max-batch", type=_positive, default=16, help="requests decoded together")
     v.add_argument("--max-queue", type=_positive, default=64,
                    help="requests waiting or running before new ones get 429")
@@ -561,6 +608,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base weights while serving (auto: the kernel measured fastest on this CPU "
                         "and cached, see `bot info`; fp32 is exact)")
     v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
+    v.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024,
+                   help="larger request bodies get 413 before they are read (default 4 MiB)")
+    v.add_argument("--max-input-chars", type=_positive, default=None,
+                   help="characters of one chat request's messages (and of each classify text), "
+                        "checked before tokenizing (default: 32 per token of --max-model-len)")
+    v.add_argument("--max-classify-inputs", type=_positive, default=256,
+                   help="texts per /v1/classify request (default 256)")
+    v.add_argument("--header-timeout", type=_seconds, default=10.0,
+                   help="seconds a client may take to send a request's headers (default 10)")
+    v.add_argument("--body-timeout", type=_seconds, default=30.0,
+                   help="seconds a client may take to send a request's body (default 30)")
+    v.add_argument("--keep-alive-timeout", type=_positive, default=5,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
     v.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", parents=[common], help="write adapters + backbone for vLLM")
@@ -569,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--for", dest="target", choices=["vllm"], default="vllm", help="engine (default vllm)")
     x.add_argument("--max-lora-rank", type=int,
                    help="vLLM's --max-lora-rank (1, 8, 16, ..., 512; default: the smallest that fits)")
+    x.add_argument("--force", action="store_true",
+                   help="--to may hold files no export wrote: move them to .trash/ beside it "
+                        "(otherwise refused)")
     x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", parents=[common, model], help="launch the Gradio demo on 127.0.0.1:7860")

@@ -58,7 +58,7 @@ def self_distill(backbone, out: str | Path, *, n: int = 1200, max_tokens: int = 
     Returns:
         what the sidecar holds: counts, seconds, settings.
     """
-    from .serve import SamplingParams, Scheduler
+    from .engine import SamplingParams, Scheduler
 
     prompts = distill_prompts(n, seed)
     tok = backbone.tokenizer

@@ -38,3 +38,24 @@ class BusyError(BotError):
 
 class CacheError(BotError):
     """``$BOT_CACHE`` cannot be used (a file, not writable)."""
+
+
+class ServeError(BotError):
+    """A request the engine or the server refuses; ``status`` is the HTTP status to answer with."""
+
+    status = 400
+    code = "invalid_request_error"
+
+
+class QueueFull(ServeError):
+    """Too many requests are waiting or running (HTTP 429)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+
+class UnknownModel(ServeError):
+    """The request names a model or adapter that is not served (HTTP 404)."""
+
+    status = 404
+    code = "model_not_found"

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ TARGETS = ("vllm",)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MANIFEST = "export.json"
+TRASH = ".trash"  # beside the export folder, as bot add --force's adapters/.trash
 BASE = "base"
 HEAD_MODULE = "score"
 PEFT_PREFIX = "base_model.model."
@@ -278,9 +280,9 @@ def plan_export(names: list[str], adapters_dir: Path, backbone, max_lora_rank: i
 # ------------------------------------------------------------------ writers
 def write_base(dest: Path, backbone) -> None:
     """The backbone as a plain transformers folder, with no adapter merged in."""
-    from .fastgen import build_engine
+    from .engine.plain import plain_model
 
-    model = build_engine(backbone, None, "fp32")  # a peft-free copy of the base weights
+    model = plain_model(backbone)  # peft-free, sharing the backbone's tensors (saving reads them)
     # the engine shares the live backbone's config objects: edit copies, not the backbone
     model.config = copy.deepcopy(model.config)
     model.generation_config = copy.deepcopy(model.generation_config)
@@ -418,26 +420,27 @@ def group_labels(group: list[Item]) -> list[str]:
 
 
 def export(names: list[str], to: str | Path, *, backbone, adapters_dir: str | Path,
-           target: str = "vllm", max_lora_rank: int | None = None) -> dict:
+           target: str = "vllm", max_lora_rank: int | None = None, force: bool = False) -> dict:
     """Write ``names`` (and the backbone) into ``to`` for ``target``; return the manifest.
 
     Args:
         names: adapter names under ``adapters_dir``.
-        to: the export folder; replaced atomically (only if it is a previous export).
+        to: the export folder; replaced atomically.
         backbone: the loaded Backbone the adapters were trained on.
         target: only "vllm" so far.
         max_lora_rank: vLLM's ``--max-lora-rank``; default the smallest that fits.
+        force: ``to`` may hold files an export did not write: they are moved to
+            ``<parent of to>/.trash/<name>-<time>/`` (their paths kept) instead of refused.
     Raises:
-        ExportError: listing every adapter vLLM could not load, with the reason and fix.
+        ExportError: listing every adapter vLLM could not load, with the reason and fix; or
+            ``to`` holds files no export wrote (without ``force``), or cannot be a folder.
     """
     from .export_readme import render_readme
 
     if target not in TARGETS:
         raise ExportError(f"unknown export target '{target}'. Fix: --for one of {list(TARGETS)}")
     to = Path(to)
-    if to.exists() and (not to.is_dir() or (any(to.iterdir()) and not (to / MANIFEST).exists())):
-        raise ExportError(f"{to} exists and is not a bot export (no {MANIFEST}); it would be "
-                          f"replaced. Fix: pass a new folder to --to, or empty this one")
+    foreign = check_destination(to, force)
     items, rank = plan_export(names, Path(adapters_dir), backbone, max_lora_rank)
     groups = classify_groups(items)
     manifest = {
@@ -462,13 +465,102 @@ def export(names: list[str], to: str | Path, *, backbone, adapters_dir: str | Pa
         for it in items:
             entry = manifest[it.spec.kind].get(it.name, {})
             write_adapter(tmp / it.name, it, to.resolve() / entry.get("base", BASE))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(render_readme(manifest), encoding="utf-8")
+        # what this export wrote: a later export onto the folder keeps anything else
+        manifest["files"] = sorted([*(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                                      if not p.is_dir()), MANIFEST])
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for path in tmp.rglob("*"):  # some writers leave files private; an export is for sharing
             path.chmod(0o755 if path.is_dir() else 0o644)
 
-    atomic_dir_write(to, write)
+    def retire(old: Path) -> None:  # the previous export, moved aside: keep what was not ours
+        if foreign:
+            move_to_trash(old, foreign, to)
+        shutil.rmtree(old, ignore_errors=True)
+
+    try:
+        atomic_dir_write(to, write, retire=retire)
+    except FileExistsError as err:  # a component of --to is a file: say which, not [Errno 17]
+        raise ExportError(_not_a_folder(to) or f"{to}: {err.strerror}") from err
     return manifest
+
+
+def _not_a_folder(to: Path) -> str | None:
+    """The message for a ``to`` that cannot be a folder (it or a parent is a file), or None."""
+    for path in [to, *to.parents]:
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                return None
+            what = "is a file" if path == to else f"is a file, so {to} cannot be created inside it"
+            return f"{path} {what}. Fix: pass --to a folder path (new, or a previous export)"
+    return None
+
+
+def check_destination(to: str | Path, force: bool = False) -> list[Path]:
+    """The files under ``to`` no export wrote (to move to the trash); refused unless ``force``.
+
+    Raises:
+        ExportError: ``to`` (or a parent) is a file; or it holds such files, without ``force``.
+    """
+    to = Path(to)
+    foreign = foreign_files(to)
+    if foreign and not force:
+        shown = ", ".join(str(p) for p in foreign[:5]) + (f" and {len(foreign) - 5} more"
+                                                           if len(foreign) > 5 else "")
+        what = ("is a previous export but holds" if (to / MANIFEST).is_file() else
+                f"is not a bot export (no {MANIFEST}) and holds")
+        raise ExportError(f"{to} {what} {len(foreign)} file(s) no export wrote ({shown}); "
+                          "exporting would delete them. Fix: pass a new folder to --to, or "
+                          f"--force to move them to {to.parent / TRASH}/ first")
+    return foreign
+
+
+def foreign_files(to: Path) -> list[Path]:
+    """Files under ``to`` (relative paths) that no ``bot export`` wrote there.
+
+    An export's ``export.json`` lists its files; one written before that list existed owns
+    its known top-level entries (base folders, adapters, README.md, export.json).
+
+    Raises:
+        ExportError: ``to`` (or a parent) is a file, or its export.json cannot be read.
+    """
+    bad = _not_a_folder(to)
+    if bad:
+        raise ExportError(bad)
+    if not to.is_dir():
+        return []
+    present = sorted(p.relative_to(to) for p in to.rglob("*") if not p.is_dir())
+    manifest_path = to / MANIFEST
+    if not manifest_path.is_file():
+        return present
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if "files" in manifest:
+            ours = set(manifest["files"])
+            return [p for p in present if p.as_posix() not in ours]
+        tops = {MANIFEST, "README.md", manifest.get("base", BASE), *manifest.get("generate", {}),
+                *manifest.get("classify", {}),
+                *(e.get("base", "") for e in manifest.get("classify", {}).values())}
+    except (ValueError, AttributeError, TypeError) as err:
+        raise ExportError(f"{manifest_path} is not an export manifest ({err}). Fix: pass a new "
+                          "folder to --to, or move this one away") from err
+    return [p for p in present if p.parts[0] not in tops]
+
+
+def move_to_trash(old: Path, files: list[Path], to: Path) -> Path:
+    """Move ``files`` (relative to ``old``) to ``<to's parent>/.trash/<to's name>-<time>/``."""
+    trash = to.parent / TRASH
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = trash / f"{to.name}-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = trash / f"{to.name}-{stamp}-{n}"
+    for rel in files:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).rename(target)
+    log.warning("moved %d file(s) that no export wrote from %s to %s", len(files), to, dest)
+    return dest
 
 
 def _system_prompt(spec: AdapterSpec) -> str:

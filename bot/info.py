@@ -78,27 +78,30 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None, devi
 
 
 def decode_line(bb) -> str:
-    """Which loop the fast path's greedy replies run (bot.decode or transformers' generate())."""
-    from .decode import supports
-    from .fastgen import DECODE_ENV
+    """Which step the engine runs for this backbone: the lean batched step or transformers'."""
+    from .engine.lean import SUPPORTED, why_not
 
-    if os.environ.get(DECODE_ENV, "").strip().lower() in ("generate", "hf"):
-        return f"transformers generate() (set by {DECODE_ENV})"
-    if supports(bb.base):
-        return (f"lean loop (bot.decode: fused q/k/v and gate/up matmuls, pre-allocated KV cache); "
-                f"{DECODE_ENV}=generate for transformers generate()")
-    return f"transformers generate() (no lean loop for {bb.base.config.model_type})"
+    reason = why_not(bb.base)
+    if not reason:
+        return ("lean batched step (bot.engine.lean: fused matmuls, per-row KV cache, stacked "
+                "LoRA per token, chunked prefill)")
+    return f"transformers forward (no lean step for {reason}; the lean step covers {', '.join(SUPPORTED)})"
 
 
 def kernel_lines(bb) -> list[str]:
     """What generation runs with here, and why (measured on first use, then cached)."""
-    from .kernels import DESCRIPTIONS, choose, cpu_features
-    from .llamacpp import import_llama_cpp, source_gguf
+    from .engine.llamacpp import import_llama_cpp, source_gguf
+    from .engine.precision import DESCRIPTIONS
+    from .engine.tuning import choose, cpu_features
 
     f = cpu_features()
     choice = choose(bb)
+    kinds = dict.fromkeys((choice.small, choice.large))
+    what = "; ".join(f"{k} = {DESCRIPTIONS[k]}" for k in kinds)
+    if len(kinds) == 2:
+        what = f"{choice.small} up to {choice.threshold} tokens per step, {choice.large} above ({what})"
     lines = [f"cpu          {cpu_name()}: ATen kernels {f['aten_capability']}, native bf16 {f['native_bf16']}",
-             f"generation   {choice.kind} = {DESCRIPTIONS[choice.kind]}",
+             f"generation   {what}",
              f"  why        {choice.reason}",
              f"  cache      {'reused' if choice.cached else 'measured now and saved'}, key {choice.key}",
              f"  decode     {decode_line(bb)}"]

@@ -114,3 +114,22 @@ def run_concurrently(fn, n: int, timeout: float = 300.0) -> list:
     for t in threads:
         t.join(timeout)
     return results
+
+
+class EngineGenerator:
+    """``generate(ids, adapter=..., max_new_tokens=..., repetition_penalty=...)`` -> (1, N) new
+    ids through the engine (bot.engine.Scheduler), EOS included as transformers returns it."""
+
+    def __init__(self, backbone, precision: str = "fp32"):
+        from bot.engine import Scheduler
+
+        self.sched = Scheduler(backbone, precision=precision, auto_adapters=True)
+
+    def generate(self, ids, adapter=None, max_new_tokens=16, repetition_penalty=1.0, eos_token_id="default"):
+        from bot.engine import SamplingParams
+
+        if eos_token_id is None:
+            self.sched.eos = set()
+        params = SamplingParams(max_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+        out = self.sched.generate_ids(ids[0].tolist(), adapter, params, with_eos=True)
+        return torch.tensor([out], dtype=torch.long)

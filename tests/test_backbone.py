@@ -150,40 +150,50 @@ def test_unknown_adapter_name_is_clear(tiny_backbone):
         tiny_backbone.pooled(["x"], "nope")
 
 
-def test_fast_engine_matches_unmerged_peft(tiny_backbone):
+def _runner(bb, precision="fp32"):
+    from bot.engine import Scheduler
+
+    return Scheduler(bb, generators=list(bb.adapters), precision=precision).runner
+
+
+def test_engine_matches_unmerged_peft(tiny_backbone):
     add(tiny_backbone, "one", 1)
-    fast = tiny_backbone.fast()
-    fast.mode = "fp32"
+    runner = _runner(tiny_backbone)
     ids = tiny_backbone.encode(["hello"])["input_ids"]
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.inference_mode():
         want = tiny_backbone.forward({"input_ids": ids}, "one").logits
-        got = fast.engine("one")(input_ids=ids).logits
-        base = fast.engine(None)(input_ids=ids).logits
+    got = runner.sequence_logits(enc, ["one"])
+    base = runner.sequence_logits(enc, [None])
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(base, logits(tiny_backbone, ["hello"], None), atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)  # the adapter is applied
 
 
-def test_fast_engine_w8_is_close_and_greedy_tokens_match_fp32(tiny_backbone):
+def test_engine_w8_is_close_to_fp32(tiny_backbone):
     add(tiny_backbone, "one", 1)
-    fast = tiny_backbone.fast()
+    runner = _runner(tiny_backbone, "fp32,w8")
     ids = tiny_backbone.encode(["hello"])["input_ids"]
-    fast.mode = "fp32"
-    ref = fast.generate(ids, "one", max_new_tokens=6)
-    fast.mode = "w8"
-    with torch.inference_mode():
-        q = fast.engine("one")(input_ids=ids).logits.float()
-        f = fast._engines[("one", "fp32")](input_ids=ids).logits
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    q = runner.sequence_logits(enc, ["one"], kind="w8")
+    f = runner.sequence_logits(enc, ["one"], kind="fp32")
     assert torch.allclose(torch.softmax(q, -1), torch.softmax(f, -1), atol=0.02)
-    assert ref.shape == (1, 6)
+    assert not torch.equal(q, f)  # it did run another kernel
 
 
-def test_engine_cache_forgets_retrained_adapter(tiny_backbone):
+def test_shared_engine_forgets_retrained_adapter(tiny_backbone):
+    from bot.engine import SamplingParams
+
     add(tiny_backbone, "one", 1)
-    fast = tiny_backbone.fast()
-    first = fast.engine("one")
+    engine = tiny_backbone.engine()
+    engine.eos = set()
+    ids = tiny_backbone.encode(["hello"])["input_ids"][0].tolist()
+    first = engine.generate_ids(ids, "one", SamplingParams(max_tokens=8))
+    assert "one" in engine.generators
     tiny_backbone.drop_adapter("one")
+    assert "one" not in engine.generators
     add(tiny_backbone, "one", 5)
-    assert fast.engine("one") is not first
+    assert engine.generate_ids(ids, "one", SamplingParams(max_tokens=8)) != first
 
 
 def test_missing_backbone_folder_is_a_clear_error(tmp_path, monkeypatch):

@@ -119,18 +119,20 @@ def test_quantized_backbone_decodes_unmerged_and_serving_refuses_it(monkeypatch)
     """8/4-bit layers need CUDA; the load_in flag alone selects the paths a quantized backbone takes."""
     from test_serve import spread_backbone
 
-    from bot.serve import Scheduler
+    from bot.engine import Scheduler
 
     bb = spread_backbone()
     ids = bb.tokenizer("hello there", return_tensors="pt")["input_ids"]
-    bb.fast().mode = "fp32"
-    want = [bb.fast().generate(ids, adapter=a, max_new_tokens=6, eos_token_id=None).tolist()
+    from conftest import EngineGenerator
+
+    from bot.tasks.generate import peft_generate
+
+    gen = EngineGenerator(bb, "fp32")
+    want = [gen.generate(ids, adapter=a, max_new_tokens=6, eos_token_id=None).tolist()
             for a in ("a", "b", None)]
     assert len({str(w) for w in want}) == 3  # the adapters change the tokens
     bb.load_in = "4bit"
-    monkeypatch.setattr(bb.fast(), "engine", lambda adapter: pytest.fail("built a merged engine"))
-    got = [bb.fast().generate(ids, adapter=a, max_new_tokens=6, eos_token_id=None).tolist()
-           for a in ("a", "b", None)]
+    got = [peft_generate(bb, ids, a, max_new_tokens=6, min_new_tokens=6).tolist() for a in ("a", "b", None)]
     assert got == want
     with pytest.raises(BackboneError, match="cannot run a 4bit.*Fix: load the backbone with --load-in bf16"):
         Scheduler(bb, generators=["a"])

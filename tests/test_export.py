@@ -9,12 +9,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import make_tiny_backbone
+from conftest import EngineGenerator, make_tiny_backbone
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bot.export import VLLM_LORA_MODULES, ExportError, export
-from bot.fastgen import FastGenerator
 from bot.spec import AdapterSpec
 from bot.tasks import task_class
 from bot.train import save_adapter_folder
@@ -50,7 +49,7 @@ def make_adapter(bb, root, name, kind, *, r=8, layers=None, labels=("cat", "dog"
 
 
 def _config(bb) -> dict:
-    # dtype is set by any engine build (bot.fastgen), not by the export
+    # dtype is set by any engine build (bot.engine), not by the export
     return {k: v for k, v in bb.base.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
 
 
@@ -123,7 +122,7 @@ def test_generation_greedy_tokens_match_bot(exported):
     from transformers import AutoModelForCausalLM
 
     bb, task, out = exported["bb"], exported["tasks"]["talk"], exported["out"]
-    fast = FastGenerator(bb, mode="fp32")
+    fast = EngineGenerator(bb, "fp32")
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(model, out / "talk").eval()
     changed = False
@@ -413,7 +412,7 @@ def test_committed_chat_adapter_exports_and_decodes_like_bot(tmp_path):
     out = tmp_path / "out"
     manifest = export(["chat"], out, backbone=bb, adapters_dir=adapters)
     assert manifest["generate"]["chat"]["rank"] == 8 and manifest["max_lora_rank"] == 8
-    fast = FastGenerator(bb, mode="fp32")
+    fast = EngineGenerator(bb, "fp32")
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(model, out / "chat").eval()
     tok = AutoTokenizer.from_pretrained(out / "base")  # what vLLM tokenizes with

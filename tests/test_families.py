@@ -21,8 +21,8 @@ from bot.arch import lora_targets
 from bot.backbone import Backbone, last_token_states
 from bot.chat import ChatSession
 from bot.cli import main
+from bot.engine import SamplingParams
 from bot.errors import AdapterError
-from bot.serve import SamplingParams
 
 EXPECTED_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

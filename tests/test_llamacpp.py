@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny_backbone
 from peft import LoraConfig
 
-from bot import llamacpp
+from bot.engine import llamacpp
 from bot.spec import DEFAULT_TARGET_MODULES
 
 NO_LLAMA = "llama-cpp-python is not installed: pip install -e '.[llamacpp]' (compiles ~15 min) or set BOT_LLAMACPP_PATH"
@@ -116,14 +116,14 @@ def test_chat_engine_is_chosen_by_flag_or_env_and_falls_back_with_the_reason(mon
         llamacpp.chat_engine(bb)
     monkeypatch.setenv("BOT_ENGINE", "llamacpp")
     monkeypatch.setattr(llamacpp, "import_llama_cpp", lambda: None)
-    with caplog.at_level("WARNING", logger="bot.llamacpp"):
+    with caplog.at_level("WARNING", logger="bot.engine.llamacpp"):
         assert llamacpp.chat_engine(bb) is None
     assert "replies use the PyTorch fast path" in caplog.text and "pip install -e '.[llamacpp]'" in caplog.text
 
 
 @needs_llama
 def test_chat_engine_without_a_gguf_source_falls_back(caplog):
-    with caplog.at_level("WARNING", logger="bot.llamacpp"):
+    with caplog.at_level("WARNING", logger="bot.engine.llamacpp"):
         assert llamacpp.chat_engine(make_tiny_backbone(), "llamacpp") is None
     assert "not converted from a GGUF file" in caplog.text
 

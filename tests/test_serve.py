@@ -15,8 +15,8 @@ from conftest import make_tokenizer, run_concurrently
 from peft import LoraConfig
 
 from bot.backbone import Backbone
-from bot.serve import SamplingParams, Scheduler
-from bot.serve.scheduler import QueueFull, ServeError, UnknownModel
+from bot.engine import SamplingParams, Scheduler
+from bot.errors import QueueFull, ServeError, UnknownModel
 from bot.spec import AdapterSpec
 from bot.tasks.classify import ClassifyTask
 
@@ -171,10 +171,12 @@ def test_adapter_costs_only_its_lora_matrices(bb):
     base_bytes = sum(p.numel() * p.element_size() for p in bb.base.parameters())
     lora_a = bb.adapter_nbytes("a")
     assert sched.engine.adapters["a"] == lora_a
-    # fp32 engine shares the backbone's tensors: no copy of the base weights
-    emb = sched.engine.model.get_input_embeddings().weight
+    # fp32 engine shares the backbone's embedding (and head) tensors: no copy of them
+    emb = sched.engine.lean.embed
     assert emb.data_ptr() == bb.base.get_input_embeddings().weight.data_ptr()
     assert lora_a < 0.1 * base_bytes
+    # the stacked copy of both adapters costs their LoRA matrices (+ zero blocks of fused B)
+    assert lora_a <= sched.engine.banks.nbytes() <= 4 * (lora_a + bb.adapter_nbytes("b"))
     sched.close()
 
 

@@ -14,7 +14,7 @@ from test_router import HashEncoder
 from test_serve import spread_backbone
 
 from bot import Router
-from bot.serve.scheduler import Scheduler
+from bot.engine import Scheduler
 from bot.serve.server import BackgroundServer
 from bot.serve.state import ServerState
 from bot.spec import AdapterSpec

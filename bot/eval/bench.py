@@ -3,7 +3,7 @@
 Every row is measured twice, each time in a fresh child process: as the machine is, and
 with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` (PyTorch's kernels limited to
 AVX2, as on most laptops). Each child records the CPU features it ran with, measures the
-kernel choice afresh (bot.kernels), times a greedy reply of exactly ``tokens`` new tokens
+kernel choice afresh (bot.engine.tuning), times a greedy reply of exactly ``tokens`` new tokens
 on every path, and, when llama-cpp-python is importable, llama.cpp on the same GGUF file
 with the same prompt ids in the same run. Ratios within one run are the point (absolute
 tokens/s drift between runs on a shared VM).
@@ -94,55 +94,38 @@ def _row(path: str, label: str, rate: float, agree: float | None = None, engine:
     return {"path": path, "label": label, "tokens_per_s": round(rate, 2), "agree": agree, "engine": engine}
 
 
-def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats: int = 3,
-                       before: str | None = None) -> list[dict]:
+def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats: int = 3) -> list[dict]:
     """One row per path: tokens/s of an ``n``-token greedy reply and agreement with fp32 tokens.
 
     The paths take turns (one reply each, ``repeats`` rounds after a warm-up round), so
     other jobs on a shared machine slow every path alike; each row keeps its median.
 
     Args:
-        kinds: fast-path kernels to time (default: all of bot.kernels.KINDS).
+        kinds: engine kernels to time, each as "small,large" or one kind (default: fp32, w8).
         llama: a LlamaCppGenerator, or None to leave llama.cpp out.
-        before: also time this kernel's engine through transformers' ``generate()`` (the
-            fast path before bot.decode's lean loop), for a same-run before/after ratio.
     """
-    from ..kernels import KINDS
+    from ..engine import SamplingParams, Scheduler
+    from ..engine.plain import plain_model
 
     ids = prompt_ids(bb)
     plain = ids[0].tolist()
-    fast = bb.fast()
-    fast.max_engines = max(fast.max_engines, 8)  # every timed engine stays built between turns
+    base = _hf_generate(plain_model(bb))
 
-    def engine(kind, name):
-        old, fast.mode = fast.mode, kind
-        try:
-            return _hf_generate(fast.engine(name))  # the closure keeps the engine alive
-        finally:
-            fast.mode = old
-
-    def fast_path(kind):
-        """The fast path as GenerateTask runs it (FastGenerator.generate: lean loop where it applies)."""
-        def gen(_ids, k):
-            old, fast.mode = fast.mode, kind
-            try:
-                return fast.generate(_ids, adapter=adapter, max_new_tokens=k, min_new_tokens=k, pad_token_id=0)[0]
-            finally:
-                fast.mode = old
-        return gen
+    def engine_path(kind):
+        """The engine as every caller runs it (bot.engine.Scheduler), one stream, EOS off."""
+        sched = Scheduler(bb, generators=[adapter], precision=kind, max_batch=1)
+        sched.eos = set()
+        return lambda _ids, k: sched.generate_ids(plain, adapter, SamplingParams(max_tokens=k))
 
     def naive(_ids, k):
         with bb.lock:
             bb.peft.set_adapter(adapter)
             return _hf_generate(bb.peft)(_ids, k)
 
-    paths = [("base_fp32", "base model, plain transformers fp32 (baseline)", engine("fp32", None), "torch"),
+    paths = [("base_fp32", "base model, plain transformers fp32 (baseline)", base, "torch"),
              ("peft_fp32", f"'{adapter}' adapter, naive peft unmerged fp32", naive, "torch")]
-    if before is not None:
-        paths.append((f"fast_{before}_generate", f"'{adapter}' adapter, fast path {before} through "
-                      "transformers generate() (before the lean loop)", engine(before, adapter), "torch"))
-    paths += [(f"fast_{kind}", f"'{adapter}' adapter, fast path {kind} (merged, {_loop(fast, kind, adapter)} loop)",
-               fast_path(kind), "torch") for kind in kinds or KINDS]
+    paths += [(f"fast_{kind}", f"'{adapter}' adapter, engine {kind} (bot.engine, one stream)",
+               engine_path(kind), "torch") for kind in kinds or ("fp32", "w8")]
     if llama is not None:
         # the bar: llama.cpp's own decode loop (``Llama.generate``), EOS suppressed like a
         # logit bias. ``create_completion`` (llama_plain) was also timed and ran about 6x
@@ -169,18 +152,7 @@ def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats
         ref = tokens["base_fp32"] if path in ("llamacpp", "llamacpp_completion") else tokens["peft_fp32"]
         agree = None if path in ("base_fp32", "peft_fp32") else _agree(tokens[path], ref)
         rows.append(_row(path, label, n / statistics.median(times[path]), agree, engine=eng))
-    fast.invalidate(adapter)  # drop the merged engines built for timing
     return rows
-
-
-def _loop(fast, kind: str, adapter: str) -> str:
-    from ..fastgen import decode_loop
-
-    old, fast.mode = fast.mode, kind
-    try:
-        return decode_loop(fast.engine(adapter), {"max_new_tokens": 1})
-    finally:
-        fast.mode = old
 
 
 def llama_fresh(gen, prompt: list[int], adapter: str | None, n: int) -> list[int]:
@@ -217,7 +189,6 @@ def _agree(a, b) -> float:
 def measure_quality(bb, adapter: str, n_rows: int = 60, kinds=None, llama=None) -> list[tuple]:
     """Held-out reply perplexity of the chat adapter: fp32 peft vs each fast engine."""
     from ..data import load_dialogue, split
-    from ..kernels import KINDS
     from ..spec import AdapterSpec
     from ..tasks.generate import GenerateTask
 
@@ -229,10 +200,9 @@ def measure_quality(bb, adapter: str, n_rows: int = 60, kinds=None, llama=None) 
     bb.compute_dtype = torch.float32
     try:
         out.append(("fp32 peft unmerged", task.perplexity(rows, batch_size=1)))
-        for mode in kinds or KINDS:
-            out.append((f"fast path {mode}",
-                        task.perplexity(rows, batch_size=1, logits=_engine_runner(bb, adapter, mode))))
-            bb.fast().invalidate(adapter)
+        for kind in kinds or ("w8",):
+            out.append((f"fast path {kind}",
+                        task.perplexity(rows, batch_size=1, logits=_engine_runner(bb, adapter, kind))))
         if llama is not None:
             out.append(("llama.cpp engine (Q4_1 GGUF + GGUF LoRA)",
                         task.perplexity(rows, batch_size=1, logits=llama.logits(adapter))))
@@ -241,21 +211,12 @@ def measure_quality(bb, adapter: str, n_rows: int = 60, kinds=None, llama=None) 
     return out
 
 
-def _engine_runner(bb, adapter, mode):
-    """Score with the fast path's own math: the lean decoder where it applies (one unpadded row)."""
-    from ..fastgen import FastGenerator, decode_loop
+def _engine_runner(bb, adapter, kind):
+    """Score with the engine's own step and kernel (each row as one prefill)."""
+    from ..engine import Scheduler
 
-    fast = bb.fast()
-    old, fast.mode = fast.mode, mode
-    model = fast.engine(adapter)
-    fast.mode = old
-    lean = FastGenerator._lean(model) if decode_loop(model) == "lean" else None
-
-    def run(enc):
-        if lean is not None and enc["input_ids"].shape[0] == 1 and bool(enc["attention_mask"].all()):
-            return lean.score(enc["input_ids"].to(bb.device))
-        return model(**{k: v.to(bb.device) for k, v in enc.items()}).logits
-    return run
+    runner = Scheduler(bb, generators=[adapter], precision=kind, max_batch=1).runner
+    return lambda enc: runner.sequence_logits(enc, [adapter] * len(enc["input_ids"]), kind=kind)
 
 
 def measure_mixed(bb, names: list[str], repeats: int = 10) -> tuple[float, float]:
@@ -288,8 +249,9 @@ def bench_one_isa(*, adapters_dir, backbone=None, device=None, load_in=None, tok
             merged and w8 (every kernel's decode step is in the kernel measurement anyway).
         refresh_kernels: measure the kernel choice again instead of using the cached one.
     """
-    from ..kernels import choose, cpu_features
-    from ..llamacpp import LlamaCppGenerator, import_llama_cpp
+    from ..engine.llamacpp import LlamaCppGenerator, import_llama_cpp
+    from ..engine.precision import KINDS
+    from ..engine.tuning import choose, cpu_features
 
     features = {**cpu_features(), "threads": torch.get_num_threads()}
     if with_load:
@@ -312,14 +274,13 @@ def bench_one_isa(*, adapters_dir, backbone=None, device=None, load_in=None, tok
             llama_note = _llama_features(llama)
         except Exception as err:  # reported in the record, never fatal
             llama_note = f"llama.cpp engine unavailable: {err}"
-    from ..kernels import KINDS
-
     kinds = KINDS if all_kinds else tuple(dict.fromkeys(("fp32", "w8", choice.kind)))
     log.info("measuring generation ...")
-    gen = measure_generation(bb, adapter, tokens, kinds=kinds, llama=llama, before=choice.kind)
+    gen = measure_generation(bb, adapter, tokens, kinds=kinds, llama=llama)
     log.info("measuring quality ...")
+    scored = dict.fromkeys(k for k in ("w8", choice.small, choice.large) if k != "fp32")
     quality = measure_quality(bb, adapter, n_rows=quality_rows, llama=llama,
-                              kinds=KINDS if all_kinds else tuple(dict.fromkeys(("w8", choice.kind))))
+                              kinds=KINDS if all_kinds else tuple(scored))
     log.info("measuring mixed batch ...")
     mixed_names = names[:3]
     mixed, seq = measure_mixed(bb, mixed_names)
@@ -329,22 +290,21 @@ def bench_one_isa(*, adapters_dir, backbone=None, device=None, load_in=None, tok
     fast = rates[f"fast_{choice.kind}"]
     rec = {
         "features": features, "llamacpp_features": llama_note, "adapter": adapter, "tokens": tokens,
-        "kernel": {"kind": choice.kind, "reason": choice.reason, "measured": choice.measured,
+        "kernel": {"kind": choice.kind, "small": choice.small, "large": choice.large,
+                   "threshold": choice.threshold, "reason": choice.reason, "measured": choice.measured,
                    "cached": choice.cached, "key": choice.key},
         "generation": [{**r, "vs_fp32": round(r["tokens_per_s"] / rates["base_fp32"], 3)} for r in gen],
         "quality": [{"path": k, "perplexity": round(v, 3), "vs_fp32": round(v / ref, 4)} for k, v in quality],
         "mixed": {"adapters": mixed_names, "mixed_ms": round(mixed * 1000, 1), "sequential_ms": round(seq * 1000, 1)},
         "fast_vs_fp32": round(fast / rates["base_fp32"], 3),
         "fast_vs_llamacpp": round(fast / rates["llamacpp"], 3) if "llamacpp" in rates else None,
-        # the lean decode loop against the same engine through generate(), same run
-        "fast_vs_generate": round(fast / rates[f"fast_{choice.kind}_generate"], 3),
         "llamacpp_engine_vs_fp32": (round(rates["llamacpp_lora"] / rates["base_fp32"], 3)
                                     if "llamacpp_lora" in rates else None),
         "llamacpp_engine_vs_llamacpp": (round(rates["llamacpp_lora"] / rates["llamacpp"], 3)
                                         if "llamacpp" in rates else None),
         "llamacpp_vs_fp32": round(rates["llamacpp"] / rates["base_fp32"], 3) if "llamacpp" in rates else None,
         "mixed_vs_sequential": round(mixed / seq, 3),
-        "fast_ppl_ratio": round(ppl[f"fast path {choice.kind}"] / ref, 4),
+        "fast_ppl_ratio": round(max([ppl[f"fast path {k}"] for k in scored] or [ref]) / ref, 4),
         "load": load, "names": names, "quality_rows": quality_rows,
         "memory": {"backbone_mb": sum(p.numel() * p.element_size() for n_, p in bb.base.named_parameters()
                                       if "lora_" not in n_) / 1e6,

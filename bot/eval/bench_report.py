@@ -49,7 +49,7 @@ def render(*, result: dict) -> str:
     for key, entry in result["summary"].items():
         vals = " | ".join("n/a" if v is None else f"{v}" for v in entry["values"].values())
         lines.append(f"| {key} | {vals} | {entry['target']} | {_verdict(entry)} |")
-    lines += ["", "`fast_vs_*` use the PyTorch fast path with the kernel `bot.kernels` chose for the adapter; "
+    lines += ["", "`fast_vs_*` use the engine (bot.engine, one stream) with the kernels `bot.engine.tuning` chose; "
               "`llamacpp_engine_*` below is the optional llama.cpp engine (`.[llamacpp]` extra).", ""]
     load = first.get("load")
     if load:
@@ -89,7 +89,7 @@ def _training_cache(rows: list[dict]) -> list[str]:
 def _isa_section(rec: dict) -> list[str]:
     k = rec["kernel"]
     lines = [f"## CPU setting: {rec['isa']}", "", _features(rec), "",
-             f"Kernel chosen by `bot.kernels` ({'cached from its first-use measurement' if k.get('cached') else 'measured in this run'}"
+             f"Kernels chosen by `bot.engine.tuning` ({'cached from its first-use measurement' if k.get('cached') else 'measured in this run'}"
              f", key `{k.get('key', '')}`): **{k['kind']}**: {k['reason']}.", "",
              f"### Generation ({rec['tokens']}-token greedy reply, exactly {rec['tokens']} new tokens "
              "(EOS suppressed), batch 1, median of 3 taking turns, same prompt ids on every row)", "",
@@ -126,5 +126,5 @@ def _memory(rec: dict) -> list[str]:
         lines.append(f"| adapter '{name}' LoRA tensors | {mb:.2f} | {mb / mem['backbone_mb']:.4f} |")
     lines += [f"| process resident memory after loading backbone | {mem['rss_mb']:.0f} | |", "",
               "Fast path = adapter merged into a private copy of the weights (built once, cached), then "
-              "converted to the chosen kernel; see bot/fastgen.py and bot/kernels.py.", ""]
+              "converted to the chosen kernels; see bot/engine/.", ""]
     return lines

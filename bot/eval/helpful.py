@@ -25,7 +25,7 @@ def words(text: str) -> int:
 
 def _replies(session, prompts: list[str], adapter: str | None, max_tokens: int) -> list[str]:
     from ..chat import REPETITION_PENALTY
-    from ..serve import SamplingParams
+    from ..engine import SamplingParams
 
     tok = session.backbone.tokenizer
     params = SamplingParams(max_tokens=max_tokens, repetition_penalty=REPETITION_PENALTY)

@@ -131,13 +131,38 @@ class GenerateTask(Task):
 
     # ---------------------------------------------------------------- reply
     def generate(self, prompt: str, history=None, adapter: str | None = "__self__",
-                 max_new_tokens: int = 128, streamer=None, **kwargs) -> str:
+                 max_new_tokens: int = 128, repetition_penalty: float = 1.1, **sampling) -> str:
+        """A greedy reply through the backbone's engine (``sampling``: more SamplingParams)."""
+        from ..engine import SamplingParams
+
         adapter = self.adapter_name if adapter == "__self__" else adapter
-        ids = self.prompt_ids(prompt, history)
-        kwargs.setdefault("repetition_penalty", 1.1)
-        new = self.backbone.fast().generate(ids, adapter=adapter, max_new_tokens=max_new_tokens,
-                                            streamer=streamer, **kwargs)
-        return self.backbone.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+        tok = self.backbone.tokenizer
+        if self.backbone.quantized:  # 8/4-bit: no plain weights for the engine; decode unmerged
+            new = peft_generate(self.backbone, self.prompt_ids(prompt, history), adapter,
+                                max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+            return tok.decode(new[0], skip_special_tokens=True).strip()
+        ids = self.prompt_ids(prompt, history)[0].tolist()
+        params = SamplingParams(max_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                **sampling)
+        return self.backbone.engine().generate(ids, adapter, params).strip()
+
+
+def peft_generate(backbone, input_ids: torch.Tensor, adapter: str | None, **kwargs) -> torch.Tensor:
+    """Greedy ``generate()`` on the backbone's own peft model (8/4-bit backbones); new ids only."""
+    kwargs.setdefault("pad_token_id", backbone.tokenizer.pad_token_id)
+    ids = input_ids.to(backbone.device)
+    with backbone.lock, torch.inference_mode():
+        model = backbone.peft if backbone.peft is not None else backbone.base
+        if backbone.peft is not None and adapter is not None:
+            backbone.peft.set_adapter(adapter)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
+        elif backbone.peft is not None:
+            with backbone.peft.disable_adapter():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     **kwargs)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
+    return out[:, ids.shape[1]:].cpu()
 
 
 def _shifted_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -32,18 +32,42 @@ import logging
 import os
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
-from .fastgen import EngineLRU
 
 log = logging.getLogger(__name__)
 
 ENV_PATH = "BOT_LLAMACPP_PATH"
 ENGINE_ENV = "BOT_ENGINE"
 ENGINES = ("torch", "llamacpp")
+
+
+class EngineLRU:
+    """llama.cpp instances keyed by ``(adapter, variant)``, built once under ``lock``; the most
+    recent ``size`` kept (an instance is costly to build and worth keeping while in use)."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.items: OrderedDict[tuple, object] = OrderedDict()
+
+    def get(self, key: tuple, build, size: int):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+            engine = self.items[key] = build()
+            while len(self.items) > size:
+                self.items.popitem(last=False)
+            return engine
+
+    def drop(self, adapter: str | None) -> None:
+        """Forget every instance built for ``adapter``."""
+        with self.lock:
+            for key in [k for k in self.items if k[0] == adapter]:
+                del self.items[key]
 
 
 def import_llama_cpp():
@@ -93,12 +117,12 @@ def write_lora_gguf(backbone, adapter: str, path: Path) -> Path:
     import gguf
     from peft.tuners.lora import LoraLayer
 
-    from .errors import AdapterError
+    from ..errors import AdapterError
 
     config = backbone.base.config
     if config.model_type != "llama":
         raise AdapterError(f"the llama.cpp engine converts adapters of Llama models only, not "
-                           f"'{config.model_type}'. Fix: use the PyTorch fast path (bot.fastgen)")
+                           f"'{config.model_type}'. Fix: use the PyTorch engine (the default)")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tensors = []
     with backbone.lock:
@@ -158,11 +182,11 @@ class LlamaCppGenerator:
         backbone: a Backbone converted from a GGUF file (``source_gguf`` finds it).
         n_threads: llama.cpp threads (default: all cores torch uses).
         n_ctx: context length of each instance.
-        max_engines: instances kept (an LRU, as bot.fastgen).
+        max_engines: instances kept (an LRU).
     """
 
     def __init__(self, backbone, n_threads: int | None = None, n_ctx: int = 1024, max_engines: int = 3):
-        from .errors import BotError
+        from ..errors import BotError
 
         self.llama_cpp = import_llama_cpp()
         if self.llama_cpp is None:
@@ -181,7 +205,7 @@ class LlamaCppGenerator:
 
     def lora_file(self, adapter: str) -> Path:
         """The adapter as a GGUF LoRA file in ``$BOT_CACHE/gguf-lora`` (written once per content)."""
-        from .assets import cache_dir
+        from ..assets import cache_dir
 
         path = cache_dir() / "gguf-lora" / f"{adapter}-{_adapter_digest(self.backbone, adapter)}.gguf"
         if not path.exists():
@@ -292,7 +316,7 @@ def chat_engine(backbone, engine: str | None = None) -> LlamaCppGenerator | None
             here (not installed, backbone not from a GGUF file), the reason is logged as a
             warning and None is returned: the chat still works, on PyTorch.
     """
-    from .errors import BotError
+    from ..errors import BotError
 
     name = (engine or os.environ.get(ENGINE_ENV) or "torch").strip().lower()
     if name not in ENGINES:

@@ -1,4 +1,4 @@
-"""A serving copy of the backbone that applies many LoRA adapters unmerged, per row.
+"""The transformers fallback runner's model: a copy of the backbone that applies many LoRA adapters unmerged, per row.
 
 Why not peft's mixed ``adapter_names=`` batches? They work, but they live on the
 backbone's own model (which training and the classifiers share behind one lock) and
@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from ..arch import model_from_weights
-from ..errors import BackboneError
-from ..kernels import KINDS as PRECISIONS
-from ..kernels import QUANTIZED, activation_dtype, convert
+from ..errors import AdapterError, BackboneError
+from .plain import plain_state
+from .precision import KINDS as PRECISIONS
+from .precision import activation_dtype, convert, for_device
 
 
 @dataclass
@@ -92,16 +93,6 @@ class _Routing:
     current: RowGroups | None = None
 
 
-def _shared_state(backbone) -> dict[str, torch.Tensor]:
-    """The backbone's base weights under plain (peft-free) names, without copying."""
-    out = {}
-    for key, tensor in backbone.base.state_dict().items():
-        if "lora_" in key:
-            continue
-        out[key.replace(".base_layer.", ".")] = tensor
-    return out
-
-
 class LoraEngine:
     """The serving model: base weights in one precision + every generation adapter.
 
@@ -118,14 +109,12 @@ class LoraEngine:
             raise BackboneError(f"the serving engine cannot run a {backbone.load_in} (bitsandbytes) "
                                 "backbone: it rebuilds the model from plain weights. Fix: load the "
                                 "backbone with --load-in bf16 (or fp32) to chat or serve")
-        device = backbone.device
-        if precision in QUANTIZED and device.type != "cpu":
-            precision = "bf16"  # the int8/int4 weight-only kernels here are CPU kernels
+        precision = for_device(precision, backbone.device)
         self.backbone = backbone
         self.precision = precision
         with backbone.lock:
             # the engine's parameters are the backbone's own tensors (assigned, not copied)
-            model = model_from_weights(backbone, _shared_state(backbone))
+            model = model_from_weights(backbone, plain_state(backbone))
         model.eval()
         model.requires_grad_(False)
         convert(model, precision)  # quantized kinds replace the shared linears by converted copies
@@ -145,7 +134,7 @@ class LoraEngine:
 
         peft = self.backbone.peft
         if peft is None or name not in peft.peft_config:
-            raise KeyError(name)
+            raise AdapterError(f"generation adapter '{name}' is not loaded on the backbone")
         nbytes = 0
         found = {}
         with self.backbone.lock:
