@@ -385,7 +385,9 @@ def check_classify_rows(rows: list[dict], path, min_per_label: int = 5) -> list[
                         "at least two classes")
     rare = {k: v for k, v in counts.items() if v < min_per_label}
     if rare:
-        raise DataError(f"{path}: label(s) {rare} have fewer than {min_per_label} examples. "
+        shown = dict(list(rare.items())[:10])  # 10,000 rare labels must not flood the terminal
+        more = f" and {len(rare) - 10:,} more" if len(rare) > 10 else ""
+        raise DataError(f"{path}: label(s) {shown}{more} have fewer than {min_per_label} examples. "
                         "Fix: add examples or merge/remove those labels, or keep them anyway with "
                         "`bot add --min-per-label 1` (they will be learned poorly)")
     return sorted(counts)

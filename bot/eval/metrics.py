@@ -6,16 +6,22 @@ Everything here is a pure function of its arguments, so it can be tested without
 from __future__ import annotations
 
 import math
-import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 SEED = 0
 MAX_MISTAKES = 25  # misrouted turns kept in a report
+# Above this many labels a metrics dict (and so metrics.json) holds no dense confusion matrix
+# and no full per-class table, which grow with labels squared and with labels: issue 28's
+# 10,000-label adapter wrote a 1.3 GB metrics.json. It keeps the most frequent confusions and
+# the weakest labels instead, a few KB whatever the label count. The TREC-50 example (50
+# labels) stays below it, so its reports keep their confusion plot.
+DENSE_LABELS = 64
+TOP_CONFUSIONS = 100  # off-diagonal (true, predicted) pairs kept above DENSE_LABELS
 
 
 def _extend_labels(labels: Sequence[str], *seqs: Sequence[str]) -> list[str]:
@@ -44,37 +50,51 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels:
         averages over labels that are declared or occur in ``y_true``: a
         prediction-only label like "(fallback)" has no support, and counting its
         F1 of 0 would punish the model twice for the same error. ``accuracy`` and
-        ``macro_f1`` are None when there are no examples.
+        ``macro_f1`` are None when there are no examples. With more than
+        ``DENSE_LABELS`` labels, ``confusion`` and ``labels`` give way to
+        ``n_labels`` and ``top_confusions`` (the ``TOP_CONFUSIONS`` most frequent
+        ``{"true", "pred", "count"}`` mistakes), and ``per_class`` holds the
+        ``DENSE_LABELS`` labels with the lowest F1 (``per_class_kept`` says so): the
+        dict stays a few KB whatever the label count. Time and memory grow with the
+        examples and labels, never with labels squared.
     """
     y_true, y_pred = list(y_true), list(y_pred)
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}")
     all_labels = _extend_labels(labels, y_true, y_pred)
     n = len(y_true)
-    if n == 0:
-        k = len(all_labels)
-        zero = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-        return {"n": 0, "accuracy": None, "macro_f1": None, "labels": all_labels,
-                "per_class": {lab: dict(zero) for lab in all_labels},
-                "confusion": [[0] * k for _ in range(k)]}
-    with warnings.catch_warnings():
-        # sklearn warns about a single label even when `labels` is passed, as it is here.
-        warnings.filterwarnings("ignore", message="A single label was found")
-        p, r, f, s = precision_recall_fscore_support(
-            y_true, y_pred, labels=all_labels, average=None, zero_division=0)
-        cm = confusion_matrix(y_true, y_pred, labels=all_labels)
-    macro_labels = set(_extend_labels(labels, y_true))
-    macro = [f[i] for i, lab in enumerate(all_labels) if lab in macro_labels]
-    return {
+    pairs = Counter(zip(y_true, y_pred))
+    support, predicted = Counter(y_true), Counter(y_pred)
+    per_class = {}
+    for lab in all_labels:
+        tp = pairs.get((lab, lab), 0)
+        fp, fn = predicted.get(lab, 0) - tp, support.get(lab, 0) - tp
+        per_class[lab] = {"precision": tp / (tp + fp) if tp + fp else 0.0,
+                          "recall": tp / (tp + fn) if tp + fn else 0.0,
+                          "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+                          "support": support.get(lab, 0)}
+    macro_labels = _extend_labels(labels, y_true)
+    out = {
         "n": n,
-        "accuracy": float(np.trace(cm) / n),
-        "macro_f1": float(np.mean(macro)),
-        "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]),
-                            "f1": float(f[i]), "support": int(s[i])}
-                      for i, lab in enumerate(all_labels)},
-        "confusion": cm.astype(int).tolist(),
-        "labels": all_labels,
+        "accuracy": sum(c for (t, p), c in pairs.items() if t == p) / n if n else None,
+        "macro_f1": float(np.mean([per_class[lab]["f1"] for lab in macro_labels])) if n else None,
     }
+    if len(all_labels) <= DENSE_LABELS:
+        index = {lab: i for i, lab in enumerate(all_labels)}
+        confusion = [[0] * len(all_labels) for _ in all_labels]
+        for (t, p), c in pairs.items():
+            confusion[index[t]][index[p]] = c
+        return {**out, "per_class": per_class, "confusion": confusion, "labels": all_labels}
+    mistakes = sorted(((c, t, p) for (t, p), c in pairs.items() if t != p),
+                      key=lambda m: (-m[0], m[1], m[2]))
+    weakest = sorted(per_class, key=lambda lab: (per_class[lab]["support"] == 0,
+                                                 per_class[lab]["f1"], -per_class[lab]["support"], lab))
+    return {**out, "n_labels": len(all_labels),
+            "top_confusions": [{"true": t, "pred": p, "count": c}
+                               for c, t, p in mistakes[:TOP_CONFUSIONS]],
+            "per_class": {lab: per_class[lab] for lab in weakest[:DENSE_LABELS]},
+            "per_class_kept": f"the {DENSE_LABELS} labels with the lowest F1 of "
+                              f"{len(all_labels)} (more than {DENSE_LABELS} labels)"}
 
 
 def perplexity(token_nll_sum: float, n_tokens: int) -> float:

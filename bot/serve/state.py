@@ -8,9 +8,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AdapterError
+from ..engine import Scheduler
+from ..errors import AdapterError, UnknownModel
+from .limits import Limits
 from .metrics import ServeMetrics
-from .scheduler import Scheduler, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class ServerState:
         scheduler: the Scheduler serving them.
         router: a fitted Router for ``model="auto"`` (None: "auto" is refused).
         api_key: required as a Bearer token when set; also enables adapter loading.
+        default_max_tokens: a reply's length when the request sets no max_tokens; None (the
+            default) is vLLM's rule, the rest of the context.
+        limits: what one request may cost (body size, characters, timeouts: bot.serve.limits).
     """
 
     backbone: object
@@ -54,18 +58,21 @@ class ServerState:
     scheduler: Scheduler
     router: object | None = None
     api_key: str | None = None
-    default_max_tokens: int = 256
+    default_max_tokens: int | None = None
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    limits: Limits = field(default_factory=Limits)
     created: int = field(default_factory=lambda: int(time.time()))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
+        self.limits.check()
         self.scheduler.metrics = self.metrics
         self.metrics.watch(self.scheduler)
 
     @classmethod
     def build(cls, backbone, adapters_dir, *, api_key=None, precision="auto", max_batch=16,
-              max_queue=64, max_len=2048, with_router=True, encoder=None) -> ServerState:
+              max_queue=64, max_len=2048, with_router=True, encoder=None,
+              limits: Limits | None = None) -> ServerState:
         """Load every adapter in ``adapters_dir`` and start serving them."""
         from ..registry import load_all
 
@@ -79,7 +86,7 @@ class ServerState:
             router = build_router([t.spec for t in tasks.values()], encoder, backbone=backbone)
         scheduler = scheduler_for(backbone, tasks, precision=precision, max_batch=max_batch,
                                   max_queue=max_queue, max_len=max_len)
-        return cls(backbone, tasks, scheduler, router, api_key)
+        return cls(backbone, tasks, scheduler, router, api_key, limits=limits or Limits())
 
     # -------------------------------------------------------------- models
     @property
@@ -94,6 +101,10 @@ class ServerState:
         bases = [n for n in self.tasks if self._is_base(n)]
         return [self.base_name, *bases, *self.scheduler.generators, *sorted(self.scheduler.classifiers),
                 *(["auto"] if self.router is not None else [])]
+
+    def known_labels(self) -> set[str]:
+        """Model names /metrics may use as labels ("-": the request named none)."""
+        return {"-", *self.model_ids()}
 
     def model_cards(self) -> list[dict]:
         def card(mid, parent=None, **extra):
@@ -140,7 +151,31 @@ class ServerState:
             probs = self.scheduler.classify([last], [model])[0]
             task = self.scheduler.classifiers[model]
             return ChatPlan(model, reply=task.reply(probs), label_scores=probs, route=route)
-        raise UnknownModel(f"model '{model}' does not exist; available: {self.model_ids()}")
+        shown = model if len(model) <= 60 else f"{model[:60]}... ({len(model):,} characters)"
+        raise UnknownModel(f"model '{shown}' does not exist; available: {self.model_ids()}")
+
+    def prepare_chat(self, model: str, messages: list[dict]) -> tuple[ChatPlan, list[int] | None]:
+        """:meth:`plan_chat` and, when the reply is to be generated, the prompt's token ids.
+
+        Blocking (routing, maybe a classification, the chat template): the HTTP layer calls
+        it from a worker thread.
+        """
+        plan = self.plan_chat(model, messages)
+        if plan.reply is not None:
+            return plan, None
+        return plan, self.prompt_ids(plan.adapter, messages)
+
+    def classify(self, model: str, texts: list[str], cancelled=None) -> tuple[list[dict], int]:
+        """Label probabilities of ``texts`` by classify adapter ``model``, and their prompt tokens.
+
+        ``texts`` may be raw or already templated (as vLLM's /classify wants). Blocking;
+        ``cancelled()`` turning true (the client left) drops the work at the engine's next slice.
+        """
+        task = self.scheduler.classifiers[model]
+        texts = [_untemplated(task.spec.template, t) for t in texts]
+        probs = self.scheduler.classify(texts, [model] * len(texts), cancelled=cancelled)
+        tokens = sum(len(ids) for ids in self.tokenizer(texts)["input_ids"])
+        return probs, tokens
 
     def _is_base(self, model: str) -> bool:
         task = self.tasks.get(model)
@@ -157,36 +192,83 @@ class ServerState:
         return list(out["input_ids"])
 
     # ------------------------------------------------------------- adapters
+    def check_new_name(self, name: str) -> None:
+        """Raise BotError unless ``name`` is a valid adapter name not served yet."""
+        from ..spec import check_adapter_name
+
+        check_adapter_name(name, "lora_name")
+        if name in self.tasks or name in self.scheduler.generators or \
+                name in self.scheduler.classifiers or name in (self.base_name, "auto"):
+            raise AdapterError(f"an adapter named '{name}' is already loaded. Fix: unload it "
+                               "first (/v1/unload_lora_adapter) or pick another name")
+
     def load_adapter(self, name: str, folder: Path) -> str:
-        """Load ``folder`` as ``name`` while requests keep running; returns its kind."""
+        """Load ``folder`` as ``name`` while requests keep running; returns its kind.
+
+        Name and kind are checked before anything is registered, and a load that fails
+        half way is undone, so a refused adapter is not listed and answers nothing.
+        """
         from ..registry import load_task
         from ..spec import AdapterSpec
 
+        self.check_new_name(name)
         if not folder.is_dir():
             raise AdapterError(f"{folder} is not an adapter folder")
         with self._lock:
-            if name in self.tasks or name in self.scheduler.generators or name in (
-                    self.base_name, "auto"):
-                raise AdapterError(f"an adapter named '{name}' is already loaded. Fix: unload it "
-                                   "first (/v1/unload_lora_adapter) or pick another name")
+            self.check_new_name(name)  # again: another load may have taken it meanwhile
+            spec = None
             if (folder / "adapter.yaml").exists():
                 spec = AdapterSpec.from_dir(folder)
+                if spec.kind not in ("classify", "generate"):
+                    raise AdapterError(
+                        f"{folder / 'adapter.yaml'}: key 'kind' is {spec.kind!r}; only 'classify' "
+                        "and 'generate' adapters can be loaded (the base model is served "
+                        f"already as '{self.base_name}'). Fix: load a trained adapter folder")
                 spec.name = name
-                task = load_task(self.backbone, spec)  # checks the backbone fingerprint
-            else:  # a plain peft folder (e.g. written for vLLM): generation, shape-checked
-                self.backbone.load_adapter(name, folder)
-                task = None
-            kind = task.kind if task is not None else "generate"
+            loaded = False
+            try:
+                if spec is not None:
+                    task = load_task(self.backbone, spec)  # checks the backbone fingerprint
+                else:  # a plain peft folder (e.g. written for vLLM): generation, shape-checked
+                    self.backbone.load_adapter(name, folder)
+                    task = None
+                loaded = True
+                self.scheduler.add_adapter(name, task)
+            except BaseException:
+                if loaded:
+                    self._forget(name)
+                raise
             if task is not None:
                 self.tasks[name] = task
-            self.scheduler.add_adapter(name, task)
-            return kind
+            return task.kind if task is not None else "generate"
+
+    def _forget(self, name: str) -> None:
+        """Undo a half-done load: nothing of ``name`` stays in the engine or on the backbone."""
+        try:
+            self.scheduler.remove_adapter(name)
+        except Exception:  # noqa: BLE001 (it was never added; the backbone still has it)
+            log.debug("adapter %s was not in the engine", name, exc_info=True)
+        self.tasks.pop(name, None)
+        self.backbone.drop_adapter(name)
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
             self.scheduler.remove_adapter(name)
             self.tasks.pop(name, None)
             self.backbone.drop_adapter(name)
+
+
+def _untemplated(template: str, text: str) -> str:
+    """Accept raw text or, as vLLM's /classify needs, text with the adapter's template applied.
+
+    A client written for vLLM sends the template filled in; the same request to bot serve
+    must not get the template twice.
+    """
+    head, _, tail = template.partition("{text}")
+    if (head or tail) and text.startswith(head) and text.endswith(tail) \
+            and len(text) >= len(head) + len(tail):
+        return text[len(head):len(text) - len(tail)]
+    return text
 
 
 def scheduler_for(backbone, tasks: dict, **kwargs) -> Scheduler:
