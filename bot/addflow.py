@@ -70,23 +70,29 @@ def add_and_train(*, name: str, source, adapters_dir, backbone, kind: str = "cla
     spec = scaffold(name, Path(source).expanduser(), kind, text_col, label_col, prompt_col,
                     reply_col, description, min_per_label)
     encoder = encoder or load_encoder()
+    clock = _Clock()
     with adapter_lock(folder):
         before_specs = discover(adapters_dir)
         states_before = changes.adapter_states(before_specs)
         before_router = changes.served_router(before_specs, adapters_dir, backbone, encoder)
+        clock.lap("router_before")
         staging = adapters_dir / STAGING / f"{name}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
             metrics = train_adapter(spec, backbone, staging, max_examples=max_examples,
                                     eval_examples=eval_examples, command=command)
+            clock.lap("training")
             new_spec = AdapterSpec.from_dir(staging)
             after_specs = sorted([s for s in before_specs if s.name != name] + [new_spec],
                                  key=lambda s: s.name)
             after_router = changes.served_router(after_specs, adapters_dir, backbone, encoder)
+            clock.lap("router_refit")
             turns = changes.heldout_turns(changes._union(before_specs, after_specs),
                                           [before_router, after_router])
             router_part = {"same": False, **changes.compare(before_router, after_router, turns)}
+            clock.lap("routing_the_heldout_turns")
             new_adapter = _score_new(new_spec, backbone, after_router, metrics, eval_examples)
+            clock.lap("scoring_the_new_adapter")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -108,7 +114,7 @@ def add_and_train(*, name: str, source, adapters_dir, backbone, kind: str = "cla
                                   before_router=before_router, after_router=after_router,
                                   states_before=states_before, states_after=states_after,
                                   router_part=router_part)
-    report.update(new_adapter=new_adapter, applied=not refused)
+    report.update(new_adapter=new_adapter, applied=not refused, seconds=clock.laps)
     if refused:
         report["refused"] = refused
     report["notes"] = [_new_adapter_note(name, new_adapter),
@@ -146,6 +152,22 @@ def _new_adapter_note(name: str, new: dict) -> str:
                  f"{100 * m['routed_accuracy']:.1f} % against {100 * m['oracle_accuracy']:.1f} % with "
                  f"the adapter forced; {100 * m['routed_to_adapter']:.1f} % reached it (the others: {went}).")
     return line
+
+
+class _Clock:
+    """Seconds per phase, for the report (the router refit is meant to take minutes at most)."""
+
+    def __init__(self):
+        import time
+
+        self._time = time.perf_counter
+        self._last = self._time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._time()
+        self.laps[name] = round(now - self._last, 1)
+        self._last = now
 
 
 def _cleanup(folder: Path) -> None:

@@ -197,3 +197,30 @@ def test_report_shows_routed_accuracy_and_abstain(tmp_path):
     assert "## Routed end to end" in text and "| spam | text | 10 | 90.0 % | 70.0 % | 20.0 |" in text
     assert "chat 2" in text and "below a route score of 0.420" in text and "off by default" in text
     assert "| held out (100) | 4.0 % | 96.0 % | 95.0 % | 2 | 2 |" in text
+
+
+def test_demo_toggle_follows_the_fitted_default_and_the_tab_shows_routed_accuracy(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from demo import app as demo_app
+
+    router = make_router()
+    session = SimpleNamespace(router=router)
+    assert demo_app.abstain_toggle(session)["interactive"] is False  # nothing fitted
+    router.abstain = ab.Abstain(threshold=0.42, on=True)
+    toggle = demo_app.abstain_toggle(session)
+    assert toggle["value"] is True and "0.42" in toggle["info"] and "helped on validation" in toggle["info"]
+    router.abstain.on = False
+    assert demo_app.abstain_toggle(session)["value"] is False
+
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    monkeypatch.setattr(demo_app, "REPORTS", reports)
+    assert demo_app.routed_summary() == ""
+    (reports / "eval.json").write_text(json.dumps({"tasks": {"spam": {"routed": {"text": {
+        "n": 200, "oracle_accuracy": 0.885, "routed_accuracy": 0.755, "cost_points": 13.0}}}}}))
+    (reports / "eval.md").write_text("# Evaluation report\n")
+    text, _ = demo_app.eval_view()
+    summary = demo_app.routed_summary()
+    assert "| spam | text | 200 | 88.5 % | 75.5 % | 13.0 |" in summary
+    assert text.startswith("# Evaluation report")

@@ -181,3 +181,29 @@ def test_cli_add_train_prints_one_report(world, tmp_path, monkeypatch, capsys):
     assert "weather" not in [s.name for s in discover(root)]
     assert main(["rollback", "weather", "--adapters-dir", str(root)]) == 0
     assert "weather" in [s.name for s in discover(root)]
+
+
+def test_a_server_routes_over_a_loaded_adapter_with_the_report(world, tmp_path):
+    """What /v1/load_lora_adapter calls once the adapter is loaded (bot.serve.api wires it)."""
+    from types import SimpleNamespace
+
+    root, bb = world
+    specs = discover(root)
+    unloaded = []
+    state = SimpleNamespace(router=changes.served_router(specs, root, None, HashEncoder()), backbone=None,
+                            tasks={s.name: SimpleNamespace(spec=s) for s in specs},
+                            unload_adapter=lambda name: (unloaded.append(name), state.tasks.pop(name)))
+    for route in ("weather", "animals"):
+        spec = toy_spec(root, route)
+        train_adapter(spec, bb, spec.folder)
+    first = state.router
+    state.tasks["animals"] = SimpleNamespace(spec=AdapterSpec.from_dir(root / "animals"))
+    report = changes.on_adapter_loaded(state, "animals", strict=True)
+    assert not report["applied"] and "pets" in report["drops"] and unloaded == ["animals"]
+    assert state.router is first and "animals" not in state.tasks
+    state.tasks["weather"] = SimpleNamespace(spec=AdapterSpec.from_dir(root / "weather"))
+    report = changes.on_adapter_loaded(state, "weather", strict=True)
+    assert report["applied"] and state.router is not first and "weather" in state.router.routes
+    assert report["router"]["per_route"]["weather"]["status"] == "new"
+    assert all(a["unchanged"] for n, a in report["adapters"].items() if n != "weather")
+    assert len(list(root.glob(".changes/*-load-*.md"))) == 2

@@ -97,6 +97,8 @@ def compare(before, after, turns: list[tuple[str, str]]) -> dict:
     both = [i for i, y in enumerate(truth) if y in before.names and y in after.names]
     moved = [{"text": texts[i][:160], "true": truth[i], "before": old[i], "after": new[i]}
              for i in range(len(texts)) if old[i] != new[i]]
+    # the turns the change got wrong first, then the ones it got right, then the rest
+    moved.sort(key=lambda t: (t["before"] != t["true"], t["after"] != t["true"]))
     return {"n": len(turns), "per_route": per_route, "moved": moved, "n_moved": len(moved),
             "overall": {"n": len(both),
                         "before": sum(old[i] == truth[i] for i in both) / len(both) if both else None,
@@ -130,7 +132,9 @@ def build_report(*, action: str, name: str, before_specs, after_specs, before_ro
               "routes_before": before_names, "routes_after": after_names,
               "second_stage_before": getattr(before_router, "second_note", ""),
               "second_stage_after": getattr(after_router, "second_note", ""),
-              "second_stage_check": getattr(after_router, "second_check", None)}
+              "second_stage_check": getattr(after_router, "second_check", None),
+              "abstain_before": _abstain_figures(before_router),
+              "abstain_after": _abstain_figures(after_router)}
     if router_part is not None:
         report["router"] = router_part
     elif same_router:
@@ -156,6 +160,19 @@ def build_report(*, action: str, name: str, before_specs, after_specs, before_ro
                            f"{adapters[n]['digest_before']} -> {adapters[n]['digest_after']}"
                            for n in report["touched"]]
     return report
+
+
+def _abstain_figures(router) -> dict | None:
+    rule = getattr(router, "abstain", None)
+    return None if rule is None else {"threshold": rule.threshold, "on": rule.on, **rule.figures}
+
+
+def _abstain_line(figures: dict | None) -> str:
+    if not figures:
+        return "none fitted"
+    return (f"below {figures['threshold']:.3f}, {'on' if figures['on'] else 'off'} by default (validation, "
+            f"{figures.get('n', '?')} turns: asks back on {_pct(figures.get('abstain_rate'))}, the rest "
+            f"{_pct(figures.get('accuracy_rest'))} right, {_pct(figures.get('accuracy_all'))} without asking)")
 
 
 def _union(before_specs, after_specs) -> list:
@@ -207,6 +224,8 @@ def render(report: dict) -> str:
             lines.append("")
     lines += [f"Second stage before: {report['second_stage_before'] or 'none'}.",
               f"Second stage after: {report['second_stage_after'] or 'none'}.", "",
+              f"Abstain before: {_abstain_line(report.get('abstain_before'))}.",
+              f"Abstain after: {_abstain_line(report.get('abstain_after'))}.", "",
               "Adapters (held-out scores from each metrics.json; weights compared by sha256 digest):", "",
               "| adapter | held-out score before | after | weights before | after | |", "|---|---|---|---|---|---|"]
     for n, a in report["adapters"].items():
@@ -218,6 +237,9 @@ def render(report: dict) -> str:
     lines.append("")
     for extra in report.get("notes", []):
         lines += [extra, ""] if extra else []
+    if report.get("seconds"):
+        lines += ["Time (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}"
+                                         for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)
 
 
@@ -263,13 +285,13 @@ def on_adapter_loaded(state, name: str, strict: bool = False) -> dict:
     folder = Path(state.tasks[name].spec.folder) if name in state.tasks else None
     adapters_dir = next((Path(s.folder).parent for s in before_specs if s.folder), folder)
     before = state.router
+    states_before = adapter_states(before_specs)  # read before, and again after
     after = served_router(sorted(after_specs, key=lambda s: s.name), adapters_dir, state.backbone,
                           before.encoder if before is not None else None)
-    states = adapter_states(after_specs)
     report = build_report(action="load", name=name, before_specs=before_specs, after_specs=after_specs,
                           before_router=before or after, after_router=after,
-                          states_before={n: v for n, v in states.items() if n != name},
-                          states_after=states, same_router=before is None)
+                          states_before=states_before, states_after=adapter_states(after_specs),
+                          same_router=before is None)
     if strict and report["drops"]:
         report["refused"] = f"an existing route lost more than {DROP_POINTS:.0f} point(s)"
         state.unload_adapter(name)  # refused: the server is left as it was
