@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from pathlib import Path
 
 from .data import Table, cell_text, check_classify_rows, label_text, read_rows, require_column
@@ -153,14 +152,8 @@ def check_target(folder: Path, force: bool, moved_to: str = "") -> bool:
 
 def move_aside(folder: Path) -> Path:
     """Move ``folder`` to ``<parent>/.trash/<name>-<timestamp>/`` (hidden, so never loaded)."""
-    trash = folder.parent / TRASH
-    trash.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = trash / f"{folder.name}-{stamp}"
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = trash / f"{folder.name}-{stamp}-{n}"
-    folder.rename(dest)
+    from .versions import to_trash
+
+    dest = to_trash(folder, name=folder.name)
     log.info("moved the old %s folder (weights, metrics, manifest) to %s", folder.name, dest)
     return dest
