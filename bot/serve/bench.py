@@ -700,6 +700,8 @@ def render_serve(result: dict) -> str:
 def main(argv=None) -> int:
     """Child process entry: ``python -m bot.serve.bench '{"adapters_dir": ..., "json": ...}'``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpx2", "gguf"):  # a line per request / per file written
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = json.loads((argv or sys.argv[1:])[0])
     out = Path(args.pop("json"))
     rec = bench_one_isa(**args)
