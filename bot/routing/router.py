@@ -73,7 +73,56 @@ def _checked_heldout(pairs: list[tuple[str, str]], names: list[str], examples: d
     return pairs
 
 
-class Router:
+class _RouterQuality:
+    """Fitting the router's thresholds on held-out turns, and scoring it on labelled turns."""
+
+    def fit(self, heldout, head: bool = False, ngrams: tuple[int, int] = (0, 0), **head_options) -> dict:
+        """Fit calibration, thresholds and follow-up margin on held-out labelled turns.
+
+        ``heldout`` must not repeat route examples. Returns the fitted values and the (optimistic)
+        accuracy on ``heldout``. ``head``: also train a linear head on the route examples (worth
+        it with hundreds per route), over the embeddings and ``ngrams`` = (word, char) TF-IDF
+        vocabulary sizes (bot.routing.features; (0, 0) for none); ``head_options`` go to
+        fitting.fit_route_head (``embedding_weight``, ``written``, ``written_weight``).
+        """
+        pairs = _checked_heldout(as_pairs(heldout), self.names, self._examples)
+        labels = np.array([label for _, label in pairs])
+        texts = [scoring_text(t) for t, _ in pairs]
+        vectors = self.embedder.encode(texts)
+        self.head = None
+        self.calibration = fitting.fit_calibration(self._similarities(vectors), labels, self.routes)
+        if head:
+            self.head = fitting.fit_route_head(self._embeddings, self._examples, *ngrams, **head_options)
+        scores = self._score_matrix(vectors, texts)
+        self.threshold = fitting.fit_threshold(scores, labels, self.routes, self.fallback)
+        cuts = fitting.fit_route_thresholds(scores, labels, self.routes, self.fallback, self.threshold)
+        self.thresholds = dict(zip(self.routes, cuts, strict=True))
+        self.margin = fitting.fit_margin(scores, labels, self.routes, cuts, self.margin)
+        predicted = fitting.predict(scores, self.routes, cuts, self.fallback)
+        return {**fitting.fitted_values(self.threshold, self.margin, self.calibration,
+                                        self.thresholds), "head": self.head is not None,
+                "per_adapter_k": self.per_adapter_k, "n": int(len(labels)),
+                "accuracy": round(float((predicted == labels).mean()), 4)}
+
+    def evaluate(self, labelled) -> dict:
+        """Route each turn on its own; the ``bot.eval.metrics.router_metrics`` of the result."""
+        from ..eval.metrics import router_metrics
+
+        pairs = as_pairs(labelled)
+        if not pairs:
+            raise DataError("evaluate() needs at least one labelled turn")
+        predictions: list[RouteChoice] = []
+        for start in range(0, len(pairs), 256):
+            self.prime([t for t, _ in pairs[start:start + 256]])
+            predictions += [self.route(t) for t, _ in pairs[start:start + 256]]
+        return router_metrics([label for _, label in pairs], [c.adapter for c in predictions],
+                              [c.fallback for c in predictions], labels=self.names,
+                              texts=[t for t, _ in pairs])
+
+    # ----- persistence ------------------------------------------------------------------------
+
+
+class Router(_RouterQuality):
     """Route chat turns to adapters by similarity to example turns.
 
     Args:
@@ -101,10 +150,10 @@ class Router:
         self._examples: dict[str, list[str]] = {}
         self._embeddings: dict[str, np.ndarray] = {}
         self.second = None  # bot.routing.second.SecondStage when attached (second.attach)
-        self.second_note = ""  # what second.attach decided, and why (reports)
-        self.second_check: dict | None = None  # second.extension_check's figures, when it ran
-        self.cache_path: Path | None = None  # the folder build_router cached this router in
-        self.abstain = None  # bot.routing.abstain.Abstain once fitted (abstain.attach)
+        # set by build_router: cache_path (its cache folder), second_note and second_check
+        # (what second.attach decided, and on what figures), abstain (bot.routing.abstain)
+        self.cache_path = self.second_check = self.abstain = None
+        self.second_note = ""
 
     @property
     def encoder(self):
@@ -195,31 +244,8 @@ class Router:
         return self._choose(scores, text, previous if sticky else None, asked)
 
     def route_all(self, texts: list[str]) -> list[RouteChoice]:
-        """``route(t)`` for each turn on its own (no previous turn), in batches.
-
-        The turns are embedded together and the second stage reads its unsure ones in one
-        batch: many times faster than one call per turn, for evaluation and reports.
-        """
-        texts = ["" if t is None else str(t) for t in texts]
-        out: list[RouteChoice | None] = [None] * len(texts)
-        todo = []
-        for i, text in enumerate(texts):
-            if parse_command(text):
-                out[i] = self.route(text)
-            else:
-                todo.append(i)
-        scoring = [scoring_text(texts[i]) for i in todo]
-        rows: list[dict[str, float]] = [{} for _ in todo]
-        if self._examples and todo:
-            matrix = np.concatenate([self._score_matrix(self.embedder.encode(scoring[k:k + 256]),
-                                                        scoring[k:k + 256])
-                                     for k in range(0, len(scoring), 256)])
-            rows = [{n: round(float(v), 4) for n, v in zip(self._examples, row, strict=True)}
-                    for row in matrix]
-        mixed = self.second.consult_many(rows, scoring) if self.second else [(r, "") for r in rows]
-        for i, (scores, asked) in zip(todo, mixed, strict=True):
-            out[i] = self._choose(scores, texts[i], None, asked)
-        return out
+        """``route(t)`` for each turn on its own (no previous turn), batched (see _route_all)."""
+        return _route_all(self, ["" if t is None else str(t) for t in texts])
 
     def _choose(self, scores: dict[str, float], text: str, previous: str | None,
                 asked: str) -> RouteChoice:
@@ -285,51 +311,6 @@ class Router:
 
     # ----- fitting and evaluation -------------------------------------------------------------
 
-    def fit(self, heldout, head: bool = False, ngrams: tuple[int, int] = (0, 0), **head_options) -> dict:
-        """Fit calibration, thresholds and follow-up margin on held-out labelled turns.
-
-        ``heldout`` must not repeat route examples. Returns the fitted values and the (optimistic)
-        accuracy on ``heldout``. ``head``: also train a linear head on the route examples (worth
-        it with hundreds per route), over the embeddings and ``ngrams`` = (word, char) TF-IDF
-        vocabulary sizes (bot.routing.features; (0, 0) for none); ``head_options`` go to
-        fitting.fit_route_head (``embedding_weight``, ``written``, ``written_weight``).
-        """
-        pairs = _checked_heldout(as_pairs(heldout), self.names, self._examples)
-        labels = np.array([label for _, label in pairs])
-        texts = [scoring_text(t) for t, _ in pairs]
-        vectors = self.embedder.encode(texts)
-        self.head = None
-        self.calibration = fitting.fit_calibration(self._similarities(vectors), labels, self.routes)
-        if head:
-            self.head = fitting.fit_route_head(self._embeddings, self._examples, *ngrams, **head_options)
-        scores = self._score_matrix(vectors, texts)
-        self.threshold = fitting.fit_threshold(scores, labels, self.routes, self.fallback)
-        cuts = fitting.fit_route_thresholds(scores, labels, self.routes, self.fallback, self.threshold)
-        self.thresholds = dict(zip(self.routes, cuts, strict=True))
-        self.margin = fitting.fit_margin(scores, labels, self.routes, cuts, self.margin)
-        predicted = fitting.predict(scores, self.routes, cuts, self.fallback)
-        return {**fitting.fitted_values(self.threshold, self.margin, self.calibration,
-                                        self.thresholds), "head": self.head is not None,
-                "per_adapter_k": self.per_adapter_k, "n": int(len(labels)),
-                "accuracy": round(float((predicted == labels).mean()), 4)}
-
-    def evaluate(self, labelled) -> dict:
-        """Route each turn on its own; the ``bot.eval.metrics.router_metrics`` of the result."""
-        from ..eval.metrics import router_metrics
-
-        pairs = as_pairs(labelled)
-        if not pairs:
-            raise DataError("evaluate() needs at least one labelled turn")
-        predictions: list[RouteChoice] = []
-        for start in range(0, len(pairs), 256):
-            self.prime([t for t, _ in pairs[start:start + 256]])
-            predictions += [self.route(t) for t, _ in pairs[start:start + 256]]
-        return router_metrics([label for _, label in pairs], [c.adapter for c in predictions],
-                              [c.fallback for c in predictions], labels=self.names,
-                              texts=[t for t, _ in pairs])
-
-    # ----- persistence ------------------------------------------------------------------------
-
     def save(self, path) -> Path:
         """Write ``router.json`` and ``routes.safetensors`` into the folder ``path``."""
         config = {"fallback": self.fallback, "per_adapter_k": self.per_adapter_k,
@@ -358,3 +339,27 @@ class Router:
         router.thresholds = {k: float(v) for k, v in config["thresholds"].items()}
         router.head = store.head_from_disk(config, tensors)
         return router
+
+
+def _route_all(router: Router, texts: list[str]) -> list[RouteChoice]:
+    """The turns are embedded together and the second stage reads the unsure ones in one batch:
+    many times faster than one ``route`` call per turn, for evaluation and reports."""
+    out: list[RouteChoice | None] = [None] * len(texts)
+    todo = []
+    for i, text in enumerate(texts):
+        if parse_command(text):
+            out[i] = router.route(text)
+        else:
+            todo.append(i)
+    scoring = [scoring_text(texts[i]) for i in todo]
+    rows: list[dict[str, float]] = [{} for _ in todo]
+    names = router.routes
+    if names and todo:
+        matrix = np.concatenate([router._score_matrix(router.embedder.encode(scoring[k:k + 256]),
+                                                      scoring[k:k + 256])
+                                 for k in range(0, len(scoring), 256)])
+        rows = [{n: round(float(v), 4) for n, v in zip(names, row, strict=True)} for row in matrix]
+    mixed = router.second.consult_many(rows, scoring) if router.second else [(r, "") for r in rows]
+    for i, (scores, asked) in zip(todo, mixed, strict=True):
+        out[i] = router._choose(scores, texts[i], None, asked)
+    return out
