@@ -77,9 +77,11 @@ def test_8_bot_add_warns_about_labels_the_data_cannot_carry(tmp_path, capsys, n_
     assert (tmp_path / "ad" / "many" / "adapter.yaml").exists(), "a warning, not a refusal"
 
 
-def test_8_bot_add_says_nothing_for_a_sensible_task(tmp_path, capsys):
-    csv = _labels_csv(tmp_path / "two.csv", 3, 40)
-    assert main(["add", "two", "--from", str(csv), "--adapters-dir", str(tmp_path / "ad")]) == 0
+@pytest.mark.parametrize("n_labels,per_label", [(3, 40), (2, 6), (50, 20), (1000, 20)])
+def test_8_bot_add_says_nothing_for_a_sensible_task(tmp_path, capsys, n_labels, per_label):
+    """Few labels on little data, TREC-like 50 labels, 1,000 labels of 20 rows: no warning."""
+    csv = _labels_csv(tmp_path / "ok.csv", n_labels, per_label)
+    assert main(["add", "ok", "--from", str(csv), "--adapters-dir", str(tmp_path / "ad")]) == 0
     assert "warning" not in capsys.readouterr().err
 
 

@@ -37,15 +37,20 @@ def serve(backbone, adapters_dir, *, host: str = "127.0.0.1", port: int = 8000,
     return 0
 
 
-def freeze_heap() -> None:
+def freeze_heap(collect: bool = True) -> None:
     """Keep what is loaded by now (model, tokenizer, libraries) out of the garbage collector.
 
     A full collection walks every tracked object; with torch and transformers loaded it
     stopped the whole server (event loop and engine thread) for 0.3-0.7 s at a time under
     issue 28's hostile mix, so /health and running streams waited that long. Objects
     frozen here are long-lived anyway; ``gc.unfreeze()`` hands them back.
+
+    Args:
+        collect: collect garbage first, so none of it is frozen (skipped by tests, whose
+            servers unfreeze on exit).
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.freeze()
 
 
@@ -78,7 +83,7 @@ class BackgroundServer:
     def __enter__(self) -> BackgroundServer:
         import time
 
-        freeze_heap()  # as `bot serve` does; undone on exit
+        freeze_heap(collect=False)  # as `bot serve` does; undone on exit
         self.thread.start()
         for _ in range(400):
             if self.server.started:
