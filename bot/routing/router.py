@@ -119,8 +119,6 @@ class _RouterQuality:
                               [c.fallback for c in predictions], labels=self.names,
                               texts=[t for t, _ in pairs])
 
-    # ----- persistence ------------------------------------------------------------------------
-
 
 class Router(_RouterQuality):
     """Route chat turns to adapters by similarity to example turns.
@@ -309,7 +307,7 @@ class Router(_RouterQuality):
                            runner_score, scores, f"follow-up: stayed with '{previous}' ({why})",
                            text=text)
 
-    # ----- fitting and evaluation -------------------------------------------------------------
+    # ----- persistence (fitting and evaluation: _RouterQuality) --------------------------------
 
     def save(self, path) -> Path:
         """Write ``router.json`` and ``routes.safetensors`` into the folder ``path``."""
