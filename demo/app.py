@@ -324,6 +324,8 @@ def abstain_toggle(session) -> dict:
         return {"value": False, "interactive": False, "label": "Ask which adapter when unsure",
                 "info": "no abstain threshold fitted for these routes (too few validation turns)"}
     why = "on by default: it helped on validation" if rule.on else "off by default: it did not help on validation"
+    if rule.threshold <= 0:
+        why += " (no score there at which routes were right less than half the time: it never asks)"
     return {"value": rule.on, "interactive": True, "label": "Ask which adapter when unsure",
             "info": f"below a route score of {rule.threshold:.2f} (fitted on validation); {why}"}
 
