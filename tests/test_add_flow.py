@@ -207,3 +207,23 @@ def test_a_server_routes_over_a_loaded_adapter_with_the_report(world, tmp_path):
     assert report["router"]["per_route"]["weather"]["status"] == "new"
     assert all(a["unchanged"] for n, a in report["adapters"].items() if n != "weather")
     assert len(list(root.glob(".changes/*-load-*.md"))) == 2
+
+
+def test_cli_train_again_prints_the_report_and_strict_rolls_a_worse_version_back(world, monkeypatch, capsys):
+    from bot.cli import main
+
+    root, bb = world
+    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: bb))
+    first = tree(root / "pets")
+    assert main(["train", "pets", "--adapters-dir", str(root), "--epochs", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "# Route set change: train pets" in out and "Router: unchanged" in out
+    assert "| pets |" in out and "retrained" in out and "| food |" in out
+    retrained = tree(root / "pets")
+    assert retrained != first and len(versions.list_versions(root / "pets")) == 1
+    # a much shorter run scores worse on pets' held-out split: --strict puts the last version back
+    monkeypatch.setattr("bot.addflow.own_score_drop", lambda old, new: "text 100.0 -> 50.0 % (n=18)")
+    assert main(["train", "pets", "--adapters-dir", str(root), "--epochs", "0.1", "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "own held-out score fell" in out
+    assert tree(root / "pets") == retrained
