@@ -534,6 +534,7 @@ def run_serve_bench(*, adapters_dir, backbone: str | None = None, out_dir="repor
 
         for name in isas:  # before minutes of work
             ls.find_binary(name)
+    code, started = code_version(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     records = []
     for name in isas:
         env = AVX2_ENV if name == "avx2" else {}
@@ -548,7 +549,8 @@ def run_serve_bench(*, adapters_dir, backbone: str | None = None, out_dir="repor
         rec["isa"] = name
         records.append(rec)
     result = make_result(records, command_line=command_line, machine=machine(),
-                         code=code_version(), against=against)
+                         code=code, against=against)
+    result["started"] = started
     out = Path(out_dir)
     atomic_write_text(out / "serve.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "serve.md", render_serve(result))
@@ -643,7 +645,8 @@ def render_serve(result: dict) -> str:
     against = result.get("against")
     lines = ["# Serving benchmark (`bot serve`)", "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']}  ",
-             f"Code: {result.get('code', '?')}; written {result.get('written', '?')}", "",
+             f"Code: {result.get('code', '?')} (at the start); run "
+             f"{result.get('started', '?')} to {result.get('written', '?')}", "",
              "Each CPU setting runs in a fresh process: `bot serve` on a free port, driven by the "
              "`openai` client with streaming requests (held-out dialogue prompts spread over the "
              "base model and the generation adapters, greedy), each reply's length read from the "
