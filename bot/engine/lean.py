@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .precision import linear_for
+from .slotcache import grow
 
 # model types whose decoder layers are exactly Llama's (no sliding window, no extra norms)
 SUPPORTED = ("llama", "qwen2")
@@ -132,17 +133,7 @@ class KVCache:
         return torch.zeros(rows, kv, cap, hd, device=self.device)
 
     def ensure(self, needed: int) -> None:
-        if needed > self.max_len:
-            raise ValueError(f"sequence of {needed} tokens exceeds the context limit {self.max_len}")
-        if needed <= self.capacity:
-            return
-        new = min(self.max_len, max(needed, 2 * self.capacity))
-        for store in (self.k, self.v):
-            for i, buf in enumerate(store):
-                grown = self._new(new)
-                grown[:, :, :self.capacity] = buf
-                store[i] = grown
-        self.capacity = new
+        self.capacity = grow((self.k, self.v), self.capacity, needed, self.max_len)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` positions into row ``dst``."""
@@ -188,7 +179,10 @@ class LeanModel:
         with torch.inference_mode():
             positions = torch.arange(max_len, device=dev)[None]
             cos, sin = inner.rotary_emb(self.embed[:1][None].float(), positions)
-        self.cos, self.sin = cos[0].float(), sin[0].float()  # (max_len, head_dim)
+        cos, sin = cos[0].float(), sin[0].float()  # (max_len, head_dim)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * signed_sin: one roll instead of neg + cat
+        self.cos, self.sin = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
         return KVCache(self.n_layers, rows, self.kv_heads, self.head_dim, max_len, self.embed.device)
@@ -213,9 +207,12 @@ class LeanModel:
         slot = torch.tensor([s.slot for s in order for _ in s.ids], device=dev)
         n = ids.shape[0]
         cache.ensure(max(pos_list) + 1)
+        # each token's key/value rows in a layer's cache seen as (rows * kv_heads * capacity, head_dim)
+        rows = ((slot[:, None] * self.kv_heads + torch.arange(self.kv_heads, device=dev)[None])
+                * cache.capacity + pos[:, None]).reshape(-1)
         x = F.embedding(ids, self.embed).float()
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (N, 1, head_dim)
-        lora = banks.plan([s.adapter for s in order for _ in s.ids], weights.dtype) if banks else None
+        lora = banks.plan([s.adapter for s in order for _ in s.ids]) if banks else None
         single = self._single_plan(singles, dev)
         dtype = weights.dtype
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
@@ -230,8 +227,8 @@ class LeanModel:
             q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, self.q_size + self.kv_size:].view(n, hk, hd)
             kc, vc = cache.k[li], cache.v[li]
-            kc[slot, :, pos] = k
-            vc[slot, :, pos] = v
+            kc.view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))
+            vc.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
             attn = self._attend(q, kc, vc, singles, chunks, single)
             attn = attn.to(dtype)
             o = o_w(attn)
@@ -287,9 +284,14 @@ class LeanModel:
             b = len(singles)
             keys = kc[:b, :, :width] if rows is None else kc[rows, :, :width]
             vals = vc[:b, :, :width] if rows is None else vc[rows, :, :width]
-            qs = q[:b].reshape(b, hk, group, hd)
-            scores = torch.matmul(qs, keys.transpose(2, 3)).mul_(self.scaling).add_(mask)
-            outs.append(torch.matmul(torch.softmax(scores, dim=-1), vals).reshape(b, hq * hd))
+            if b == 1:  # one row sees its whole prefix: no mask, and the fused kernel is faster
+                out = F.scaled_dot_product_attention(q[:1].reshape(1, hq, 1, hd), keys, vals,
+                                                     scale=self.scaling, enable_gqa=hk != hq)
+                outs.append(out.reshape(1, hq * hd))
+            else:
+                qs = q[:b].reshape(b, hk, group, hd)
+                scores = torch.matmul(qs, keys.transpose(2, 3)).mul_(self.scaling).add_(mask)
+                outs.append(torch.matmul(torch.softmax(scores, dim=-1), vals).reshape(b, hq * hd))
         start = len(singles)
         for s in chunks:
             t = len(s.ids)
@@ -316,7 +318,6 @@ def _rms(x: torch.Tensor, norm, dtype) -> torch.Tensor:
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (transformers' rotate-half layout) of (N, heads, head_dim)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

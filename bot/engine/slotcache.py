@@ -52,17 +52,7 @@ class SlotCache(Cache):
         self._first = first_row
 
     def _ensure(self, needed: int) -> None:
-        if needed > self.max_len:
-            raise ValueError(f"sequence of {needed} tokens exceeds the context limit {self.max_len}")
-        if needed <= self.capacity:
-            return
-        new = min(self.max_len, max(needed, 2 * self.capacity))
-        for store in (self.keys, self.values):
-            for i, buf in enumerate(store):
-                grown = buf.new_zeros(buf.shape[0], buf.shape[1], new, buf.shape[3])
-                grown[:, :, :self.capacity] = buf[:, :, :self.capacity]
-                store[i] = grown
-        self.capacity = new
+        self.capacity = grow((self.keys, self.values), self.capacity, needed, self.max_len)
 
     # ------------------------------------------------------- Cache protocol
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -112,3 +102,22 @@ def prefill_mask(lengths: list[int]) -> torch.Tensor:
     causal = pos[None, :] <= pos[:, None]
     real = pos[None, :] < torch.tensor(lengths)[:, None]
     return (causal[None] & real[:, None, :])[:, None]
+
+
+def grow(stores, capacity: int, needed: int, max_len: int) -> int:
+    """The capacity for ``needed`` positions (doubling, at most ``max_len``).
+
+    Every buffer (rows, heads, capacity, head_dim) in ``stores`` (lists, replaced in place)
+    is regrown to it, keeping what it held.
+    """
+    if needed > max_len:
+        raise ValueError(f"sequence of {needed} tokens exceeds the context limit {max_len}")
+    if needed <= capacity:
+        return capacity
+    new = min(max_len, max(needed, 2 * capacity))
+    for store in stores:
+        for i, buf in enumerate(store):
+            grown = buf.new_zeros(buf.shape[0], buf.shape[1], new, buf.shape[3])
+            grown[:, :, :capacity] = buf[:, :, :capacity]
+            store[i] = grown
+    return new
