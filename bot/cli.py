@@ -424,6 +424,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _precision(text: str) -> str:
+    """``auto``, a kernel, or ``small,large`` (bot.engine.tuning.parse, without importing torch)."""
+    parts = [p.strip().lower() for p in text.split(",")]
+    if parts == ["auto"] or (len(parts) in (1, 2) and all(p in KERNEL_KINDS for p in parts)):
+        return ",".join(parts)
+    raise argparse.ArgumentTypeError(f"'{text}' is not a kernel: use auto, one of "
+                                     f"{', '.join(KERNEL_KINDS)}, or SMALL,LARGE (e.g. w8,bf16)")
+
+
 def _curve_sizes(text: str) -> str:
     """Check ``--curve`` here, so a typo is a usage message rather than a traceback."""
     parts = [p.strip().upper() for p in text.split(",")]
@@ -604,9 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting or running before new ones get 429")
     v.add_argument("--max-model-len", type=_positive, default=2048,
                    help="context limit per request: prompt + max_tokens")
-    v.add_argument("--precision", choices=["auto", *KERNEL_KINDS], default="auto",
-                   help="base weights while serving (auto: the kernel measured fastest on this CPU "
-                        "and cached, see `bot info`; fp32 is exact)")
+    v.add_argument("--precision", type=_precision, default="auto",
+                   help="base weights while serving: auto (the kernels measured fastest on this CPU "
+                        "for small and large steps, cached, see `bot info`), one of "
+                        f"{', '.join(KERNEL_KINDS)}, or SMALL,LARGE (e.g. w8,bf16); fp32 is exact")
     v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
     v.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024,
                    help="larger request bodies get 413 before they are read (default 4 MiB)")

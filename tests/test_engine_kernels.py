@@ -180,3 +180,13 @@ def test_the_cli_offers_every_kernel():
     from bot import cli
 
     assert cli.KERNEL_KINDS == kernels.KINDS
+
+
+def test_serve_precision_takes_a_kernel_pair_and_refuses_others(capsys):
+    from bot import cli
+
+    args = cli.build_parser().parse_args(["serve", "--precision", "W8,bf16"])
+    assert args.precision == "w8,bf16" and tuning.parse(args.precision) == ("w8", "bf16")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--precision", "w8,int3"])
+    assert "'w8,int3' is not a kernel" in capsys.readouterr().err

@@ -244,13 +244,13 @@ def test_2_tokenizing_runs_off_the_event_loop(server, monkeypatch):
 
 # ------------------------------------------------------------------ item 3
 def _slow_steps(monkeypatch, sched, seconds=0.01):
-    real = sched.engine.step
+    real = sched.runner.step
 
     def step(*args, **kw):
         time.sleep(seconds)
         return real(*args, **kw)
 
-    monkeypatch.setattr(sched.engine, "step", step)
+    monkeypatch.setattr(sched.runner, "step", step)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -170,13 +170,13 @@ def test_adapter_costs_only_its_lora_matrices(bb):
     sched = Scheduler(bb, generators=["a", "b"], precision="fp32")
     base_bytes = sum(p.numel() * p.element_size() for p in bb.base.parameters())
     lora_a = bb.adapter_nbytes("a")
-    assert sched.engine.adapters["a"] == lora_a
+    assert sched.runner.adapters["a"] == lora_a
     # fp32 engine shares the backbone's embedding (and head) tensors: no copy of them
-    emb = sched.engine.lean.embed
+    emb = sched.runner.lean.embed
     assert emb.data_ptr() == bb.base.get_input_embeddings().weight.data_ptr()
     assert lora_a < 0.1 * base_bytes
     # the stacked copy of both adapters costs their LoRA matrices (+ zero blocks of fused B)
-    assert lora_a <= sched.engine.banks.nbytes() <= 4 * (lora_a + bb.adapter_nbytes("b"))
+    assert lora_a <= sched.runner.banks.nbytes() <= 4 * (lora_a + bb.adapter_nbytes("b"))
     sched.close()
 
 

@@ -35,7 +35,7 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
 @dataclass
 class LoraBank:
-    """One layer group's stacked adapters (float32 masters; per-dtype copies on use)."""
+    """One layer group's stacked adapters, float32."""
 
     out_features: int
     in_features: int
@@ -149,19 +149,19 @@ class BankSet:
     def nbytes(self) -> int:
         return sum(b.nbytes() for row in self.banks for b in row if b is not None)
 
-    def plan(self, token_adapters: list[str | None], dtype: torch.dtype) -> LoraPlan | None:
+    def plan(self, token_adapters: list[str | None]) -> LoraPlan | None:
         """What one step adds: None when no token uses a served adapter."""
         used = {a for a in token_adapters if a is not None and a in self.adapters}
         if not used:
             return None
-        return LoraPlan(self, token_adapters, used, dtype)
+        return LoraPlan(self, token_adapters, used)
 
 
 class LoraPlan:
     """The per-token masks of one step (one per distinct bank layout)."""
 
-    def __init__(self, banks: BankSet, token_adapters: list[str | None], used: set[str], dtype):
-        self.banks, self.dtype = banks, dtype
+    def __init__(self, banks: BankSet, token_adapters: list[str | None], used: set[str]):
+        self.banks = banks
         self.n = len(token_adapters)
         self.only = next(iter(used)) if len(used) == 1 and None not in token_adapters else None
         self.rows: dict[str, torch.Tensor] = {}

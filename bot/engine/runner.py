@@ -93,7 +93,10 @@ class LeanRunner:
         """Logits at every position of right-padded rows (scoring held-out text), float32."""
         ids, mask = enc["input_ids"], enc["attention_mask"]
         rows, width = ids.shape
-        weights = self.weights.get(kind or self.large) or Weights(plain_model(self.backbone), kind)
+        kind = kind or self.large
+        if kind not in self.weights:  # another kernel, to score it (kept while the runner lives)
+            self.weights[kind] = Weights(plain_model(self.backbone), kind)
+        weights = self.weights[kind]
         cache = self.lean.new_cache(rows, width)
         out = torch.zeros(rows, width, self.lean.vocab)
         for i in range(rows):
@@ -134,6 +137,7 @@ class HFRunner:
         self.cache.move_row(src, dst, length)
 
     def sequence_logits(self, enc: dict, adapters: list[str | None], kind=None) -> torch.Tensor:
+        """Logits at every position (``kind`` is ignored: this runner holds one kernel)."""
         return self.engine.sequence_logits(enc, adapters)
 
     def step(self, segments: list[Segment]) -> torch.Tensor:

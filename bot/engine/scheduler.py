@@ -29,6 +29,7 @@ import torch
 
 from ..errors import QueueFull, ServeError, UnknownModel
 from .lean import Segment
+from .runner import make_runner
 from .sampling import SamplingParams, next_token
 
 log = logging.getLogger(__name__)
@@ -154,14 +155,11 @@ class Scheduler(BlockingCalls):
                  precision: str = "auto", max_batch: int = 16, max_queue: int = 64,
                  max_len: int = 2048, metrics=None, prefill_chunk: int | None = PREFILL_CHUNK,
                  auto_adapters: bool = False):
-        from .runner import make_runner
-
         self.backbone = backbone
         self.tokenizer = backbone.tokenizer
         limit = getattr(backbone.base.config, "max_position_embeddings", None) or max_len
         self.max_len = min(max_len, limit)
         self.runner = make_runner(backbone, precision, max_batch, self.max_len)
-        self.precision = self.runner.precision
         self.prefill_chunk = prefill_chunk if self.runner.chunked else None
         self.classifiers = dict(classifiers or {})
         for name in generators or []:
@@ -181,9 +179,9 @@ class Scheduler(BlockingCalls):
 
     # ------------------------------------------------------------ public
     @property
-    def engine(self):
-        """The runner (its ``adapters`` are the served generation adapters)."""
-        return self.runner
+    def precision(self) -> str:
+        """The runner's kernel(s), e.g. ``w8`` or ``w8,bf16`` (small, large)."""
+        return self.runner.precision
 
     @property
     def metrics(self):

@@ -93,10 +93,12 @@ def parse(precision: str) -> tuple[str, str] | None:
 def resolve(backbone, precision: str = "auto") -> Choice:
     """The Choice for ``precision`` ("auto": ``BOT_KERNEL``, else cached, else measured)."""
     pair = parse(precision)
-    if pair is None:
-        return choose(backbone)
-    return Choice(pair[0], pair[1], 1 if pair[0] != pair[1] else 1 << 30,
-                  f"{precision}: set by the caller")
+    return choose(backbone) if pair is None else _forced(pair, f"{precision}: set by the caller")
+
+
+def _forced(pair: tuple[str, str], reason: str, key: str = "") -> Choice:
+    """A Choice nobody measured: ``small`` for single-token steps, ``large`` above."""
+    return Choice(pair[0], pair[1], 1 if pair[0] != pair[1] else 1 << 30, reason, key)
 
 
 def _cache_path():
@@ -217,8 +219,7 @@ def choose(backbone, *, refresh: bool = False, kinds=CANDIDATES) -> Choice:
             pair = parse(forced)
         except BotError as err:
             raise BotError(f"{KERNEL_ENV}={forced}: {err}") from None
-        return Choice(pair[0], pair[1], 1 if pair[0] != pair[1] else 1 << 30,
-                      f"{forced}: set by {KERNEL_ENV}", key)
+        return _forced(pair, f"{forced}: set by {KERNEL_ENV}", key)
     wanted = list(dict.fromkeys(("fp32", *kinds)))
     if not refresh:
         hit = _read_cache().get(key)

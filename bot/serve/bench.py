@@ -79,7 +79,7 @@ def measure_memory(backbone, adapters_dir, extra: int = 3) -> dict:
     one = rss_mb()
     for i in range(extra):  # the same weights under other names: the same size as new adapters
         bb.load_adapter(f"chat{i + 2}", folder)
-        sched.engine.add_adapter(f"chat{i + 2}")
+        sched.runner.add_adapter(f"chat{i + 2}")
     gc.collect()
     more = rss_mb()
     backbone_mb = sum(p.numel() * p.element_size() for p in bb.base.parameters()) / 2**20
