@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .assets import default_adapters_dir
+from .engine.threads import off_engine
 from .routing.abstain import clarify
 from .tasks.classify import ClassifyTask
 from .text import MAX_CHARS
@@ -107,7 +108,8 @@ class ChatSession:
         for task in self.tasks.values():
             if task.kind in GENERATING:
                 "".join(self._generate(task, "hello", max_tokens=2, history=[]))
-        self.router.route("hello")
+        with off_engine():
+            self.router.route("hello")
         self._analyse("hello")
         return time.perf_counter() - t0
 
@@ -162,7 +164,8 @@ class ChatSession:
             text = text[: self.max_chars]
         if force and force != "auto":
             text = f"/{force} {text}" if not text.startswith("/") else text
-        route = self.router.route(text, previous=self.previous)
+        with off_engine():  # the router's encoder runs here, not on the engine thread
+            route = self.router.route(text, previous=self.previous)
         t_route = time.perf_counter()
         body = route.text or text
         question = clarify(self.router, route, abstain)

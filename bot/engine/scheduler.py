@@ -31,6 +31,7 @@ from ..errors import QueueFull, ServeError, UnknownModel
 from .lean import Segment
 from .runner import make_runner
 from .sampling import SamplingParams, next_token
+from .threads import release_pool
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -106,6 +107,7 @@ class BlockingCalls:
                params: SamplingParams) -> Iterator[Event]:
         """Blocking helper: every event of one request (the last one has ``finish_reason``)."""
         events: queue.Queue[Event] = queue.Queue()
+        release_pool()  # this thread waits on the engine: its OpenMP team would slow the steps
         req = self.submit(prompt_ids, adapter, params, events.put)
         try:
             while True:
@@ -221,7 +223,11 @@ class Scheduler(BlockingCalls):
     def start(self) -> Scheduler:
         with self._cond:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="bot-engine", daemon=True)
+                threads = torch.get_num_threads()
+                # this thread built the runner: its OpenMP team would slow every step (threads.py)
+                release_pool()
+                self._thread = threading.Thread(target=self._loop, args=(threads,),
+                                                name="bot-engine", daemon=True)
                 self._thread.start()
         return self
 
@@ -281,6 +287,7 @@ class Scheduler(BlockingCalls):
         job = _ClassifyJob(list(texts), list(adapters), max_length, Future(), cancelled)
         if not job.texts:
             return []
+        release_pool()
         with self._cond:
             if self.in_flight() >= self.max_queue:
                 raise QueueFull(f"the server is busy: {self.in_flight()} requests in flight "
@@ -325,7 +332,8 @@ class Scheduler(BlockingCalls):
         return fut.result()
 
     # -------------------------------------------------------------- loop
-    def _loop(self) -> None:
+    def _loop(self, threads: int) -> None:
+        torch.set_num_threads(threads)  # OpenMP's thread count is per thread: the starter's
         with torch.inference_mode():
             self._run()
 

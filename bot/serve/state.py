@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine import Scheduler
+from ..engine.threads import off_engine
 from ..errors import AdapterError, UnknownModel
 from .limits import Limits
 from .metrics import ServeMetrics
@@ -138,7 +139,8 @@ class ServerState:
                     messages[-1]["content"])
         route = None
         if model == "auto":
-            route = self.router.route(last)
+            with off_engine():  # the router's encoder runs in this handler thread
+                route = self.router.route(last)
             if route.adapter == "help":
                 return ChatPlan("help", reply=self.router.help_text(), route=route)
             last = route.text or last
