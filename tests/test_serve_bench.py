@@ -336,3 +336,30 @@ def test_real_llama_server_serves_base_and_each_adapter_by_the_lora_field(tmp_pa
     assert texts[1] == texts[2]  # the same weights under two ids
     assert texts[0] != texts[1]  # the lora field switched the adapter on
     assert lv["mean_prompt_tokens"] > 10  # the chat template was applied
+
+
+def test_classify_check_times_one_batched_request_against_one_per_text(tmp_path):
+    from test_reliability import make_state
+
+    from bot.serve.limits import Limits
+    from bot.serve.server import BackgroundServer
+
+    state = make_state(tmp_path, api_key=None, limits=Limits(max_classify_inputs=64))
+    texts = [f"held-out text number {i}, {'great' if i % 2 else 'awful'}" for i in range(16)]
+    with BackgroundServer(state) as srv:
+        out = bench.measure_classify(srv.url + "/v1", texts, "mood")
+    assert out["model"] == "mood" and out["texts"] == 16
+    assert out["batched_s"] > 0 and out["single_s"] > 0
+    assert out["speedup"] > 0  # from the unrounded times
+    # the same texts get the same labels either way (bf16 rounding may flip a near-tie)
+    assert out["same_label"] >= 14
+    rec = {"classify": out}
+    lines = bench.render_serve({"command": "c", "machine": "m", "against": None, "targets": {},
+                                "isa": [{**rec, "isa": "native", "features": {
+                                    "aten_capability": "AVX2", "native_bf16": False,
+                                    "threads": 2, "env": {}}, "models": [], "max_tokens": 8,
+                                    "memory": {"precision": "fp32", "rss_mb_1": 1, "rss_mb_4": 2,
+                                               "per_adapter_mb": 0.1, "lora_mb": 0.1,
+                                               "adapter_memory_share": 0.01, "backbone_mb": 10},
+                                    "targets": {}}]})
+    assert "as one request" in lines and f"({out['speedup']}x" in lines

@@ -218,34 +218,31 @@ class LeanModel:
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
         for li, (qkv_w, o_w, gu_w, down_w) in enumerate(weights.layers):
             n1, n2 = self.norms[li]
-            h = _rms(x, n1, dtype)
-            qkv = qkv_w(h)
+            h = _rms(x, n1)  # float32: the LoRA input; the kernel gets it in its dtype
+            qkv = qkv_w(_cast(h, dtype)).float()
             if lora is not None:
                 lora.add(li, 0, h, qkv)
-            qkv = qkv.float()
             qk = _rotate(qkv[:, :self.q_size + self.kv_size].view(n, hq + hk, hd), cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, self.q_size + self.kv_size:].view(n, hk, hd)
             kc, vc = cache.k[li], cache.v[li]
             kc.view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))
             vc.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
-            attn = self._attend(q, kc, vc, singles, chunks, single)
-            attn = attn.to(dtype)
-            o = o_w(attn)
-            if lora is not None:
-                lora.add(li, 1, attn, o)
-            x = x + o
-            h = _rms(x, n2, dtype)
-            gu = gu_w(h)
-            if lora is not None:
+            attn = self._attend(q, kc, vc, singles, chunks, single)  # float32
+            x = x + o_w(_cast(attn, dtype))
+            if lora is not None:  # o_proj's LoRA goes straight onto the residual stream
+                lora.add(li, 1, attn, x)
+            h = _rms(x, n2)
+            gu = gu_w(_cast(h, dtype))
+            if lora is not None and lora.touches(li, 2):
+                gu = gu.float()
                 lora.add(li, 2, h, gu)
             a = self.act(gu[:, :self.inter]) * gu[:, self.inter:]
-            d = down_w(a)
-            if lora is not None:
-                lora.add(li, 3, a, d)
-            x = x + d
+            x = x + down_w(_cast(a, dtype))
+            if lora is not None and lora.touches(li, 3):
+                lora.add(li, 3, a.float(), x)
         if every:
-            return weights.head(_rms(x, self.final_norm, dtype)).float()
+            return weights.head(_cast(_rms(x, self.final_norm), dtype)).float()
         wanted, end = [], 0
         for s in order:
             end += len(s.ids)
@@ -254,7 +251,7 @@ class LeanModel:
         if not wanted:
             return torch.empty(0, self.vocab)
         last = x[torch.tensor(wanted, device=dev)] if len(wanted) != n else x
-        logits = weights.head(_rms(last, self.final_norm, dtype)).float()
+        logits = weights.head(_cast(_rms(last, self.final_norm), dtype)).float()
         # rows back in the caller's segment order
         back = {id(s): i for i, s in enumerate(s for s in order if s.want)}
         index = [back[id(s)] for s in segments if s.want]
@@ -311,11 +308,14 @@ class LeanModel:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _rms(x: torch.Tensor, norm, dtype) -> torch.Tensor:
-    """RMSNorm of the float32 residual, returned in the kernel's activation dtype."""
+def _rms(x: torch.Tensor, norm) -> torch.Tensor:
+    """RMSNorm of the float32 residual, float32 (one fused op, weight included)."""
     weight, eps = norm
-    out = weight * torch.rms_norm(x, (x.shape[-1],), None, eps)
-    return out if dtype == torch.float32 else out.to(dtype)
+    return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

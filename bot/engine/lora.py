@@ -2,17 +2,20 @@
 
 For each decoder layer the lean step has four matmul groups: fused q/k/v, o, fused
 gate/up and down. A :class:`LoraBank` holds, for one group, every adapter's ``A``
-matrices stacked as rows (``R x in``, R = the sum of the ranks) and their ``B``
-matrices as one ``R x out`` block (each adapter's columns placed at its projection's
+matrices stacked and stored transposed (``in x R``, R = the sum of the ranks) and their
+``B`` matrices as one ``R x out`` block (each adapter's columns placed at its projection's
 output rows). Per step, a column mask (tokens x R) carries each token's adapter scale on
 its adapter's columns and zero elsewhere, so
 
-    y += ((h @ A.T) * mask) @ B
+    y += ((h @ A_t) * mask) @ B
 
 adds the right LoRA to every token in two small matmuls, whatever mix of adapters
 the step holds (punica's BGMV in dense form). A step whose tokens all use one adapter
-skips the mask (one scaled ``addmm`` on that adapter's columns), and a group none of
-the step's adapters touch costs nothing. Ranks may differ between adapters.
+skips the mask: ``y.addmm_(h @ A_t[:, cols], B[cols], alpha=scale)`` on views of that
+adapter's columns kept per bank (no per-step slicing, no copy). ``y`` is always a float32
+tensor (the q/k/v output after its cast, or the residual stream for o and down), so the
+add is one fused ``addmm_``. A group none of the step's adapters touch costs nothing.
+Ranks may differ between adapters.
 
 The stacks are float32 copies of peft's matrices (one copy whatever the kernels): an
 adapter costs its LoRA matrices twice (peft's and the stack), never a merged model.
@@ -40,8 +43,10 @@ class LoraBank:
     out_features: int
     in_features: int
     cols: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (start, end, scale)
-    a: torch.Tensor | None = None  # (R, in), float32
+    a_t: torch.Tensor | None = None  # (in, R), float32: every adapter's A, transposed
     b: torch.Tensor | None = None  # (R, out), float32
+    # name -> (A_t columns, B rows, scale): views of the stacks for single-adapter steps
+    views: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
 
     def layout(self) -> tuple:
         return tuple(sorted(self.cols.items()))
@@ -49,28 +54,34 @@ class LoraBank:
     def add(self, name: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]], scale: float) -> None:
         """Stack adapter ``name``: ``parts`` = (output offset, A (r, in), B (out_part, r))."""
         r = sum(a.shape[0] for _, a, _ in parts)
-        start = 0 if self.a is None else self.a.shape[0]
+        start = 0 if self.a_t is None else self.a_t.shape[1]
         a_new = torch.cat([a.float() for _, a, _ in parts])
         b_new = torch.zeros(r, self.out_features, device=a_new.device)
         col = 0
         for offset, a, b in parts:
             b_new[col:col + a.shape[0], offset:offset + b.shape[0]] = b.float().T
             col += a.shape[0]
-        self.a = a_new if self.a is None else torch.cat([self.a, a_new])
+        a_t = a_new.T if self.a_t is None else torch.cat([self.a_t, a_new.T], dim=1)
+        self.a_t = a_t.contiguous()
         self.b = b_new if self.b is None else torch.cat([self.b, b_new])
         self.cols[name] = (start, start + r, scale)
+        self._views()
 
     def remove(self, name: str) -> None:
         start, end, _ = self.cols.pop(name)
-        keep = torch.cat([torch.arange(0, start), torch.arange(end, self.a.shape[0])]).to(self.a.device)
-        self.a, self.b = self.a[keep], self.b[keep]
+        keep = torch.cat([torch.arange(0, start), torch.arange(end, self.b.shape[0])]).to(self.b.device)
+        self.a_t, self.b = self.a_t[:, keep].contiguous(), self.b[keep]
         self.cols = {n: (s - (end - start) if s >= end else s, e - (end - start) if s >= end else e, c)
                      for n, (s, e, c) in self.cols.items()}
         if not self.cols:
-            self.a = self.b = None
+            self.a_t = self.b = None
+        self._views()
+
+    def _views(self) -> None:
+        self.views = {n: (self.a_t[:, s:e], self.b[s:e], c) for n, (s, e, c) in self.cols.items()}
 
     def nbytes(self) -> int:
-        return 0 if self.a is None else (self.a.numel() + self.b.numel()) * 4
+        return 0 if self.a_t is None else (self.a_t.numel() + self.b.numel()) * 4
 
 
 class BankSet:
@@ -179,33 +190,37 @@ class LoraPlan:
                 if name in bank.cols:
                     start, end, scale = bank.cols[name]
                     if mask is None:
-                        mask = torch.zeros(self.n, bank.a.shape[0], device=self.banks.device)
+                        mask = torch.zeros(self.n, bank.b.shape[0], device=self.banks.device)
                     mask[rows, start:end] = scale
             self._masks[key] = mask
         return self._masks[key]
 
+    def touches(self, layer: int, group: int) -> bool:
+        """Whether some token of the step has LoRA on this group of ``layer``."""
+        bank = self.banks.banks[layer][group]
+        if bank is None:
+            return False
+        if self.only is not None:
+            return self.only in bank.cols
+        return any(name in bank.cols for name in self.rows)
+
     def add(self, layer: int, group: int, h: torch.Tensor, y: torch.Tensor) -> None:
         """``y += LoRA(h)`` in place for every token of the step (group of ``layer``).
 
-        The rank-r products run in float32 whatever the step's kernel: bf16 matmuls this
-        small cost 60-150 us each in oneDNN against 12-22 us in float32 (2-core AVX512-BF16).
+        ``h`` and ``y`` are float32: the rank-r products run in float32 whatever the step's
+        kernel (bf16 matmuls this small cost 60-150 us each in oneDNN against 12-22 us in
+        float32, 2-core AVX512-BF16), and the add is one ``addmm_``.
         """
         bank = self.banks.banks[layer][group]
         if bank is None:
             return
-        hf = h if h.dtype == torch.float32 else h.float()
         if self.only is not None:
-            cols = bank.cols.get(self.only)
-            if cols is None:
+            view = bank.views.get(self.only)
+            if view is None:
                 return
-            start, end, scale = cols
-            t, b = hf @ bank.a[start:end].T, bank.b[start:end]
-        else:
-            mask = self._mask(bank)
-            if mask is None:
-                return
-            t, b, scale = (hf @ bank.a.T).mul_(mask), bank.b, 1.0
-        if y.dtype == torch.float32:
-            y.addmm_(t, b, alpha=scale)
-        else:
-            y.add_(t @ b, alpha=scale)
+            a_t, b, scale = view
+            y.addmm_(h @ a_t, b, alpha=scale)
+            return
+        mask = self._mask(bank)
+        if mask is not None:
+            y.addmm_((h @ bank.a_t).mul_(mask), bank.b)

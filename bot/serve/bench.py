@@ -32,7 +32,9 @@ SECOND = "chat2"  # the second generation adapter of mixed traffic: chat's weigh
 WARMUP = 4  # warm-up requests after each server start (prompts not in the measured jobs)
 # bot serve alone, then issue 23's figures against llama-server (p95_ttft_ms_8: issue 23
 # tightened the earlier 1500 ms to 1000 ms)
-TARGETS = {"speedup_8": 4.0, "p95_ttft_ms_8": 1000.0, "failed": 0, "adapter_memory_share": 0.02}
+TARGETS = {"speedup_8": 4.0, "p95_ttft_ms_8": 1000.0, "failed": 0, "adapter_memory_share": 0.02,
+           "classify_batch_speedup": 2.0}
+CLASSIFY_TEXTS = 64  # texts of the /v1/classify batching check (issue 23 item 5)
 AGAINST_TARGETS = {"vs_llama_server_c1": 0.8, "vs_llama_server_c8": 2.0,
                    "vs_llama_server_c16": 3.0, "vs_llama_server_single_c16": 1.5}
 LOWER_IS_BETTER = {"p95_ttft_ms_8", "failed", "adapter_memory_share"}
@@ -281,6 +283,48 @@ def run_level(base_url: str, jobs: list[tuple[str, str]], clients: int, max_toke
     return out
 
 
+def measure_classify(base_url: str, texts: list[str], model: str) -> dict:
+    """``texts`` through ``/v1/classify`` as one request, then as one request per text.
+
+    Both go through the engine's classification queue (slices of texts between decode
+    steps); the ratio is what batching the texts of one request buys.
+    """
+    import httpx
+
+    with httpx.Client(base_url=base_url, timeout=600) as client:
+        def post(inp):
+            r = client.post("/classify", json={"model": model, "input": inp})
+            r.raise_for_status()
+            return r.json()["data"]
+        post(texts[:2])  # warm-up
+        t0 = time.perf_counter()
+        batched = post(texts)
+        t_batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        single = [post(t)[0] for t in texts]
+        t_single = time.perf_counter() - t0
+    same = sum(a["label"] == b["label"] for a, b in zip(batched, single))
+    return {"model": model, "texts": len(texts), "batched_s": round(t_batched, 2),
+            "single_s": round(t_single, 2), "speedup": round(t_single / t_batched, 2),
+            "same_label": same}
+
+
+def classify_check(adapters_dir, backbone, prompts: list[str], tmp: Path) -> dict | None:
+    """Start ``bot serve`` once and run :func:`measure_classify` with a classify adapter."""
+    from ..registry import discover
+
+    names = [s.name for s in discover(adapters_dir) if s.kind == "classify"]
+    if not names:
+        return None
+    model = "sentiment" if "sentiment" in names else names[0]
+    port = _free_port()
+    proc = start_server(adapters_dir, backbone, port, tmp / "classify.log")
+    try:
+        return measure_classify(f"http://127.0.0.1:{port}/v1", prompts[:CLASSIFY_TEXTS], model)
+    finally:
+        _stop(proc)
+
+
 def _measure_engine(adapters_dir, backbone):
     """The figures that need no server: CPU features, adapter memory, reply perplexity."""
     from ..backbone import Backbone
@@ -338,9 +382,12 @@ def bench_one_isa(adapters_dir, backbone=None, n_requests: int = 32, max_tokens:
             runs = {c: run_level(url, jobs, c, max_tokens, server_pid=proc.pid) for c in levels}
         finally:
             _stop(proc)
+        classify = classify_check(adapters_dir, backbone,
+                                  bench_prompts(adapters_dir, CLASSIFY_TEXTS), Path(tmp))
     return {"features": features, "models": models, "max_tokens": max_tokens, "memory": memory,
             "quality": quality, **_against_sequential(runs, len(jobs)),
-            "adapter_memory_share": memory["adapter_memory_share"]}
+            "adapter_memory_share": memory["adapter_memory_share"], "classify": classify,
+            "classify_batch_speedup": classify and classify["speedup"]}
 
 
 def _bot_precision(port: int) -> str:
@@ -506,6 +553,8 @@ def bench_against(bb, adapters_dir, backbone, *, features, memory, quality, isa:
             tables[kind] = {"models": sorted({m for m, _ in jobs}, key=models.index),
                             "levels": rows}
         log_tail = (tmp / "llama-server.log").read_text(errors="replace")[-600:]
+        classify = classify_check(adapters_dir, backbone,
+                                  bench_prompts(adapters_dir, CLASSIFY_TEXTS), tmp)
     sequential = _against_sequential(bot_mixed, n_requests) if bot_mixed else {}
     info = {"server": "llama-server", "binary": str(binary), "version": ls.version(binary),
             "flags": ls.server_command(Path("llama-server"), Path(model.name),
@@ -516,6 +565,7 @@ def bench_against(bb, adapters_dir, backbone, *, features, memory, quality, isa:
     return {"features": features, "models": models, "max_tokens": max_tokens,
             "memory": memory, "quality": quality, **sequential,
             "adapter_memory_share": memory["adapter_memory_share"], "against": info,
+            "classify": classify, "classify_batch_speedup": classify and classify["speedup"],
             **against_keys(tables)}
 
 
@@ -694,6 +744,12 @@ def render_serve(result: dict) -> str:
             lines += [f"Held-out chat reply perplexity through the serving engine (n={q['n']}): "
                       f"fp32 {q['ppl_fp32']}, {q['precision']} {reduced} ({q['ppl_ratio']:.4f}x).",
                       ""]
+        c = rec.get("classify")
+        if c:
+            lines += [f"`/v1/classify` with {c['texts']} held-out prompts on `{c['model']}`: "
+                      f"{c['batched_s']} s as one request, {c['single_s']} s as {c['texts']} "
+                      f"single requests ({c['speedup']}x; the same label for {c['same_label']} "
+                      f"of {c['texts']}).", ""]
         if rec.get("against"):
             lines += render_against(rec)
     lines += render_targets(result)
