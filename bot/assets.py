@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import settings
 from .errors import AssetMissingError, CacheError
 
 # package -> the pin the project was built against (requirements/assets.txt)
@@ -43,7 +44,7 @@ def hub_offline() -> bool:
 
 def cache_dir() -> Path:
     """Where converted models live: ``$BOT_CACHE`` or ``~/.cache/bot``."""
-    return Path(os.environ.get("BOT_CACHE", "~/.cache/bot")).expanduser()
+    return Path(settings.get("BOT_CACHE")).expanduser()
 
 
 def writable_cache_dir(sub: str = "") -> Path:
@@ -74,5 +75,5 @@ def repo_root() -> Path:
 
 def default_adapters_dir() -> Path:
     """``$BOT_ADAPTERS`` or the repository's ``adapters/`` folder."""
-    env = os.environ.get("BOT_ADAPTERS")
+    env = settings.get("BOT_ADAPTERS")
     return Path(env) if env else repo_root() / "adapters"

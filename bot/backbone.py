@@ -291,7 +291,7 @@ class Backbone:
         self._engine = None
         self.load_in = "fp32" if self.base.dtype == torch.float32 else "bf16"
         # Weights stay float32 on the CPU (training keeps fp32 master weights); matmuls may
-        # run in bfloat16 under autocast, much faster on CPUs with native bf16 (README, Design).
+        # run in bfloat16 under autocast, much faster on CPUs with native bf16 (docs/design.md).
         self.compute_dtype = torch.float32
 
     @property

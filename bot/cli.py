@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import settings
 from .assets import default_adapters_dir
 from .device import DEVICES, LOAD_IN
 from .errors import BotError
@@ -444,14 +445,14 @@ def _curve_sizes(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bot", description="One backbone, many LoRA adapters, a router and a demo.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--backbone", default=os.environ.get("BOT_BACKBONE"),
+    common.add_argument("--backbone", default=settings.get("BOT_BACKBONE"),
                         help="model folder, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     common.add_argument("--adapters-dir", default=str(default_adapters_dir()),
                         help="folder holding <name>/adapter.yaml (default: %(default)s)")
     model = argparse.ArgumentParser(add_help=False)  # commands that load the backbone
-    model.add_argument("--device", choices=DEVICES, default=os.environ.get("BOT_DEVICE", "auto"),
+    model.add_argument("--device", choices=DEVICES, default=settings.get("BOT_DEVICE"),
                        help="where the backbone runs (default auto: CUDA, then MPS, then CPU)")
-    model.add_argument("--load-in", choices=LOAD_IN, default=os.environ.get("BOT_LOAD_IN", "auto"),
+    model.add_argument("--load-in", choices=LOAD_IN, default=settings.get("BOT_LOAD_IN"),
                        help="weight precision (default auto: fp32 on CPU/MPS, bf16 on CUDA); "
                             "8bit/4bit quantize with bitsandbytes and need CUDA")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
@@ -584,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "single (every request on chat) or both (default)")
     b.add_argument("--isa", choices=["both", "native", "avx2"], default="both",
                    help="CPU settings to measure: the machine as it is, PyTorch limited to AVX2, or both")
-    b.add_argument("--llamacpp", default=os.environ.get("BOT_LLAMACPP_PATH"), metavar="SITE_PACKAGES",
+    b.add_argument("--llamacpp", default=settings.get("BOT_LLAMACPP_PATH"), metavar="SITE_PACKAGES",
                    help="a site-packages folder holding llama_cpp, if not importable here "
                         "(default $BOT_LLAMACPP_PATH); adds llama.cpp rows")
     b.add_argument("--llamacpp-avx2", default=None, metavar="SITE_PACKAGES",
@@ -603,8 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", parents=[common, model],
                        help="OpenAI-compatible API: many clients and adapters share batched decoding")
     v.add_argument("--host", default="127.0.0.1", help="default: loopback only")
-    v.add_argument("--port", type=int, default=int(os.environ.get("BOT_SERVE_PORT", 8000)))
-    v.add_argument("--api-key", default=os.environ.get("BOT_API_KEY"),
+    v.add_argument("--port", type=int, default=settings.get_int("BOT_SERVE_PORT"))
+    v.add_argument("--api-key", default=settings.get("BOT_API_KEY"),
                    help="require 'Authorization: Bearer KEY'; enables adapter loading and "
                         "unloading over the API. A key on the command line shows in `ps` to "
                         "every user of the machine: set BOT_API_KEY instead to keep it out")
@@ -646,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", parents=[common, model], help="launch the Gradio demo on 127.0.0.1:7860")
     d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=int(os.environ.get("BOT_PORT", 7860)))
+    d.add_argument("--port", type=int, default=settings.get_int("BOT_PORT"))
     d.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
     d.set_defaults(func=cmd_demo)
     return p
@@ -660,7 +661,7 @@ def _training_threads() -> int:
     idle (at least one); see ``_busy_cores``.
     """
     cores = os.cpu_count() or 1
-    wanted = os.environ.get("BOT_TRAIN_THREADS", "").strip()
+    wanted = settings.get("BOT_TRAIN_THREADS") or ""
     if wanted:
         if not wanted.isdigit() or int(wanted) < 1:
             raise BotError(f"BOT_TRAIN_THREADS={wanted!r} is not a whole number >= 1. "

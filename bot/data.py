@@ -168,7 +168,7 @@ def _bundled_rows(name: str) -> tuple[dict, ...]:
 
 
 # ----------------------------------------------------------------- user files
-# How a user's file is read (README "What `bot add` accepts"):
+# How a user's file is read (docs/adding-a-task.md, "What `bot add` accepts"):
 # * CSV/TSV by the csv module on the raw text (RFC 4180 quoting): line breaks, U+2028 and
 #   form feeds inside a quoted or unquoted cell stay in the cell; only \n, \r\n and \r end
 #   a record. An unclosed quote, extra non-empty cells or a repeated column name is refused

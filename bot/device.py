@@ -11,9 +11,9 @@ and halves the memory. ``8bit``/``4bit`` quantize the linear layers with bitsand
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import TYPE_CHECKING
 
+from . import settings
 from .errors import BackboneError
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def resolve_device(choice: str | torch.device | None = None) -> torch.device:
 
     if isinstance(choice, torch.device):
         return choice
-    choice = (choice or os.environ.get("BOT_DEVICE") or "auto").strip().lower()
+    choice = (choice or settings.get("BOT_DEVICE")).strip().lower()
     if choice == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -68,7 +68,7 @@ def resolve_load_in(choice: str | None, device: torch.device) -> str:
     """
     import torch
 
-    choice = (choice or os.environ.get("BOT_LOAD_IN") or "auto").strip().lower()
+    choice = (choice or settings.get("BOT_LOAD_IN")).strip().lower()
     if choice not in LOAD_IN:
         raise BackboneError(f"--load-in {choice!r} is not one of {LOAD_IN}. Fix: pass --load-in auto")
     if choice == "auto":
@@ -114,7 +114,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     """
     import torch
 
-    choice = os.environ.get("BOT_COMPUTE", "auto").lower()
+    choice = settings.get("BOT_COMPUTE").lower()
     if choice in ("fp32", "float32"):
         return torch.float32
     if choice in ("bf16", "bfloat16"):

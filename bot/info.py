@@ -74,7 +74,17 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None, devi
         lines.append(f"  - {name:12s} {task.kind:9s} {bb.adapter_nbytes(name) / 1e6:6.2f} MB  {task.spec.description}")
     for name, err in failures.items():
         lines.append(f"  ! {name:12s} not loaded: {err}")
-    return "\n".join(lines + kernel_lines(bb))
+    return "\n".join(lines + kernel_lines(bb) + settings_lines())
+
+
+def settings_lines() -> list[str]:
+    """Every BOT_* environment variable (bot.settings) with the value in effect."""
+    from .settings import describe
+
+    rows = describe()
+    width = max(len(name) for name, _, _ in rows)
+    return ["settings     (environment variables; bot/settings.py)"] + [
+        f"  {name:{width}s} = {value}: {meaning}" for name, value, meaning in rows]
 
 
 def decode_line(bb) -> str:

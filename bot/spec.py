@@ -36,7 +36,7 @@ NAME_RULE = f"letters, digits, '-' or '_', starting with a letter, at most {MAX_
 RESERVED_NAMES = ("help", "auto", "base", "__base__")
 _NAME = re.compile(NAME_PATTERN)
 
-# Bounds on manifest values (README "Add your own task" lists them). They are generous:
+# Bounds on manifest values (docs/adding-a-task.md lists them). They are generous:
 # they only catch typos and values that would run for ever or exhaust memory.
 MAX_EPOCHS = 100
 MAX_RANK = 512
@@ -332,7 +332,7 @@ def _sub(cls, raw, path: Path, key: str):
     for k, v in raw.items():
         if not _type_ok(v, types[k]):
             raise SpecError(f"{path}: key '{key}.{k}' must be {_TYPE_WORDS[types[k]]}, got {v!r}. "
-                            f"Fix: write it as {_TYPE_WORDS[types[k]]} (see README, 'Add your own task')")
+                            f"Fix: write it as {_TYPE_WORDS[types[k]]} (see docs/adding-a-task.md)")
     return cls(**raw)
 
 

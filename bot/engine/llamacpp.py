@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from .. import settings
+
 log = logging.getLogger(__name__)
 
 ENV_PATH = "BOT_LLAMACPP_PATH"
@@ -77,7 +79,7 @@ def import_llama_cpp():
 
         return llama_cpp
     except ImportError:
-        extra = os.environ.get(ENV_PATH)
+        extra = settings.get(ENV_PATH)
         if not extra or not Path(extra).is_dir():
             return None
     if extra not in sys.path:
@@ -318,7 +320,7 @@ def chat_engine(backbone, engine: str | None = None) -> LlamaCppGenerator | None
     """
     from ..errors import BotError
 
-    name = (engine or os.environ.get(ENGINE_ENV) or "torch").strip().lower()
+    name = (engine or settings.get(ENGINE_ENV)).strip().lower()
     if name not in ENGINES:
         source = "--engine" if engine else ENGINE_ENV
         raise BotError(f"{source}={name} is not an engine. Fix: use one of {', '.join(ENGINES)}")

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .. import settings
 from ..assets import cache_dir
 from ..errors import BotError
 from ..fsutil import atomic_write_text
@@ -206,14 +207,14 @@ def choose(backbone, *, refresh: bool = False, kinds=CANDIDATES) -> Choice:
     device = getattr(backbone, "device", torch.device("cpu"))
     from .lean import supports, why_not
 
-    if not supports(backbone.base) and not os.environ.get(KERNEL_ENV, "").strip():
+    if not supports(backbone.base) and not settings.get(KERNEL_ENV):
         return Choice("fp32", "fp32", 1 << 30, f"fp32: the autotuner times the lean step, which does "
                       f"not cover {why_not(backbone.base)}; transformers' forward runs exact float32 "
                       f"(set {KERNEL_ENV} or --precision to choose another kernel)", key)
     if device.type != "cpu":  # these are CPU kernels; GPUs compute bf16 natively
         return Choice("bf16", "bf16", 1 << 30,
                       f"bf16: the backbone is on {device.type}; the measured kernels are CPU kernels", key)
-    forced = os.environ.get(KERNEL_ENV, "").strip().lower()
+    forced = (settings.get(KERNEL_ENV) or "").lower()
     if forced and forced != "auto":
         try:
             pair = parse(forced)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import settings
 from ..fsutil import atomic_write_text
 from ..info import machine, rss_mb
 from ..spec import DEFAULT_TARGET_MODULES
@@ -68,17 +69,10 @@ def measure_load(backbone_name, device=None, load_in=None) -> dict:
     from ..backbone import Backbone, resolve_backbone
 
     with tempfile.TemporaryDirectory() as cold_cache:
-        old = os.environ.get("BOT_CACHE")
-        os.environ["BOT_CACHE"] = cold_cache
-        try:
+        with settings.override("BOT_CACHE", cold_cache):
             t0 = time.perf_counter()
             Backbone.load(backbone_name, device=device, load_in=load_in)
             cold = time.perf_counter() - t0
-        finally:
-            if old is None:
-                os.environ.pop("BOT_CACHE")
-            else:
-                os.environ["BOT_CACHE"] = old
     resolve_backbone(backbone_name)  # make sure the real cache exists (converts once if not)
     t0 = time.perf_counter()
     bb = Backbone.load(backbone_name, device=device, load_in=load_in)

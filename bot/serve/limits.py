@@ -1,7 +1,7 @@
 """What one request may cost ``bot serve``, and the ASGI/HTTP layers that enforce it.
 
 * :class:`Limits`: body size, characters, classify inputs, stop length and the header,
-  body and keep-alive timeouts (``bot serve --max-body-bytes`` etc.; README "Serve").
+  body and keep-alive timeouts (``bot serve --max-body-bytes`` etc.; docs/serving.md).
 * :class:`Guard`: a plain ASGI middleware (no BaseHTTPMiddleware, so streaming and
   ``request.is_disconnected()`` work unchanged underneath it) that checks the API key in
   constant time, reads each request body before the app sees it (413 past

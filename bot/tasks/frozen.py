@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import settings
 from ..assets import cache_dir
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def plan(backbone, adapter: str) -> tuple[int | None, str]:
 
 def budget_bytes() -> int:
     """Memory the cache may take before it moves to a memory-mapped file (``$BOT_TRAIN_CACHE_MB``)."""
-    return int(float(os.environ.get(BUDGET_ENV, DEFAULT_BUDGET_MB)) * 2**20)
+    return int(float(settings.get(BUDGET_ENV, str(DEFAULT_BUDGET_MB))) * 2**20)
 
 
 def _context(model, hidden: torch.Tensor, attention_mask: torch.Tensor):
