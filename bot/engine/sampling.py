@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # top alternatives per token at most (vLLM's default max_logprobs is 20)
+
 
 @dataclass
 class SamplingParams:
@@ -23,6 +25,11 @@ class SamplingParams:
         stop: strings that end the reply (not included in it).
         seed: makes sampling repeatable.
         repetition_penalty: >1 discourages repeating tokens already seen (1 = off).
+        logprobs: None = none; k >= 0 = each generated token's log-probability and the ``k``
+            most likely alternatives (from the model's raw logits, as vLLM's default
+            ``raw_logprobs``: before penalties, temperature and any grammar mask).
+        grammar: a structured-output constraint (bot.engine.grammar.Grammar) every token
+            must satisfy, or None.
     """
 
     max_tokens: int = 128
@@ -31,6 +38,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    grammar: object | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the field when a value is out of range."""
@@ -45,6 +54,10 @@ class SamplingParams:
             raise ValueError("top_p must be > 0")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a string or a list of at most 4 non-empty strings")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int)
+                                              and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
+                             f"{self.logprobs!r}")
 
     def generator(self) -> torch.Generator | None:
         if self.temperature == 0:
@@ -52,6 +65,16 @@ class SamplingParams:
         gen = torch.Generator()
         gen.manual_seed(self.seed if self.seed is not None else torch.seed())
         return gen
+
+
+def top_logprobs(logits: torch.Tensor, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``tok`` and the ``k`` most likely tokens with theirs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top: list[tuple[int, float]] = []
+    if k:
+        values, ids = torch.topk(logp, k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return float(logp[tok]), top
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,

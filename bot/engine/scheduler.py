@@ -30,7 +30,7 @@ import torch
 from ..errors import QueueFull, ServeError, UnknownModel
 from .lean import Segment
 from .runner import make_runner
-from .sampling import SamplingParams, next_token
+from .sampling import SamplingParams, next_token, top_logprobs
 from .threads import release_pool
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class Event:
     token_ids: list[int] = field(default_factory=list)  # the new token(s) of this delta
     # the final event of a reply that ended on an end-of-sequence id carries that id here
     eos_id: int | None = None
+    # with SamplingParams.logprobs: per new token, (logprob, [(alternative id, logprob), ...])
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass
@@ -72,6 +74,11 @@ class Request:
     finished: bool = False
     cancelled: bool = False
     gen: torch.Generator | None = None
+    matcher: object | None = None  # the grammar's state for this reply (SamplingParams.grammar)
+
+    def __post_init__(self):
+        if self.params.grammar is not None and self.matcher is None:
+            self.matcher = self.params.grammar.matcher()
 
     def cancel(self) -> None:
         """Free this request's row at the next step (e.g. its client disconnected)."""
@@ -498,11 +505,25 @@ class DecodeBatch:
         self.release(done)
 
     def accept(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample the next token for ``r``, stream its text, decide whether it is done."""
+        """Sample the next token for ``r``, stream its text, decide whether it is done.
+
+        A request with a grammar gets its row masked here (tokens the grammar forbids at
+        this point cannot be drawn), so constrained and free requests share every step.
+        """
         seen = torch.tensor(r.prompt_ids + r.tokens) if r.params.repetition_penalty != 1.0 else \
             torch.empty(0, dtype=torch.long)
+        raw = logits
+        if r.matcher is not None:
+            logits = r.matcher.mask(logits)
         tok = next_token(logits, r.params, seen, r.gen)
-        if tok in self.eos:
+        lp = None
+        if r.params.logprobs is not None:
+            lp = top_logprobs(raw, tok, r.params.logprobs)
+        if r.matcher is not None:
+            if tok == r.matcher.eos or not r.matcher.consume(tok):
+                self.finish(r, "stop", eos_id=tok if tok in self.eos else None)
+                return
+        elif tok in self.eos:
             self.finish(r, "stop", eos_id=tok)
             return
         r.tokens.append(tok)
@@ -510,21 +531,25 @@ class DecodeBatch:
         for stop in r.params.stop:
             cut = text.find(stop)
             if cut >= 0:
-                self.emit(r, text[:cut], tok)
+                self.emit(r, text[:cut], tok, lp)
                 self.finish(r, "stop")
                 return
+        if r.matcher is not None and r.matcher.done():  # the grammar allows nothing more
+            self.emit(r, text, tok, lp)
+            self.finish(r, "stop")
+            return
         if len(r.tokens) >= r.params.max_tokens or r.length + 1 >= self.max_len:
-            self.emit(r, text, tok)
+            self.emit(r, text, tok, lp)
             self.finish(r, "length")
             return
         # hold back a possible beginning of a stop string, and half a UTF-8 character
         hold = max((len(s) - 1 for s in r.params.stop), default=0)
         safe = text[:len(text) - hold] if hold else text
-        self.emit(r, "" if safe.endswith("\ufffd") else safe, tok)
+        self.emit(r, "" if safe.endswith("\ufffd") else safe, tok, lp)
 
-    def emit(self, r: Request, text: str, tok: int) -> None:
+    def emit(self, r: Request, text: str, tok: int, lp: tuple | None = None) -> None:
         delta = text[r.emitted:] if len(text) > r.emitted else ""
-        r.sink(Event(delta=delta, token_ids=[tok]))
+        r.sink(Event(delta=delta, token_ids=[tok], logprobs=[lp] if lp is not None else []))
         r.emitted = max(r.emitted, len(text))
 
     def finish(self, r: Request, reason: str | None, error: str | None = None,

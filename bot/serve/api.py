@@ -19,20 +19,29 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
-from ..engine import Event, SamplingParams
-from ..errors import BotError, QueueFull, ServeError, UnknownModel
+from ..engine import SamplingParams
+from ..errors import BotError, ServeError
 from .limits import Guard, error_type
-from .state import ServerState, _untemplated  # noqa: F401 (tests import it from here)
+from .replies import (
+    DISCONNECT_POLL_S,
+    ApiError,
+    Job,
+    Shape,
+    generate,
+    gone,
+    ready_reply,
+    serve_error,
+)
+from .state import ServerState, _shown, _untemplated  # noqa: F401 (tests import it from here)
 
 log = logging.getLogger(__name__)
 
 # torch.Generator.manual_seed takes any 64-bit value, signed or not
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
-DISCONNECT_POLL_S = 0.05  # a waiting request checks its client this often (and at every token)
 
 
 class Message(BaseModel):
@@ -63,19 +72,69 @@ class Message(BaseModel):
         return self.content or ""
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = True  # the last chunk always carries usage here
+
+
+class Sampling(BaseModel):
+    """Fields /v1/chat/completions and /v1/completions share (OpenAI's names, vLLM's extras).
+
+    Any other field is refused with a 400 naming it (``extra="forbid"``): never ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
     model: str
-    messages: list[Message] = Field(min_length=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = 1
     repetition_penalty: float | None = None  # vLLM's extra sampling parameter
+    # OpenAI fields accepted only at their neutral value (else a 400 naming them)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, not used or logged
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value):
+        """OpenAI also takes token ids; this server takes text only (one tokenizer, its own)."""
+        if isinstance(value, list) and value and all(
+                isinstance(v, int) or (isinstance(v, list) and v and isinstance(v[0], int))
+                for v in value):
+            raise ValueError("token-id prompts are not supported here. Fix: send the prompt "
+                             "as a string (or a list of strings)")
+        return value
+
+
+# field -> the values it may take here (OpenAI's defaults): anything else is a 400 naming it
+NEUTRAL = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+           "echo": (False,), "best_of": (None, 1), "suffix": (None, "")}
+WHY_NOT = {"presence_penalty": "use repetition_penalty (vLLM's) instead",
+           "frequency_penalty": "use repetition_penalty (vLLM's) instead",
+           "logit_bias": "leave it out", "echo": "prepend the prompt yourself",
+           "best_of": "send the request several times with different seeds",
+           "suffix": "leave it out (insertion is not supported)"}
 
 
 class ClassifyRequest(BaseModel):
@@ -87,14 +146,6 @@ class ClassifyRequest(BaseModel):
 class LoadRequest(BaseModel):
     lora_name: str
     lora_path: str | None = None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error",
-                 param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.headers = headers or {}
 
 
 def _error(status: int, message: str, code: str, param: str | None = None,
@@ -126,6 +177,11 @@ def _bad_body(errors: list[dict]) -> ApiError:
                             "send valid Unicode text", "invalid_json")
         return ApiError(400, f"the request body is not valid JSON ({msg}). Fix: send one JSON "
                         "object with Content-Type: application/json", "invalid_json")
+    if first.get("type") == "extra_forbidden":
+        where = _param(first.get("loc", ()))
+        return ApiError(400, f"field '{_shown(where or '')}' is not supported by bot serve "
+                        "(docs/api.md lists every field of every endpoint). Fix: leave it out",
+                        "unsupported_field", where)
     if first.get("type") == "model_type":
         return ApiError(400, "the request body must be a JSON object", "invalid_request_error")
     where = _param(first.get("loc", ()))
@@ -193,26 +249,18 @@ def create_app(state: ServerState) -> FastAPI:
         request.state.model = body.model
         return await _chat(state, body, request, in_thread)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
+        request.state.model = body.model
+        return await _completions(state, body, request, in_thread)
+
     @app.post("/v1/classify")
     async def classify(request: Request):
         body = await parse(request, ClassifyRequest)
         request.state.model = body.model
-        texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        cap = state.limits.max_classify_inputs
-        if len(texts) > cap:
-            raise ApiError(400, f"input has {len(texts):,} texts, over this server's limit of "
-                           f"{cap:,} per request (bot serve --max-classify-inputs). Fix: send them "
-                           f"in requests of at most {cap:,}", "too_many_inputs", "input")
-        if not texts or any(not t.strip() for t in texts):
-            raise ApiError(400, "input must be a non-empty string or list of non-empty strings",
-                           param="input")
-        chars = state.limits.input_chars(state.scheduler.max_len)
-        long = next((i for i, t in enumerate(texts) if len(t) > chars), None)
-        if long is not None:
-            raise ApiError(400, f"input text {long} has {len(texts[long]):,} characters, over this "
-                           f"server's limit of {chars:,} (bot serve --max-input-chars). Fix: "
-                           "shorten it (a classifier reads only its first tokens anyway)",
-                           "input_too_long", "input")
+        texts = _texts(state, body.input, "input", "send them in requests",
+                       "shorten it (a classifier reads only its first tokens anyway)")
         if body.model not in state.scheduler.classifiers:
             raise ApiError(404, f"'{_shown(body.model)}' is not a classify adapter; classify "
                            f"adapters: {sorted(state.scheduler.classifiers)}", "model_not_found",
@@ -222,9 +270,9 @@ def create_app(state: ServerState) -> FastAPI:
             probs, tokens = await _watching(request, lambda gone: in_thread(
                 state.classify, body.model, texts, gone))
         except ServeError as err:
-            raise _serve_error(err) from err
+            raise serve_error(err) from err
         if probs is None:
-            return _gone(state, "classify")
+            return gone("classify")
         data = [{"index": i, "label": max(p, key=p.get), "probs": list(p.values()),
                  "label_probs": p, "num_classes": len(p)} for i, p in enumerate(probs)]
         answer = {"id": f"classify-{uuid.uuid4().hex}", "object": "list",
@@ -268,11 +316,6 @@ def _json_bytes(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False).encode()
 
 
-def _shown(name: str, n: int = 60) -> str:
-    """A client's string in a message: at most ``n`` characters (it may be megabytes)."""
-    return name if len(name) <= n else f"{name[:n]}... ({len(name):,} characters)"
-
-
 async def _watching(request: Request, start):
     """Run ``start(gone)`` (an awaitable) while polling the client; ``gone()`` turns true once it left.
 
@@ -296,20 +339,6 @@ async def _watching(request: Request, start):
     return work.result()
 
 
-def _gone(state: ServerState, what: str) -> JSONResponse:
-    """The answer to a client that went away: nobody reads it; /metrics counts it as 499."""
-    log.info("%s request dropped: the client disconnected (499)", what)
-    return JSONResponse({}, status_code=499)
-
-
-def _serve_error(err: ServeError) -> ApiError:
-    if isinstance(err, QueueFull):
-        return ApiError(429, str(err), err.code, headers={"Retry-After": "1"})
-    if isinstance(err, UnknownModel):
-        return ApiError(404, str(err), err.code, "model")
-    return ApiError(getattr(err, "status", 400), str(err), getattr(err, "code", "invalid_request_error"))
-
-
 def _need_key(state: ServerState) -> None:
     if not state.api_key:
         raise ApiError(403, "loading and unloading adapters is allowed only when the server has an "
@@ -317,12 +346,19 @@ def _need_key(state: ServerState) -> None:
                        "permission_denied")
 
 
-def _params(body: ChatRequest, state: ServerState) -> tuple[SamplingParams, int | None]:
+def _params(body: Sampling, state: ServerState, logprobs: int | None = None
+            ) -> tuple[SamplingParams, int | None]:
     """The request's sampling settings, checked, and the max_tokens it asked for (None: unset)."""
     if body.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+        raise ApiError(400, f"only n=1 is supported, got n={body.n}. Fix: send the request n "
+                       "times (with different seeds when sampling)", param="n")
+    for name, allowed in NEUTRAL.items():
+        if name in body.model_fields_set and getattr(body, name, None) not in allowed:
+            shown = " or ".join(json.dumps(v) for v in allowed)
+            raise ApiError(400, f"{name} is not supported by bot serve (only {shown}). Fix: "
+                           f"{WHY_NOT[name]}", "unsupported_field", name)
     asked, name = body.max_tokens, "max_tokens"
-    if body.max_completion_tokens is not None:
+    if getattr(body, "max_completion_tokens", None) is not None:
         asked, name = body.max_completion_tokens, "max_completion_tokens"
     if asked is not None and asked < 1:
         raise ApiError(400, f"{name} must be at least 1, got {asked}. Fix: leave it out to let "
@@ -340,12 +376,23 @@ def _params(body: ChatRequest, state: ServerState) -> tuple[SamplingParams, int 
         temperature=defaults["temperature"] if body.temperature is None else body.temperature,
         top_p=defaults["top_p"] if body.top_p is None else body.top_p,
         stop=stop, seed=body.seed,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logprobs=logprobs)
     try:
         params.check()
     except ValueError as err:
-        raise ApiError(400, str(err), param=str(err).split(" ", 1)[0]) from err
+        field = str(err).split(" ", 1)[0]
+        if field == "logprobs" and isinstance(body, ChatRequest):
+            field = "top_logprobs"
+            err = ValueError(str(err).replace("logprobs", "top_logprobs", 1))
+        raise ApiError(400, str(err), param=field) from err
     return params, asked
+
+
+def _chat_logprobs(body: ChatRequest) -> int | None:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 def _messages(body: ChatRequest, state: ServerState) -> list[dict]:
@@ -368,26 +415,32 @@ def _messages(body: ChatRequest, state: ServerState) -> list[dict]:
     return messages
 
 
-def _reply_budget(state: ServerState, prompt: int, asked: int | None) -> int:
+def _reply_budget(state: ServerState, prompt: int, asked: int | None, field: str) -> int:
     """max_tokens for the engine: as asked, or (vLLM's rule) the rest of the context."""
     limit = state.scheduler.max_len
+    what = "the messages" if field == "messages" else "the prompt"
     if asked is not None:
         if prompt + asked > limit:
             raise ApiError(400, f"this request needs {prompt} prompt tokens + max_tokens {asked} = "
                            f"{prompt + asked}, over the context limit of {limit} tokens. Fix: "
-                           "shorten the messages or lower max_tokens", "context_length_exceeded",
-                           "messages")
+                           f"shorten {what} or lower max_tokens", "context_length_exceeded",
+                           field)
         return asked
     if prompt >= limit:
         raise ApiError(400, f"the prompt has {prompt} tokens, and the context limit of {limit} "
-                       "tokens leaves no room for a reply. Fix: shorten the messages",
-                       "context_length_exceeded", "messages")
+                       f"tokens leaves no room for a reply. Fix: shorten {what}",
+                       "context_length_exceeded", field)
     rest = limit - prompt
     return rest if state.default_max_tokens is None else min(rest, state.default_max_tokens)
 
 
+def _jobs(state: ServerState, prompts: list[list[int]], asked: int | None, field: str) -> list[Job]:
+    """One engine job per prompt, each within the context limit (all checked before any runs)."""
+    return [Job(ids, _reply_budget(state, len(ids), asked, field)) for ids in prompts]
+
+
 async def _chat(state: ServerState, body: ChatRequest, request: Request, in_thread):
-    params, asked = _params(body, state)
+    params, asked = _params(body, state, _chat_logprobs(body))
     messages = _messages(body, state)
     if body.model == "auto" and state.router is None:
         raise ApiError(404, "model 'auto' needs the router, which this server was started "
@@ -395,91 +448,54 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request, in_thre
     try:  # routing, a classify adapter's answer and the chat template: off the event loop
         plan, ids = await in_thread(state.prepare_chat, body.model, messages)
     except ServeError as err:
-        raise _serve_error(err) from err
-    headers = {"x-bot-adapter": plan.adapter or state.base_name}
-    cid = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    extra = plan.body()
+        raise serve_error(err) from err
+    headers = {"x-bot-adapter": plan.shown(state.base_name)}
+    shape = Shape(True, body.model, state.tokenizer, plan.body())
     if plan.reply is not None:  # a classify adapter answers at once, as in the demo
-        return _completion(cid, created, body.model, plan.reply, "stop", 0, 0, extra, headers,
-                           body.stream)
-    params.max_tokens = _reply_budget(state, len(ids), asked)
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
+        return ready_reply(shape, plan.reply, headers, body.stream)
+    return await generate(state, request, _jobs(state, [ids], asked, "messages"), plan.adapter,
+                          params, shape, headers, body.stream, "chat")
+
+
+async def _completions(state: ServerState, body: CompletionRequest, request: Request, in_thread):
+    params, asked = _params(body, state, body.logprobs)
+    if isinstance(body.prompt, list) and not body.prompt:
+        raise ApiError(400, "prompt must be a non-empty string or list of non-empty strings",
+                       param="prompt")
+    prompts = _texts(state, body.prompt, "prompt", "send them in several requests",
+                     "shorten it, or raise bot serve --max-input-chars")
     try:
-        req = state.scheduler.submit(ids, plan.adapter, params,
-                                     lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        adapter = state.generation_adapter(body.model)
     except ServeError as err:
-        raise _serve_error(err) from err
-    if body.stream:
-        return StreamingResponse(_sse(req, events, cid, created, body.model, extra),
-                                 media_type="text/event-stream", headers=headers)
-    text, last = "", None
-    try:
-        while last is None:
-            try:
-                ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                ev = None
-            # checked at every token too: events keep coming while it decodes (issue 28)
-            if await request.is_disconnected():
-                req.cancel()  # the engine frees the row before its next step
-                return _gone(state, "chat")
-            if ev is not None:
-                text += ev.delta
-                last = ev if ev.finish_reason else None
-    finally:
-        req.cancel()
-    if last.error:
-        state.metrics.unexpected(request.url.path, "EngineError")
-        raise ApiError(500, last.error, "internal_error")
-    return _completion(cid, created, body.model, text, last.finish_reason, last.prompt_tokens,
-                       last.completion_tokens, extra, headers, False)
+        raise serve_error(err) from err
+    prompt_ids = await in_thread(state.token_ids, prompts)
+    shape = Shape(False, body.model, state.tokenizer, {"bot": {"adapter": state.adapter_name(adapter)}})
+    headers = {"x-bot-adapter": state.adapter_name(adapter) or state.base_name}
+    return await generate(state, request, _jobs(state, prompt_ids, asked, "prompt"), adapter,
+                          params, shape, headers, body.stream, "completions")
 
 
-def _completion(cid, created, model, text, reason, p_tokens, c_tokens, extra, headers, stream):
-    if stream:
-        async def once():
-            yield _chunk(cid, created, model, {"role": "assistant", "content": text}, None, extra)
-            yield _chunk(cid, created, model, {}, reason, None)
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(once(), media_type="text/event-stream", headers=headers)
-    body = {"id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": reason, "logprobs": None}],
-            "usage": {"prompt_tokens": p_tokens, "completion_tokens": c_tokens,
-                      "total_tokens": p_tokens + c_tokens}}
-    body.update(extra)
-    return JSONResponse(body, headers=headers)
+def _texts(state: ServerState, value: str | list[str], field: str, split_fix: str,
+           long_fix: str) -> list[str]:
+    """The texts of a request (one string or a list), within the per-request limits.
 
-
-def _chunk(cid, created, model, delta, reason, extra) -> str:
-    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
-    if extra:
-        body.update(extra)
-    return f"data: {json.dumps(body)}\n\n"
-
-
-async def _sse(req, events: asyncio.Queue, cid, created, model, extra):
-    """Server-sent events; when the client goes away the request's row is freed at once."""
-    try:
-        yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, None, extra)
-        while True:
-            ev = await events.get()
-            if ev.error:
-                err = {"error": {"message": ev.error, "type": "server_error", "code": "internal_error"}}
-                yield f"data: {json.dumps(err)}\n\n"
-                break
-            if ev.delta:
-                yield _chunk(cid, created, model, {"content": ev.delta}, None, None)
-            if ev.finish_reason:
-                usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                         "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-                final = json.loads(_chunk(cid, created, model, {}, ev.finish_reason, None)[6:])
-                final["usage"] = usage
-                yield f"data: {json.dumps(final)}\n\n"
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        req.cancel()
+    The same caps for every endpoint that takes a list of texts (classify, embeddings,
+    completions): at most ``--max-classify-inputs`` of them, none empty, and each within
+    ``--max-input-chars``, all checked before anything is tokenized.
+    """
+    texts = [value] if isinstance(value, str) else list(value)
+    cap = state.limits.max_classify_inputs
+    if len(texts) > cap:
+        raise ApiError(400, f"{field} has {len(texts):,} texts, over this server's limit of "
+                       f"{cap:,} per request (bot serve --max-classify-inputs). Fix: {split_fix} "
+                       f"of at most {cap:,}", "too_many_inputs", field)
+    if not texts or any(not t.strip() for t in texts):
+        raise ApiError(400, f"{field} must be a non-empty string or list of non-empty strings",
+                       param=field)
+    chars = state.limits.input_chars(state.scheduler.max_len)
+    long = next((i for i, t in enumerate(texts) if len(t) > chars), None)
+    if long is not None:
+        raise ApiError(400, f"{field} text {long} has {len(texts[long]):,} characters, over this "
+                       f"server's limit of {chars:,} (bot serve --max-input-chars). Fix: {long_fix}",
+                       "input_too_long", field)
+    return texts

@@ -10,11 +10,20 @@ from pathlib import Path
 
 from ..engine import Scheduler
 from ..engine.threads import off_engine
-from ..errors import AdapterError, UnknownModel
+from ..errors import AdapterError, ServeError, UnknownModel
 from .limits import Limits
 from .metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
+
+
+class FieldError(ServeError):
+    """A request the server refuses because of one field (``param``), with its HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
 
 
 @dataclass
@@ -26,9 +35,14 @@ class ChatPlan:
     label_scores: dict | None = None
     route: object | None = None
 
+    def shown(self, base_name: str) -> str:
+        """The ``x-bot-adapter`` header: the adapter's name, or the base model's."""
+        return self.adapter if isinstance(self.adapter, str) else str(self.adapter or base_name)
+
     def body(self) -> dict:
         """The ``bot`` field added to OpenAI's response: which adapter answered and why."""
-        out: dict = {"adapter": self.adapter}
+        out: dict = {"adapter": self.adapter if isinstance(self.adapter, str) or self.adapter
+                     is None else str(self.adapter)}
         if self.label_scores is not None:
             out["label_scores"] = self.label_scores
         r = self.route
@@ -153,8 +167,39 @@ class ServerState:
             probs = self.scheduler.classify([last], [model])[0]
             task = self.scheduler.classifiers[model]
             return ChatPlan(model, reply=task.reply(probs), label_scores=probs, route=route)
-        shown = model if len(model) <= 60 else f"{model[:60]}... ({len(model):,} characters)"
-        raise UnknownModel(f"model '{shown}' does not exist; available: {self.model_ids()}")
+        raise UnknownModel(f"model '{_shown(model)}' does not exist; available: {self.model_ids()}")
+
+    def generation_adapter(self, model: str):
+        """The engine's adapter for a request naming ``model`` outside chat (None = base).
+
+        Raises:
+            UnknownModel: nothing is served under that name (404).
+            ServeError: the name is served but cannot generate text here (400).
+        """
+        if model == self.base_name or self._is_base(model):
+            return None
+        if model in self.scheduler.generators:
+            return model
+        if model in self.scheduler.classifiers:
+            raise FieldError(f"'{_shown(model)}' is a classify adapter: it labels text and "
+                             f"cannot continue it. Fix: POST /v1/classify, or name a generation "
+                             f"model: {[self.base_name, *self.scheduler.generators]}",
+                             param="model")
+        if model == "auto":
+            raise FieldError("model 'auto' routes chat turns (/v1/chat/completions). Fix: name "
+                             f"a generation model: {[self.base_name, *self.scheduler.generators]}",
+                             param="model")
+        raise UnknownModel(f"model '{_shown(model)}' does not exist; available: "
+                           f"{self.model_ids()}")
+
+    @staticmethod
+    def adapter_name(adapter) -> str | None:
+        """How an engine adapter (a name, a mixture or None) is shown to clients."""
+        return adapter if adapter is None or isinstance(adapter, str) else str(adapter)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Plain prompts (no chat template) as token ids. Blocking: call it from a worker."""
+        return [list(ids) for ids in self.tokenizer(texts)["input_ids"]]
 
     def prepare_chat(self, model: str, messages: list[dict]) -> tuple[ChatPlan, list[int] | None]:
         """:meth:`plan_chat` and, when the reply is to be generated, the prompt's token ids.
@@ -258,6 +303,11 @@ class ServerState:
             self.scheduler.remove_adapter(name)
             self.tasks.pop(name, None)
             self.backbone.drop_adapter(name)
+
+
+def _shown(name: str, n: int = 60) -> str:
+    """A client's string in a message: at most ``n`` characters (it may be megabytes)."""
+    return name if len(name) <= n else f"{name[:n]}... ({len(name):,} characters)"
 
 
 def _untemplated(template: str, text: str) -> str:
