@@ -98,6 +98,7 @@ class _ClassifyJob:
     cancelled: Callable[[], bool] | None = None
     done: int = 0
     results: list = field(default_factory=list)
+    kind: str = "classify"  # or "embed": mean-pooled hidden states (embed_now)
 
 
 class BlockingCalls:
@@ -270,13 +271,7 @@ class Scheduler(BlockingCalls):
                 f"limit of {self.max_len} tokens. Fix: shorten the messages or lower max_tokens")
         req = Request(list(prompt_ids), adapter, params, sink)
         req.gen = params.generator()
-        with self._cond:
-            if self.in_flight() >= self.max_queue:
-                raise QueueFull(f"the server is busy: {self.in_flight()} requests in flight "
-                                f"(limit {self.max_queue}); retry shortly")
-            self._waiting.append(req)
-            self._cond.notify_all()
-        self.start()
+        _enqueue(self, lambda: self._waiting.append(req))
         return req
 
     def classify(self, texts: list[str], adapters: list[str], max_length: int = 256,
@@ -291,18 +286,18 @@ class Scheduler(BlockingCalls):
         if unknown:
             raise UnknownModel(f"classify adapter(s) {unknown} are not loaded; served: "
                                f"{sorted(self.classifiers)}")
-        job = _ClassifyJob(list(texts), list(adapters), max_length, Future(), cancelled)
-        if not job.texts:
-            return []
-        release_pool()
-        with self._cond:
-            if self.in_flight() >= self.max_queue:
-                raise QueueFull(f"the server is busy: {self.in_flight()} requests in flight "
-                                f"(limit {self.max_queue}); retry shortly")
-            self._classify.jobs.append(job)
-            self._cond.notify_all()
-        self.start()
-        return job.future.result()
+        return self._classify.run(self, _ClassifyJob(list(texts), list(adapters), max_length, Future(),
+                                                      cancelled))
+
+    def embed(self, texts: list[str], adapters: list[str | None], max_length: int = 256,
+              cancelled: Callable[[], bool] | None = None) -> list[torch.Tensor]:
+        """Each (text, adapter or None)'s unit-length mean-pooled final states (embed_now),
+        queued, sliced, counted and cancelled as :meth:`classify`."""
+        unknown = sorted({a for a in adapters if a is not None and a not in self.backbone.adapters})
+        if unknown:
+            raise UnknownModel(f"adapter(s) {unknown} are not loaded on the backbone")
+        return self._classify.run(self, _ClassifyJob(list(texts), list(adapters), max_length,
+                                                     Future(), cancelled, kind="embed"))
 
     def add_adapter(self, name: str, task=None) -> None:
         """Serve adapter ``name`` (already loaded on the backbone) from the next step on."""
@@ -393,6 +388,17 @@ class Scheduler(BlockingCalls):
             self._classify.end(job, error=ServeError(message))
 
 
+def _enqueue(sched: Scheduler, put: Callable[[], None]) -> None:
+    """``put()`` one request or job into ``sched``'s waiting work, unless ``max_queue`` is reached."""
+    with sched._cond:
+        if sched.in_flight() >= sched.max_queue:
+            raise QueueFull(f"the server is busy: {sched.in_flight()} requests in flight "
+                            f"(limit {sched.max_queue}); retry shortly")
+        put()
+        sched._cond.notify_all()
+    sched.start()
+
+
 class ClassifyQueue:
     """Classification work waiting between decode steps, answered a slice at a time."""
 
@@ -402,6 +408,14 @@ class ClassifyQueue:
 
     def __len__(self) -> int:
         return len(self.jobs)
+
+    def run(self, sched: Scheduler, job: _ClassifyJob) -> list:
+        """Queue ``job`` (refused while ``sched`` is full), wake the engine, wait for the answer."""
+        if not job.texts:
+            return []
+        release_pool()
+        _enqueue(sched, lambda: self.jobs.append(job))
+        return job.future.result()
 
     def slice(self, metrics) -> None:
         """Answer up to CLASSIFY_SLICE waiting texts (oldest jobs first) in one pass."""
@@ -416,14 +430,17 @@ class ClassifyQueue:
             if take > 0:
                 picked.append((job, take))
                 room -= take
-        by_len: dict[int, list] = {}
+        by_len: dict[tuple, list] = {}
         for job, take in picked:
-            by_len.setdefault(job.max_length, []).append((job, take))
-        for max_length, group in by_len.items():
+            by_len.setdefault((job.kind, job.max_length), []).append((job, take))
+        for (kind, max_length), group in by_len.items():
             texts = [t for job, take in group for t in job.texts[job.done:job.done + take]]
             names = [a for job, take in group for a in job.adapters[job.done:job.done + take]]
             try:
-                probs = classify_now(self.backbone, self.classifiers, texts, names, max_length)
+                if kind == "embed":
+                    probs = embed_now(self.backbone, texts, names, max_length)
+                else:
+                    probs = classify_now(self.backbone, self.classifiers, texts, names, max_length)
             except Exception as err:  # noqa: BLE001 (handed to each caller)
                 for job, _ in group:
                     self.end(job, error=err)
@@ -435,7 +452,7 @@ class ClassifyQueue:
                 start += take
                 if job.done == len(job.texts):
                     self.end(job)
-            if metrics:
+            if metrics and kind == "classify":
                 metrics.classified(len(texts))
 
     def end(self, job: _ClassifyJob, error: BaseException | None = None) -> None:
@@ -602,4 +619,34 @@ def classify_now(backbone, classifiers: dict, texts: list[str], adapters: list[s
         states = backbone.pooled(formatted, names, max_length)
         out += [dict(zip(t.labels, t.probs_from_states(s[None])[0].tolist()))
                 for t, s in zip(tasks, states)]
+    return out
+
+
+EMBED_TOKENS = 2048  # padded tokens per embedding pass (every layer's states are kept: ~150 MB)
+
+
+def embed_now(backbone, texts: list[str], adapters: list[str | None],
+              max_length: int = 256) -> list[torch.Tensor]:
+    """Each text's final hidden states averaged over its real tokens, L2-normalised (float32).
+
+    Row i runs ``adapters[i]`` (None = the bare backbone). Texts are taken shortest first in
+    passes of at most EMBED_TOKENS padded tokens, so long ones never share a pass's padding.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[torch.Tensor | None] = [None] * len(texts)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * min(len(texts[order[end]]), max_length) \
+                <= EMBED_TOKENS:
+            end += 1
+        rows = order[start:end]
+        batch = backbone.encode([texts[i] for i in rows], max_length)
+        states = backbone.forward(batch, [adapters[i] for i in rows], output_hidden_states=True,
+                                  logits_to_keep=1).hidden_states[-1].float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        for i, vec in zip(rows, torch.nn.functional.normalize(pooled, dim=-1)):
+            out[i] = vec.cpu()
+        start = end
     return out

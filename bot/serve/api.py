@@ -9,13 +9,15 @@ written against ``bot serve`` moves to vLLM by changing only its base URL.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import struct
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine import SamplingParams
 from ..errors import BotError, ServeError
+from .embeddings import embed
 from .limits import Guard, error_type
 from .replies import (
     DISCONNECT_POLL_S,
@@ -36,7 +39,7 @@ from .replies import (
     ready_reply,
     serve_error,
 )
-from .state import ServerState, _shown, _untemplated  # noqa: F401 (tests import it from here)
+from .state import ServerState, _shown, _untemplated, adapter_name  # noqa: F401 (tests import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +146,15 @@ class ClassifyRequest(BaseModel):
     input: str | list[str]
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, not used or logged
+
+
 class LoadRequest(BaseModel):
     lora_name: str
     lora_path: str | None = None
@@ -208,6 +220,19 @@ def create_app(state: ServerState) -> FastAPI:
         except ValidationError as err:
             raise _bad_body(err.errors(include_url=False)) from None
 
+    async def texts_body(request: Request, model: type[BaseModel], long_fix: str):
+        """A body whose ``input`` holds texts (classify, embeddings), and its texts within limits."""
+        body = await parse(request, model)
+        request.state.model = body.model
+        return body, _texts(state, body.input, "input", "send them in requests", long_fix)
+
+    async def watched(request: Request, fn, *args):
+        """``fn(*args, gone)`` in the pool while the client is watched: (None, None) once it left."""
+        try:
+            return await _watching(request, lambda gone: in_thread(fn, *args, gone))
+        except ServeError as err:
+            raise serve_error(err) from err
+
     @app.exception_handler(ApiError)
     async def _api_error(_req, err: ApiError):
         return _error(err.status, err.message, err.code, err.param, err.headers)
@@ -257,20 +282,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/classify")
     async def classify(request: Request):
-        body = await parse(request, ClassifyRequest)
-        request.state.model = body.model
-        texts = _texts(state, body.input, "input", "send them in requests",
-                       "shorten it (a classifier reads only its first tokens anyway)")
+        body, texts = await texts_body(request, ClassifyRequest,
+                                       "shorten it (a classifier reads only its first tokens anyway)")
         if body.model not in state.scheduler.classifiers:
             raise ApiError(404, f"'{_shown(body.model)}' is not a classify adapter; classify "
                            f"adapters: {sorted(state.scheduler.classifiers)}", "model_not_found",
                            "model")
         task = state.scheduler.classifiers[body.model]
-        try:
-            probs, tokens = await _watching(request, lambda gone: in_thread(
-                state.classify, body.model, texts, gone))
-        except ServeError as err:
-            raise serve_error(err) from err
+        probs, tokens = await watched(request, state.classify, body.model, texts)
         if probs is None:
             return gone("classify")
         data = [{"index": i, "label": max(p, key=p.get), "probs": list(p.values()),
@@ -279,6 +298,24 @@ def create_app(state: ServerState) -> FastAPI:
                   "created": int(time.time()), "model": body.model, "labels": task.labels,
                   "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         # thousands of rows: encoded in the pool, not by FastAPI on the event loop
+        return Response(await in_thread(_json_bytes, answer), media_type="application/json")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body, texts = await texts_body(request, EmbeddingRequest, "shorten it or split it")
+        vectors, tokens = await watched(request, embed, state, body.model, texts)
+        if vectors is None:
+            return gone("embeddings")
+        size = len(vectors[0])
+        if body.dimensions is not None and body.dimensions != size:
+            raise ApiError(400, f"dimensions={body.dimensions} is not supported: '{_shown(body.model)}' "
+                           f"gives {size}-dimensional vectors and is not trained to be shortened. "
+                           "Fix: leave dimensions out", "unsupported_field", "dimensions")
+        answer = {"object": "list", "model": body.model,
+                  "data": [{"object": "embedding", "index": i,
+                            "embedding": _base64(v) if body.encoding_format == "base64" else v}
+                           for i, v in enumerate(vectors)],
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return Response(await in_thread(_json_bytes, answer), media_type="application/json")
 
     @app.post("/v1/load_lora_adapter")
@@ -310,6 +347,11 @@ def create_app(state: ServerState) -> FastAPI:
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app
+
+
+def _base64(vector: list[float]) -> str:
+    """OpenAI's ``encoding_format: base64``: the float32 values, little-endian, base64."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 def _json_bytes(obj) -> bytes:
@@ -469,8 +511,8 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
     except ServeError as err:
         raise serve_error(err) from err
     prompt_ids = await in_thread(state.token_ids, prompts)
-    shape = Shape(False, body.model, state.tokenizer, {"bot": {"adapter": state.adapter_name(adapter)}})
-    headers = {"x-bot-adapter": state.adapter_name(adapter) or state.base_name}
+    shape = Shape(False, body.model, state.tokenizer, {"bot": {"adapter": adapter_name(adapter)}})
+    headers = {"x-bot-adapter": adapter_name(adapter) or state.base_name}
     return await generate(state, request, _jobs(state, prompt_ids, asked, "prompt"), adapter,
                           params, shape, headers, body.stream, "completions")
 

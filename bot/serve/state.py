@@ -37,12 +37,11 @@ class ChatPlan:
 
     def shown(self, base_name: str) -> str:
         """The ``x-bot-adapter`` header: the adapter's name, or the base model's."""
-        return self.adapter if isinstance(self.adapter, str) else str(self.adapter or base_name)
+        return adapter_name(self.adapter) or base_name
 
     def body(self) -> dict:
         """The ``bot`` field added to OpenAI's response: which adapter answered and why."""
-        out: dict = {"adapter": self.adapter if isinstance(self.adapter, str) or self.adapter
-                     is None else str(self.adapter)}
+        out: dict = {"adapter": adapter_name(self.adapter)}
         if self.label_scores is not None:
             out["label_scores"] = self.label_scores
         r = self.route
@@ -113,7 +112,7 @@ class ServerState:
         return self.backbone.info.name
 
     def model_ids(self) -> list[str]:
-        bases = [n for n in self.tasks if self._is_base(n)]
+        bases = [n for n in self.tasks if self.is_base(n)]
         return [self.base_name, *bases, *self.scheduler.generators, *sorted(self.scheduler.classifiers),
                 *(["auto"] if self.router is not None else [])]
 
@@ -129,7 +128,7 @@ class ServerState:
                     "root": root, "parent": parent, **extra}
         cards = [card(self.base_name, root=self.backbone.info.source,
                       max_model_len=self.scheduler.max_len)]
-        cards += [card(n, self.base_name, kind="base") for n in self.tasks if self._is_base(n)]
+        cards += [card(n, self.base_name, kind="base") for n in self.tasks if self.is_base(n)]
         cards += [card(n, self.base_name, kind="generate") for n in self.scheduler.generators]
         cards += [card(n, self.base_name, kind="classify",
                        labels=self.scheduler.classifiers[n].labels)
@@ -159,7 +158,7 @@ class ServerState:
                 return ChatPlan("help", reply=self.router.help_text(), route=route)
             last = route.text or last
             model = route.adapter if route.adapter in self.tasks else self.base_name
-        if model == self.base_name or self._is_base(model):  # a base-kind route: no adapter
+        if model == self.base_name or self.is_base(model):  # a base-kind route: no adapter
             return ChatPlan(None, route=route)
         if model in self.scheduler.generators:
             return ChatPlan(model, route=route)
@@ -176,7 +175,7 @@ class ServerState:
             UnknownModel: nothing is served under that name (404).
             ServeError: the name is served but cannot generate text here (400).
         """
-        if model == self.base_name or self._is_base(model):
+        if model == self.base_name or self.is_base(model):
             return None
         if model in self.scheduler.generators:
             return model
@@ -191,11 +190,6 @@ class ServerState:
                              param="model")
         raise UnknownModel(f"model '{_shown(model)}' does not exist; available: "
                            f"{self.model_ids()}")
-
-    @staticmethod
-    def adapter_name(adapter) -> str | None:
-        """How an engine adapter (a name, a mixture or None) is shown to clients."""
-        return adapter if adapter is None or isinstance(adapter, str) else str(adapter)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Plain prompts (no chat template) as token ids. Blocking: call it from a worker."""
@@ -224,7 +218,7 @@ class ServerState:
         tokens = sum(len(ids) for ids in self.tokenizer(texts)["input_ids"])
         return probs, tokens
 
-    def _is_base(self, model: str) -> bool:
+    def is_base(self, model: str) -> bool:
         task = self.tasks.get(model)
         return task is not None and task.kind == "base"
 
@@ -303,6 +297,11 @@ class ServerState:
             self.scheduler.remove_adapter(name)
             self.tasks.pop(name, None)
             self.backbone.drop_adapter(name)
+
+
+def adapter_name(adapter) -> str | None:
+    """How an engine adapter (a name, a mixture or None for the base model) is shown to clients."""
+    return adapter if adapter is None or isinstance(adapter, str) else str(adapter)
 
 
 def _shown(name: str, n: int = 60) -> str:

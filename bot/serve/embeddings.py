@@ -1,0 +1,51 @@
+"""``/v1/embeddings``: which vectors each ``model`` name gives, and where they are computed.
+
+* ``router-encoder``: the router's sentence encoder (all-MiniLM-L6-v2, mean pooling,
+  unit length; it reads a text's first 128 tokens, as routing does). It runs in the
+  request's worker thread, whose OpenMP team is released afterwards
+  (bot.engine.threads.off_engine: a second team slows every decode step).
+* the base model's name, or any adapter's (generation or classify): the backbone's final
+  hidden states averaged over the text's real tokens with that adapter active (none for
+  the base model), then scaled to unit length. These passes run on the engine thread
+  between decode steps, in the classify queue's slices (bot.engine.scheduler.embed_now).
+"""
+
+from __future__ import annotations
+
+from ..engine.threads import off_engine
+from ..errors import UnknownModel
+from .state import FieldError, ServerState, _shown
+
+ROUTER_ENCODER = "router-encoder"
+
+
+def embedding_models(state: ServerState) -> list[str]:
+    """Names /v1/embeddings takes: the router's encoder, the base model, every adapter."""
+    return [*([ROUTER_ENCODER] if state.router is not None else []), state.base_name,
+            *state.tasks, *(g for g in state.scheduler.generators if g not in state.tasks)]
+
+
+def embed(state: ServerState, model: str, texts: list[str], cancelled=None) -> tuple[list, int]:
+    """Unit-length embeddings of ``texts`` by ``model`` and the tokens read. Blocking."""
+    if model == ROUTER_ENCODER and state.router is not None:
+        encoder = state.router.encoder
+        with off_engine():
+            vectors = encoder.encode(texts, normalize_embeddings=True)
+        limit = getattr(encoder, "max_seq_length", None) or 128
+        tokenizer = getattr(encoder, "tokenizer", None)  # (a test's stand-in has none)
+        tokens = 0 if tokenizer is None else sum(
+            min(len(ids), limit) for ids in tokenizer(texts)["input_ids"])
+        return [list(map(float, v)) for v in vectors], tokens
+    if model not in embedding_models(state):
+        raise UnknownModel(f"model '{_shown(model)}' cannot embed: it does not exist; "
+                           f"embedding models: {embedding_models(state)}")
+    adapter = None if model == state.base_name or state.is_base(model) else model
+    counts = [len(ids) for ids in state.token_ids(texts)]
+    limit = state.scheduler.max_len
+    long = next((i for i, n in enumerate(counts) if n > limit), None)
+    if long is not None:
+        raise FieldError(f"input text {long} has {counts[long]:,} tokens, over the context "
+                         f"limit of {limit} tokens. Fix: shorten it or split it",
+                         "input", code="context_length_exceeded")
+    vectors = state.scheduler.embed(texts, [adapter] * len(texts), limit, cancelled=cancelled)
+    return [v.tolist() for v in vectors], sum(counts)
