@@ -14,6 +14,8 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import settings
@@ -442,6 +444,228 @@ def _curve_sizes(text: str) -> str:
     return ",".join(parts)
 
 
+# ------------------------------------------------------------------ the CLI table
+def _flags_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--epochs", type=float, help="override train.epochs")
+    p.add_argument("--max-examples", type=int, help="cap the training examples (quick runs)")
+    p.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored (default 1000)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="do not train: re-score the saved adapter on its held-out split and update metrics.json")
+    p.add_argument("--accelerate", action="store_true",
+                   help="train data-parallel through accelerate (same as `accelerate launch -m bot train NAME`)")
+    p.add_argument("--processes", type=int,
+                   help="processes for --accelerate (default: one per CUDA GPU, else 1)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step in each process (train.batch_size stays the "
+                        "examples per step)")
+    p.add_argument("--strict", action="store_true",
+                   help="when the retrained version makes a route or its own held-out score more than "
+                        "1 point worse, put the previous version back")
+    p.add_argument("--time-cache", type=_positive, metavar="STEPS",
+                   help="do not train: time STEPS steps with and without cached frozen layers, side by side, "
+                        "and record cache_speedup in metrics.json")
+
+
+def _flags_train_router(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fit-only", action="store_true",
+                   help="keep the trained route adapter; only refit its gate and weight")
+
+
+def _flags_add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--from", dest="source", required=True, help="CSV, TSV, JSONL or JSON file")
+    p.add_argument("--kind", choices=["classify", "generate"], default="classify")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--prompt-col", default="prompt")
+    p.add_argument("--reply-col", default="reply")
+    p.add_argument("--description", default="")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing adapter: its folder is moved to ADAPTERS_DIR/.trash/NAME-<time>/")
+    p.add_argument("--min-per-label", type=_positive, default=5,
+                   help="refuse labels with fewer examples (default 5; 1 keeps every label, rare ones are learned poorly)")
+    p.add_argument("--train", action="store_true",
+                   help="also train it (bot train's defaults), refit the router for the new route set, "
+                        "score it and print one report: every route's held-out accuracy before and "
+                        "after, the turns that moved, each adapter's score and weight digests")
+    p.add_argument("--strict", action="store_true",
+                   help="with --train: refuse the change (nothing is changed) when an existing route "
+                        "loses more than 1 point")
+    p.add_argument("--max-examples", type=int, help="with --train: cap the training examples")
+    p.add_argument("--eval-examples", type=int, default=400,
+                   help="with --train: held-out examples scored (default 400)")
+
+
+def _flags_rm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (nothing is moved) when a remaining route loses more than 1 point")
+
+
+def _flags_rollback(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name")
+
+
+def _flags_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", help="adapters to evaluate (default: all)")
+    p.add_argument("--data", help="evaluate one adapter on your own CSV/JSONL (same columns as its manifest)")
+    p.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    p.add_argument("--max-examples", type=int, default=400, help="held-out examples per task (default 400)")
+    p.add_argument("--curve", type=_curve_sizes, help="learning curve sizes, e.g. 32,128,512,ALL")
+    p.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
+    p.add_argument("--no-router", action="store_true", help="skip the router evaluation")
+    p.add_argument("--only", choices=["router"],
+                   help="router: only the router's held-out accuracy and routing time (about a minute; "
+                   "no backbone), merged into an existing OUT/eval.json")
+    p.add_argument("--no-latency", action="store_true",
+                   help="with --only router: skip the routing-time measurement")
+    p.add_argument("--instructions", help="JSONL of requests with hand-written answers (prompt, reply): "
+                   "how helpful the chat adapter stays (the repository has one under tests/)")
+    p.add_argument("--no-zero-shot", action="store_true",
+                   help="skip the zero-shot column (the slowest part on a big --data file)")
+
+
+def _flags_distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="adapters/chat/self_distill.jsonl")
+    p.add_argument("--n", type=int, default=1200, help="prompts to answer (default 1200)")
+    p.add_argument("--max-tokens", type=int, default=120)
+    p.add_argument("--threads", type=int, default=12, help="requests in flight at once")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _flags_chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["torch", "llamacpp"], default=None,
+                   help="what generates replies: the PyTorch fast path (default) or llama.cpp "
+                        "(optional .[llamacpp] extra, one conversation at a time; falls back to "
+                        "PyTorch with a message when it cannot run). Default: $BOT_ENGINE, else torch")
+
+
+def _flags_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="reports/bench.md")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--serve", action="store_true",
+                   help="benchmark `bot serve` instead: 1/4/8/16 concurrent clients vs one by one, "
+                        "on this CPU and with AVX2 only -> reports/serve.md and serve.json")
+    p.add_argument("--requests", type=_positive, default=32, help="requests per level (--serve)")
+    p.add_argument("--against", choices=["llama-server"], default=None,
+                   help="--serve: drive llama.cpp's llama-server with the same load, one server at "
+                        "a time, and report the ratios (build it first: "
+                        "bash scripts/build-llama-server.sh)")
+    p.add_argument("--levels", type=_levels, default=(1, 4, 8, 16), metavar="N,N,...",
+                   help="--serve: concurrent clients of each level (default 1,4,8,16)")
+    p.add_argument("--traffic", choices=["both", "mixed", "single"], default="both",
+                   help="--serve --against: mixed (base, chat and a second adapter in turn), "
+                        "single (every request on chat) or both (default)")
+    p.add_argument("--isa", choices=["both", "native", "avx2"], default="both",
+                   help="CPU settings to measure: the machine as it is, PyTorch limited to AVX2, or both")
+    p.add_argument("--llamacpp", default=settings.get("BOT_LLAMACPP_PATH"), metavar="SITE_PACKAGES",
+                   help="a site-packages folder holding llama_cpp, if not importable here "
+                        "(default $BOT_LLAMACPP_PATH); adds llama.cpp rows")
+    p.add_argument("--llamacpp-avx2", default=None, metavar="SITE_PACKAGES",
+                   help="llama_cpp built for AVX2 only, for the avx2 rows (default: --llamacpp)")
+    p.add_argument("--all-kernels", action="store_true",
+                   help="time and score every kernel end to end, not only fp32, w8 and the chosen one")
+    p.add_argument("--refresh-kernels", action="store_true",
+                   help="measure the kernel choice again instead of reusing $BOT_CACHE/kernels.json")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="threads for torch and llama.cpp in every row (default: all cores); "
+                        "1 gives steadier ratios on a machine shared with other jobs")
+    p.add_argument("--quality-rows", type=_positive, default=60,
+                   help="held-out dialogue pairs scored for the perplexity check (default 60)")
+
+
+def _flags_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    p.add_argument("--port", type=int, default=settings.get_int("BOT_SERVE_PORT"))
+    p.add_argument("--api-key", default=settings.get("BOT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY'; enables adapter loading and "
+                        "unloading over the API. A key on the command line shows in `ps` to "
+                        "every user of the machine: set BOT_API_KEY instead to keep it out")
+    p.add_argument("--max-batch", type=_positive, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=_positive, default=64,
+                   help="requests waiting or running before new ones get 429")
+    p.add_argument("--max-model-len", type=_positive, default=2048,
+                   help="context limit per request: prompt + max_tokens")
+    p.add_argument("--precision", type=_precision, default="auto",
+                   help="base weights while serving: auto (the kernels measured fastest on this CPU "
+                        "for small and large steps, cached, see `bot info`), one of "
+                        f"{', '.join(KERNEL_KINDS)}, or SMALL,LARGE (e.g. w8,bf16); fp32 is exact")
+    p.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
+    p.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024,
+                   help="larger request bodies get 413 before they are read (default 4 MiB)")
+    p.add_argument("--max-input-chars", type=_positive, default=None,
+                   help="characters of one chat request's messages (and of each classify text), "
+                        "checked before tokenizing (default: 32 per token of --max-model-len)")
+    p.add_argument("--max-classify-inputs", type=_positive, default=256,
+                   help="texts per /v1/classify request (default 256)")
+    p.add_argument("--header-timeout", type=_seconds, default=10.0,
+                   help="seconds a client may take to send a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=_seconds, default=30.0,
+                   help="seconds a client may take to send a request's body (default 30)")
+    p.add_argument("--keep-alive-timeout", type=_positive, default=5,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+
+
+def _flags_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="+", help="adapters to export")
+    p.add_argument("--to", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--for", dest="target", choices=["vllm"], default="vllm", help="engine (default vllm)")
+    p.add_argument("--max-lora-rank", type=int,
+                   help="vLLM's --max-lora-rank (1, 8, 16, ..., 512; default: the smallest that fits)")
+    p.add_argument("--force", action="store_true",
+                   help="--to may hold files no export wrote: move them to .trash/ beside it "
+                        "(otherwise refused)")
+
+
+def _flags_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=settings.get_int("BOT_PORT"))
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
+    return p
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: what runs, its one-line help, the shared flag groups it takes
+    (``common``: --backbone/--adapters-dir; ``model``: --device/--load-in), its own flags."""
+
+    func: Callable[[argparse.Namespace], int]
+    help: str
+    parents: tuple[str, ...]
+    flags: Callable[[argparse.ArgumentParser], None] | None = None
+    extra: dict = field(default_factory=dict)  # more add_parser() arguments (description, epilog)
+
+
+# name -> Command: the whole command line, in the order `bot --help` lists it
+COMMANDS: dict[str, Command] = {
+    "train": Command(cmd_train, "train one adapter from its adapter.yaml", ("common", "model"),
+                     _flags_train, extra=dict(epilog=TRAIN_EPILOG,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter)),
+    "train-router": Command(
+        cmd_train_router, "train the router's second stage (a route adapter) and fit when to ask it",
+        ("common", "model"), _flags_train_router,
+        extra=dict(description="Train ADAPTERS_DIR/.router/router, a classify adapter whose labels "
+                               "are the routes, on the routes' training texts; then choose on "
+                               "validation when the router asks it (stage.json). Rerun after adding "
+                               "or removing an adapter: until then the router uses its first stage "
+                               "alone. About 15 min on 2 CPU cores for the four default routes.")),
+    "add": Command(cmd_add, "scaffold a new adapter from a CSV/JSONL file (--train: train it, refit the router "
+                 "and report what changed)", ("common", "model"), _flags_add),
+    "rm": Command(cmd_rm, "move an adapter to ADAPTERS_DIR/.trash, with a report of what it does to routing", ("common", "model"), _flags_rm),
+    "rollback": Command(cmd_rollback, "restore the previous version of an adapter (bot list shows them)", ("common",), _flags_rollback),
+    "eval": Command(cmd_eval, "per-task accuracy, router quality, transfer report", ("common", "model"), _flags_eval),
+    "distill": Command(cmd_distill, "write the base model's replies to TREC questions (chat self-distillation data)", ("common", "model"), _flags_distill),
+    "chat": Command(cmd_chat, "chat in the terminal", ("common", "model"), _flags_chat),
+    "list": Command(cmd_list, "list adapters and their held-out scores", ("common",)),
+    "info": Command(cmd_info, "backbone, parameters, load time, adapters, memory", ("common", "model")),
+    "bench": Command(cmd_bench, "speed benchmark; writes a markdown table", ("common", "model"), _flags_bench),
+    "serve": Command(cmd_serve, "OpenAI-compatible API: many clients and adapters share batched decoding", ("common", "model"), _flags_serve),
+    "export": Command(cmd_export, "write adapters + backbone for vLLM", ("common",), _flags_export),
+    "demo": Command(cmd_demo, "launch the Gradio demo on 127.0.0.1:7860", ("common", "model"), _flags_demo),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bot", description="One backbone, many LoRA adapters, a router and a demo.")
     common = argparse.ArgumentParser(add_help=False)
@@ -455,203 +679,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--load-in", choices=LOAD_IN, default=settings.get("BOT_LOAD_IN"),
                        help="weight precision (default auto: fp32 on CPU/MPS, bf16 on CUDA); "
                             "8bit/4bit quantize with bitsandbytes and need CUDA")
+    groups = {"common": common, "model": model}
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
-
-    t = sub.add_parser("train", parents=[common, model], help="train one adapter from its adapter.yaml",
-                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("name")
-    t.add_argument("--epochs", type=float, help="override train.epochs")
-    t.add_argument("--max-examples", type=int, help="cap the training examples (quick runs)")
-    t.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored (default 1000)")
-    t.add_argument("--eval-only", action="store_true",
-                   help="do not train: re-score the saved adapter on its held-out split and update metrics.json")
-    t.add_argument("--accelerate", action="store_true",
-                   help="train data-parallel through accelerate (same as `accelerate launch -m bot train NAME`)")
-    t.add_argument("--processes", type=int,
-                   help="processes for --accelerate (default: one per CUDA GPU, else 1)")
-    t.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimizer step in each process (train.batch_size stays the "
-                        "examples per step)")
-    t.add_argument("--strict", action="store_true",
-                   help="when the retrained version makes a route or its own held-out score more than "
-                        "1 point worse, put the previous version back")
-    t.add_argument("--time-cache", type=_positive, metavar="STEPS",
-                   help="do not train: time STEPS steps with and without cached frozen layers, side by side, "
-                        "and record cache_speedup in metrics.json")
-    t.set_defaults(func=cmd_train)
-
-    r = sub.add_parser("train-router", parents=[common, model],
-                       help="train the router's second stage (a route adapter) and fit when to ask it",
-                       description="Train ADAPTERS_DIR/.router/router, a classify adapter whose labels are "
-                                   "the routes, on the routes' training texts; then choose on validation "
-                                   "when the router asks it (stage.json). Rerun after adding or removing "
-                                   "an adapter: until then the router uses its first stage alone. About "
-                                   "15 min on 2 CPU cores for the four default routes.")
-    r.add_argument("--fit-only", action="store_true",
-                   help="keep the trained route adapter; only refit its gate and weight")
-    r.set_defaults(func=cmd_train_router)
-
-    a = sub.add_parser("add", parents=[common, model], help="scaffold a new adapter from a CSV/JSONL file "
-                       "(--train: train it, refit the router and report what changed)")
-    a.add_argument("name")
-    a.add_argument("--from", dest="source", required=True, help="CSV, TSV, JSONL or JSON file")
-    a.add_argument("--kind", choices=["classify", "generate"], default="classify")
-    a.add_argument("--text-col", default="text")
-    a.add_argument("--label-col", default="label")
-    a.add_argument("--prompt-col", default="prompt")
-    a.add_argument("--reply-col", default="reply")
-    a.add_argument("--description", default="")
-    a.add_argument("--force", action="store_true",
-                   help="replace an existing adapter: its folder is moved to ADAPTERS_DIR/.trash/NAME-<time>/")
-    a.add_argument("--min-per-label", type=_positive, default=5,
-                   help="refuse labels with fewer examples (default 5; 1 keeps every label, rare ones are learned poorly)")
-    a.add_argument("--train", action="store_true",
-                   help="also train it (bot train's defaults), refit the router for the new route set, "
-                        "score it and print one report: every route's held-out accuracy before and "
-                        "after, the turns that moved, each adapter's score and weight digests")
-    a.add_argument("--strict", action="store_true",
-                   help="with --train: refuse the change (nothing is changed) when an existing route "
-                        "loses more than 1 point")
-    a.add_argument("--max-examples", type=int, help="with --train: cap the training examples")
-    a.add_argument("--eval-examples", type=int, default=400,
-                   help="with --train: held-out examples scored (default 400)")
-    a.set_defaults(func=cmd_add)
-
-    m = sub.add_parser("rm", parents=[common, model],
-                       help="move an adapter to ADAPTERS_DIR/.trash, with a report of what it does to routing")
-    m.add_argument("name")
-    m.add_argument("--strict", action="store_true",
-                   help="refuse (nothing is moved) when a remaining route loses more than 1 point")
-    m.set_defaults(func=cmd_rm)
-
-    rb = sub.add_parser("rollback", parents=[common],
-                        help="restore the previous version of an adapter (bot list shows them)")
-    rb.add_argument("name")
-    rb.set_defaults(func=cmd_rollback)
-
-    e = sub.add_parser("eval", parents=[common, model], help="per-task accuracy, router quality, transfer report")
-    e.add_argument("names", nargs="*", help="adapters to evaluate (default: all)")
-    e.add_argument("--data", help="evaluate one adapter on your own CSV/JSONL (same columns as its manifest)")
-    e.add_argument("--out", default="reports", help="output folder (default: reports/)")
-    e.add_argument("--max-examples", type=int, default=400, help="held-out examples per task (default 400)")
-    e.add_argument("--curve", type=_curve_sizes, help="learning curve sizes, e.g. 32,128,512,ALL")
-    e.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
-    e.add_argument("--no-router", action="store_true", help="skip the router evaluation")
-    e.add_argument("--only", choices=["router"],
-                   help="router: only the router's held-out accuracy and routing time (about a minute; "
-                   "no backbone), merged into an existing OUT/eval.json")
-    e.add_argument("--no-latency", action="store_true",
-                   help="with --only router: skip the routing-time measurement")
-    e.add_argument("--instructions", help="JSONL of requests with hand-written answers (prompt, reply): "
-                   "how helpful the chat adapter stays (the repository has one under tests/)")
-    e.add_argument("--no-zero-shot", action="store_true",
-                   help="skip the zero-shot column (the slowest part on a big --data file)")
-    e.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("distill", parents=[common, model],
-                       help="write the base model's replies to TREC questions (chat self-distillation data)")
-    s.add_argument("--out", default="adapters/chat/self_distill.jsonl")
-    s.add_argument("--n", type=int, default=1200, help="prompts to answer (default 1200)")
-    s.add_argument("--max-tokens", type=int, default=120)
-    s.add_argument("--threads", type=int, default=12, help="requests in flight at once")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_distill)
-
-    c = sub.add_parser("chat", parents=[common, model], help="chat in the terminal")
-    c.add_argument("--engine", choices=["torch", "llamacpp"], default=None,
-                   help="what generates replies: the PyTorch fast path (default) or llama.cpp "
-                        "(optional .[llamacpp] extra, one conversation at a time; falls back to "
-                        "PyTorch with a message when it cannot run). Default: $BOT_ENGINE, else torch")
-    c.set_defaults(func=cmd_chat)
-
-    sub.add_parser("list", parents=[common], help="list adapters and their held-out scores").set_defaults(func=cmd_list)
-    sub.add_parser("info", parents=[common, model], help="backbone, parameters, load time, adapters, memory").set_defaults(func=cmd_info)
-
-    b = sub.add_parser("bench", parents=[common, model], help="speed benchmark; writes a markdown table")
-    b.add_argument("--out", default="reports/bench.md")
-    b.add_argument("--tokens", type=int, default=64)
-    b.add_argument("--serve", action="store_true",
-                   help="benchmark `bot serve` instead: 1/4/8/16 concurrent clients vs one by one, "
-                        "on this CPU and with AVX2 only -> reports/serve.md and serve.json")
-    b.add_argument("--requests", type=_positive, default=32, help="requests per level (--serve)")
-    b.add_argument("--against", choices=["llama-server"], default=None,
-                   help="--serve: drive llama.cpp's llama-server with the same load, one server at "
-                        "a time, and report the ratios (build it first: "
-                        "bash scripts/build-llama-server.sh)")
-    b.add_argument("--levels", type=_levels, default=(1, 4, 8, 16), metavar="N,N,...",
-                   help="--serve: concurrent clients of each level (default 1,4,8,16)")
-    b.add_argument("--traffic", choices=["both", "mixed", "single"], default="both",
-                   help="--serve --against: mixed (base, chat and a second adapter in turn), "
-                        "single (every request on chat) or both (default)")
-    b.add_argument("--isa", choices=["both", "native", "avx2"], default="both",
-                   help="CPU settings to measure: the machine as it is, PyTorch limited to AVX2, or both")
-    b.add_argument("--llamacpp", default=settings.get("BOT_LLAMACPP_PATH"), metavar="SITE_PACKAGES",
-                   help="a site-packages folder holding llama_cpp, if not importable here "
-                        "(default $BOT_LLAMACPP_PATH); adds llama.cpp rows")
-    b.add_argument("--llamacpp-avx2", default=None, metavar="SITE_PACKAGES",
-                   help="llama_cpp built for AVX2 only, for the avx2 rows (default: --llamacpp)")
-    b.add_argument("--all-kernels", action="store_true",
-                   help="time and score every kernel end to end, not only fp32, w8 and the chosen one")
-    b.add_argument("--refresh-kernels", action="store_true",
-                   help="measure the kernel choice again instead of reusing $BOT_CACHE/kernels.json")
-    b.add_argument("--threads", type=_positive, default=None,
-                   help="threads for torch and llama.cpp in every row (default: all cores); "
-                        "1 gives steadier ratios on a machine shared with other jobs")
-    b.add_argument("--quality-rows", type=_positive, default=60,
-                   help="held-out dialogue pairs scored for the perplexity check (default 60)")
-    b.set_defaults(func=cmd_bench)
-
-    v = sub.add_parser("serve", parents=[common, model],
-                       help="OpenAI-compatible API: many clients and adapters share batched decoding")
-    v.add_argument("--host", default="127.0.0.1", help="default: loopback only")
-    v.add_argument("--port", type=int, default=settings.get_int("BOT_SERVE_PORT"))
-    v.add_argument("--api-key", default=settings.get("BOT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY'; enables adapter loading and "
-                        "unloading over the API. A key on the command line shows in `ps` to "
-                        "every user of the machine: set BOT_API_KEY instead to keep it out")
-    v.add_argument("--max-batch", type=_positive, default=16, help="requests decoded together")
-    v.add_argument("--max-queue", type=_positive, default=64,
-                   help="requests waiting or running before new ones get 429")
-    v.add_argument("--max-model-len", type=_positive, default=2048,
-                   help="context limit per request: prompt + max_tokens")
-    v.add_argument("--precision", type=_precision, default="auto",
-                   help="base weights while serving: auto (the kernels measured fastest on this CPU "
-                        "for small and large steps, cached, see `bot info`), one of "
-                        f"{', '.join(KERNEL_KINDS)}, or SMALL,LARGE (e.g. w8,bf16); fp32 is exact")
-    v.add_argument("--no-router", action="store_true", help="do not fit the router (no model 'auto')")
-    v.add_argument("--max-body-bytes", type=_positive, default=4 * 1024 * 1024,
-                   help="larger request bodies get 413 before they are read (default 4 MiB)")
-    v.add_argument("--max-input-chars", type=_positive, default=None,
-                   help="characters of one chat request's messages (and of each classify text), "
-                        "checked before tokenizing (default: 32 per token of --max-model-len)")
-    v.add_argument("--max-classify-inputs", type=_positive, default=256,
-                   help="texts per /v1/classify request (default 256)")
-    v.add_argument("--header-timeout", type=_seconds, default=10.0,
-                   help="seconds a client may take to send a request's headers (default 10)")
-    v.add_argument("--body-timeout", type=_seconds, default=30.0,
-                   help="seconds a client may take to send a request's body (default 30)")
-    v.add_argument("--keep-alive-timeout", type=_positive, default=5,
-                   help="seconds an idle keep-alive connection stays open (default 5)")
-    v.set_defaults(func=cmd_serve)
-
-    x = sub.add_parser("export", parents=[common], help="write adapters + backbone for vLLM")
-    x.add_argument("names", nargs="+", help="adapters to export")
-    x.add_argument("--to", required=True, help="output folder (replaced atomically)")
-    x.add_argument("--for", dest="target", choices=["vllm"], default="vllm", help="engine (default vllm)")
-    x.add_argument("--max-lora-rank", type=int,
-                   help="vLLM's --max-lora-rank (1, 8, 16, ..., 512; default: the smallest that fits)")
-    x.add_argument("--force", action="store_true",
-                   help="--to may hold files no export wrote: move them to .trash/ beside it "
-                        "(otherwise refused)")
-    x.set_defaults(func=cmd_export)
-
-    d = sub.add_parser("demo", parents=[common, model], help="launch the Gradio demo on 127.0.0.1:7860")
-    d.add_argument("--host", default="127.0.0.1")
-    d.add_argument("--port", type=int, default=settings.get_int("BOT_PORT"))
-    d.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
-    d.set_defaults(func=cmd_demo)
+    for name, command in COMMANDS.items():
+        parser = sub.add_parser(name, parents=[groups[g] for g in command.parents],
+                                help=command.help, **command.extra)
+        if command.flags is not None:
+            command.flags(parser)
+        parser.set_defaults(func=command.func)
     return p
-
 
 def _training_threads() -> int:
     """Threads for a training run: ``$BOT_TRAIN_THREADS``, else the cores other jobs leave free.

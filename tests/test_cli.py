@@ -1,4 +1,4 @@
-"""The CLI is a thin map: every subcommand is listed and reachable."""
+"""The CLI is a table (bot.cli.COMMANDS): every subcommand is in it, listed and reachable."""
 
 from __future__ import annotations
 
@@ -7,15 +7,43 @@ import sys
 
 import pytest
 
-from bot.cli import build_parser, main
+from bot.cli import COMMANDS, build_parser, main
 
-COMMANDS = ["train", "add", "eval", "chat", "list", "info", "bench", "demo"]
+# what the README and docs promise; a command added or removed must change this list too
+DOCUMENTED = ["train", "train-router", "add", "rm", "rollback", "eval", "distill", "chat", "list",
+              "info", "bench", "serve", "export", "demo"]
 
 
-def test_help_lists_every_subcommand():
+def _subcommands(parser) -> dict:
+    action = next(a for a in parser._actions if a.dest == "cmd")
+    return action.choices
+
+
+def test_the_parser_has_exactly_the_tables_subcommands_in_its_order():
+    assert list(_subcommands(build_parser())) == list(COMMANDS)
+    assert sorted(COMMANDS) == sorted(DOCUMENTED)
+
+
+def test_top_level_help_lists_each_subcommand_as_a_word_with_its_help():
     text = build_parser().format_help()
-    for cmd in COMMANDS:
-        assert cmd in text
+    listed = {line.split()[0] for line in text.splitlines() if line.startswith("    ") and line.split()}
+    assert set(COMMANDS) <= listed, set(COMMANDS) - listed
+    for name, command in COMMANDS.items():
+        assert command.help.split()[0] in text
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_each_subcommand_help_runs_and_names_its_flags(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([name, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: bot {name}")
+    assert "--adapters-dir" in out  # every command takes the common flags
+    sub = _subcommands(build_parser())[name]
+    for action in sub._actions:
+        for flag in action.option_strings:
+            assert flag in out
 
 
 def test_console_script_help_runs():
