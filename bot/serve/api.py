@@ -40,6 +40,7 @@ from .replies import (
     serve_error,
 )
 from .state import ServerState, _shown, _untemplated, adapter_name  # noqa: F401 (tests import it from here)
+from .structured import Structured, grammar_for
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = True  # the last chunk always carries usage here
 
 
-class Sampling(BaseModel):
+class Sampling(Structured):
     """Fields /v1/chat/completions and /v1/completions share (OpenAI's names, vLLM's extras).
 
     Any other field is refused with a 400 naming it (``extra="forbid"``): never ignored.
@@ -481,9 +482,16 @@ def _jobs(state: ServerState, prompts: list[list[int]], asked: int | None, field
     return [Job(ids, _reply_budget(state, len(ids), asked, field)) for ids in prompts]
 
 
+async def _grammar(state: ServerState, body: Sampling, params: SamplingParams, in_thread) -> None:
+    """Compile the request's structured-output grammar (if any) into ``params``, off the loop."""
+    vocab = state.backbone.base.config.vocab_size  # the logits' width
+    params.grammar = await in_thread(grammar_for, body, state.tokenizer, vocab)
+
+
 async def _chat(state: ServerState, body: ChatRequest, request: Request, in_thread):
     params, asked = _params(body, state, _chat_logprobs(body))
     messages = _messages(body, state)
+    await _grammar(state, body, params, in_thread)
     if body.model == "auto" and state.router is None:
         raise ApiError(404, "model 'auto' needs the router, which this server was started "
                        "without", "model_not_found", "model")
@@ -494,6 +502,10 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request, in_thre
     headers = {"x-bot-adapter": plan.shown(state.base_name)}
     shape = Shape(True, body.model, state.tokenizer, plan.body())
     if plan.reply is not None:  # a classify adapter answers at once, as in the demo
+        if params.grammar is not None:
+            raise ApiError(400, f"'{plan.adapter}' is a classify adapter: its reply is a label, not "
+                           "generated text, so it cannot follow response_format or guided_*. Fix: "
+                           "name a generation model, or use /v1/classify", param="model")
         return ready_reply(shape, plan.reply, headers, body.stream)
     return await generate(state, request, _jobs(state, [ids], asked, "messages"), plan.adapter,
                           params, shape, headers, body.stream, "chat")
@@ -510,6 +522,7 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
         adapter = state.generation_adapter(body.model)
     except ServeError as err:
         raise serve_error(err) from err
+    await _grammar(state, body, params, in_thread)
     prompt_ids = await in_thread(state.token_ids, prompts)
     shape = Shape(False, body.model, state.tokenizer, {"bot": {"adapter": adapter_name(adapter)}})
     headers = {"x-bot-adapter": adapter_name(adapter) or state.base_name}
