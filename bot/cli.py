@@ -253,6 +253,17 @@ def cmd_rm(args) -> int:
     return 1 if report.get("refused") else 0
 
 
+def cmd_merge(args) -> int:
+    from .merge import merge_adapters, parse_sources
+
+    sources = parse_sources(args.sources)
+    folder = merge_adapters(_backbone(args), args.adapters_dir, args.name, sources,
+                            method=args.method, density=args.density, seed=args.seed)
+    print(f"wrote {folder} ({args.method} merge of {args.sources}); serve it with `bot serve` "
+          "or load it with /v1/load_lora_adapter")
+    return 0
+
+
 def cmd_rollback(args) -> int:
     from .versions import rollback, score_line
 
@@ -503,6 +514,20 @@ def _flags_rm(p: argparse.ArgumentParser) -> None:
                    help="refuse (nothing is moved) when a remaining route loses more than 1 point")
 
 
+def _flags_merge(p: argparse.ArgumentParser) -> None:
+    from .merge import METHODS
+
+    p.add_argument("name", help="the new adapter's name (a new folder in --adapters-dir)")
+    p.add_argument("--from", dest="sources", required=True, metavar="A:W,B:W",
+                   help="generation adapters and their weights, e.g. chat:0.5,assistant:0.5")
+    p.add_argument("--method", choices=METHODS, default="linear",
+                   help="peft's combination: linear (same ranks), cat (exactly the served "
+                        "mixture), ties, dare_ties (default: %(default)s)")
+    p.add_argument("--density", type=float, default=0.5,
+                   help="ties/dare_ties: fraction of values kept (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="dare_ties: its random drop (default 0)")
+
+
 def _flags_rollback(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
 
@@ -653,6 +678,9 @@ COMMANDS: dict[str, Command] = {
     "add": Command(cmd_add, "scaffold a new adapter from a CSV/JSONL file (--train: train it, refit the router "
                  "and report what changed)", ("common", "model"), _flags_add),
     "rm": Command(cmd_rm, "move an adapter to ADAPTERS_DIR/.trash, with a report of what it does to routing", ("common", "model"), _flags_rm),
+    "merge": Command(cmd_merge, "write a new adapter folder merging others with weights (peft's "
+                     "add_weighted_adapter: linear, cat, ties, dare_ties)", ("common", "model"),
+                     _flags_merge),
     "rollback": Command(cmd_rollback, "restore the previous version of an adapter (bot list shows them)", ("common",), _flags_rollback),
     "eval": Command(cmd_eval, "per-task accuracy, router quality, transfer report", ("common", "model"), _flags_eval),
     "distill": Command(cmd_distill, "write the base model's replies to TREC questions (chat self-distillation data)", ("common", "model"), _flags_distill),

@@ -10,7 +10,7 @@ import pytest
 from bot.cli import COMMANDS, build_parser, main
 
 # what the README and docs promise; a command added or removed must change this list too
-DOCUMENTED = ["train", "train-router", "add", "rm", "rollback", "eval", "distill", "chat", "list",
+DOCUMENTED = ["train", "train-router", "add", "rm", "merge", "rollback", "eval", "distill", "chat", "list",
               "info", "bench", "serve", "export", "demo"]
 
 

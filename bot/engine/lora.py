@@ -17,6 +17,12 @@ tensor (the q/k/v output after its cast, or the residual stream for o and down),
 add is one fused ``addmm_``. A group none of the step's adapters touch costs nothing.
 Ranks may differ between adapters.
 
+A token may also carry a :class:`Mixture` of adapters (``chat:0.7+assistant:0.3``): its
+mask row then holds each named adapter's columns at weight * scale, so the step adds
+``sum_i w_i * scale_i * B_i A_i h``, the weighted sum of the adapters' LoRA deltas, in
+the same two matmuls and the same batch as every other token (peft's
+``add_weighted_adapter(combination_type="cat")`` builds the same delta offline).
+
 The stacks are float32 copies of peft's matrices (one copy whatever the kernels): an
 adapter costs its LoRA matrices twice (peft's and the stack), never a merged model.
 """
@@ -34,6 +40,52 @@ from ..errors import AdapterError
 GROUPS = {"q_proj": (0, 0), "k_proj": (0, 1), "v_proj": (0, 2), "o_proj": (1, 0),
           "gate_proj": (2, 0), "up_proj": (2, 1), "down_proj": (3, 0)}
 _LAYER = re.compile(r"\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+
+
+MIX_WEIGHT = 2.0  # |weight| of one adapter in a mixture at most
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A weighted sum of generation adapters for one request: ``((name, weight), ...)``."""
+
+    parts: tuple[tuple[str, float], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.parts)
+
+    def __str__(self) -> str:
+        return "+".join(f"{n}:{w:g}" for n, w in self.parts)
+
+    @classmethod
+    def parse(cls, text: str) -> Mixture:
+        """``name:weight(+name:weight)*``; raises ValueError saying what does not parse."""
+        parts = []
+        for i, piece in enumerate(text.split("+")):
+            name, sep, weight = piece.strip().partition(":")
+            if not sep or not name:
+                raise ValueError(f"part {i + 1} ({piece[:40]!r}) is not NAME:WEIGHT")
+            try:
+                w = float(weight)
+            except ValueError:
+                raise ValueError(f"the weight of '{name[:40]}' ({weight[:20]!r}) is not a "
+                                 "number") from None
+            if not (abs(w) <= MIX_WEIGHT):  # (also refuses nan)
+                raise ValueError(f"the weight of '{name[:40]}' is {weight[:20]}; weights must be "
+                                 f"finite numbers in [-{MIX_WEIGHT:g}, {MIX_WEIGHT:g}]")
+            parts.append((name, w))
+        names = [n for n, _ in parts]
+        if len(set(names)) != len(names):
+            raise ValueError("an adapter is named twice")
+        return cls(tuple(parts))
+
+
+def adapter_names(adapter) -> tuple[str, ...]:
+    """The adapters a token's key uses: none (base), one name, or a mixture's."""
+    if adapter is None:
+        return ()
+    return (adapter,) if isinstance(adapter, str) else adapter.names
 
 
 @dataclass
@@ -162,7 +214,8 @@ class BankSet:
 
     def plan(self, token_adapters: list[str | None]) -> LoraPlan | None:
         """What one step adds: None when no token uses a served adapter."""
-        used = {a for a in token_adapters if a is not None and a in self.adapters}
+        used = {a for a in token_adapters
+                if a is not None and all(n in self.adapters for n in adapter_names(a))}
         if not used:
             return None
         return LoraPlan(self, token_adapters, used)
@@ -174,7 +227,8 @@ class LoraPlan:
     def __init__(self, banks: BankSet, token_adapters: list[str | None], used: set[str]):
         self.banks = banks
         self.n = len(token_adapters)
-        self.only = next(iter(used)) if len(used) == 1 and None not in token_adapters else None
+        one = next(iter(used)) if len(used) == 1 and None not in token_adapters else None
+        self.only = one if isinstance(one, str) else None  # a lone mixture still needs its mask
         self.rows: dict[str, torch.Tensor] = {}
         if self.only is None:
             for name in used:
@@ -186,12 +240,14 @@ class LoraPlan:
         key = bank.layout()
         if key not in self._masks:
             mask = None
-            for name, rows in self.rows.items():
-                if name in bank.cols:
-                    start, end, scale = bank.cols[name]
-                    if mask is None:
-                        mask = torch.zeros(self.n, bank.b.shape[0], device=self.banks.device)
-                    mask[rows, start:end] = scale
+            for key, rows in self.rows.items():
+                parts = ((key, 1.0),) if isinstance(key, str) else key.parts
+                for name, weight in parts:
+                    if name in bank.cols:
+                        start, end, scale = bank.cols[name]
+                        if mask is None:
+                            mask = torch.zeros(self.n, bank.b.shape[0], device=self.banks.device)
+                        mask[rows, start:end] = weight * scale
             self._masks[key] = mask
         return self._masks[key]
 
@@ -202,7 +258,7 @@ class LoraPlan:
             return False
         if self.only is not None:
             return self.only in bank.cols
-        return any(name in bank.cols for name in self.rows)
+        return any(name in bank.cols for key in self.rows for name in adapter_names(key))
 
     def add(self, layer: int, group: int, h: torch.Tensor, y: torch.Tensor) -> None:
         """``y += LoRA(h)`` in place for every token of the step (group of ``layer``).

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import QueueFull, ServeError, UnknownModel
 from .lean import Segment
+from .lora import Mixture, adapter_names
 from .runner import make_runner
 from .sampling import SamplingParams, next_token, top_logprobs
 from .threads import release_pool
@@ -259,9 +260,13 @@ class Scheduler(BlockingCalls):
         if (self.auto_adapters and adapter is not None and adapter not in self.runner.adapters
                 and adapter in self.backbone.adapters):
             self.call(lambda: adapter in self.runner.adapters or self.runner.add_adapter(adapter))
-        if adapter is not None and (adapter not in self.runner.adapters or adapter in self._retiring):
+        names = adapter_names(adapter)
+        if any(n not in self.runner.adapters or n in self._retiring for n in names):
             raise UnknownModel(f"generation adapter '{adapter}' is not loaded; served: "
                                f"{self.generators}")
+        if isinstance(adapter, Mixture) and self.runner.name != "lean":
+            raise ServeError("adapter mixtures need the lean engine (bot.engine.lora); this "
+                             "backbone runs on transformers' forward. Fix: name one adapter")
         if not prompt_ids:
             raise ServeError("the prompt is empty")
         if len(prompt_ids) + params.max_tokens > self.max_len:
@@ -316,7 +321,7 @@ class Scheduler(BlockingCalls):
                 self.runner.remove_adapter(name)
         self._retiring.add(name)
         try:
-            while any(r.adapter == name for r in self._active + self._waiting):
+            while any(name in adapter_names(r.adapter) for r in self._active + self._waiting):
                 time.sleep(0.02)
             self.call(apply)
         finally:

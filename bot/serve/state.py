@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine import Scheduler
+from ..engine.lora import Mixture
 from ..engine.threads import off_engine
 from ..errors import AdapterError, ServeError, UnknownModel
 from .limits import Limits
@@ -162,6 +163,8 @@ class ServerState:
             return ChatPlan(None, route=route)
         if model in self.scheduler.generators:
             return ChatPlan(model, route=route)
+        if is_mixture(model):
+            return ChatPlan(mixture(self, model), route=route)
         if model in self.scheduler.classifiers:
             probs = self.scheduler.classify([last], [model])[0]
             task = self.scheduler.classifiers[model]
@@ -179,6 +182,8 @@ class ServerState:
             return None
         if model in self.scheduler.generators:
             return model
+        if is_mixture(model):
+            return mixture(self, model)
         if model in self.scheduler.classifiers:
             raise FieldError(f"'{_shown(model)}' is a classify adapter: it labels text and "
                              f"cannot continue it. Fix: POST /v1/classify, or name a generation "
@@ -297,6 +302,36 @@ class ServerState:
             self.scheduler.remove_adapter(name)
             self.tasks.pop(name, None)
             self.backbone.drop_adapter(name)
+
+
+def mixture(state: ServerState, model: str) -> Mixture:
+    """``model`` read as a mixture of generation adapters (``a:0.7+b:0.3``, docs/api.md).
+
+    Raises:
+        FieldError: it does not parse, or names something that cannot be mixed (400).
+        UnknownModel: it names an adapter that is not served (404).
+    """
+    try:
+        mix = Mixture.parse(model)
+    except ValueError as err:
+        raise FieldError(f"model '{_shown(model)}' is not a valid adapter mixture: {err}. "
+                         "Fix: write it as NAME:WEIGHT+NAME:WEIGHT, e.g. 'chat:0.7+assistant:0.3'",
+                         "model") from None
+    served = state.scheduler.generators
+    for name in mix.names:
+        if name in served:
+            continue
+        if name in state.scheduler.classifiers or name == state.base_name or state.is_base(name):
+            raise FieldError(f"model '{_shown(model)}': '{_shown(name)}' cannot be mixed; a "
+                             f"mixture weighs generation adapters: {served}", "model")
+        raise UnknownModel(f"model '{_shown(model)}' names '{_shown(name)}', which is not served; "
+                           f"generation adapters: {served}")
+    return mix
+
+
+def is_mixture(model: str) -> bool:
+    """Adapter names hold no ':' or '+' (bot.spec), so either one marks a mixture."""
+    return ":" in model or "+" in model
 
 
 def adapter_name(adapter) -> str | None:
