@@ -536,7 +536,10 @@ def _flags_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", help="adapters to evaluate (default: all)")
     p.add_argument("--data", help="evaluate one adapter on your own CSV/JSONL (same columns as its manifest)")
     p.add_argument("--out", default="reports", help="output folder (default: reports/)")
-    p.add_argument("--max-examples", type=int, default=400, help="held-out examples per task (default 400)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="held-out examples per task (default: a classify adapter's whole test "
+                        "split when scoring it takes under 5 minutes here, else as many as fit, "
+                        "said in the report; 400 for a generation adapter)")
     p.add_argument("--curve", type=_curve_sizes, help="learning curve sizes, e.g. 32,128,512,ALL")
     p.add_argument("--curve-adapters", help="comma-separated adapters for --curve (default: every classify adapter)")
     p.add_argument("--no-router", action="store_true", help="skip the router evaluation")

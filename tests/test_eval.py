@@ -164,3 +164,22 @@ def test_the_tfidf_baseline_trains_on_the_views_the_adapter_trains_on(trained, m
     assert not any(t.startswith("lede") for t in seen["texts"])
     assert len(seen["texts"]) == 2 * len(rows[4:])
     assert set(out["views_baseline"]) == {"headline", "lede"}
+
+
+def test_budget_scores_the_whole_split_when_it_fits_and_says_how_many_when_not():
+    import time as _time
+
+    class Slow:
+        def __init__(self, per_text):
+            self.per_text = per_text
+
+        def predict(self, texts, **kw):
+            _time.sleep(self.per_text * len(texts))
+            return [{"a": 1.0} for _ in texts]
+
+    rows = [{"text": f"t{i}", "label": "a"} for i in range(100)]
+    kept, note = evaluate.budgeted_rows(Slow(0.0), rows, budget_s=10)
+    assert kept == rows and note.startswith("all 100 held-out examples")
+    kept, note = evaluate.budgeted_rows(Slow(0.01), rows, budget_s=0.5)  # ~50 rows fit
+    assert 16 <= len(kept) < 100 and kept == rows[:len(kept)]
+    assert f"the first {len(kept)} of 100 held-out examples" in note and "--max-examples" in note

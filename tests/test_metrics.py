@@ -103,3 +103,39 @@ def test_transfer_verdict_wording():
     above = metrics.transfer_verdict(0.90, 0.80, 0.50)
     assert "transfer did not help" not in above
     assert "+10.0 points" in above and "+40.0 points" in above
+
+
+def test_wilson_interval_known_values_and_edges():
+    lo, hi = metrics.wilson_interval(90, 100)
+    assert lo == pytest.approx(0.8256, abs=1e-3) and hi == pytest.approx(0.9448, abs=1e-3)
+    lo, hi = metrics.wilson_interval(100, 100)  # 100 %: still an interval, not a point
+    assert hi == 1.0 and 0.95 < lo < 0.97
+    assert metrics.wilson_interval(0, 0) is None
+    # more examples, narrower interval around the same accuracy
+    narrow = metrics.wilson_interval(900, 1000)
+    assert narrow[1] - narrow[0] < hi - lo + 1 and narrow[1] - narrow[0] < 0.04
+
+
+def test_paired_difference_beats_ties_and_loses():
+    n = 400
+    # A right on 40 texts where B is wrong, B right on 10 where A is wrong: +7.5 points
+    a = [True] * 40 + [False] * 10 + [True] * 300 + [False] * 50
+    b = [False] * 40 + [True] * 10 + [True] * 300 + [False] * 50
+    cmp = metrics.paired_difference(a, b)
+    assert cmp["n"] == n and cmp["a_only"] == 40 and cmp["b_only"] == 10
+    assert cmp["diff"] == pytest.approx(30 / n) and cmp["low"] > 0 and cmp["verdict"] == "beats"
+    assert metrics.paired_difference(b, a)["verdict"] == "loses"
+    # 2 more right of 400: inside the noise
+    close = metrics.paired_difference([True] * 6 + [False] * 4 + [True] * 390,
+                                      [False] * 6 + [True] * 4 + [True] * 390)
+    assert close["diff"] > 0 and close["low"] < 0 < close["high"] and close["verdict"] == "ties"
+    with pytest.raises(ValueError, match="same examples"):
+        metrics.paired_difference([True], [True, False])
+
+
+def test_verdict_follows_the_paired_interval_not_the_point_estimate():
+    tie = metrics.paired_difference([True] * 6 + [False] * 4, [False] * 6 + [True] * 4)
+    text = metrics.transfer_verdict(0.6, 0.4, 0.3, tie)
+    assert text.startswith("The adapter ties with the TF-IDF baseline: +20.0 points (95 % interval")
+    assert "did not help measurably" in text
+    assert "zero-shot backbone scores 30.0 %" in text

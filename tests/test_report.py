@@ -49,7 +49,8 @@ def test_write_report(tmp_path):
     md = md_path.read_text()
 
     table = _first_table(md)
-    assert table[0].split("|")[1:6] == [" task ", " adapter ", " base zero-shot ", " TF-IDF baseline ", " verdict "]
+    assert table[0].split("|")[1:6] == [" task ", " adapter (95 % interval) ", " base zero-shot ",
+                                        " TF-IDF baseline (95 % interval) ", " verdict "]
     topic = next(r for r in table if r.startswith("| topic "))
     # adapter 75 %, zero-shot 50 %, baseline 100 % -> adapter loses to baseline
     assert "75.0 %" in topic and "50.0 %" in topic and "100.0 %" in topic
@@ -119,3 +120,18 @@ def test_a_view_where_the_adapter_loses_is_said_plainly(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     assert "+50.0 points" in rows["headline"] and "loses by 50.0 points" in rows["lede"]
     assert "On lede, the adapter does not beat the TF-IDF baseline." in md
+
+
+def test_intervals_and_the_paired_verdict_reach_the_report(tmp_path):
+    res = _results()
+    topic = res["tasks"]["topic"]
+    topic["adapter"]["interval"] = [0.71, 0.95]
+    topic["baseline"]["interval"] = [0.40, 0.70]
+    topic["vs_baseline"] = metrics.paired_difference([True] * 30 + [False] * 2 + [True] * 68,
+                                                     [False] * 30 + [True] * 2 + [True] * 68)
+    topic["verdict"] = metrics.transfer_verdict(0.98, 0.70, None, topic["vs_baseline"])
+    topic["scored"] = "all 100 held-out examples (about 0.5 min here)"
+    md = write_report(res, tmp_path, plots=False)[1].read_text()
+    assert "Scored on all 100 held-out examples" in md
+    assert "(71.0-95.0)" in md and "(40.0-70.0)" in md
+    assert "The adapter beats the TF-IDF baseline: +28.0 points (95 % interval" in md

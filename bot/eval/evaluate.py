@@ -30,6 +30,11 @@ HELPFUL_PROMPTS = ["How do I boil an egg?", "Give me two tips for sleeping bette
 
 
 # ------------------------------------------------------------ zero-shot base
+# bot eval without --max-examples: a classify adapter's whole test split when its adapter pass
+# takes at most this long here (issue 25: a 100-example sample called a loss a tie), else the
+# rows that fit; generation adapters and learning curves keep a fixed count
+EVAL_BUDGET_S = 300.0
+DEFAULT_GENERATE_EXAMPLES = 400
 ZERO_SHOT_MAX_LABELS = 20  # the prompt lists every label; beyond this it is long and rarely meaningful
 
 
@@ -96,9 +101,11 @@ def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], *,
     labels = task.labels
     truth = [r["label"] for r in test]
     n_views = sum(len(r.get("views", {})) for r in test)
+    predictions = {} if predictions is None else predictions
     with tqdm(total=len(test) + n_views, desc=f"eval {task.name}: adapter", unit="ex", file=sys.stderr) as pbar:
         result = task.evaluate(test, progress=pbar.update, predictions=predictions)
     adapter = result.pop("text")
+    _interval(adapter, M.right(truth, predictions["text"]))
     out = {"kind": "classify", "status": "ok", "n_test": len(test), "n_train": len(train),
            "adapter": adapter, "views": result, "zero_shot": None, "baseline": None}
     # one TF-IDF fit on the examples the adapter trained on (each text, and each view the
@@ -113,10 +120,14 @@ def eval_classify(task: ClassifyTask, test: list[dict], train: list[dict], *,
         preds = M.tfidf_baseline([t for t, _ in examples], [y for _, y in examples], queries)
         base, rest = preds[:len(test)], preds[len(test):]
         out["baseline"] = M.classification_metrics(truth, base, labels)
+        _interval(out["baseline"], M.right(truth, base))
+        out["vs_baseline"] = M.paired_difference(M.right(truth, predictions["text"]), M.right(truth, base))
         for view, vtest in views.items():
             vpred, rest = rest[:len(vtest)], rest[len(vtest):]
-            out.setdefault("views_baseline", {})[view] = M.classification_metrics(
-                [r["label"] for r in vtest], vpred, labels)
+            vtruth = [r["label"] for r in vtest]
+            out.setdefault("views_baseline", {})[view] = M.classification_metrics(vtruth, vpred, labels)
+            out.setdefault("views_vs_baseline", {})[view] = M.paired_difference(
+                M.right(vtruth, predictions[view]), M.right(vtruth, vpred))
     _set_verdict(out)
     skip = "skipped (--no-zero-shot)" if not with_zero_shot else zero_shot_skip_reason(labels, task.backbone.tokenizer)
     if skip:
@@ -136,9 +147,40 @@ def trained_views(spec, rows: list[dict]) -> list[str]:
     return sorted({v for r in rows for v in r.get("views", {}) if spec.train.repeats(v) > 0})
 
 
+def _interval(metrics: dict, right: list[bool]) -> None:
+    """Add the accuracy's 95 % Wilson interval to a classification_metrics dict."""
+    interval = M.wilson_interval(sum(right), len(right))
+    metrics["interval"] = list(interval) if interval else None
+
+
 def _set_verdict(out: dict) -> None:
     acc = lambda key: out[key]["accuracy"] if out.get(key) else None  # noqa: E731
-    out["verdict"] = M.transfer_verdict(acc("adapter"), acc("baseline"), acc("zero_shot"))
+    out["verdict"] = M.transfer_verdict(acc("adapter"), acc("baseline"), acc("zero_shot"),
+                                        out.get("vs_baseline"))
+
+
+def budgeted_rows(task, rows: list[dict], budget_s: float = EVAL_BUDGET_S,
+                  probe: int = 16) -> tuple[list[dict], str]:
+    """The held-out rows to score: all of them when the adapter pass fits ``budget_s`` here.
+
+    Times the adapter on the first ``probe`` rows (each text and its views, as the real
+    pass scores them) and keeps as many rows as the budget allows at that rate.
+    Returns (rows, a sentence for the report).
+    """
+    if len(rows) <= probe:
+        return rows, f"all {len(rows)} held-out examples"
+    head = rows[:probe]
+    texts = [r["text"] for r in head] + [v for r in head for v in r.get("views", {}).values()]
+    t0 = time.perf_counter()
+    task.predict(texts)
+    per_row = (time.perf_counter() - t0) / probe
+    fits = int(budget_s / per_row) if per_row > 0 else len(rows)
+    if fits >= len(rows):
+        return rows, f"all {len(rows)} held-out examples (about {per_row * len(rows) / 60:.1f} min here)"
+    kept = max(probe, fits)
+    return rows[:kept], (f"the first {kept} of {len(rows)} held-out examples: all of them would take "
+                         f"about {per_row * len(rows) / 60:.0f} min here, over the "
+                         f"{budget_s / 60:.0f}-minute budget (pass --max-examples to choose)")
 
 
 def eval_generate(task, test: list[dict], bar) -> dict:
@@ -155,7 +197,7 @@ def eval_generate(task, test: list[dict], bar) -> dict:
             "ppl_adapter": res["ppl_adapter"], "samples": samples, "verdict": verdict}
 
 
-def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = None,
+def eval_one(spec: AdapterSpec, bb, max_examples: int | None, data_file: str | None = None,
              loaded: dict | None = None, *, with_zero_shot: bool = True, checkpoint=None,
              kept: dict | None = None) -> dict:
     """Evaluate one adapter; any failure becomes ``{"status": "failed", "error": ...}``.
@@ -178,13 +220,19 @@ def eval_one(spec: AdapterSpec, bb, max_examples: int, data_file: str | None = N
             train = training_rows(spec)[1].train if spec.kind == "classify" else []
         else:
             _, splits = training_rows(spec)
-            test, train = splits.test[:max_examples], splits.train
+            limit = max_examples or (None if spec.kind == "classify" else DEFAULT_GENERATE_EXAMPLES)
+            test, train = splits.test[:limit], splits.train
+        scored = None
+        if spec.kind == "classify" and max_examples is None and not data_file:
+            test, scored = budgeted_rows(task, splits.test)
         if spec.kind == "classify":
             predictions: dict = {}
             if kept is not None:
                 kept[spec.name] = (test, predictions)
-            return eval_classify(task, test, train, with_zero_shot=with_zero_shot,
-                                 checkpoint=checkpoint, predictions=predictions)
+            out = eval_classify(task, test, train, with_zero_shot=with_zero_shot,
+                                checkpoint=checkpoint, predictions=predictions)
+            out["scored"] = scored or f"{len(test)} held-out examples"
+            return out
         with tqdm(total=len(test) * 2, desc=f"eval {spec.name}", unit="ex", file=sys.stderr) as bar:
             return eval_generate(task, test, bar)
     except BotError as err:
@@ -318,12 +366,12 @@ def eval_latency(session, n: int = 12) -> dict:
 
 
 # --------------------------------------------------------------------- curve
-def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dict:
+def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int | None) -> dict:
     """Short runs on nested subsets; held-out accuracy of adapter and TF-IDF baseline."""
     spec, splits = training_rows(spec)
     pool = list(splits.train)
     random.Random(spec.train.seed).shuffle(pool)  # nested: each subset extends the previous
-    test = splits.test[:max_examples]
+    test = splits.test[:max_examples or DEFAULT_GENERATE_EXAMPLES]
     truth = [r["label"] for r in test]
     points = {"adapter": [], "tfidf+logreg": []}
     for size in sizes:
@@ -351,7 +399,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int) -> dic
 
 # ------------------------------------------------------------------- a whole run
 def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbone: str | None = None,
-             data: str | None = None, out: str | Path = "reports", max_examples: int = 400,
+             data: str | None = None, out: str | Path = "reports", max_examples: int | None = None,
              curve: str | None = None, curve_adapters: str | None = None, no_router: bool = False,
              instructions: str | None = None, no_zero_shot: bool = False, command_line: str = "",
              device: str | None = None, load_in: str | None = None) -> dict:
@@ -363,7 +411,9 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
         data: a user's CSV/JSONL to evaluate exactly one adapter on, instead of its test split.
         out: report folder.
-        max_examples: held-out examples per task.
+        max_examples: held-out examples per task (None: a classify adapter's whole test
+            split when its adapter pass fits EVAL_BUDGET_S here, else as many as fit; a
+            generation adapter's first DEFAULT_GENERATE_EXAMPLES).
         curve: learning-curve sizes, e.g. "32,128,ALL" (None: no curve).
         curve_adapters: comma-separated adapters for ``curve`` (None: every classify adapter).
         no_router: skip the router and latency evaluation.
@@ -487,7 +537,9 @@ def _log_line(name: str, t: dict) -> None:
         zs = acc("zero_shot") if t.get("zero_shot") else t.get("zero_shot_note", "running")
         log.info("%s: adapter %s | tfidf %s | zero-shot %s (n=%d)", name, acc("adapter"), acc("baseline"), zs,
                  t["n_test"])
-        if t.get("baseline") and t["adapter"]["accuracy"] <= t["baseline"]["accuracy"]:
+        verdict = (t.get("vs_baseline") or {}).get("verdict")
+        if verdict == "loses" or (verdict is None and t.get("baseline")
+                                  and t["adapter"]["accuracy"] <= t["baseline"]["accuracy"]):
             log.warning("%s: the adapter LOSES to TF-IDF: %s", name, t["verdict"])
     else:
         log.info("%s: perplexity base %.2f -> adapter %.2f", name, t["ppl_base"], t["ppl_adapter"])

@@ -168,8 +168,64 @@ def tfidf_baseline(train_texts: Sequence[str], train_labels: Sequence[str],
     return [str(y) for y in clf.predict(vec.transform(test_texts))]
 
 
+Z95 = 1.959964  # two-sided 95 % normal quantile
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """95 % Wilson score interval of an accuracy of ``correct`` out of ``n`` (None when n is 0).
+
+    Wilson's interval stays inside [0, 1] and keeps its coverage near 0 % and 100 %, where
+    the plain normal interval (p +- z sqrt(p(1-p)/n)) collapses to a point.
+    """
+    if n <= 0:
+        return None
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(a_right: Sequence[bool], b_right: Sequence[bool], z: float = Z95) -> dict:
+    """Accuracy of A minus accuracy of B on the same examples, with a 95 % interval.
+
+    The two are scored on the same texts, so the difference is paired: only the texts
+    where exactly one of them is right carry information (``a_only``, ``b_only``). The
+    interval is the normal one for a paired difference of proportions, Var = (a_only +
+    b_only - (a_only - b_only)^2 / n) / n^2, the variance behind McNemar's test. From it:
+    "beats" when the whole interval is above 0, "loses" when it is below 0, else "ties".
+    """
+    if len(a_right) != len(b_right):
+        raise ValueError(f"paired difference needs the same examples: {len(a_right)} vs {len(b_right)}")
+    n = len(a_right)
+    if n == 0:
+        return {"n": 0, "diff": None, "low": None, "high": None, "verdict": None}
+    a_only = sum(1 for a, b in zip(a_right, b_right) if a and not b)
+    b_only = sum(1 for a, b in zip(a_right, b_right) if b and not a)
+    diff = (a_only - b_only) / n
+    var = max(0.0, (a_only + b_only - (a_only - b_only) ** 2 / n)) / (n * n)
+    half = z * math.sqrt(var)
+    low, high = diff - half, diff + half
+    verdict = "beats" if low > 0 else "loses" if high < 0 else "ties"
+    return {"n": n, "a_only": a_only, "b_only": b_only, "diff": diff, "low": low, "high": high,
+            "verdict": verdict}
+
+
+def right(truth: Sequence[str], preds: Sequence[str]) -> list[bool]:
+    return [t == p for t, p in zip(truth, preds, strict=True)]
+
+
+def comparison_text(cmp: dict | None, what: str = "the TF-IDF baseline") -> str:
+    """e.g. ``beats the TF-IDF baseline: +3.1 points (95 % interval +1.2 to +5.0)``."""
+    if not cmp or cmp.get("diff") is None:
+        return f"not compared with {what}"
+    verb = {"beats": "beats", "ties": "ties with", "loses": "loses to"}[cmp["verdict"]]
+    return (f"{verb} {what}: {100 * cmp['diff']:+.1f} points (95 % interval "
+            f"{100 * cmp['low']:+.1f} to {100 * cmp['high']:+.1f}, n={cmp['n']})")
+
+
 def transfer_verdict(adapter_acc: float, baseline_acc: float | None,
-                     zero_shot_acc: float | None = None) -> str:
+                     zero_shot_acc: float | None = None, comparison: dict | None = None) -> str:
     """One plain-words sentence comparing the adapter with its references.
 
     Args:
@@ -179,6 +235,15 @@ def transfer_verdict(adapter_acc: float, baseline_acc: float | None,
     """
     if adapter_acc is None:
         return "The adapter was not evaluated."
+    if comparison and comparison.get("verdict"):  # the paired 95 % interval decides
+        text = f"The adapter {comparison_text(comparison)}"
+        if comparison["verdict"] == "loses":
+            text += ": transfer did not help this task"
+        elif comparison["verdict"] == "ties":
+            text += ": transfer did not help measurably on these examples"
+        if zero_shot_acc is not None:
+            text += f"; the zero-shot backbone scores {100 * zero_shot_acc:.1f} %"
+        return text + "."
     if baseline_acc is not None and adapter_acc <= baseline_acc:
         return (f"The adapter ({100 * adapter_acc:.1f} %) does not beat the TF-IDF baseline "
                 f"({100 * baseline_acc:.1f} %): transfer did not help this task.")

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fsutil import atomic_write_text
-from .metrics import transfer_verdict
+from .metrics import comparison_text, transfer_verdict
 from .plots import plot_bar_summary, plot_confusion, plot_learning_curve
 
 DASH = "—"
@@ -65,6 +65,14 @@ def _jsonable(obj):
 
 def _pct(x) -> str:
     return DASH if x is None else f"{100 * x:.1f} %"
+
+
+def _pct_ci(m: dict | None) -> str:
+    """``95.0 % (93.4-96.2)``: an accuracy with its 95 % interval when one was computed."""
+    if not m or m.get("accuracy") is None:
+        return DASH
+    ci = m.get("interval")
+    return _pct(m["accuracy"]) + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
 
 
 def _num(x, fmt: str = ".3f") -> str:
@@ -138,9 +146,10 @@ def _summary(tasks: dict) -> list[str]:
                          f"ppl {_num(t.get('ppl_base'), '.2f')}", DASH,
                          _ppl_change(t) + ("" if not t.get("verdict") else f". {t['verdict']}")])
         else:
-            rows.append([name, _pct(_acc(t, "adapter")), _pct(_acc(t, "zero_shot")),
-                         _pct(_acc(t, "baseline")), _verdict(t)])
-    return _table(["task", "adapter", "base zero-shot", "TF-IDF baseline", "verdict"], rows)
+            rows.append([name, _pct_ci(t.get("adapter")), _pct(_acc(t, "zero_shot")),
+                         _pct_ci(t.get("baseline")), _verdict(t)])
+    return _table(["task", "adapter (95 % interval)", "base zero-shot",
+                   "TF-IDF baseline (95 % interval)", "verdict"], rows)
 
 
 def _prf_rows(m: dict) -> list[list]:
@@ -239,10 +248,11 @@ def _latency(lat: dict) -> list[str]:
 
 def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[str]:
     ada = t.get("adapter") or {}
+    scored = t.get("scored") or f"{t.get('n_test', ada.get('n', DASH))} held-out examples"
     lines = [f"## {name} (classify)", "",
-             f"{t.get('n_test', ada.get('n', DASH))} held-out examples. "
-             f"Accuracy: adapter {_pct(_acc(t, 'adapter'))}, base zero-shot {_pct(_acc(t, 'zero_shot'))}, "
-             f"TF-IDF baseline {_pct(_acc(t, 'baseline'))}. Adapter macro-F1 {_num(ada.get('macro_f1'))}.",
+             f"Scored on {scored}. Accuracy (95 % Wilson interval): adapter "
+             f"{_pct_ci(ada)}, base zero-shot {_pct(_acc(t, 'zero_shot'))}, TF-IDF baseline "
+             f"{_pct_ci(t.get('baseline'))}. Adapter macro-F1 {_num(ada.get('macro_f1'))}.",
              "", _verdict(t), ""]
     if ada.get("per_class"):
         lines += _table(["class", "precision", "recall", "F1", "support"], _prf_rows(ada)) + [""]
@@ -258,15 +268,22 @@ def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[st
             f" (the TF-IDF baseline trains on the adapter's own examples: {', '.join(trained)}):"
             if trained else ":"), ""]
         vbase = t.get("views_baseline") or {}
+        vcmp = t.get("views_vs_baseline") or {}
         gaps = {v: _gap(m, vbase.get(v)) for v, m in views.items()}
         rows = [[v, m.get("n", DASH), _pct(m.get("accuracy")), _num(m.get("macro_f1")),
-                 _pct((vbase.get(v) or {}).get("accuracy")), _gap_text(gaps[v])]
+                 _pct((vbase.get(v) or {}).get("accuracy")),
+                 comparison_text(vcmp[v], "TF-IDF") if v in vcmp else _gap_text(gaps[v])]
                 for v, m in views.items()]
         lines += _table(["view", "n", "adapter accuracy", "adapter macro-F1", "TF-IDF baseline",
                          "adapter vs TF-IDF"], rows) + [""]
-        losing = [v for v, gap in gaps.items() if gap is not None and gap <= 0]
+        if vcmp:  # the paired interval decides: a lead inside the noise is a tie
+            losing = [v for v in views if (vcmp.get(v) or {}).get("verdict") in ("loses", "ties")]
+            what = "does not beat (ties or loses to)"
+        else:
+            losing = [v for v, gap in gaps.items() if gap is not None and gap <= 0]
+            what = "does not beat"
         if losing:
-            lines += [f"On {', '.join(losing)}, the adapter does not beat the TF-IDF baseline.", ""]
+            lines += [f"On {', '.join(losing)}, the adapter {what} the TF-IDF baseline.", ""]
     return lines
 
 
