@@ -175,17 +175,6 @@ def _not_found_msg(ref: str, err: Exception) -> str:
             f"with internet and copy the cache. ({type(err).__name__}: {str(err)[:200]})")
 
 
-def fingerprint_model(name: str, model: torch.nn.Module) -> str:
-    """``name@hash`` over the config and a fixed sample of every weight tensor.
-
-    Hashing every weight would add noticeably to each load; a strided sample of each
-    tensor (plus its name and shape) tells backbones apart just as well in practice.
-    The sample is rounded to bfloat16 before hashing, so a float32 model and its bf16
-    copy (GPU loads) get the same fingerprint, on any device.
-    """
-    return _fingerprints(name, model)[0]
-
-
 def _fingerprints(name: str, model: torch.nn.Module) -> tuple[str, str | None]:
     """(fingerprint, legacy fingerprint): the legacy one hashed the float32 sample as is.
 
@@ -534,11 +523,6 @@ def short_row(device: torch.device, batch: dict | None) -> bool:
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     tokens = int(mask.sum()) if mask is not None else ids.shape[-1]
     return ids.shape[0] == 1 and tokens <= SHORT_ROW_TOKENS
-
-
-def default_compute_dtype() -> torch.dtype:
-    """The CPU's autocast dtype (see bot.device.compute_dtype)."""
-    return compute_dtype(torch.device("cpu"))
 
 
 def last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -77,14 +77,19 @@ def test_committed_generator_matches_its_metrics(real_backbone, name):
 
 
 def test_mixed_analysis_matches_single_runs_on_real_adapters(real_backbone):
+    from bot.engine.scheduler import classify_now
     from bot.registry import load_all
-    from bot.tasks.classify import ClassifyTask, analyse
+    from bot.tasks.classify import ClassifyTask
 
     tasks, failures = load_all(real_backbone, ADAPTERS)
     classifiers = [t for t in tasks.values() if isinstance(t, ClassifyTask)]
     assert len(classifiers) >= 2, failures
     text = "The match was a disaster for the home fans."
-    mixed = analyse(real_backbone, classifiers, text)
+    # the engine's mixed-adapter pass: one row per classifier, each with its own adapter
+    names = [t.name for t in classifiers]
+    probs = classify_now(real_backbone, {t.name: t for t in classifiers}, [text] * len(names), names,
+                         max_length=128)
+    mixed = dict(zip(names, probs))
     for task in classifiers:
         alone = task.predict([text])[0]
         for label, p in alone.items():

@@ -69,7 +69,7 @@ def test_perplexity_known_distributions():
     # Uniform over 4 tokens: every token costs ln 4 nats, so perplexity = 4.
     assert metrics.perplexity(10 * math.log(4), 10) == pytest.approx(4.0)
     # exp(-(ln .5 + ln .25) / 2) = exp(ln 8 / 2) = sqrt(8)
-    assert metrics.perplexity_from_logprobs([math.log(0.5), math.log(0.25)]) == pytest.approx(math.sqrt(8))
+    assert metrics.perplexity(-(math.log(0.5) + math.log(0.25)), 2) == pytest.approx(math.sqrt(8))
     assert metrics.perplexity(1e6, 1) == math.inf
     with pytest.raises(ValueError):
         metrics.perplexity(1.0, 0)

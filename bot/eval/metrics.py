@@ -112,15 +112,6 @@ def perplexity(token_nll_sum: float, n_tokens: int) -> float:
         return math.inf
 
 
-def perplexity_from_logprobs(logprobs: Sequence[float]) -> float:
-    """Perplexity from per-token natural-log probabilities.
-
-    Args:
-        logprobs: log p(token) for every scored token.
-    """
-    return perplexity(-float(np.sum(logprobs)), len(logprobs))
-
-
 def router_metrics(y_true: Sequence[str], y_pred: Sequence[str], fallback_flags: Sequence[bool],
                    labels: Sequence[str] | None = None, texts: Sequence[str] | None = None) -> dict:
     """Classification metrics over adapter names plus the fallback rate (and mistakes).

@@ -265,17 +265,4 @@ class ClassifyTask(Task):
         return template.format(label=label, score=probs[label])
 
 
-def analyse(backbone, tasks: list[ClassifyTask], text: str, max_length: int = 128) -> dict:
-    """Run every classify adapter on ``text`` in ONE mixed-adapter forward pass.
-
-    Returns ``{adapter_name: {label: prob}}``.
-    """
-    if not tasks:
-        return {}
-    formatted = [t.format(text, max_length) for t in tasks]
-    states = backbone.pooled(formatted, [t.name for t in tasks], max_length)
-    return {t.name: dict(zip(t.labels, t.probs_from_states(s[None])[0].tolist()))
-            for t, s in zip(tasks, states)}
-
-
 register_task("classify", ClassifyTask)
