@@ -26,9 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException
 
 from ..engine import SamplingParams
+from ..engine.sampling import MAX_LOGPROBS
 from ..errors import BotError, ServeError
 from .embeddings import embed
 from .limits import Guard, error_type
+from .openapi import document
 from .replies import (
     DISCONNECT_POLL_S,
     ApiError,
@@ -81,6 +83,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = True  # the last chunk always carries usage here
 
 
+def _doc(**keywords) -> dict:
+    """JSON Schema keywords for /openapi.json only: the handler checks them, with its own message."""
+    return {"json_schema_extra": keywords}
+
+
 class Sampling(Structured):
     """Fields /v1/chat/completions and /v1/completions share (OpenAI's names, vLLM's extras).
 
@@ -91,33 +98,33 @@ class Sampling(Structured):
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, **_doc(minimum=1))
+    temperature: float | None = Field(None, **_doc(minimum=0, maximum=2))
+    top_p: float | None = Field(None, **_doc(exclusiveMinimum=0, maximum=1))
+    stop: str | list[str] | None = Field(None, **_doc(maxItems=4, maxLength=128))
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    n: int = 1
-    repetition_penalty: float | None = None  # vLLM's extra sampling parameter
+    n: int = Field(1, **_doc(enum=[1]))
+    repetition_penalty: float | None = Field(None, **_doc(minimum=0.5, maximum=2))  # vLLM's
     # OpenAI fields accepted only at their neutral value (else a 400 naming them)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, **_doc(enum=[0, None]))
+    frequency_penalty: float | None = Field(None, **_doc(enum=[0, None]))
+    logit_bias: dict[str, float] | None = Field(None, **_doc(maxProperties=0))
     user: str | None = None  # OpenAI's end-user id: accepted, not used or logged
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, **_doc(minimum=1))
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, **_doc(minimum=0, maximum=MAX_LOGPROBS))
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: bool = Field(False, **_doc(enum=[False]))
+    logprobs: int | None = Field(None, **_doc(minimum=0, maximum=MAX_LOGPROBS))
+    best_of: int | None = Field(None, **_doc(enum=[1, None]))
+    suffix: str | None = Field(None, **_doc(enum=["", None]))
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -142,7 +149,7 @@ WHY_NOT = {"presence_penalty": "use repetition_penalty (vLLM's) instead",
 
 
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     model: str
     input: str | list[str]
 
@@ -152,11 +159,12 @@ class EmbeddingRequest(BaseModel):
     model: str
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(None, description="only the model's own size is accepted")
     user: str | None = None  # OpenAI's end-user id: accepted, not used or logged
 
 
 class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     lora_name: str
     lora_path: str | None = None
 
@@ -205,6 +213,14 @@ def _bad_body(errors: list[dict]) -> ApiError:
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app serving ``state`` (backbone, adapters, router, scheduler)."""
     app = FastAPI(title="bot serve", docs_url=None, redoc_url=None, openapi_url=None)
+    spec = document({
+        "/v1/chat/completions": (ChatRequest, "chat reply (OpenAI)", True),
+        "/v1/completions": (CompletionRequest, "text completion (OpenAI legacy)", True),
+        "/v1/embeddings": (EmbeddingRequest, "embeddings (OpenAI)", False),
+        "/v1/classify": (ClassifyRequest, "label probabilities (vLLM)", False),
+        "/v1/load_lora_adapter": (LoadRequest, "load an adapter folder (vLLM)", False),
+        "/v1/unload_lora_adapter": (LoadRequest, "unload an adapter (vLLM)", False),
+    }, secured=bool(state.api_key))
     app.state.bot = state
     # blocking work (parsing, the chat template, waits on the scheduler) runs here, never on
     # the event loop; a wait may last as long as a request, so the pool is as deep as the queue
@@ -264,6 +280,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json")
+    async def openapi():
+        return spec
 
     @app.get("/v1/models")
     async def models():
