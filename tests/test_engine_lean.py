@@ -96,3 +96,26 @@ def test_removing_an_adapter_keeps_the_others_exact(bb):
     assert sched.generators == ["b"]
     assert sched.generate_ids(ids, "b", SamplingParams(max_tokens=6)) == before
     sched.close()
+
+
+def test_a_mixed_step_builds_each_bank_layouts_mask_once():
+    """The per-step mask is cached per bank layout (30 layers share one layout: one mask)."""
+    import torch
+
+    from bot.engine.lora import BankSet, LoraPlan
+
+    banks = BankSet([(6, 4, [0])], n_layers=3, device=torch.device("cpu"))
+    for layer in range(3):
+        for name in ("x", "y"):
+            bank = banks.banks[layer][0]
+            if bank is None:
+                from bot.engine.lora import LoraBank
+                bank = banks.banks[layer][0] = LoraBank(6, 4)
+            bank.add(name, [(0, torch.randn(2, 4), torch.randn(6, 2))], 0.5)
+    banks.adapters = {"x": 1, "y": 1}
+    plan = LoraPlan(banks, ["x", "y", None], {"x", "y"})
+    masks = [plan._mask(banks.banks[layer][0]) for layer in range(3)]
+    assert all(m is masks[0] for m in masks)  # built once, reused
+    assert len(plan._masks) == 1
+    assert masks[0][0, :2].tolist() == [0.5, 0.5] and masks[0][0, 2:].tolist() == [0.0, 0.0]
+    assert masks[0][2].abs().sum() == 0  # the base row gets no LoRA

@@ -240,8 +240,8 @@ class LoraPlan:
         key = bank.layout()
         if key not in self._masks:
             mask = None
-            for key, rows in self.rows.items():
-                parts = ((key, 1.0),) if isinstance(key, str) else key.parts
+            for who, rows in self.rows.items():  # an adapter name or a Mixture
+                parts = ((who, 1.0),) if isinstance(who, str) else who.parts
                 for name, weight in parts:
                     if name in bank.cols:
                         start, end, scale = bank.cols[name]
