@@ -186,3 +186,23 @@ def test_a_full_queue_refuses_all_prompts_and_keeps_none(tmp_path):
         r = post(srv, "/v1/completions", {"model": "a", "prompt": ["a", "b", "c"], "max_tokens": 2})
         assert_openai_error(r, 429, "limit 2")
         assert wait_until(lambda: state.scheduler.in_flight() == 0)
+
+
+@pytest.mark.parametrize("message,words,param", [
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+     ["'image_url'", "text parts only"], "messages.0.content"),
+    ({"role": "user", "content": "hi", "tool_calls": [{"id": "1"}]},
+     ["'tool_calls' is not supported"], "messages.0"),
+])
+def test_chat_message_parts_and_fields_it_cannot_use_are_400(server, message, words, param):
+    r = post(server, "/v1/chat/completions", {"model": "a", "max_tokens": 2, "messages": [message]})
+    assert_openai_error(r, 400, *words, param=param)
+
+
+def test_chat_accepts_the_null_fields_openais_own_replies_carry(server):
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "hello", "refusal": None, "tool_calls": None,
+                "function_call": None, "annotations": [], "name": "bot"},
+               {"role": "user", "content": "again"}]
+    r = post(server, "/v1/chat/completions", {"model": "a", "max_tokens": 2, "messages": history})
+    assert r.status_code == 200, r.text

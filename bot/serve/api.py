@@ -22,7 +22,14 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException
 
 from ..engine import SamplingParams
@@ -54,11 +61,12 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: Any = None
+    name: str | None = None  # OpenAI's participant name: accepted, not shown to the model
 
     @field_validator("content")
     @classmethod
     def _content(cls, value):
-        """A string, null, or OpenAI's content parts, whose text parts carry a string."""
+        """A string, null, or OpenAI's content parts, all of type text (this model reads text)."""
         if value is None or isinstance(value, str):
             return value
         if not isinstance(value, list):
@@ -67,10 +75,23 @@ class Message(BaseModel):
         for i, part in enumerate(value):
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise ValueError(f"content part {i} must be an object with a string 'type'")
-            if part["type"] == "text" and not isinstance(part.get("text"), str):
+            if part["type"] != "text":
+                raise ValueError(f"content part {i} has type {part['type'][:40]!r}; this server "
+                                 "reads text parts only. Fix: send the text")
+            if not isinstance(part.get("text"), str):
                 raise ValueError(f"content part {i} has type 'text' but its 'text' is "
                                  f"{type(part.get('text')).__name__}, not a string")
         return value
+
+    @model_validator(mode="after")
+    def _no_other_fields(self):
+        """Fields OpenAI's own reply objects carry as null (refusal, tool_calls...) may come
+        back with a conversation; set to anything else they are refused, never ignored."""
+        for key, value in (self.model_extra or {}).items():
+            if value not in (None, [], ""):
+                raise ValueError(f"message field '{key[:40]}' is not supported here (only role, "
+                                 "content and name). Fix: leave it out")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):  # OpenAI's content parts: keep the text ones
