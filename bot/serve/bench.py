@@ -753,6 +753,9 @@ def render_serve(result: dict) -> str:
         if rec.get("against"):
             lines += render_against(rec)
     lines += render_targets(result)
+    lines += ["", "Under a hostile mix of requests (issue 28: a 10,000-text classify, a 50 MB body, "
+              "slow clients and unknown models at once), `/health` latency and the longest gap in "
+              "a running stream: `reports/serve_load.md` (`python scripts/hostile_load_report.py`)."]
     return "\n".join(lines) + "\n"
 
 
