@@ -519,7 +519,7 @@ def _flags_merge(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("name", help="the new adapter's name (a new folder in --adapters-dir)")
     p.add_argument("--from", dest="sources", required=True, metavar="A:W,B:W",
-                   help="generation adapters and their weights, e.g. chat:0.5,assistant:0.5")
+                   help="generation adapters and their weights, e.g. chat:0.5,mine:0.5")
     p.add_argument("--method", choices=METHODS, default="linear",
                    help="peft's combination: linear (same ranks), cat (exactly the served "
                         "mixture), ties, dare_ties (default: %(default)s)")

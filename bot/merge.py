@@ -38,7 +38,7 @@ def parse_sources(text: str) -> list[tuple[str, float]]:
         return list(Mixture.parse(text.replace(",", "+")).parts)
     except ValueError as err:
         raise BotError(f"--from {text!r}: {err}. Fix: write it as NAME:WEIGHT,NAME:WEIGHT, e.g. "
-                       "chat:0.5,assistant:0.5") from None
+                       "chat:0.5,mine:0.5") from None
 
 
 def merge_adapters(backbone, adapters_dir, new: str, sources: list[tuple[str, float]],

@@ -315,7 +315,7 @@ def mixture(state: ServerState, model: str) -> Mixture:
         mix = Mixture.parse(model)
     except ValueError as err:
         raise FieldError(f"model '{_shown(model)}' is not a valid adapter mixture: {err}. "
-                         "Fix: write it as NAME:WEIGHT+NAME:WEIGHT, e.g. 'chat:0.7+assistant:0.3'",
+                         "Fix: write it as NAME:WEIGHT+NAME:WEIGHT, e.g. 'chat:0.7+mine:0.3'",
                          "model") from None
     served = state.scheduler.generators
     for name in mix.names:
