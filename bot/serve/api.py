@@ -549,7 +549,7 @@ async def _chat(state: ServerState, body: ChatRequest, request: Request, in_thre
                            "name a generation model, or use /v1/classify", param="model")
         return ready_reply(shape, plan.reply, headers, body.stream)
     return await generate(state, request, _jobs(state, [ids], asked, "messages"), plan.adapter,
-                          params, shape, headers, body.stream, "chat")
+                          params, shape, headers, body.stream, "chat", in_thread)
 
 
 async def _completions(state: ServerState, body: CompletionRequest, request: Request, in_thread):
@@ -568,7 +568,7 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
     shape = Shape(False, body.model, state.tokenizer, {"bot": {"adapter": adapter_name(adapter)}})
     headers = {"x-bot-adapter": adapter_name(adapter) or state.base_name}
     return await generate(state, request, _jobs(state, prompt_ids, asked, "prompt"), adapter,
-                          params, shape, headers, body.stream, "completions")
+                          params, shape, headers, body.stream, "completions", in_thread)
 
 
 def _texts(state: ServerState, value: str | list[str], field: str, split_fix: str,
