@@ -110,3 +110,16 @@ def test_a_text_over_the_context_is_400_before_the_engine(tmp_path):
         r = post(srv, "/v1/embeddings", {"model": "a", "input": ["ok", "y" * 300]})
         assert_openai_error(r, 400, "input text 1 has 300 tokens", "context limit of 256",
                             param="input")
+
+
+def test_router_encoder_tokens_are_counted_up_to_its_limit_on_a_private_tokenizer():
+    from types import SimpleNamespace
+
+    from conftest import make_tokenizer
+
+    from bot.serve import embeddings
+
+    tok = make_tokenizer()
+    encoder = SimpleNamespace(tokenizer=tok, max_seq_length=5)
+    assert embeddings._encoder_tokens(encoder, ["hello world", "hi"]) == 5 + 2  # a byte a token
+    assert embeddings._counters[id(encoder)][1] is not tok, "counted on the encoder's own tokenizer"

@@ -12,11 +12,34 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
 from ..engine.threads import off_engine
 from ..errors import UnknownModel
 from .state import FieldError, ServerState, _shown
 
 ROUTER_ENCODER = "router-encoder"
+_counters: dict[int, tuple[object, object]] = {}  # id(encoder) -> (encoder, its tokenizer's copy)
+_counter_lock = threading.Lock()
+
+
+def _encoder_tokens(encoder, texts: list[str]) -> int:
+    """Tokens the encoder reads of ``texts`` (at most its max_seq_length each).
+
+    Counted with a private copy of its tokenizer: a fast tokenizer keeps its truncation
+    setting as shared state, and a call without it could switch it off under the
+    encoder's own concurrent call.
+    """
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if tokenizer is None:  # (a test's stand-in encoder)
+        return 0
+    limit = getattr(encoder, "max_seq_length", None) or 128
+    with _counter_lock:
+        hit = _counters.get(id(encoder))
+        if hit is None or hit[0] is not encoder:
+            hit = _counters[id(encoder)] = (encoder, copy.deepcopy(tokenizer))
+        return sum(min(len(ids), limit) for ids in hit[1](texts)["input_ids"])
 
 
 def embedding_models(state: ServerState) -> list[str]:
@@ -31,11 +54,7 @@ def embed(state: ServerState, model: str, texts: list[str], cancelled=None) -> t
         encoder = state.router.encoder
         with off_engine():
             vectors = encoder.encode(texts, normalize_embeddings=True)
-        limit = getattr(encoder, "max_seq_length", None) or 128
-        tokenizer = getattr(encoder, "tokenizer", None)  # (a test's stand-in has none)
-        tokens = 0 if tokenizer is None else sum(
-            min(len(ids), limit) for ids in tokenizer(texts)["input_ids"])
-        return [list(map(float, v)) for v in vectors], tokens
+        return [list(map(float, v)) for v in vectors], _encoder_tokens(encoder, texts)
     if model not in embedding_models(state):
         raise UnknownModel(f"model '{_shown(model)}' cannot embed: it does not exist; "
                            f"embedding models: {embedding_models(state)}")
