@@ -254,9 +254,10 @@ def cmd_rm(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge_adapters, parse_sources
+    from .merge import check_merge, merge_adapters, parse_sources
 
     sources = parse_sources(args.sources)
+    check_merge(args.adapters_dir, args.name, sources, args.method, args.density)  # before loading
     folder = merge_adapters(_backbone(args), args.adapters_dir, args.name, sources,
                             method=args.method, density=args.density, seed=args.seed)
     print(f"wrote {folder} ({args.method} merge of {args.sources}); serve it with `bot serve` "

@@ -41,14 +41,13 @@ def parse_sources(text: str) -> list[tuple[str, float]]:
                        "chat:0.5,mine:0.5") from None
 
 
-def merge_adapters(backbone, adapters_dir, new: str, sources: list[tuple[str, float]],
-                   method: str = "linear", density: float = 0.5, seed: int = 0) -> Path:
-    """Merge generation adapters ``sources`` into ``adapters_dir/new``; returns the folder.
+def check_merge(adapters_dir, new: str, sources: list[tuple[str, float]], method: str = "linear",
+                density: float = 0.5) -> list[AdapterSpec]:
+    """Everything about a merge that can be checked without the backbone; the sources' specs.
 
     Raises:
-        BotError: a bad name or method, a source that is missing or not a generation
-            adapter, ``new`` already existing, or peft refusing the merge (e.g. ``linear``
-            over different ranks); nothing is written then.
+        BotError: a bad name or method, fewer than two sources, one that is missing or not a
+            generation adapter, or ``new`` existing already.
     """
     check_adapter_name(new, "bot merge NEW")
     if method not in METHODS:
@@ -57,18 +56,32 @@ def merge_adapters(backbone, adapters_dir, new: str, sources: list[tuple[str, fl
         raise BotError(f"--density must be in (0, 1], got {density}")
     if len(sources) < 2:
         raise BotError("--from needs at least two adapters to merge")
-    adapters_dir = Path(adapters_dir)
-    dest = adapters_dir / new
+    dest = Path(adapters_dir) / new
     if dest.exists() or new in [n for n, _ in sources]:
         raise BotError(f"{dest} exists already. Fix: pick another name (or `bot rm {new}` first)")
     specs = []
     for name, _ in sources:
-        spec = AdapterSpec.from_dir(adapters_dir / name)
+        spec = AdapterSpec.from_dir(Path(adapters_dir) / name)
         if spec.kind != "generate":
             raise BotError(f"'{name}' is a {spec.kind} adapter; only generation adapters merge "
                            "(a classify adapter's head would not carry over)")
-        backbone.load_adapter(name, adapters_dir / name, spec.backbone.get("fingerprint"))
         specs.append(spec)
+    return specs
+
+
+def merge_adapters(backbone, adapters_dir, new: str, sources: list[tuple[str, float]],
+                   method: str = "linear", density: float = 0.5, seed: int = 0) -> Path:
+    """Merge generation adapters ``sources`` into ``adapters_dir/new``; returns the folder.
+
+    Raises:
+        BotError: what :func:`check_merge` refuses, or peft refusing the merge (e.g.
+            ``linear`` over different ranks); nothing is written then.
+    """
+    specs = check_merge(adapters_dir, new, sources, method, density)
+    adapters_dir = Path(adapters_dir)
+    dest = adapters_dir / new
+    for spec in specs:
+        backbone.load_adapter(spec.name, adapters_dir / spec.name, spec.backbone.get("fingerprint"))
     names, weights = [n for n, _ in sources], [w for _, w in sources]
     extra = {"density": density} if method in ("ties", "dare_ties") else {}
     torch.manual_seed(seed)  # dare_ties drops at random

@@ -206,3 +206,20 @@ def test_bad_mixtures_are_refused_naming_model(mix_server, model, status, words)
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
         r = post(mix_server, path, {"model": model, "max_tokens": 2, **body})
         assert_openai_error(r, status, *words, param="model")
+
+
+def test_the_cli_refuses_a_bad_merge_before_loading_the_backbone(tmp_path, capsys, monkeypatch):
+    import bot.cli as cli
+
+    def no_backbone(args):
+        raise AssertionError("the backbone was loaded for a merge that cannot run")
+
+    monkeypatch.setattr(cli, "_backbone", no_backbone)
+    AdapterSpec.from_dict({"name": "a", "kind": "generate"}, tmp_path / "a" / "adapter.yaml"
+                          ).save(tmp_path / "a")
+    for argv, words in ((["n", "--from", "a:0.5,zz:0.5"], "does not exist"),
+                        (["n", "--from", "a:0.5,b"], "--from"),
+                        (["a", "--from", "a:0.5,b:0.5"], "exists already"),
+                        (["n", "--from", "a:1"], "at least two")):
+        assert cli.main(["merge", *argv, "--adapters-dir", str(tmp_path)]) == 2
+        assert words in capsys.readouterr().err
