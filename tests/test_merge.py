@@ -223,3 +223,23 @@ def test_the_cli_refuses_a_bad_merge_before_loading_the_backbone(tmp_path, capsy
                         (["n", "--from", "a:1"], "at least two")):
         assert cli.main(["merge", *argv, "--adapters-dir", str(tmp_path)]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_the_transformers_fallback_refuses_a_mixture_and_serves_its_adapters():
+    from conftest import make_tiny_family, make_tokenizer
+
+    from bot.backbone import Backbone
+    from bot.errors import ServeError
+
+    bb = Backbone.from_model(make_tiny_family("gpt2"), make_tokenizer(), name="tiny-gpt2")
+    for name in ("a", "b"):
+        bb.add_adapter(name, LoraConfig(r=2, init_lora_weights=False, target_modules=["c_attn"],
+                                        fan_in_fan_out=True))
+    sched = engine(bb)
+    try:
+        assert sched.runner.name == "transformers"
+        assert len(greedy(sched, PROMPTS[0], "a", n=3)) == 3
+        with pytest.raises(ServeError, match="mixtures need the lean engine"):
+            greedy(sched, PROMPTS[0], Mixture((("a", 0.5), ("b", 0.5))))
+    finally:
+        sched.close()
