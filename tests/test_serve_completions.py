@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import httpx
 import openai
@@ -182,10 +183,16 @@ def test_a_client_that_leaves_frees_every_row(tmp_path, monkeypatch, stream):
 
 def test_a_full_queue_refuses_all_prompts_and_keeps_none(tmp_path):
     state = make_state(tmp_path, max_queue=2)
+    gate = threading.Event()
     with BackgroundServer(state) as srv:
+        holder = threading.Thread(target=state.scheduler.call, args=(gate.wait,))
+        holder.start()  # the engine answers nothing meanwhile: the first two stay queued
         r = post(srv, "/v1/completions", {"model": "a", "prompt": ["a", "b", "c"], "max_tokens": 2})
+        gate.set()
+        holder.join(30)
         assert_openai_error(r, 429, "limit 2")
         assert wait_until(lambda: state.scheduler.in_flight() == 0)
+        assert metric(srv, "bot_generated_tokens_total") == 0, "a refused prompt was decoded"
 
 
 @pytest.mark.parametrize("message,words,param", [
