@@ -1,8 +1,10 @@
-"""Per-token cost of a structured-output mask on the backbone's vocabulary: llguidance vs xgrammar.
+"""Per-token cost of a structured-output mask on the backbone's vocabulary: llguidance vs
+xgrammar vs outlines-core.
 
 Issue 27 item 1 (the choice in bot/engine/grammar.py). Walks a fixed 28-token JSON reply
-through each library's matcher and times the mask computation before every token.
-xgrammar is not a dependency: install it to compare (``pip install xgrammar``).
+through each library's matcher and times the mask computation before every token, and
+times what each needs per schema before the first token. xgrammar and outlines-core are
+not dependencies: install them to compare (``pip install xgrammar outlines-core``).
 
     nice -n 19 .venv/bin/python scripts/grammar_mask_cost.py
 """
@@ -58,6 +60,7 @@ def main() -> None:
         assert matcher.consume_token(i), matcher.get_error()
     report("llguidance " + version("llguidance"), setup, compile_s, times)
 
+    outlines(tok, ids)
     try:
         import xgrammar as xgr
     except ImportError:
@@ -78,6 +81,36 @@ def main() -> None:
         times.append(time.perf_counter() - t)
         assert xm.accept_token(i), i
     report("xgrammar " + version("xgrammar"), setup, compile_s, times)
+
+
+def outlines(tok, ids: list[int]) -> None:
+    """outlines-core: a token-level index per schema (built from the raw vocabulary strings)."""
+    try:
+        from outlines_core import Guide, Index, Vocabulary
+        from outlines_core.json_schema import build_regex_from_schema
+    except ImportError:
+        print("outlines-core: not installed (pip install outlines-core to compare)")
+        return
+    eos = tok.eos_token_id
+    mapping: dict[str, list[int]] = {}
+    for token, i in tok.get_vocab().items():
+        if i != eos:
+            mapping.setdefault(token, []).append(i)
+    t = time.perf_counter()
+    vocab = Vocabulary(eos, mapping)
+    setup = time.perf_counter() - t
+    t = time.perf_counter()
+    guide = Guide(Index(build_regex_from_schema(json.dumps(SCHEMA)), vocab))
+    compile_s = time.perf_counter() - t
+    times = []
+    for i in ids:
+        t = time.perf_counter()
+        allowed = guide.get_tokens()
+        times.append(time.perf_counter() - t)
+        if i not in allowed:  # (its regex for JSON differs in whitespace from the reply)
+            break
+        guide.advance(i)
+    report("outlines-core " + version("outlines-core"), setup, compile_s, times)
 
 
 if __name__ == "__main__":
