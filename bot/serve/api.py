@@ -285,7 +285,7 @@ def create_app(state: ServerState) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "error")
         message = str(err.detail)
         if err.status_code == 404:
-            message = f"no endpoint {req.url.path[:100]}; see README 'Serve' for the endpoints"
+            message = f"no endpoint {req.url.path[:100]}; see docs/api.md for the endpoints"
         elif err.status_code == 405:
             allowed = (err.headers or {}).get("Allow", "")
             message = f"{req.method} is not allowed on {req.url.path}; use {allowed or 'another method'}"
