@@ -344,11 +344,17 @@ class Scheduler(BlockingCalls):
         with torch.inference_mode():
             self._run()
 
+    def _busy(self) -> bool:
+        return bool(self._stop or self._jobs or self._classify or self._waiting or self._active)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stop or self._jobs or self._classify or self._waiting
-                           or self._active):
+                idle = not self._busy()
+            if idle:  # give the OpenMP team back while waiting: another engine (a second
+                release_pool()  # Scheduler, a benchmark's) or thread may run torch work now
+            with self._cond:
+                while not self._busy():
                     self._cond.wait()
                 if self._stop:
                     self._fail_all("the server is shutting down")
