@@ -350,11 +350,8 @@ class Scheduler(BlockingCalls):
     def _run(self) -> None:
         while True:
             with self._cond:
-                idle = not self._busy()
-            if idle:  # give the OpenMP team back while waiting: another engine (a second
-                release_pool()  # Scheduler, a benchmark's) or thread may run torch work now
-            with self._cond:
-                while not self._busy():
+                while not self._busy():  # idle: give the OpenMP team back (threads.py), another
+                    release_pool()  # engine (a benchmark's, a library one) may decode now
                     self._cond.wait()
                 if self._stop:
                     self._fail_all("the server is shutting down")
