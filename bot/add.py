@@ -80,11 +80,12 @@ def scaffold(name: str, source: Path, kind: str = "classify", text_col="text", l
         lora = LoraSettings()
         template = ""
     examples = rng.sample(texts, min(8, len(texts)))
-    # small sets get more passes; big ones one pass (keeps `bot train` within minutes)
-    epochs = 3.0 if len(rows) < 1000 else 1.0
+    # classify: epochs chosen from the data (stopping.auto_epochs), ended early by validation
+    # and the time budget; generate: small sets get more passes, big ones one
+    epochs = None if kind == "classify" else 3.0 if len(rows) < 1000 else 1.0
     return AdapterSpec(name=name, kind=kind, labels=labels, data=data, template=template,
                        description=description or f"{kind} adapter trained on {source.name}",
-                       lora=lora, train=TrainSettings(epochs=epochs, max_examples=8000),
+                       lora=lora, train=TrainSettings(epochs=epochs),
                        route_examples=[e[:300] for e in examples],
                        reply_template="**{label}** ({score:.2f})" if kind == "classify" else "")
 

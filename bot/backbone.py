@@ -255,6 +255,44 @@ class _PaddedTokenizer:
             return prompt
         return template.format(text=self.decode(ids[:budget]))
 
+    def windows(self, template: str, text: str, max_length: int, max_windows: int) -> list[str]:
+        """``text`` as up to ``max_windows`` prompts of ``max_length`` tokens that cover it whole.
+
+        A text that fits gives one prompt, the same as ``fit_template``. A longer one is cut
+        into windows of its own tokens that overlap by a quarter (so a sentence cut at one
+        window's edge is read whole by the next), each wrapped in the template. The windows
+        are sliced from the original string by the tokenizer's character offsets, so no
+        text is re-spelt by decoding. A text needing more windows keeps its first
+        ``max_windows`` (they cover the start, where news and reviews put their point);
+        ``max_windows=1`` is ``fit_template``.
+        """
+        prompt = template.format(text=text)
+        if max_windows <= 1 or len(prompt.encode("utf-8")) + 2 <= max_length:
+            return [self.fit_template(template, text, max_length)]
+        if template not in self._overhead:
+            self._overhead[template] = len(self.ids(template.format(text=""))) + 2
+        size = max_length - self._overhead[template]
+        with self.lock:
+            tok = self._private()
+            fast = getattr(tok, "is_fast", False)  # a slow tokenizer has no offsets: decode
+            enc = tok(text, add_special_tokens=False, truncation=False, return_offsets_mapping=fast)
+        ids, spans = enc["input_ids"], enc.get("offset_mapping")
+        if size <= 0 or len(ids) <= size:
+            return [prompt]
+        stride = max(1, size - size // WINDOW_OVERLAP)
+        out = []
+        for start in range(0, len(ids), stride):
+            end = min(start + size, len(ids))
+            piece = (text[spans[start][0]:spans[end - 1][1]] if spans is not None
+                     else self.decode(ids[start:end]))
+            out.append(template.format(text=piece))
+            if end == len(ids) or len(out) == max_windows:
+                break
+        return out
+
+
+WINDOW_OVERLAP = 4  # windows overlap by 1/WINDOW_OVERLAP of their tokens
+
 
 class Backbone:
     """A causal LM loaded once, holding named LoRA adapters.
@@ -276,6 +314,8 @@ class Backbone:
         self.peft = None  # a peft.PeftModel wrapping self.base, once an adapter exists
         self.lock = threading.RLock()
         self._padded = _PaddedTokenizer(self.tokenizer)  # see encode
+        # classify prompts: a long text cut to fit, or read whole as windows (_PaddedTokenizer)
+        self.fit_template, self.windows = self._padded.fit_template, self._padded.windows
         self.fingerprint, self._legacy_fingerprint = fingerprint or _fingerprints(info.name, self.base)
         self._engine = None
         self.load_in = "fp32" if self.base.dtype == torch.float32 else "bf16"
@@ -459,10 +499,6 @@ class Backbone:
         to create tensor"), so padded batches use a private copy, one at a time.
         """
         return to_device(self._padded(texts, max_length), self.device)
-
-    def fit_template(self, template: str, text: str, max_length: int) -> str:
-        """The prompt for ``text`` in ``max_length`` tokens, ending intact (``_PaddedTokenizer.fit_template``)."""
-        return self._padded.fit_template(template, text, max_length)
 
     def forward(self, batch: dict, adapters: list[str | None] | str | None, **kwargs):
         """Run the model once; row ``i`` uses adapter ``adapters[i]`` (None = base)."""

@@ -54,7 +54,8 @@ def cmd_train(args) -> int:
     from .train import reevaluate_adapter, time_cache, train_adapter
 
     # every check before the slow part: values, manifest, and no other run on this adapter
-    check_run_values(epochs=args.epochs, max_examples=args.max_examples, eval_examples=args.eval_examples)
+    check_run_values(epochs=args.epochs, max_examples=args.max_examples, eval_examples=args.eval_examples,
+                     budget=args.budget)
     check_adapter_name(args.name, "bot train NAME")
     # the training path taken (cached or not, and why) is logged by bot.tasks
     torch.set_num_threads(_training_threads())
@@ -97,7 +98,7 @@ def cmd_train(args) -> int:
             return 0
         metrics = train_adapter(spec, bb, folder, epochs=args.epochs, max_examples=args.max_examples,
                                 eval_examples=args.eval_examples, command=args.command_line,
-                                parallel=parallel)
+                                parallel=parallel, budget_minutes=args.budget)
     if not parallel.is_main:
         return 0
     print(_summary(metrics))
@@ -158,7 +159,9 @@ def _summary(m: dict) -> str:
         score = f"held-out perplexity {h['ppl_base']:.2f} (base) -> {h['ppl_adapter']:.2f} (adapter), {h['ppl_change']:+.1%}"
     else:
         score = ", ".join(f"{view} accuracy {v['accuracy']:.1%} (n={v['n']})" for view, v in h.items())
-    return f"{m['adapter']}: {score}; trained {m['train_seconds']:.0f}s on {m['examples_seen']} examples"
+    stopped = f" (stopped: {m['stop_reason']})" if m.get("stop_reason") else ""
+    return (f"{m['adapter']}: {score}; trained {m['train_seconds']:.0f}s on {m['examples_seen']} "
+            f"examples{stopped}")
 
 
 def cmd_list(args) -> int:
@@ -459,8 +462,13 @@ def _curve_sizes(text: str) -> str:
 # ------------------------------------------------------------------ the CLI table
 def _flags_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("name")
-    p.add_argument("--epochs", type=float, help="override train.epochs")
-    p.add_argument("--max-examples", type=int, help="cap the training examples (quick runs)")
+    p.add_argument("--epochs", type=float,
+                   help="override train.epochs, the most passes (classify training stops earlier once "
+                        "the validation score stops improving: train.patience checks)")
+    p.add_argument("--budget", type=float, metavar="MINUTES",
+                   help="classify: wall-clock minutes training may take (default train.budget_minutes, "
+                        "20); the learning-rate schedule is fitted to it and the ETA shown against it")
+    p.add_argument("--max-examples", type=int, help="cap the training examples (quick runs; the cap is printed)")
     p.add_argument("--eval-examples", type=int, default=1000, help="held-out examples scored (default 1000)")
     p.add_argument("--eval-only", action="store_true",
                    help="do not train: re-score the saved adapter on its held-out split and update metrics.json")

@@ -39,6 +39,8 @@ _NAME = re.compile(NAME_PATTERN)
 # Bounds on manifest values (docs/adding-a-task.md lists them). They are generous:
 # they only catch typos and values that would run for ever or exhaust memory.
 MAX_EPOCHS = 100
+MAX_BUDGET_MINUTES = 7 * 24 * 60
+MAX_WINDOWS = 64
 MAX_RANK = 512
 MAX_BATCH = 4096
 MAX_LENGTH = 131072  # also capped by the backbone's own context when training
@@ -90,8 +92,11 @@ def check_template(value, where: str, key: str) -> None:
 
 
 def check_run_values(*, epochs: float | None = None, max_examples: int | None = None,
-                     eval_examples: int | None = None) -> None:
+                     eval_examples: int | None = None, budget: float | None = None) -> None:
     """Refuse out-of-range `bot train` overrides before any work starts."""
+    if budget is not None and not (_finite(budget) and 0 < budget <= MAX_BUDGET_MINUTES):
+        raise SpecError(f"--budget must be a number of minutes in (0, {MAX_BUDGET_MINUTES}], got "
+                        f"{budget!r}. Fix: pass e.g. --budget 20")
     if epochs is not None and not (_finite(epochs) and 0 < epochs <= MAX_EPOCHS):
         raise SpecError(f"--epochs must be a finite number in (0, {MAX_EPOCHS}], got {epochs!r}. "
                         "Fix: pass e.g. --epochs 1 (fractions such as 0.5 are allowed)")
@@ -157,8 +162,10 @@ def _repeat_count(n) -> bool:
 
 @dataclass
 class TrainSettings:
-    epochs: float = 1.0
-    """Passes over the training split (fractions allowed)."""
+    epochs: float | None = 1.0
+    """Most passes over the training split (fractions allowed); null = chosen from the numbers
+    of examples and labels (``bot.tasks.stopping.auto_epochs``). Classify training stops
+    earlier once the validation score stops improving, or when the budget is spent."""
     learning_rate: float = 2e-4
     """AdamW peak learning rate (linear warm-up then decay)."""
     batch_size: int = 16
@@ -171,6 +178,15 @@ class TrainSettings:
     """Cap on training examples (None = the whole training split)."""
     head_lr: float = 1e-3
     """Learning rate for a classification head."""
+    patience: int = 3
+    """Classify: validation checks in a row without a better score before training stops
+    (the best checkpoint is kept); 0 = never stop early."""
+    budget_minutes: float = 20.0
+    """Classify: wall-clock minutes training may take (the frozen-layer cache and validation
+    included); the learning-rate schedule is fitted to it once the step time is known."""
+    max_windows: int = 8
+    """Classify: a text longer than ``max_length`` is read as up to this many overlapping
+    windows, their predictions pooled (1 = cut the text to fit, as before)."""
     view_repeats: int | dict[str, int] = 1
     """Times each extra view of a row (a BBC headline) is trained on per epoch (classify):
     one number for every view, or ``{view: times}`` (a view not named: once; 0: the view
@@ -183,8 +199,17 @@ class TrainSettings:
         return self.view_repeats
 
     def check(self, where: str) -> None:
-        _require(_finite(self.epochs) and 0 < self.epochs <= MAX_EPOCHS, where, "train.epochs",
-                 f"a finite number in (0, {MAX_EPOCHS}]", self.epochs)
+        _require(self.epochs is None or (_finite(self.epochs) and 0 < self.epochs <= MAX_EPOCHS),
+                 where, "train.epochs", f"null (automatic) or a finite number in (0, {MAX_EPOCHS}]",
+                 self.epochs)
+        _require(isinstance(self.patience, int) and not isinstance(self.patience, bool)
+                 and 0 <= self.patience <= 1000, where, "train.patience",
+                 "an integer in [0, 1000] (0 = never stop early)", self.patience)
+        _require(_finite(self.budget_minutes) and 0 < self.budget_minutes <= MAX_BUDGET_MINUTES, where,
+                 "train.budget_minutes", f"a finite number in (0, {MAX_BUDGET_MINUTES}]", self.budget_minutes)
+        _require(isinstance(self.max_windows, int) and not isinstance(self.max_windows, bool)
+                 and 1 <= self.max_windows <= MAX_WINDOWS, where, "train.max_windows",
+                 f"an integer in [1, {MAX_WINDOWS}] (1 = cut long texts)", self.max_windows)
         for key in ("learning_rate", "head_lr"):
             value = getattr(self, key)
             _require(_finite(value) and 0 < value <= MAX_LR, where, f"train.{key}",

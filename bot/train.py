@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
 CHECK_N = 100  # the integration test re-measures the first CHECK_N held-out examples
+STOP_KEYS = ("stop_reason", "epochs_run", "budget_minutes", "patience", "check_every_steps",
+             "planned_steps", "best_step", "best_val_accuracy", "validation", "val_rows", "train_items")
 PATH_KEYS = ("path", "path_reason", "epoch_seconds", "cache_seconds", "cache_mb", "cache_where")
 
 
@@ -45,6 +47,8 @@ def training_rows(spec: AdapterSpec, max_examples: int | None = None):
     cap = max_examples or spec.train.max_examples
     if cap and len(splits.train) > cap:
         rng = random.Random(spec.train.seed)
+        log.warning("%s: training on %d of the %d training examples (capped by %s)", where, cap,
+                    len(splits.train), "--max-examples" if max_examples else "train.max_examples")
         splits.train = rng.sample(splits.train, cap)
     splits.train = splits.train + extra_training_rows(spec)
     return spec, splits
@@ -64,7 +68,7 @@ def extra_training_rows(spec: AdapterSpec) -> list[dict]:
 
 def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: float | None = None,
                   max_examples: int | None = None, eval_examples: int | None = 1000,
-                  command: str = "", parallel=None) -> dict:
+                  command: str = "", parallel=None, budget_minutes: float | None = None) -> dict:
     """Train ``spec`` on ``backbone`` and write the adapter folder ``out_dir`` atomically.
 
     Nothing is written to ``out_dir`` until training and evaluation have finished, so a
@@ -74,11 +78,15 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
         parallel: a bot.parallel.Parallel: data-parallel processes and gradient
             accumulation (None = this process alone). Only the main process evaluates
             and saves; the others return their training figures.
+        budget_minutes: classify training's time budget (default ``train.budget_minutes``).
 
     Returns:
         the metrics dict also written to ``metrics.json``.
     """
-    check_run_values(epochs=epochs, max_examples=max_examples, eval_examples=eval_examples)
+    check_run_values(epochs=epochs, max_examples=max_examples, eval_examples=eval_examples,
+                     budget=budget_minutes)
+    if budget_minutes is not None:
+        spec = spec.replace(train=dataclasses.replace(spec.train, budget_minutes=budget_minutes))
     check_context(spec, backbone)
     # with several processes only the main one locks: it alone evaluates and saves
     main_process = parallel is None or parallel.is_main
@@ -114,7 +122,12 @@ def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command
         raise SpecError(f"{_manifest(spec)}: key 'lora.target_modules': {err}") from err
     task = task_class(spec.kind)(spec, backbone)
     t0 = time.perf_counter()
-    stats = task.fit(splits.train, epochs, spec.train.seed, parallel=parallel)
+    if spec.kind == "classify":  # stops when the validation score stops improving
+        stats = task.fit(splits.train, epochs, spec.train.seed, parallel=parallel, val_rows=splits.val)
+    else:  # generation: the planned epochs (automatic = one pass)
+        stats = task.fit(splits.train, 1.0 if epochs is None else epochs, spec.train.seed,
+                         parallel=parallel)
+    epochs = stats.get("epochs_planned", epochs)
     train_seconds = time.perf_counter() - t0
     if parallel is not None and not parallel.is_main:
         return {"adapter": spec.name, "steps": stats["steps"], "process": parallel.rank}
@@ -132,6 +145,7 @@ def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command
         "examples_seen": stats["examples_seen"], "steps": stats["steps"], "epochs": epochs,
         "final_loss": stats["final_loss"], "loss_curve": stats["losses"],
         "train_path": {k: stats[k] for k in PATH_KEYS if k in stats},
+        **{k: stats[k] for k in STOP_KEYS if k in stats},
         "seed": spec.train.seed, "command": command, "backbone": spec.backbone,
         "machine": machine(), "device": str(backbone.device), "weights": backbone.load_in,
         "processes": parallel.world if parallel else 1,

@@ -281,23 +281,23 @@ def test_classify_task_prompts_keep_their_ending(tiny_backbone):
     from bot.tasks.classify import ClassifyTask
 
     spec = AdapterSpec.from_dict({"name": "topic", "kind": "classify", "labels": ["a", "b"],
-                                  "template": TEMPLATE, "train": {"max_length": 96}})
+                                  "template": TEMPLATE, "train": {"max_length": 96, "max_windows": 1}})
     task = ClassifyTask(spec, tiny_backbone)
-    items = task._items([{"text": "word " * 200, "label": "a", "views": {"headline": "short one"}}])
+    items, _ = task._items([{"text": "word " * 200, "label": "a", "views": {"headline": "short one"}}])
     assert [t.endswith("Topic:") for t, _ in items] == [True, True]
     assert len(tiny_backbone.tokenizer(items[0][0])["input_ids"]) <= 96
     spec.train.view_repeats = 3
-    items = task._items([{"text": "an article", "label": "b", "views": {"headline": "short one"}}])
+    items, _ = task._items([{"text": "an article", "label": "b", "views": {"headline": "short one"}}])
     assert [label for _, label in items] == [1, 1, 1, 1]
     assert [t.count("short one") for t, _ in items] == [0, 1, 1, 1]
     # per view: headline twice, lede once, any view not named once
     spec.train.view_repeats = {"headline": 2, "lede": 1}
     row = {"text": "an article", "label": "a", "views": {"headline": "short one", "lede": "first line",
                                                          "other": "third"}}
-    items = task._items([row])
+    items, _ = task._items([row])
     assert [sum(v in t for t, _ in items) for v in ("short one", "first line", "third")] == [2, 1, 1]
     spec.train.view_repeats = {"lede": 0}  # evaluated only
-    items = task._items([row])
+    items, _ = task._items([row])
     assert [sum(v in t for t, _ in items) for v in ("short one", "first line", "third")] == [1, 0, 1]
 
 

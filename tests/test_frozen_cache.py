@@ -37,7 +37,8 @@ def task_on_fresh_backbone(layers=(2, 3), dtype=torch.float32, dropout=0.05):
     spec = AdapterSpec.from_dict({
         "name": "pets", "kind": "classify", "labels": ["cat", "dog"],
         "lora": {"r": 4, "dropout": dropout, "layers": list(layers) if layers else None},
-        "train": {"batch_size": 8, "learning_rate": 0.003, "head_lr": 0.03, "max_length": 40},
+        "train": {"batch_size": 8, "learning_rate": 0.003, "head_lr": 0.03, "max_length": 40,
+                  "max_windows": 1},  # texts cut to fit: item counts below assume one per text
     })
     torch.manual_seed(0)
     bb.add_adapter("pets", spec.lora.to_peft(4))
@@ -71,7 +72,7 @@ def test_cache_keeps_each_distinct_prompt_once_and_still_matches_uncached():
         task = task_on_fresh_backbone(dropout=0.0)
         task.spec.train.view_repeats = 3
         results[cache] = task.fit(data, 1.0, seed=0, cache=cache)
-    items = task._items(data)
+    items, _ = task._items(data)
     distinct = {t for t, _ in items}
     assert len(items) == 32 + 3 * 11 and len(distinct) < len(items)
     lengths = task._batches(items, 0)[1]

@@ -100,7 +100,7 @@ def test_crash_mid_training_leaves_previous_adapter_loadable(tmp_path, monkeypat
         args[4] = boom
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("bot.tasks.classify.optimise", crashing)
+    monkeypatch.setattr("bot.tasks.classify_training.optimise", crashing)
     with pytest.raises(KeyboardInterrupt):
         train_adapter(AdapterSpec.from_dir(spec.folder), bb, spec.folder)
     assert sorted(p.name for p in spec.folder.iterdir()) == before

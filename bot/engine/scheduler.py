@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import QueueFull, ServeError, UnknownModel
+from ..tasks.pooling import pool_windows
 from .lean import Segment
 from .lora import Mixture, adapter_names
 from .runner import make_runner
@@ -618,15 +619,25 @@ def eos_ids(backbone) -> set[int]:
 
 def classify_now(backbone, classifiers: dict, texts: list[str], adapters: list[str],
                  max_length: int = 256, chunk: int = 32) -> list[dict[str, float]]:
-    """One mixed-adapter pass per chunk: row i runs ``adapters[i]`` on ``texts[i]``."""
+    """One mixed-adapter pass per chunk: text i runs ``adapters[i]``.
+
+    A text longer than its adapter's ``max_length`` is read whole: its windows run as rows
+    like any other, and ``pool_windows`` combines them (as ``ClassifyTask.predict`` does).
+    """
+    rows = [(i, p) for i, (x, n) in enumerate(zip(texts, adapters, strict=True))
+            for p in classifiers[n].prompts(x, max_length)]
+    log_probs: list = [None] * len(rows)
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        names = [adapters[i] for i, _ in part]
+        states = backbone.pooled([p for _, p in part], names, max_length)
+        for j, (name, s) in enumerate(zip(names, states)):
+            log_probs[start + j] = classifiers[name].log_probs_from_states(s[None])[0]
     out = []
-    for start in range(0, len(texts), chunk):
-        names = adapters[start:start + chunk]
-        tasks = [classifiers[n] for n in names]
-        formatted = [t.format(x, max_length) for t, x in zip(tasks, texts[start:start + chunk])]
-        states = backbone.pooled(formatted, names, max_length)
-        out += [dict(zip(t.labels, t.probs_from_states(s[None])[0].tolist()))
-                for t, s in zip(tasks, states)]
+    for i, name in enumerate(adapters):
+        mine = [lp for (owner, _), lp in zip(rows, log_probs) if owner == i]
+        pooled = pool_windows(torch.stack(mine), [0] * len(mine))[0].exp()
+        out.append(dict(zip(classifiers[name].labels, pooled.tolist())))
     return out
 
 

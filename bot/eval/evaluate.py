@@ -380,7 +380,7 @@ def learning_curve(spec: AdapterSpec, bb, sizes: list, max_examples: int | None)
         name = f"{spec.name[:48]}-curve{n}"  # within the 64-character name rule
         cspec = spec.replace(name=name)
         # at least ~40 optimiser steps even on tiny subsets, so small n is not just undertrained
-        epochs = max(spec.train.epochs, 40 * spec.train.batch_size / max(1, n))
+        epochs = max(spec.train.epochs or 1.0, 40 * spec.train.batch_size / max(1, n))
         bb.drop_adapter(name)
         torch.manual_seed(spec.train.seed)
         bb.add_adapter(name, spec.lora.to_peft(model=bb.base))

@@ -57,7 +57,7 @@ def lora_parameters(backbone, name: str) -> list[torch.nn.Parameter]:
 
 def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, epochs: float,
              desc: str, log_every: int = 1, *, modules: list | None = None, weight=None,
-             parallel=None) -> dict:
+             parallel=None, stopper=None) -> dict:
     """AdamW with linear warm-up (6 %) and linear decay; a tqdm bar shows loss and ETA.
 
     Args:
@@ -68,8 +68,10 @@ def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, ep
         weight: ``item -> its share of a batch's loss`` (default 1 per item); micro-batches
             are weighted by it, so accumulation and data parallelism keep the loss exact.
         parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
+        stopper: a bot.tasks.stopping.Stopper: validation checks, patience and the time
+            budget (the schedule is fitted to it); the best checkpoint is restored at the end.
     Returns:
-        {"steps", "seconds", "final_loss", "losses"}.
+        {"steps", "seconds", "final_loss", "losses"}, and with a stopper its ``summary()``.
     """
     from ..parallel import LossModule, Parallel
 
@@ -79,8 +81,11 @@ def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, ep
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, int(0.06 * total))
+    plan = {"total": total}  # the schedule's length: the budget may shorten it
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+        opt, lambda s: min((s + 1) / warm, max(0.0, (plan["total"] - s) / max(1, plan["total"] - warm))))
+    if stopper is not None:
+        stopper.planned_steps = total
     # fp16 autocast (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(backbone.device.type,
                                   enabled=backbone.compute_dtype == torch.float16)
@@ -91,9 +96,10 @@ def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, ep
         with backbone.lock:
             backbone.peft.set_adapter(name)
             model = parallel.wrap(LossModule([backbone.peft, *(modules or [])], loss_fn), params)
-            bar = tqdm(range(total), desc=desc, unit="step", dynamic_ncols=True,
+            bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True,
                        disable=not parallel.is_main)
-            for step in bar:
+            step = 0
+            while step < plan["total"]:
                 pieces = parallel.micro_batches(batches[step % len(batches)], weight)
                 step_loss = 0.0
                 for i, (piece, share) in enumerate(pieces):
@@ -109,9 +115,37 @@ def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, ep
                 opt.zero_grad(set_to_none=True)
                 losses.append(parallel.mean(step_loss))
                 ema = losses[-1] if ema is None else 0.9 * ema + 0.1 * losses[-1]
+                step += 1
+                bar.update(1)
                 if step % log_every == 0:
-                    bar.set_postfix(loss=f"{ema:.4f}")
+                    bar.set_postfix(_postfix(ema, stopper))
+                if stopper is None:
+                    continue
+                backbone.peft.eval()  # no dropout while validating
+                stop = stopper.after_step(step, plan["total"])
+                backbone.peft.train()
+                if stop:
+                    break
+                fitted = stopper.fit_schedule(step, plan["total"], t0)
+                if fitted != plan["total"]:
+                    plan["total"] = fitted
+                    bar.total = fitted
+                    bar.refresh()
+            bar.close()
+            if stopper is not None:
+                stopper.restore_best()
     finally:
         backbone.peft.eval()
-    return {"steps": total, "seconds": time.perf_counter() - t0,
-            "final_loss": ema, "losses": losses[:: max(1, len(losses) // 200)]}
+    out = {"steps": step, "seconds": time.perf_counter() - t0,
+           "final_loss": ema, "losses": losses[:: max(1, len(losses) // 200)]}
+    return {**out, **stopper.summary()} if stopper is not None else out
+
+
+def _postfix(ema: float, stopper) -> dict:
+    """The progress bar's tail: smoothed loss, best validation accuracy, budget used."""
+    out = {"loss": f"{ema:.4f}"}
+    if stopper is not None:
+        if stopper.best is not None:
+            out["val"] = f"{stopper.best.accuracy:.3f}"
+        out["budget"] = f"{stopper.elapsed() / 60:.1f}/{stopper.budget_s / 60:.0f} min"
+    return out
