@@ -398,7 +398,8 @@ def write_adapter(dest: Path, item: Item, base_path: Path) -> None:
                 "label2id": {label: i for i, label in enumerate(labels)},
                 "architecture": "LlamaForSequenceClassification", "head_module": HEAD_MODULE,
                 "pooling": "last token", "activation": "softmax",
-                "template": item.spec.template, "max_length": item.spec.train.max_length}
+                "template": item.spec.template, "max_length": item.spec.train.max_length,
+                "max_windows": item.spec.train.max_windows, "window_pooling": "mean log-probability"}
         (dest / "labels.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -451,6 +452,7 @@ def export(names: list[str], to: str | Path, *, backbone, adapters_dir: str | Pa
                      for it in items if it.spec.kind == "generate"},
         "classify": {it.name: {"path": it.name, "rank": it.rank, "labels": list(it.spec.labels),
                                "template": it.spec.template, "max_length": it.spec.train.max_length,
+                               "max_windows": it.spec.train.max_windows,
                                "base": f"{BASE}-classify-{n}",
                                **it.extra}
                      for n, group in groups.items() for it in group},

@@ -54,9 +54,12 @@ def client_snippet(manifest: dict, host: str = "GPU-HOST") -> str:
                  else f"http://{host}:{port[n]}" for n in names}
     templates = {n: c["template"] for n, c in manifest["classify"].items()}
     max_lengths = {n: c.get("max_length", 256) for n, c in manifest["classify"].items()}
+    max_windows = {n: c.get("max_windows", 1) for n, c in manifest["classify"].items()}
     labels = {n: c["labels"] for n, c in manifest["classify"].items()}
     systems = {n: g["system_prompt"] for n, g in manifest["generate"].items()}
-    return f'''import httpx
+    return f'''import math
+
+import httpx
 from openai import OpenAI
 
 # bot serve: every adapter on one server.
@@ -66,6 +69,7 @@ BASE_URLS = {_py(bot_urls)}
 
 TEMPLATES = {_py(templates)}
 MAX_LENGTH = {_py(max_lengths)}  # tokens each classifier was trained on
+MAX_WINDOWS = {_py(max_windows)}  # a longer text is read as up to this many windows
 TOKENIZER_DIR = "./{manifest['base']}"  # the exported backbone (run from the export folder)
 LABELS = {_py(labels)}
 SYSTEM_PROMPTS = {_py(systems)}
@@ -90,33 +94,44 @@ _tokenizer = None
 
 
 def classify_input(name, text):
-    """The classifier's input as bot builds it: the template with `text`, where a text too long
-    for MAX_LENGTH tokens loses its end, so the template's ending (the token the head reads)
-    survives. Sending the whole text would classify a different input than training saw."""
+    """The classifier's inputs as bot builds them: the template around `text`, or, for a text
+    longer than MAX_LENGTH tokens, around each of up to MAX_WINDOWS windows of it that overlap
+    by a quarter (the template's ending, the token the head reads, always survives)."""
     global _tokenizer
     template = TEMPLATES[name]
     prompt = template.format(text=text)
     if len(prompt.encode("utf-8")) + 2 <= MAX_LENGTH[name]:  # a token covers at least one byte
-        return prompt
+        return [prompt]
     if _tokenizer is None:
         from transformers import AutoTokenizer
         _tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    def ids(s):
-        return _tokenizer(s, add_special_tokens=False)["input_ids"]
-    budget = MAX_LENGTH[name] - len(ids(template.format(text=""))) - 2
-    text_ids = ids(text)
-    if budget <= 0 or len(text_ids) <= budget:
-        return prompt
-    return template.format(text=_tokenizer.decode(text_ids[:budget]))
+    size = MAX_LENGTH[name] - len(_tokenizer(template.format(text=""), add_special_tokens=False)["input_ids"]) - 2
+    spans = _tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if size <= 0 or len(spans) <= size:
+        return [prompt]
+    if MAX_WINDOWS[name] <= 1:  # cut to fit: the text loses its end
+        return [template.format(text=text[:spans[size - 1][1]])]
+    out, stride = [], max(1, size - size // 4)
+    for start in range(0, len(spans), stride):
+        end = min(start + size, len(spans))
+        out.append(template.format(text=text[spans[start][0]:spans[end - 1][1]]))
+        if end == len(spans) or len(out) == MAX_WINDOWS[name]:
+            return out
+    return out
 
 
 def classify(name, text):
-    """Every label's probability; `input` is the model's exact input, template applied."""
+    """Every label's probability. A long text's windows are pooled as bot pools them: their
+    log-probabilities averaged, then renormalised."""
+    inputs = classify_input(name, text)
     response = client(name).post(
         "/classify", cast_to=httpx.Response,
-        body={{"model": name, "input": classify_input(name, text)}})
+        body={{"model": name, "input": inputs[0] if len(inputs) == 1 else inputs}})
     response.raise_for_status()
-    return dict(zip(LABELS[name], response.json()["data"][0]["probs"]))
+    rows = [row["probs"] for row in response.json()["data"]]
+    mean = [sum(math.log(max(row[i], 1e-30)) for row in rows) / len(rows) for i in range(len(rows[0]))]
+    total = sum(math.exp(m) for m in mean)
+    return dict(zip(LABELS[name], [math.exp(m) / total for m in mean]))
 
 
 if __name__ == "__main__":
@@ -185,10 +200,11 @@ pooling instance, because every head on one instance must have the base head's s
 vLLM's `/classify` takes the model's exact input: apply the adapter's template first
 (`{{text}}` is replaced by the user's text). It pools the last token and applies a softmax,
 as bot does. Each classifier was trained on prompts of at most its `max_length` tokens
-(`export.json`): a longer text loses its end, never the template's ending, because the head
-reads the prompt's last token. `classify_input` in the client code below does that cut with
-the exported tokenizer; sending a whole long article instead classifies an input unlike any
-the adapter was trained on.
+(`export.json`). bot reads a longer text whole: as up to `max_windows` windows of the text
+that overlap by a quarter, each wrapped in the template, whose log-probabilities it averages
+and renormalises. `classify_input` and `classify` in the client code below do the same with
+the exported tokenizer; sending a whole long article as one input instead classifies an input
+unlike any the adapter was trained on.
 
 {templates}
 

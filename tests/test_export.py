@@ -228,8 +228,10 @@ class _Recorder(BaseHTTPRequestHandler):
                      "choices": [{"index": 0, "finish_reason": "stop",
                                   "message": {"role": "assistant", "content": "hi!"}}]}
         else:
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
             reply = {"id": "x", "object": "list", "created": 0, "model": body["model"],
-                     "data": [{"index": 0, "label": "x", "probs": [0.25, 0.75], "num_classes": 2}]}
+                     "data": [{"index": i, "label": "x", "probs": [0.25, 0.75], "num_classes": 2}
+                              for i in range(len(inputs))]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -267,12 +269,13 @@ def test_readme_client_code_sends_what_both_servers_expect(exported):
     assert chat["temperature"] == 0 and chat["repetition_penalty"] == 1.1
     assert p2 == "/v1/classify" and mood == {"model": "mood", "input": TEMPLATE.format(text="so happy")}
     assert p3 == "/classify" and pets["input"] == TEMPLATE.format(text="woof")
-    # A text longer than the adapter's max_length: cut exactly as bot cuts it, ending kept.
-    bb, max_length = exported["bb"], exported["manifest"]["classify"]["pets"]["max_length"]
-    assert long_pets["input"] == bb.fit_template(TEMPLATE, long_text, max_length)
-    assert long_pets["input"].endswith("\nAnimal:")
-    assert len(bb.encode([long_pets["input"]], 10 * max_length)["input_ids"][0]) <= max_length
-    assert len(long_pets["input"]) < len(TEMPLATE.format(text=long_text))
+    # A text longer than the adapter's max_length: the windows bot reads, each ending kept.
+    bb, pets = exported["bb"], exported["manifest"]["classify"]["pets"]
+    max_length = pets["max_length"]
+    assert long_pets["input"] == bb.windows(TEMPLATE, long_text, max_length, pets["max_windows"])
+    assert len(long_pets["input"]) > 1 and all(w.endswith("\nAnimal:") for w in long_pets["input"])
+    assert all(len(bb.encode([w], 10 * max_length)["input_ids"][0]) <= max_length for w in long_pets["input"])
+    assert all(len(w) < len(TEMPLATE.format(text=long_text)) for w in long_pets["input"])
 
 
 # ------------------------------------------------------------------ refusals

@@ -163,3 +163,14 @@ def test_manifest_checks_name_the_new_training_keys():
     for key, value in (("patience", -1), ("budget_minutes", 0), ("max_windows", 0), ("epochs", 0)):
         with pytest.raises(SpecError, match=f"train.{key}"):
             AdapterSpec.from_dict({**base, "train": {key: value}})
+
+
+def test_the_eval_report_says_which_texts_were_read_as_windows():
+    from bot.eval.report import _windowed_text
+
+    views = {"text": {"n": 409, "windowed": {"texts": 170, "windows": 390, "max_windows": 8, "at_limit": 2}},
+             "headline": {"n": 409, "windowed": {"texts": 0, "windows": 409, "max_windows": 8, "at_limit": 0}}}
+    line = _windowed_text({"views": views})
+    assert "text: 170 of 409 texts, 390 windows" in line and "2 reached the limit of 8" in line
+    assert "headline" not in line
+    assert _windowed_text({"views": {"text": {"n": 5, "windowed": {"texts": 0}}}}) == ""

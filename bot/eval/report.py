@@ -254,6 +254,9 @@ def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[st
              f"{_pct_ci(ada)}, base zero-shot {_pct(_acc(t, 'zero_shot'))}, TF-IDF baseline "
              f"{_pct_ci(t.get('baseline'))}. Adapter macro-F1 {_num(ada.get('macro_f1'))}.",
              "", _verdict(t), ""]
+    windowed = _windowed_text(t)
+    if windowed:
+        lines += [windowed, ""]
     if ada.get("per_class"):
         lines += _table(["class", "precision", "recall", "F1", "support"], _prf_rows(ada)) + [""]
     png = _ensure_png(out_dir, t.get("confusion_png"), f"{name}_confusion.png",
@@ -285,6 +288,22 @@ def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[st
         if losing:
             lines += [f"On {', '.join(losing)}, the adapter {what} the TF-IDF baseline.", ""]
     return lines
+
+
+def _windowed_text(t: dict) -> str:
+    """Which texts were longer than the adapter's ``max_length`` and read as windows."""
+    parts = []
+    for view, m in (t.get("views") or {}).items():
+        w = m.get("windowed") or {}
+        if w.get("texts"):
+            limit = (f"; {w['at_limit']} reached the limit of {w['max_windows']} windows and were "
+                     "read from their start only" if w.get("at_limit") else "")
+            parts.append(f"{view}: {w['texts']} of {m.get('n', DASH)} texts, {w['windows']} windows "
+                         f"in all{limit}")
+    if not parts:
+        return ""
+    return ("Read whole as overlapping windows (longer than the adapter's max_length; the "
+            "windows' log-probabilities are averaged): " + "; ".join(parts) + ".")
 
 
 def _gap(adapter: dict, baseline: dict | None) -> float | None:
