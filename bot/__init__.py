@@ -9,9 +9,9 @@ Public API::
     turn.adapter, turn.reply, turn.route.score
 """
 
-from .backbone import Backbone
-from .errors import AdapterError, BotError, DataError, FingerprintMismatch, SpecError
-from .spec import AdapterSpec
+from bot.errors import AdapterError, BotError, DataError, FingerprintMismatch, SpecError
+from bot.manifests.spec import AdapterSpec
+from bot.model.backbone import Backbone
 
 __all__ = ["Backbone", "AdapterSpec", "BotError", "AdapterError", "DataError",
            "FingerprintMismatch", "SpecError", "ChatSession", "Router", "RouteChoice", "Turn"]
@@ -20,11 +20,11 @@ __all__ = ["Backbone", "AdapterSpec", "BotError", "AdapterError", "DataError",
 def __getattr__(name):
     # lazy: the router pulls in sentence-transformers, the session pulls in the router
     if name in ("Router", "RouteChoice"):
-        from . import routing
+        from bot import routing
 
         return getattr(routing, name)
     if name in ("ChatSession", "Turn"):
-        from . import chat
+        from bot import chat
 
         return getattr(chat, name)
     raise AttributeError(name)

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .assets import default_adapters_dir
-from .engine.threads import off_engine
-from .routing.abstain import clarify
-from .tasks.classify import ClassifyTask
-from .text import MAX_CHARS
+from bot.engine.threads import off_engine
+from bot.routing.abstain import clarify
+from bot.tasks.classify import ClassifyTask
+from bot.util.assets import default_adapters_dir
+from bot.util.text import MAX_CHARS
 
 MAX_NEW_TOKENS = 160
 ANALYSIS_TOKENS = 128  # the chips need a text's opening, not a whole article
@@ -65,7 +65,7 @@ class ChatSession:
 
     Args:
         backbone: the loaded Backbone.
-        tasks: {adapter name: Task} (see bot.registry.load_all).
+        tasks: {adapter name: Task} (see bot.manifests.registry.load_all).
         router: a fitted bot.routing.Router.
         max_chars: longer messages are cut, with a notice.
     """
@@ -88,9 +88,9 @@ class ChatSession:
     @classmethod
     def from_dir(cls, backbone=None, adapters_dir=None, encoder=None, **kwargs) -> ChatSession:
         """Load every adapter in ``adapters_dir`` and build (or reuse) the fitted router."""
-        from .backbone import Backbone
-        from .registry import load_all
-        from .routing import build_router
+        from bot.manifests.registry import load_all
+        from bot.model.backbone import Backbone
+        from bot.routing import build_router
 
         backbone = backbone or Backbone.load()
         tasks, failures = load_all(backbone, adapters_dir or default_adapters_dir())
@@ -128,7 +128,7 @@ class ChatSession:
         """
         with _SCHEDULER_LOCK:
             if self._scheduler is None:
-                from .serve.state import scheduler_for
+                from bot.serve.state import scheduler_for
 
                 self._scheduler = scheduler_for(self.backbone, self.tasks).start()
             return self._scheduler
@@ -223,7 +223,7 @@ class ChatSession:
     def _generate(self, task, text: str, max_tokens: int | None = None,
                   history: list[dict] | None = None) -> Iterator[str]:
         """Stream a generated reply; decoding happens in the shared scheduler's batches."""
-        from .engine import SamplingParams
+        from bot.engine import SamplingParams
 
         ids = task.prompt_ids(text, self.history if history is None else history)[0].tolist()
         if self.llama is not None and self._llama_can(task.adapter_name):
@@ -237,7 +237,7 @@ class ChatSession:
 
     def _llama_can(self, adapter: str | None) -> bool:
         """Whether llama.cpp can run ``adapter`` (its GGUF LoRA file is written on first use)."""
-        from .errors import BotError
+        from bot.errors import BotError
 
         if adapter is None:
             return True
@@ -274,10 +274,10 @@ def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str |
         device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
         load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
     """
-    from .backbone import Backbone
+    from bot.model.backbone import Backbone
 
     bb = Backbone.load(backbone, device=device, load_in=load_in)
-    from .engine.llamacpp import chat_engine
+    from bot.engine.llamacpp import chat_engine
 
     llama = chat_engine(bb, engine)
     session = ChatSession.from_dir(bb, adapters_dir, llama=llama)

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import settings
-from .assets import default_adapters_dir
-from .device import DEVICES, LOAD_IN
-from .errors import BotError
+from bot import settings
+from bot.errors import BotError
+from bot.model.device import DEVICES, LOAD_IN
+from bot.util.assets import default_adapters_dir
 
 # bot.engine.precision.KINDS, spelled out so `bot --help` does not import torch (tests/test_kernels.py checks)
 KERNEL_KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h", "w8q")
@@ -32,7 +32,7 @@ def _command_line(argv) -> str:
 
 
 def _backbone(args):
-    from .backbone import Backbone
+    from bot.model.backbone import Backbone
 
     print(f"loading backbone {args.backbone or 'SmolLM2-135M-Instruct (embedded)'} ...", file=sys.stderr)
     # commands without --device/--load-in (export) load on the CPU in float32
@@ -47,11 +47,11 @@ def _backbone(args):
 def cmd_train(args) -> int:
     import torch
 
-    from .errors import SpecError
-    from .fsutil import adapter_lock
-    from .parallel import Parallel, launched_by_accelerate
-    from .spec import AdapterSpec, check_adapter_name, check_run_values
-    from .train import reevaluate_adapter, time_cache, train_adapter
+    from bot.errors import SpecError
+    from bot.manifests.spec import AdapterSpec, check_adapter_name, check_run_values
+    from bot.training.parallel import Parallel, launched_by_accelerate
+    from bot.training.train import reevaluate_adapter, time_cache, train_adapter
+    from bot.util.fsutil import adapter_lock
 
     # every check before the slow part: values, manifest, and no other run on this adapter
     check_run_values(epochs=args.epochs, max_examples=args.max_examples, eval_examples=args.eval_examples,
@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
     logging.getLogger("bot").info("threads: %d, OMP_WAIT_POLICY=%s", torch.get_num_threads(),
                                   os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)"))
     folder = Path(args.adapters_dir) / args.name
-    from .versions import recover_adapters
+    from bot.manifests.versions import recover_adapters
 
     recover_adapters(args.adapters_dir)  # a save a kill interrupted is repaired first, and said so
     spec = AdapterSpec.from_dir(folder)
@@ -108,8 +108,8 @@ def cmd_train(args) -> int:
 
 def _retrain_report(args, bb) -> int:
     """The change report of a retrained route (previous version kept; --strict rolls back)."""
-    from .addflow import retrain_report
-    from .routing.changes import render
+    from bot.manifests.addflow import retrain_report
+    from bot.routing.changes import render
 
     report = retrain_report(name=args.name, adapters_dir=args.adapters_dir, backbone=bb,
                             strict=args.strict)
@@ -123,7 +123,7 @@ def _retrain_report(args, bb) -> int:
 def cmd_train_router(args) -> int:
     import torch
 
-    from .routing.second import train_router
+    from bot.routing.second import train_router
 
     torch.set_num_threads(_training_threads())
     stage = train_router(args.adapters_dir, _backbone(args), command=args.command_line,
@@ -167,8 +167,8 @@ def _summary(m: dict) -> str:
 def cmd_list(args) -> int:
     import json
 
-    from .spec import require_usable, scan
-    from .versions import list_versions, recover_adapters, score_line
+    from bot.manifests.spec import require_usable, scan
+    from bot.manifests.versions import list_versions, recover_adapters, score_line
 
     recover_adapters(args.adapters_dir)  # repairs an interrupted save, and says so
     specs, failed = scan(args.adapters_dir)
@@ -190,14 +190,14 @@ def cmd_list(args) -> int:
             print(f"{'':22s}previous {i}: {v['date']}: {what}"
                   + (" (bot rollback restores it)" if i == 1 else ""))
     if len(specs) >= 2:
-        from .routing.second import status
+        from bot.routing.second import status
 
         print(f"{'(router)':12s} {'2nd stage':9s} {status(args.adapters_dir, [s.name for s in specs])}")
     return 0
 
 
 def cmd_info(args) -> int:
-    from .info import backbone_info
+    from bot.model.info import backbone_info
 
     print(backbone_info(adapters_dir=args.adapters_dir, backbone=args.backbone, device=args.device,
                         load_in=args.load_in))
@@ -205,7 +205,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_add(args) -> int:
-    from .add import add_adapter
+    from bot.manifests.add import add_adapter
 
     if args.train:
         return _add_and_train(args)
@@ -224,9 +224,9 @@ def cmd_add(args) -> int:
 def _add_and_train(args) -> int:
     import torch
 
-    from .addflow import add_and_train
-    from .routing.changes import render
-    from .spec import check_run_values
+    from bot.manifests.addflow import add_and_train
+    from bot.manifests.spec import check_run_values
+    from bot.routing.changes import render
 
     check_values = {"max_examples": args.max_examples, "eval_examples": args.eval_examples}
     check_run_values(**check_values)
@@ -243,9 +243,9 @@ def _add_and_train(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from .addflow import remove_route
-    from .routing.changes import render
-    from .routing.second import STAGE_FILE, folder_of
+    from bot.manifests.addflow import remove_route
+    from bot.routing.changes import render
+    from bot.routing.second import STAGE_FILE, folder_of
 
     # the backbone only when the router's second stage (which runs on it) is fitted
     bb = _backbone(args) if (folder_of(args.adapters_dir) / STAGE_FILE).is_file() else None
@@ -257,7 +257,7 @@ def cmd_rm(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import check_merge, merge_adapters, parse_sources
+    from bot.export.merge import check_merge, merge_adapters, parse_sources
 
     sources = parse_sources(args.sources)
     check_merge(args.adapters_dir, args.name, sources, args.method, args.density)  # before loading
@@ -269,7 +269,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from .versions import rollback, score_line
+    from bot.manifests.versions import rollback, score_line
 
     done = rollback(args.adapters_dir, args.name)
     if done["absent"]:
@@ -284,10 +284,10 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.evaluate import all_failed, run_eval
+    from bot.eval.evaluate import all_failed, run_eval
 
     if args.only == "router":
-        from .eval.router_eval import run_router_eval, summary_lines
+        from bot.eval.router_eval import run_router_eval, summary_lines
 
         results = run_router_eval(adapters_dir=args.adapters_dir, out=args.out, names=args.names,
                                   latency=not args.no_latency, command_line=args.command_line)
@@ -307,7 +307,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .distill import self_distill
+    from bot.training.distill import self_distill
 
     meta = self_distill(_backbone(args), args.out, n=args.n, max_tokens=args.max_tokens,
                         threads=args.threads, seed=args.seed, command=args.command_line)
@@ -316,7 +316,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat import run_terminal_chat
+    from bot.chat import run_terminal_chat
 
     return run_terminal_chat(adapters_dir=args.adapters_dir, backbone=args.backbone,
                              device=args.device, load_in=args.load_in, engine=args.engine)
@@ -324,7 +324,7 @@ def cmd_chat(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.serve:
-        from .serve.bench import run_serve_bench
+        from bot.serve.load_bench import run_serve_bench
 
         # the benchmark's child processes (and their `bot serve`) load where this one would
         os.environ.update(BOT_DEVICE=args.device, BOT_LOAD_IN=args.load_in)
@@ -339,7 +339,7 @@ def cmd_bench(args) -> int:
         return 0
     if args.against:
         raise SystemExit("bot bench: --against llama-server compares servers; add --serve")
-    from .eval.bench import run_bench
+    from bot.eval.bench import run_bench
 
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
                     tokens=args.tokens, command_line=args.command_line, isas=_isas(args.isa),
@@ -369,8 +369,8 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def cmd_serve(args) -> int:
-    from .serve.limits import Limits
-    from .serve.server import serve
+    from bot.serve.limits import Limits
+    from bot.serve.server import serve
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_input_chars=args.max_input_chars,
                     max_classify_inputs=args.max_classify_inputs,
@@ -383,7 +383,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import check_destination, export
+    from bot.export.vllm import check_destination, export
 
     check_destination(args.to, args.force)  # before the backbone loads: refusals come at once
     bb = _backbone(args)
@@ -524,7 +524,7 @@ def _flags_rm(p: argparse.ArgumentParser) -> None:
 
 
 def _flags_merge(p: argparse.ArgumentParser) -> None:
-    from .merge import METHODS
+    from bot.export.merge import METHODS
 
     p.add_argument("name", help="the new adapter's name (a new folder in --adapters-dir)")
     p.add_argument("--from", dest="sources", required=True, metavar="A:W,B:W",

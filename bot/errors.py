@@ -33,7 +33,7 @@ class DataError(BotError):
 
 
 class BusyError(BotError):
-    """Another process is already working on the same adapter (see bot.fsutil.adapter_lock)."""
+    """Another process is already working on the same adapter (see bot.util.fsutil.adapter_lock)."""
 
 
 class CacheError(BotError):

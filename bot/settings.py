@@ -63,7 +63,7 @@ def get(name: str, default: str | None = None) -> str | None:
 
 def get_int(name: str) -> int | None:
     """``get`` as a whole number (None when unset); a bad value names the variable."""
-    from .errors import BotError
+    from bot.errors import BotError
 
     value = get(name)
     if value is None:

@@ -399,8 +399,8 @@ def launch(*, adapters_dir=None, backbone: str | None = None, host: str = "127.0
         port: TCP port.
         share: ask Gradio for a public share link.
     """
-    from bot.backbone import Backbone
     from bot.chat import ChatSession
+    from bot.model.backbone import Backbone
 
     log.info("loading the backbone, adapters and router…")
     session = ChatSession.from_dir(Backbone.load(backbone, device=device, load_in=load_in), adapters_dir)

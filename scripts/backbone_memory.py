@@ -69,8 +69,8 @@ def figures(model) -> dict:
 def check_embedded(counted: int) -> str:
     """The real embedded backbone's parameter count, when its converted folder is cached."""
     try:
-        from bot.assets import cache_dir
-        from bot.backbone import EMBEDDED_NAME
+        from bot.model.backbone import EMBEDDED_NAME
+        from bot.util.assets import cache_dir
 
         folder = cache_dir() / "backbones" / f"{EMBEDDED_NAME}-f32"
         if not (folder / "config.json").exists():

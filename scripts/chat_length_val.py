@@ -15,9 +15,9 @@ import statistics
 import sys
 
 from bot.chat import ChatSession
-from bot.data import load_source, split
-from bot.distill import PROMPT_SOURCE
 from bot.eval.helpful import _replies, words
+from bot.manifests.data import load_source, split
+from bot.training.distill import PROMPT_SOURCE
 
 
 def main(adapters_dir: str | None = None, n: int = 40, max_tokens: int = 160) -> float:

@@ -29,11 +29,11 @@ import scipy.sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from bot.backbone import Backbone
-from bot.registry import load_task
+from bot.manifests.registry import load_task
+from bot.manifests.spec import discover
+from bot.model.backbone import Backbone
 from bot.routing.encoder import load_encoder
-from bot.spec import discover
-from bot.train import training_rows
+from bot.training.train import training_rows
 
 SPLITS = ("val", "test")
 WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)

@@ -9,10 +9,10 @@ never reads either, for the adapter NAME in each folder, so recipes can be compa
 
 import sys
 
-from bot.backbone import Backbone
-from bot.spec import discover
-from bot.registry import load_task
-from bot.train import training_rows
+from bot.manifests.registry import load_task
+from bot.manifests.spec import discover
+from bot.model.backbone import Backbone
+from bot.training.train import training_rows
 
 
 def main(argv: list[str]) -> None:

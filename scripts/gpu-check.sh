@@ -34,7 +34,7 @@ cp -r adapters/sentiment "$OUT/adapters/sentiment"
 rm -f "$OUT/adapters/sentiment/"{adapter_model.safetensors,head.safetensors,metrics.json}
 cp -r adapters/chat "$OUT/adapters/chat"  # the serving benchmark's generation adapter
 
-BATCH=$("$PY" -c "from bot.spec import AdapterSpec; print(AdapterSpec.from_dir('adapters/sentiment').train.batch_size)")
+BATCH=$("$PY" -c "from bot.manifests.spec import AdapterSpec; print(AdapterSpec.from_dir('adapters/sentiment').train.batch_size)")
 EXAMPLES=$((STEPS * BATCH))
 echo "== train sentiment on $DEVICE: $STEPS steps x $BATCH examples"
 "$PY" -m bot.cli train sentiment --adapters-dir "$OUT/adapters" --device "$DEVICE" \
@@ -47,7 +47,7 @@ echo "== eval sentiment on $DEVICE"
 echo "== serving benchmark on $DEVICE (bot serve + openai clients: 1, 4, 8, 16 at once)"
 BB_JSON=null
 if [ -n "${BOT_BACKBONE:-}" ]; then BB_JSON="\"$BOT_BACKBONE\""; fi
-[ "${GPU_CHECK_SERVE:-1}" = 0 ] || "$PY" -m bot.serve.bench "{\"adapters_dir\": \"$OUT/adapters\", \"backbone\": $BB_JSON, \"json\": \"$OUT/serve-gpu.json\"}"
+[ "${GPU_CHECK_SERVE:-1}" = 0 ] || "$PY" -m bot.serve.load_bench "{\"adapters_dir\": \"$OUT/adapters\", \"backbone\": $BB_JSON, \"json\": \"$OUT/serve-gpu.json\"}"
 
 echo "== GPU figures beside the committed CPU ones"
 "$PY" - "$OUT" <<'EOF'

@@ -18,7 +18,7 @@ from importlib.metadata import version
 
 import torch
 
-from bot.backbone import resolve_backbone
+from bot.model.backbone import resolve_backbone
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
           "tags": {"type": "array", "items": {"type": "string"}}},

@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot.fsutil import atomic_write_text  # noqa: E402
-from bot.info import machine  # noqa: E402
+from bot.model.info import machine  # noqa: E402
+from bot.util.fsutil import atomic_write_text  # noqa: E402
 
 TEST = "tests/test_reliability_load.py"
 COLUMNS = [("health_p50_ms", "/health p50 ms"), ("health_p99_ms", "/health p99 ms (target <= 100)"),

@@ -16,7 +16,6 @@ import time
 import warnings
 
 import torch
-
 from bot.kernels import Float16WeightLinear, Int8WeightLinear
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
@@ -43,10 +42,10 @@ def main() -> None:
         f16 = Float16WeightLinear(w, None)
         wb, xb = w.bfloat16(), x.bfloat16()
         with torch.inference_mode():
-            times = {"fp32": per_call_us(lambda: torch.nn.functional.linear(x, w)),
-                     "bf16": per_call_us(lambda: torch.nn.functional.linear(xb, wb)),
-                     "int8 weight-only (w8)": per_call_us(lambda: w8(xb)),
-                     "fp16 weights, fbgemm": per_call_us(lambda: f16(x))}
+            times = {"fp32": per_call_us(lambda x=x, w=w: torch.nn.functional.linear(x, w)),
+                     "bf16": per_call_us(lambda xb=xb, wb=wb: torch.nn.functional.linear(xb, wb)),
+                     "int8 weight-only (w8)": per_call_us(lambda w8=w8, xb=xb: w8(xb)),
+                     "fp16 weights, fbgemm": per_call_us(lambda f16=f16, x=x: f16(x))}
             ref = x @ w.T
             err = float((f16(x) - ref).norm() / ref.norm())
         cells = ", ".join(f"{k} {v:.1f} us" for k, v in times.items())

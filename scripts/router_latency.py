@@ -15,11 +15,11 @@ import time
 
 import torch
 
+from bot.manifests.spec import discover
 from bot.routing.build import build_router
 from bot.routing.encoder import load_encoder
 from bot.routing.fastenc import DirectEncoder
 from bot.routing.latency import short_turns
-from bot.spec import discover
 
 
 def main(argv: list[str]) -> None:

@@ -18,12 +18,18 @@ import time
 
 import numpy as np
 
+from bot.manifests.spec import discover
 from bot.routing import fitting
-from bot.routing.build import HEAD_EMBEDDING_WEIGHT, HEAD_NGRAMS, ROUTE_TRAIN_SAMPLE, spec_splits, turn_texts
+from bot.routing.build import (
+    HEAD_EMBEDDING_WEIGHT,
+    HEAD_NGRAMS,
+    ROUTE_TRAIN_SAMPLE,
+    spec_splits,
+    turn_texts,
+)
 from bot.routing.cache import Embedder
 from bot.routing.encoder import load_encoder
-from bot.spec import discover
-from bot.text import normalise
+from bot.util.text import normalise
 
 VAL_PER_ROUTE = 1000
 # (word vocabulary, char vocabulary, embedding weight, C); (0, 0, 1, 10) is the head before issue 11.

@@ -15,9 +15,9 @@ import statistics
 import threading
 import time
 
-from bot.backbone import Backbone
 from bot.engine import SamplingParams, Scheduler
 from bot.engine.grammar import Grammar
+from bot.model.backbone import Backbone
 
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}},
           "required": ["story"]}  # never complete within the reply: every reply runs full length

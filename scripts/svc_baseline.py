@@ -10,8 +10,8 @@ import sys
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.svm import LinearSVC
 
-from bot.spec import AdapterSpec
-from bot.train import training_rows
+from bot.manifests.spec import AdapterSpec
+from bot.training.train import training_rows
 
 spec, splits = training_rows(AdapterSpec.from_dir(sys.argv[1]))
 test = splits.test[: int(sys.argv[2]) if len(sys.argv) > 2 else 1000]

@@ -16,10 +16,10 @@ import time
 import torch
 
 from bot import Backbone
-from bot.assets import default_adapters_dir
 from bot.engine import Scheduler
 from bot.engine.lean import Segment
 from bot.engine.threads import release_pool
+from bot.util.assets import default_adapters_dir
 
 
 def timed(runner, label: str, n: int = 30) -> None:

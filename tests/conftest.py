@@ -52,7 +52,7 @@ def make_tiny_model(seed: int = 0, hidden: int = 32, layers: int = 2):
 
 
 def make_tiny_backbone(seed: int = 0, name: str = "tiny-llama"):
-    from bot.backbone import Backbone
+    from bot.model.backbone import Backbone
 
     return Backbone.from_model(make_tiny_model(seed), make_tokenizer(), name=name)
 
@@ -68,7 +68,7 @@ def tokenizer():
 
 
 FAMILIES = ("qwen2", "gpt2", "gpt_neox", "gemma")
-"""Causal LM families besides Llama that the tests build (bot.arch handles their names)."""
+"""Causal LM families besides Llama that the tests build (bot.model.families handles their names)."""
 
 
 def make_tiny_family(family: str, seed: int = 0, hidden: int = 32, layers: int = 2):

@@ -16,9 +16,9 @@ from conftest import make_tiny_backbone, make_tiny_model, make_tokenizer
 from safetensors.torch import load_file
 
 from bot.cli import main
-from bot.parallel import Parallel
-from bot.spec import AdapterSpec
+from bot.manifests.spec import AdapterSpec
 from bot.tasks.generate import GenerateTask
+from bot.training.parallel import Parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = {"cat": ["meow", "purr"], "dog": ["woof", "bark"]}

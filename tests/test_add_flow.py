@@ -15,11 +15,11 @@ from conftest import make_tiny_backbone
 from test_router import HashEncoder
 from test_versions import tree
 
-from bot import versions
-from bot.addflow import add_and_train, own_score_drop, remove_route, retrain_report
+from bot.manifests import versions
+from bot.manifests.addflow import add_and_train, own_score_drop, remove_route, retrain_report
+from bot.manifests.spec import AdapterSpec, discover
 from bot.routing import changes
-from bot.spec import AdapterSpec, discover
-from bot.train import train_adapter
+from bot.training.train import train_adapter
 
 VOCAB = {
     "pets": {"cat": ["meow", "purr", "whiskers", "kitten"], "dog": ["woof", "bark", "fetch", "puppy"]},
@@ -165,7 +165,7 @@ def test_cli_add_train_prints_one_report(world, tmp_path, monkeypatch, capsys):
     from bot.cli import main
 
     root, bb = world
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: bb))
+    monkeypatch.setattr("bot.model.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: bb))
     monkeypatch.setattr("bot.routing.encoder.load_encoder", lambda *a, **k: HashEncoder())
     csv = toy_csv(tmp_path / "w.csv", "weather", seed=2)
     assert main(["add", "weather", "--from", str(csv), "--adapters-dir", str(root), "--strict"]) == 2
@@ -213,7 +213,7 @@ def test_cli_train_again_prints_the_report_and_strict_rolls_a_worse_version_back
     from bot.cli import main
 
     root, bb = world
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: bb))
+    monkeypatch.setattr("bot.model.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: bb))
     first = tree(root / "pets")
     assert main(["train", "pets", "--adapters-dir", str(root), "--epochs", "0.2"]) == 0
     out = capsys.readouterr().out
@@ -222,7 +222,7 @@ def test_cli_train_again_prints_the_report_and_strict_rolls_a_worse_version_back
     retrained = tree(root / "pets")
     assert retrained != first and len(versions.list_versions(root / "pets")) == 1
     # a much shorter run scores worse on pets' held-out split: --strict puts the last version back
-    monkeypatch.setattr("bot.addflow.own_score_drop", lambda old, new: "text 100.0 -> 50.0 % (n=18)")
+    monkeypatch.setattr("bot.manifests.addflow.own_score_drop", lambda old, new: "text 100.0 -> 50.0 % (n=18)")
     assert main(["train", "pets", "--adapters-dir", str(root), "--epochs", "0.1", "--strict"]) == 1
     out = capsys.readouterr().out
     assert "REFUSED" in out and "own held-out score fell" in out

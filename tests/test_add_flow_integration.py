@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_versions import tree
 
-from bot.assets import package_dir
 from bot.cli import main
+from bot.util.assets import package_dir
 
 pytestmark = pytest.mark.integration
 

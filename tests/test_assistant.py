@@ -10,16 +10,16 @@ from conftest import make_tiny_backbone
 from test_demo_unit import ROUTES, WordHashEncoder
 
 from bot.chat import ChatSession
-from bot.distill import whole_sentences
 from bot.errors import SpecError
 from bot.eval.helpful import met
 from bot.eval.report import write_report
-from bot.registry import load_all
+from bot.manifests.registry import load_all
+from bot.manifests.spec import AdapterSpec, LoraSettings
 from bot.routing import Router
 from bot.serve.state import ServerState, scheduler_for
-from bot.spec import AdapterSpec, LoraSettings
 from bot.tasks.generate import GenerateTask
-from bot.train import data_files, training_rows
+from bot.training.distill import whole_sentences
+from bot.training.train import data_files, training_rows
 
 REPO = Path(__file__).resolve().parent.parent
 ASSISTANT = ["what is the capital of france", "explain how a rainbow forms please"]
@@ -34,7 +34,7 @@ def base_manifest(folder: Path, name: str = "assistant") -> Path:
 
 
 def test_the_shipped_manifests_describe_their_routes():
-    from bot.spec import discover
+    from bot.manifests.spec import discover
 
     specs = {s.name: s for s in discover(REPO / "adapters")}
     assert specs["assistant"].kind == "base" and specs["assistant"].route_data == {"bundled": "trec_questions"}

@@ -9,8 +9,8 @@ import torch
 from conftest import make_tiny_backbone, make_tiny_model
 from peft import LoraConfig
 
-from bot.backbone import Backbone
 from bot.errors import AdapterError, BackboneError, FingerprintMismatch
+from bot.model.backbone import Backbone
 
 TEXTS = ["hello there", "the cat sat on the mat", "stocks fell", "a much longer sentence here ok"]
 
@@ -277,7 +277,7 @@ def test_short_text_and_unicode_are_left_whole(tiny_backbone):
 
 
 def test_classify_task_prompts_keep_their_ending(tiny_backbone):
-    from bot.spec import AdapterSpec
+    from bot.manifests.spec import AdapterSpec
     from bot.tasks.classify import ClassifyTask
 
     spec = AdapterSpec.from_dict({"name": "topic", "kind": "classify", "labels": ["a", "b"],

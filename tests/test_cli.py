@@ -59,7 +59,7 @@ def test_unknown_adapter_gives_error_code_and_message(tmp_path, capsys):
 
 
 def test_list_shows_untrained_adapters(tmp_path, capsys):
-    from bot.spec import AdapterSpec
+    from bot.manifests.spec import AdapterSpec
 
     AdapterSpec(name="todo", kind="classify", labels=["a", "b"], description="later").save(tmp_path / "todo")
     assert main(["list", "--adapters-dir", str(tmp_path)]) == 0
@@ -78,11 +78,11 @@ def test_info_reports_backbone_adapters_and_memory(tmp_path, monkeypatch, capsys
     from conftest import make_tiny_backbone
     from test_train import toy_spec
 
-    from bot.train import train_adapter
+    from bot.training.train import train_adapter
 
     spec = toy_spec(tmp_path, epochs=1.0)
     train_adapter(spec, make_tiny_backbone(), spec.folder)
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
+    monkeypatch.setattr("bot.model.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     assert main(["info", "--adapters-dir", str(spec.folder.parent)]) == 0
     out = capsys.readouterr().out
     assert "tiny-llama@" in out and "parameters" in out and "MB resident" in out

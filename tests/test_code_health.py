@@ -12,8 +12,8 @@ import pytest
 import bot
 from bot import errors
 from bot.cli import main
-from bot.fsutil import atomic_write_text
-from bot.text import normalise
+from bot.util.fsutil import atomic_write_text
+from bot.util.text import normalise
 
 ROOT = Path(bot.__file__).resolve().parent.parent
 LIBRARY = sorted([*(ROOT / "bot").rglob("*.py"), *(ROOT / "demo").rglob("*.py")])
@@ -58,7 +58,7 @@ def test_package_code_does_not_read_the_tests_folder():
 
 @pytest.mark.parametrize("module, name", [
     ("bot.eval.evaluate", "run_eval"), ("bot.eval.bench", "run_bench"), ("bot.eval.bench_report", "render"),
-    ("bot.chat", "run_terminal_chat"), ("bot.info", "backbone_info"), ("bot.add", "add_adapter"),
+    ("bot.chat", "run_terminal_chat"), ("bot.model.info", "backbone_info"), ("bot.manifests.add", "add_adapter"),
     ("demo.app", "launch"),
 ])
 def test_library_entry_points_take_keyword_arguments(module, name):
@@ -72,14 +72,14 @@ def test_library_entry_points_take_keyword_arguments(module, name):
 def test_backbone_info_and_add_adapter_with_keywords(tmp_path, monkeypatch):
     from conftest import make_tiny_backbone
 
-    from bot.add import add_adapter
-    from bot.info import backbone_info
+    from bot.manifests.add import add_adapter
+    from bot.model.info import backbone_info
 
     data = tmp_path / "pets.csv"
     data.write_text("text,label\n" + "".join(f"meow {i},cat\nwoof {i},dog\n" for i in range(6)))
     path = add_adapter(name="pets", source=data, adapters_dir=tmp_path / "adapters")
     assert path == tmp_path / "adapters" / "pets" / "adapter.yaml" and path.exists()
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
+    monkeypatch.setattr("bot.model.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     text = backbone_info(adapters_dir=tmp_path / "adapters")
     assert "tiny-llama@" in text
     assert "pets" in text and "not trained yet" in text
@@ -129,7 +129,7 @@ def test_atomic_write_text_replaces_whole_files_and_cleans_up(tmp_path, monkeypa
 
 
 def test_one_normaliser():
-    from bot.data import example_key
+    from bot.manifests.data import example_key
 
     assert normalise("  Hello\t\nWORLD  ") == "hello world"
     assert example_key({"text": "A  b\nC"}) == normalise("a b c")

@@ -13,8 +13,8 @@ import pytest
 from conftest import make_tiny_backbone
 
 from bot.chat import ChatSession, Turn
+from bot.manifests.spec import AdapterSpec, LoraSettings
 from bot.routing import RouteChoice, Router
-from bot.spec import AdapterSpec, LoraSettings
 from bot.tasks.classify import ClassifyTask
 from bot.tasks.generate import GenerateTask
 from demo import app as demo_app

@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import make_tiny_backbone, make_tiny_model, make_tokenizer
 
-from bot.backbone import Backbone
 from bot.cli import main
-from bot.device import compute_dtype, resolve_device, resolve_load_in
 from bot.errors import BackboneError
-from bot.spec import AdapterSpec
+from bot.manifests.spec import AdapterSpec
+from bot.model.backbone import Backbone
+from bot.model.device import compute_dtype, resolve_device, resolve_load_in
 from bot.tasks.classify import ClassifyTask
-from bot.train import save_adapter_folder
+from bot.training.train import save_adapter_folder
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -74,7 +74,7 @@ def test_fingerprint_is_equal_for_fp32_and_bf16_copies():
 
 def test_adapter_trained_in_fp32_loads_on_a_bf16_backbone(tmp_path):
     """What a CPU-trained adapter meets on a GPU (bf16 weights): it loads and agrees."""
-    from bot.registry import load_task
+    from bot.manifests.registry import load_task
 
     bb = make_tiny_backbone()
     spec = AdapterSpec(name="pets", kind="classify", labels=["cat", "dog"], folder=tmp_path / "pets")
@@ -96,7 +96,7 @@ def test_adapter_trained_in_fp32_loads_on_a_bf16_backbone(tmp_path):
 
 def test_legacy_fingerprint_is_still_accepted(tmp_path):
     """Adapters saved before the fingerprint ignored dtype carry the float32-only hash."""
-    from bot.backbone import _fingerprints
+    from bot.model.backbone import _fingerprints
 
     bb = make_tiny_backbone()
     new, legacy = _fingerprints("tiny-llama", bb.base)

@@ -11,7 +11,7 @@ from peft import LoraConfig
 
 from bot.engine import Scheduler, tuning
 from bot.engine import precision as kernels
-from bot.spec import DEFAULT_TARGET_MODULES
+from bot.manifests.spec import DEFAULT_TARGET_MODULES
 
 
 def _m(ms: float, ppl: float, ms16: float | None = None) -> dict:
@@ -156,7 +156,7 @@ def test_serving_engine_runs_new_kernels_with_per_row_adapters(bb, kind):
 
 
 def test_bot_info_says_which_kernel_and_why(bb, monkeypatch):
-    from bot.info import kernel_lines
+    from bot.model.info import kernel_lines
 
     monkeypatch.setattr(tuning, "measure", lambda backbone, kinds=(): {
         "fp32": _m(10.0, 1.0), "w8": _m(5.0, 1.004)})
@@ -169,7 +169,7 @@ def test_bot_info_says_which_kernel_and_why(bb, monkeypatch):
 def test_bot_info_says_which_step_runs(bb):
     from conftest import make_tiny_family
 
-    from bot.info import decode_line
+    from bot.model.info import decode_line
 
     assert decode_line(bb).startswith("lean batched step")
     bb.base = make_tiny_family("gpt2")

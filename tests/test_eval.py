@@ -11,7 +11,7 @@ from test_train import toy_spec
 from bot.cli import main
 from bot.errors import DataError
 from bot.eval import evaluate
-from bot.train import train_adapter
+from bot.training.train import train_adapter
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def trained(tmp_path, monkeypatch):
     bb = make_tiny_backbone()
     spec = toy_spec(tmp_path, epochs=2.0)
     train_adapter(spec, bb, spec.folder)
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
+    monkeypatch.setattr("bot.model.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     return spec
 
 
@@ -143,7 +143,7 @@ def test_a_bad_curve_is_a_usage_error(trained, capsys):
 
 def test_the_tfidf_baseline_trains_on_the_views_the_adapter_trains_on(trained, monkeypatch):
     """A headline baseline trained on articles only would flatter the adapter's headline score."""
-    from bot.registry import load_task
+    from bot.manifests.registry import load_task
 
     seen = {}
     real = evaluate.M.tfidf_baseline

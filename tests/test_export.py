@@ -13,10 +13,10 @@ from conftest import EngineGenerator, make_tiny_backbone
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bot.export import VLLM_LORA_MODULES, ExportError, export
-from bot.spec import AdapterSpec
+from bot.export.vllm import VLLM_LORA_MODULES, ExportError, export
+from bot.manifests.spec import AdapterSpec
 from bot.tasks import task_class
-from bot.train import save_adapter_folder
+from bot.training.train import save_adapter_folder
 
 TEMPLATE = "Pet words: {text}\nAnimal:"
 WORDS = ["meow", "purr", "woof", "bark", "tweet", "whiskers", "fetch", "the", "a", "very"]
@@ -375,8 +375,8 @@ def test_refuses_an_adapter_of_another_backbone_and_a_foreign_folder(tiny, tmp_p
 
 def test_cli_export(tmp_path, capsys):
     """`bot export` end to end, the backbone loaded from a folder as a user would."""
-    from bot.backbone import Backbone
     from bot.cli import main
+    from bot.model.backbone import Backbone
 
     tiny = make_tiny_backbone()
     folder = tmp_path / "tiny"
@@ -405,9 +405,9 @@ def test_committed_chat_adapter_exports_and_decodes_like_bot(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bot.assets import repo_root
-    from bot.backbone import Backbone
-    from bot.registry import load_task
+    from bot.manifests.registry import load_task
+    from bot.model.backbone import Backbone
+    from bot.util.assets import repo_root
 
     adapters = repo_root() / "adapters"
     bb = Backbone.load()

@@ -17,12 +17,12 @@ import yaml
 from conftest import FAMILIES, make_tiny_family, make_tokenizer
 from test_demo_unit import WordHashEncoder
 
-from bot.arch import lora_targets
-from bot.backbone import Backbone, last_token_states
 from bot.chat import ChatSession
 from bot.cli import main
 from bot.engine import SamplingParams
 from bot.errors import AdapterError
+from bot.model.backbone import Backbone, last_token_states
+from bot.model.families import lora_targets
 
 EXPECTED_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -9,8 +9,8 @@ import torch
 from conftest import make_tiny_model, make_tokenizer
 from safetensors.torch import save_file
 
-from bot.backbone import Backbone
-from bot.spec import AdapterSpec
+from bot.manifests.spec import AdapterSpec
+from bot.model.backbone import Backbone
 from bot.tasks import frozen
 from bot.tasks.classify import HEAD_FILE, ClassifyTask
 
@@ -147,7 +147,7 @@ def test_time_cache_is_recorded_and_kept_by_a_retrain_with_the_same_settings(tmp
     from conftest import make_tiny_backbone
     from test_train import toy_spec
 
-    from bot.train import time_cache, train_adapter
+    from bot.training.train import time_cache, train_adapter
 
     spec = toy_spec(tmp_path, epochs=1.0)
     spec = spec.replace(lora=spec.lora.__class__(r=4, target_modules=["q_proj", "v_proj"], layers=[1]))

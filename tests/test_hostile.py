@@ -22,10 +22,10 @@ from test_router import HashEncoder
 from test_train import toy_csv, toy_spec
 
 from bot.cli import main
-from bot.data import load_user_file, read_table
 from bot.errors import BotError, DataError, SpecError
-from bot.registry import load_all
-from bot.spec import AdapterSpec
+from bot.manifests.data import load_user_file, read_table
+from bot.manifests.registry import load_all
+from bot.manifests.spec import AdapterSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One trained classify adapter folder ('pets'); tests copy it, never change it."""
-    from bot.train import train_adapter
+    from bot.training.train import train_adapter
 
     base = tmp_path_factory.mktemp("trained")
     spec = toy_spec(base, epochs=0.5)
@@ -143,7 +143,7 @@ def test_1_eval_of_another_adapter_ignores_a_broken_manifest(tmp_path, trained, 
     root = adapters_with(tmp_path, trained, "pets")
     (root / "broken").mkdir()
     write(root / "broken" / "adapter.yaml", "name: broken\nkind: classify\ncolour: red\n")
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
+    monkeypatch.setattr("bot.model.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     code = main(["eval", "pets", "--adapters-dir", str(root), "--out", str(tmp_path / "rep"),
                  "--max-examples", "8", "--no-router"])
     assert code == 0
@@ -155,7 +155,7 @@ def test_1_eval_of_a_broken_adapter_reports_it_failed(tmp_path, trained, monkeyp
     root = adapters_with(tmp_path, trained, "pets")
     (root / "broken").mkdir()
     write(root / "broken" / "adapter.yaml", "name: [unclosed\n")
-    monkeypatch.setattr("bot.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
+    monkeypatch.setattr("bot.model.backbone.Backbone.load", classmethod(lambda cls, name=None, **kw: make_tiny_backbone()))
     code = main(["eval", "broken", "pets", "--adapters-dir", str(root), "--out", str(tmp_path / "rep"),
                  "--max-examples", "8", "--no-router"])
     assert code == 0
@@ -350,7 +350,7 @@ def test_4_out_of_range_flags_are_refused(tmp_path, trained, monkeypatch, capsys
 
 
 def test_4_train_adapter_refuses_bad_values_from_python(tmp_path, trained):
-    from bot.train import train_adapter
+    from bot.training.train import train_adapter
 
     spec = AdapterSpec.from_dir(adapters_with(tmp_path, trained, "pets") / "pets")
     for kwargs in ({"epochs": -1.0}, {"epochs": float("nan")}, {"max_examples": -5}, {"eval_examples": 0}):
@@ -378,7 +378,7 @@ def test_4_manifest_values_out_of_range_are_refused(tmp_path, section, key, valu
 
 
 def test_4_max_length_beyond_the_backbone_context_is_refused_before_training(tmp_path, trained):
-    from bot.train import train_adapter
+    from bot.training.train import train_adapter
 
     root = adapters_with(tmp_path, trained, "pets")
     spec = AdapterSpec.from_dir(root / "pets")
@@ -392,7 +392,7 @@ def test_4_max_length_beyond_the_backbone_context_is_refused_before_training(tmp
 @pytest.mark.parametrize("name", ["x" * 300, "help", "Help", "__base__", "auto", "base", "1abc", "a b",
                                   "../up", "", "é"])
 def test_4_bad_and_reserved_adapter_names_are_refused(name):
-    from bot.spec import check_adapter_name
+    from bot.manifests.spec import check_adapter_name
 
     with pytest.raises(SpecError) as err:
         check_adapter_name(name, "somewhere")
@@ -400,8 +400,8 @@ def test_4_bad_and_reserved_adapter_names_are_refused(name):
 
 
 def test_4_name_rule_is_the_same_everywhere(tmp_path, capsys):
+    from bot.manifests.spec import check_adapter_name
     from bot.routing import Router
-    from bot.spec import check_adapter_name
 
     check_adapter_name("a" * 64)
     check_adapter_name("topic-2_b")
@@ -418,7 +418,7 @@ def test_4_name_rule_is_the_same_everywhere(tmp_path, capsys):
 
 
 def _hold_lock(folder: Path):
-    code = ("import sys, time; from bot.fsutil import adapter_lock\n"
+    code = ("import sys, time; from bot.util.fsutil import adapter_lock\n"
             "with adapter_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
                             text=True, cwd=ROOT)
@@ -441,7 +441,7 @@ def test_4_second_train_of_the_same_adapter_refuses_and_names_the_holder(tmp_pat
     finally:
         proc.send_signal(signal.SIGKILL)  # a crash releases the lock too
         proc.wait()
-    from bot.fsutil import adapter_lock
+    from bot.util.fsutil import adapter_lock
 
     with adapter_lock(root / "pets"):
         pass
@@ -462,7 +462,7 @@ def _fake_convert(calls):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
 def test_5_broken_cached_backbone_is_rebuilt_with_a_note(tmp_path, monkeypatch, caplog, damage):
-    from bot import backbone
+    from bot.model import backbone
 
     monkeypatch.setenv("BOT_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -472,7 +472,7 @@ def test_5_broken_cached_backbone_is_rebuilt_with_a_note(tmp_path, monkeypatch, 
     weights = Path(ref) / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes({"empty": b"", "truncated": good[:-7], "garbage": b"x" * 100}[damage])
-    with caplog.at_level(logging.WARNING, logger="bot.backbone"):
+    with caplog.at_level(logging.WARNING, logger="bot.model.backbone"):
         ref2, _, converted = backbone.resolve_backbone("")
     assert converted and len(calls) == 2 and ref2 == ref
     assert weights.read_bytes() == good
@@ -481,7 +481,7 @@ def test_5_broken_cached_backbone_is_rebuilt_with_a_note(tmp_path, monkeypatch, 
 
 
 def test_5_bot_cache_pointing_at_a_file_is_reported_before_conversion(tmp_path, monkeypatch):
-    from bot import backbone
+    from bot.model import backbone
 
     cache = write(tmp_path / "cachefile", "not a folder")
     monkeypatch.setenv("BOT_CACHE", str(cache))
@@ -492,7 +492,7 @@ def test_5_bot_cache_pointing_at_a_file_is_reported_before_conversion(tmp_path, 
 
 
 def test_5_unwritable_cache_is_reported_before_conversion(tmp_path, monkeypatch):
-    from bot import backbone
+    from bot.model import backbone
 
     if os.geteuid() == 0:  # root ignores permission bits: use a folder no one can create
         if not Path("/sys").is_dir():
@@ -512,7 +512,7 @@ def test_5_unwritable_cache_is_reported_before_conversion(tmp_path, monkeypatch)
 # ================================================================ 6 bare commands
 def test_6_bare_command_gives_a_usage_hint_and_classifies_nothing(tmp_path, trained, monkeypatch):
     from bot.chat import ChatSession
-    from bot.registry import load_task
+    from bot.manifests.registry import load_task
     from bot.routing import Router
 
     bb = make_tiny_backbone()

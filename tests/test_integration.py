@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from bot.assets import repo_root
-from bot.spec import AdapterSpec
-from bot.train import CHECK_N, training_rows
+from bot.manifests.spec import AdapterSpec
+from bot.training.train import CHECK_N, training_rows
+from bot.util.assets import repo_root
 
 pytestmark = pytest.mark.integration
 ADAPTERS = repo_root() / "adapters"
@@ -17,7 +17,7 @@ ADAPTERS = repo_root() / "adapters"
 
 @pytest.fixture(scope="module")
 def real_backbone():
-    from bot.backbone import Backbone
+    from bot.model.backbone import Backbone
 
     torch.set_num_threads(2)
     return Backbone.load()
@@ -49,7 +49,7 @@ def test_default_adapters_are_committed():
 
 def _committed_check(backbone, name: str):
     """(task loaded on the real backbone, recorded first-100 figures, those 100 held-out rows)."""
-    from bot.registry import load_task
+    from bot.manifests.registry import load_task
 
     spec = AdapterSpec.from_dir(ADAPTERS / name)
     recorded = json.loads((ADAPTERS / name / "metrics.json").read_text())[f"heldout_first_{CHECK_N}"]
@@ -78,7 +78,7 @@ def test_committed_generator_matches_its_metrics(real_backbone, name):
 
 def test_mixed_analysis_matches_single_runs_on_real_adapters(real_backbone):
     from bot.engine.scheduler import classify_now
-    from bot.registry import load_all
+    from bot.manifests.registry import load_all
     from bot.tasks.classify import ClassifyTask
 
     tasks, failures = load_all(real_backbone, ADAPTERS)
@@ -97,10 +97,10 @@ def test_mixed_analysis_matches_single_runs_on_real_adapters(real_backbone):
 
 
 def test_committed_router_second_stage_matches_its_metrics_and_attaches(real_backbone):
-    from bot.registry import load_task
+    from bot.manifests.registry import load_task
+    from bot.manifests.spec import discover
     from bot.routing import build_router
     from bot.routing.second import NAME, attach, folder_of, plain
-    from bot.spec import discover
 
     folder = folder_of(ADAPTERS)
     spec = AdapterSpec.from_dir(folder)

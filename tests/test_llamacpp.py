@@ -13,7 +13,7 @@ from conftest import make_tiny_backbone
 from peft import LoraConfig
 
 from bot.engine import llamacpp
-from bot.spec import DEFAULT_TARGET_MODULES
+from bot.manifests.spec import DEFAULT_TARGET_MODULES
 
 NO_LLAMA = "llama-cpp-python is not installed: pip install -e '.[llamacpp]' (compiles ~15 min) or set BOT_LLAMACPP_PATH"
 
@@ -70,7 +70,7 @@ needs_llama = pytest.mark.skipif(llamacpp.import_llama_cpp() is None, reason=NO_
 
 @pytest.fixture(scope="module")
 def real():
-    from bot.backbone import Backbone
+    from bot.model.backbone import Backbone
 
     return _with_adapter(Backbone.load(), "rand")
 
@@ -136,7 +136,7 @@ def test_chat_replies_run_on_llama_cpp_with_the_adapter(real, tmp_path):
 
     from bot import ChatSession, Router
     from bot.chat import REPETITION_PENALTY
-    from bot.spec import AdapterSpec
+    from bot.manifests.spec import AdapterSpec
     from bot.tasks.generate import GenerateTask
 
     gen = llamacpp.chat_engine(real, "llamacpp")

@@ -17,9 +17,9 @@ from test_reliability import assert_openai_error, make_state, metric, post, wait
 from bot.engine import SamplingParams, Scheduler
 from bot.engine.lora import Mixture
 from bot.errors import BotError
-from bot.merge import merge_adapters, parse_sources
+from bot.export.merge import merge_adapters, parse_sources
+from bot.manifests.spec import AdapterSpec
 from bot.serve.server import BackgroundServer
-from bot.spec import AdapterSpec
 
 PROMPTS = [[5, 9, 17, 33], [100, 4, 4, 8, 200, 31, 7], [42]]
 CONFIGS = {"a": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
@@ -228,8 +228,8 @@ def test_the_cli_refuses_a_bad_merge_before_loading_the_backbone(tmp_path, capsy
 def test_the_transformers_fallback_refuses_a_mixture_and_serves_its_adapters():
     from conftest import make_tiny_family, make_tokenizer
 
-    from bot.backbone import Backbone
     from bot.errors import ServeError
+    from bot.model.backbone import Backbone
 
     bb = Backbone.from_model(make_tiny_family("gpt2"), make_tokenizer(), name="tiny-gpt2")
     for name in ("a", "b"):

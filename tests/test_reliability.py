@@ -18,10 +18,10 @@ from test_router import HashEncoder
 
 from bot import Router
 from bot.engine import Scheduler
+from bot.manifests.spec import AdapterSpec
 from bot.serve.limits import Limits
 from bot.serve.server import BackgroundServer
 from bot.serve.state import ServerState
-from bot.spec import AdapterSpec
 from bot.tasks.classify import ClassifyTask
 from bot.tasks.generate import GenerateTask
 

@@ -13,7 +13,7 @@ from test_export import make_adapter
 
 from bot.cli import main
 from bot.eval.metrics import DENSE_LABELS, TOP_CONFUSIONS, classification_metrics
-from bot.export import ExportError, export
+from bot.export.vllm import ExportError, export
 
 
 # ------------------------------------------------------------------ item 8

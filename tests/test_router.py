@@ -372,8 +372,8 @@ def test_load_refuses_another_format_version(tmp_path):
 
 
 def test_build_router_rebuilds_a_cache_of_another_format(tmp_path, monkeypatch):
+    from bot.manifests.spec import AdapterSpec
     from bot.routing import FORMAT_VERSION, build_router
-    from bot.spec import AdapterSpec
 
     monkeypatch.setenv("BOT_CACHE", str(tmp_path))
     # no data set behind these manifests: routes are built from the examples alone

@@ -71,7 +71,7 @@ def test_the_adapter_reads_plain_text():
 
 
 def test_probs_of_a_real_classify_adapter_follow_its_labels():
-    from bot.spec import AdapterSpec
+    from bot.manifests.spec import AdapterSpec
     from bot.tasks import task_class
 
     bb = make_tiny_backbone()
@@ -165,7 +165,7 @@ def _two_routes(root):
 
 
 def test_a_failed_retrain_leaves_the_previous_route_adapter_whole(tmp_path, monkeypatch):
-    import bot.train
+    import bot.training.train
     from bot.routing.second import train_router
 
     _two_routes(tmp_path)
@@ -181,7 +181,7 @@ def test_a_failed_retrain_leaves_the_previous_route_adapter_whole(tmp_path, monk
         seen["labels"], seen["out"] = spec.labels, out_dir
         raise RuntimeError("killed mid-training")
 
-    monkeypatch.setattr(bot.train, "train_adapter", crash)
+    monkeypatch.setattr(bot.training.train, "train_adapter", crash)
     with pytest.raises(RuntimeError, match="killed"):
         train_router(tmp_path, backbone=None)
     assert {f.name: f.read_text() for f in folder.iterdir()} == before

@@ -14,10 +14,10 @@ import torch
 from conftest import make_tokenizer, run_concurrently
 from peft import LoraConfig
 
-from bot.backbone import Backbone
 from bot.engine import SamplingParams, Scheduler
 from bot.errors import QueueFull, ServeError, UnknownModel
-from bot.spec import AdapterSpec
+from bot.manifests.spec import AdapterSpec
+from bot.model.backbone import Backbone
 from bot.tasks.classify import ClassifyTask
 
 PROMPTS = ["hello there", "what is the weather like today in paris?", "x",

@@ -15,9 +15,9 @@ from test_serve import spread_backbone
 
 from bot import Router
 from bot.engine import Scheduler
+from bot.manifests.spec import AdapterSpec
 from bot.serve.server import BackgroundServer
 from bot.serve.state import ServerState
-from bot.spec import AdapterSpec
 from bot.tasks.classify import ClassifyTask
 from bot.tasks.generate import GenerateTask
 

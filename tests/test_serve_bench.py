@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletionChunk
 from peft import LoraConfig
 
 from bot.eval import llama_server as ls
-from bot.serve import bench
+from bot.serve import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_reply_length_comes_from_usage_and_ttft_from_the_first_content():
     # a role-only chunk, an empty one, three pieces, the finish chunk, then usage (choices [])
     chunks = [_chunk("", role="assistant"), _chunk(""), _chunk("Hel"), _chunk("lo"),
               _chunk(" there"), _chunk(None, finish="stop"), _chunk(usage=(37, 5))]
-    reply = bench.read_stream(chunks, 0.0, clock)
+    reply = load_bench.read_stream(chunks, 0.0, clock)
     assert reply["completion_tokens"] == 5  # the server's count, not the 3 pieces
     assert reply["prompt_tokens"] == 37
     assert reply["text"] == "Hello there"
@@ -59,12 +59,12 @@ def test_reply_length_comes_from_usage_and_ttft_from_the_first_content():
 
 
 def test_a_stream_without_usage_is_an_error_not_a_guess():
-    with pytest.raises(bench.NoUsage, match="without usage after 2 content chunks"):
-        bench.read_stream([_chunk("a"), _chunk("b"), _chunk(None, finish="stop")], 0.0, Clock())
+    with pytest.raises(load_bench.NoUsage, match="without usage after 2 content chunks"):
+        load_bench.read_stream([_chunk("a"), _chunk("b"), _chunk(None, finish="stop")], 0.0, Clock())
 
 
 def test_empty_reply_has_its_ttft_at_the_end():
-    reply = bench.read_stream([_chunk(None, finish="stop"), _chunk(usage=(10, 0))], 0.0, Clock())
+    reply = load_bench.read_stream([_chunk(None, finish="stop"), _chunk(usage=(10, 0))], 0.0, Clock())
     assert reply["completion_tokens"] == 0 and reply["text"] == ""
     assert reply["ttft_ms"] == pytest.approx(100.0)
 
@@ -72,19 +72,19 @@ def test_empty_reply_has_its_ttft_at_the_end():
 def test_level_figures_sum_usage_over_wall_time():
     replies = {i: {"ttft_ms": float(t), "completion_tokens": n, "prompt_tokens": 40, "text": str(i)}
                for i, (t, n) in enumerate([(100, 64), (200, 10), (300, 26), (400, 60)])}
-    lv = bench.summarize(replies, ["chat: boom"], wall=4.0, clients=2, requests=5)
+    lv = load_bench.summarize(replies, ["chat: boom"], wall=4.0, clients=2, requests=5)
     assert lv["tokens"] == 160 and lv["tokens_per_s"] == 40.0
     assert lv["failed"] == 1 and lv["errors"] == ["chat: boom"] and lv["requests"] == 5
     assert lv["p50_ttft_ms"] == 250.0
     assert 350 < lv["p95_ttft_ms"] <= 400
     assert lv["mean_reply_tokens"] == 40.0 and lv["mean_prompt_tokens"] == 40.0
     assert lv["texts"][2] == "2"
-    empty = bench.summarize({}, ["x", "y"], wall=1.0, clients=1, requests=2)
+    empty = load_bench.summarize({}, ["x", "y"], wall=1.0, clients=1, requests=2)
     assert empty["tokens_per_s"] == 0.0 and empty["p95_ttft_ms"] is None and empty["failed"] == 2
 
 
 def test_cpu_meter_reports_a_share_between_zero_and_one():
-    meter = bench.CpuMeter(None)
+    meter = load_bench.CpuMeter(None)
     sum(i * i for i in range(200_000))  # this process's own work is left out
     share = meter.others_share()
     assert share is None or 0.0 <= share <= 1.0
@@ -92,12 +92,12 @@ def test_cpu_meter_reports_a_share_between_zero_and_one():
 
 # ------------------------------------------------------------------ traffic and ratios
 def test_mixed_traffic_rotates_over_base_chat_and_the_second_adapter():
-    jobs = bench.traffic_jobs(["p0", "p1", "p2", "p3"], ["base", "chat", "chat2"], "mixed")
+    jobs = load_bench.traffic_jobs(["p0", "p1", "p2", "p3"], ["base", "chat", "chat2"], "mixed")
     assert jobs == [("base", "p0"), ("chat", "p1"), ("chat2", "p2"), ("base", "p3")]
-    assert bench.traffic_jobs(["p0", "p1"], ["base", "chat"], "single") == [("chat", "p0"),
+    assert load_bench.traffic_jobs(["p0", "p1"], ["base", "chat"], "single") == [("chat", "p0"),
                                                                            ("chat", "p1")]
     with pytest.raises(ValueError, match="traffic must be one of"):
-        bench.traffic_jobs(["p"], ["base"], "bursty")
+        load_bench.traffic_jobs(["p"], ["base"], "bursty")
 
 
 def _level(tps, p95=500.0):
@@ -108,7 +108,7 @@ def _level(tps, p95=500.0):
 def _tables(ratios_mixed, ratio_single16):
     def rows(ratios):
         return {str(c): {"bot_serve": _level(r * 50, 800.0 + c), "llama_server": _level(50.0),
-                         "ratio": bench.ratio(_level(r * 50), _level(50.0))}
+                         "ratio": load_bench.ratio(_level(r * 50), _level(50.0))}
                 for c, r in ratios.items()}
 
     return {"mixed": {"models": ["base", "chat", "chat2"], "levels": rows(ratios_mixed)},
@@ -116,33 +116,33 @@ def _tables(ratios_mixed, ratio_single16):
 
 
 def test_ratio_is_bot_over_llama_server_and_none_without_a_figure():
-    assert bench.ratio(_level(30.0), _level(60.0)) == 0.5
-    assert bench.ratio(_level(30.0), _level(0.0)) is None
-    assert bench.ratio({"tokens_per_s": None}, _level(1.0)) is None
+    assert load_bench.ratio(_level(30.0), _level(60.0)) == 0.5
+    assert load_bench.ratio(_level(30.0), _level(0.0)) is None
+    assert load_bench.ratio({"tokens_per_s": None}, _level(1.0)) is None
 
 
 def test_issue_keys_come_from_the_right_traffic_and_level():
-    keys = bench.against_keys(_tables({1: 0.2, 4: 0.3, 8: 0.4, 16: 0.6}, 0.35))
+    keys = load_bench.against_keys(_tables({1: 0.2, 4: 0.3, 8: 0.4, 16: 0.6}, 0.35))
     assert keys == {"vs_llama_server_c1": 0.2, "vs_llama_server_c8": 0.4,
                     "vs_llama_server_c16": 0.6, "vs_llama_server_single_c16": 0.35,
                     "p95_ttft_ms_8": 808.0}
-    partial = bench.against_keys(_tables({1: 0.2, 8: 0.4}, 0.35))
+    partial = load_bench.against_keys(_tables({1: 0.2, 8: 0.4}, 0.35))
     assert partial["vs_llama_server_c16"] is None and partial["vs_llama_server_c8"] == 0.4
 
 
 def test_targets_say_met_or_by_how_much_not():
-    low = bench.check_target("vs_llama_server_c8", 0.4, 2.0)
+    low = load_bench.check_target("vs_llama_server_c8", 0.4, 2.0)
     assert low["met"] is False and low["factor"] == 0.2
     assert "NOT MET" in low["text"] and "needs 5.00x more" in low["text"]
-    ok = bench.check_target("vs_llama_server_c1", 1.0, 0.8)
+    ok = load_bench.check_target("vs_llama_server_c1", 1.0, 0.8)
     assert ok["met"] is True and ok["text"] == "met (1.25x the target)"
-    slow = bench.check_target("p95_ttft_ms_8", 1500.0, 1000.0)  # lower is better
+    slow = load_bench.check_target("p95_ttft_ms_8", 1500.0, 1000.0)  # lower is better
     assert slow["met"] is False and "1.50x the limit" in slow["text"]
-    assert bench.check_target("p95_ttft_ms_8", 500.0, 1000.0)["met"] is True
-    assert bench.check_target("failed", 0, 0)["met"] is True
-    failed = bench.check_target("failed", 3, 0)
+    assert load_bench.check_target("p95_ttft_ms_8", 500.0, 1000.0)["met"] is True
+    assert load_bench.check_target("failed", 0, 0)["met"] is True
+    failed = load_bench.check_target("failed", 3, 0)
     assert failed["met"] is False and "limit is 0" in failed["text"]
-    assert bench.check_target("vs_llama_server_c16", None, 3.0)["met"] is None
+    assert load_bench.check_target("vs_llama_server_c16", None, 3.0)["met"] is None
 
 
 # ------------------------------------------------------------------ report
@@ -163,23 +163,23 @@ def _record(isa, ratios, single):
                         "flags": ["-m", "M.gguf", "--parallel", "16"], "model": "/x/M.gguf",
                         "no_repack_after_crash": isa == "native", "second_adapter": "chat2",
                         "traffic": tables},
-            **bench.against_keys(tables)}
+            **load_bench.against_keys(tables)}
 
 
 def test_report_has_both_isas_the_targets_and_native_copies_at_the_top(tmp_path):
     # avx2 measured first: the top-level copies must still be native's
     recs = [_record("avx2", {1: 0.1, 8: 0.3, 16: 0.5}, 0.2),
             _record("native", {1: 0.2, 8: 0.4, 16: 0.6}, 0.35)]
-    result = bench.make_result(recs, command_line="bot bench --serve --against llama-server",
+    result = load_bench.make_result(recs, command_line="bot bench --serve --against llama-server",
                                machine="x86_64, 2 CPU cores", code="abc123",
                                against="llama-server")
     assert result["top_level_isa"] == "native"
     assert result["vs_llama_server_c8"] == 0.4 and result["vs_llama_server_single_c16"] == 0.35
     assert result["isa"][0]["vs_llama_server_c8"] == 0.3
     assert result["isa"][1]["targets"]["vs_llama_server_c16"]["met"] is False
-    assert set(bench.AGAINST_TARGETS) <= set(result["targets"])
+    assert set(load_bench.AGAINST_TARGETS) <= set(result["targets"])
     json.dumps(result)  # serve.json must be plain JSON
-    md = bench.render_serve(result)
+    md = load_bench.render_serve(result)
     assert "bot bench --serve --against llama-server" in md and "abc123" in md
     assert md.count("### Against llama.cpp's `llama-server`") == 2
     assert "**mixed traffic** (rotating over `base`, `chat`, `chat2`)" in md
@@ -195,10 +195,10 @@ def test_report_has_both_isas_the_targets_and_native_copies_at_the_top(tmp_path)
 def test_report_without_against_keeps_the_serve_only_tables():
     rec = _record("native", {1: 0.2, 8: 0.4}, 0.3)
     rec.pop("against")
-    result = bench.make_result([rec], command_line="bot bench --serve", machine="m", code="c",
+    result = load_bench.make_result([rec], command_line="bot bench --serve", machine="m", code="c",
                                against=None)
     assert "vs_llama_server_c8" not in result["targets"]
-    md = bench.render_serve(result)
+    md = load_bench.render_serve(result)
     assert "llama-server" not in md and "| speedup_8 |" in md and "Memory (fp32 engine)" in md
 
 
@@ -235,7 +235,7 @@ def test_missing_binary_says_how_to_build_it(tmp_path, monkeypatch):
         ls.find_binary("sse2")
     # the whole benchmark refuses before any slow work
     with pytest.raises(AssetMissingError, match="build-llama-server"):
-        bench.run_serve_bench(adapters_dir=tmp_path, out_dir=tmp_path, isas=("native",),
+        load_bench.run_serve_bench(adapters_dir=tmp_path, out_dir=tmp_path, isas=("native",),
                               against="llama-server")
     assert not (tmp_path / "serve.md").exists()
 
@@ -245,19 +245,19 @@ def test_second_adapter_gets_its_own_name_and_same_weights(tmp_path):
     src.mkdir(parents=True)
     (src / "adapter.yaml").write_text("name: chat\nkind: generate\ndescription: small talk\n")
     (src / "adapter_model.safetensors").write_bytes(b"weights")
-    dest = bench.second_adapter_dir(tmp_path / "adapters", tmp_path / "served")
+    dest = load_bench.second_adapter_dir(tmp_path / "adapters", tmp_path / "served")
     assert "name: chat2" in (dest / "chat2" / "adapter.yaml").read_text()
     assert "name: chat\n" in (dest / "chat" / "adapter.yaml").read_text()
     assert (dest / "chat2" / "adapter_model.safetensors").read_bytes() == b"weights"
     (src / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
-        bench.second_adapter_dir(tmp_path / "adapters", tmp_path / "served2")
+        load_bench.second_adapter_dir(tmp_path / "adapters", tmp_path / "served2")
 
 
 def test_loras_written_once_per_weights_and_copied_for_a_second_name(tmp_path):
     import gguf
 
-    from bot.spec import DEFAULT_TARGET_MODULES
+    from bot.manifests.spec import DEFAULT_TARGET_MODULES
 
     bb = make_tiny_backbone()
     torch.manual_seed(0)
@@ -289,10 +289,10 @@ def test_cli_flags_reach_the_benchmark(monkeypatch):
         return {"targets": {"vs_llama_server_c8": 2.0}, "vs_llama_server_c8": 0.5,
                 "top_level_isa": "native"}
 
-    monkeypatch.setattr(bench, "run_serve_bench", fake)
+    monkeypatch.setattr(load_bench, "run_serve_bench", fake)
     assert main(["bench", "--serve", "--against", "llama-server", "--isa", "native",
                  "--levels", "1,8,8", "--traffic", "single", "--requests", "8",
-                 "--out", "/tmp/x/bench.md"]) == 0
+                 "--out", "/tmp/x/load_bench.md"]) == 0
     assert seen["against"] == "llama-server" and seen["isas"] == ("native",)
     assert seen["levels"] == (1, 8) and seen["traffic"] == ("single",)
     assert seen["n_requests"] == 8 and str(seen["out_dir"]) == "/tmp/x"
@@ -316,18 +316,18 @@ def test_cli_refuses_bad_levels_and_against_without_serve(capsys):
 @pytest.mark.skipif(ls.missing_reason("native") is not None,
                     reason=ls.missing_reason("native") or "")
 def test_real_llama_server_serves_base_and_each_adapter_by_the_lora_field(tmp_path):
-    from bot.backbone import Backbone
+    from bot.model.backbone import Backbone
 
     bb = Backbone.load()
     bb.load_adapter("chat", ROOT / "adapters" / "chat")
     loras = ls.write_loras(bb, {"chat": "chat", "chat2": "chat"}, tmp_path)
     model = ls.model_gguf(bb)
-    server, extra = ls.start_server(ls.find_binary("native"), model, loras, bench._free_port(),
+    server, extra = ls.start_server(ls.find_binary("native"), model, loras, load_bench._free_port(),
                                     tmp_path / "llama-server.log", parallel=4, ctx_per_slot=256)
     prompt = "Hi! How was your weekend?"
     jobs = [(bb.info.name, prompt), ("chat", prompt), ("chat2", prompt)]
     with server:
-        lv = bench.run_level(server.base_url, jobs, 3, 16,
+        lv = load_bench.run_level(server.base_url, jobs, 3, 16,
                              extra_body=lambda m: {"lora": ls.lora_field(m, list(loras))},
                              server_pid=server.proc.pid)
     assert lv["failed"] == 0, lv["errors"]
@@ -347,14 +347,14 @@ def test_classify_check_times_one_batched_request_against_one_per_text(tmp_path)
     state = make_state(tmp_path, api_key=None, limits=Limits(max_classify_inputs=64))
     texts = [f"held-out text number {i}, {'great' if i % 2 else 'awful'}" for i in range(16)]
     with BackgroundServer(state) as srv:
-        out = bench.measure_classify(srv.url + "/v1", texts, "mood")
+        out = load_bench.measure_classify(srv.url + "/v1", texts, "mood")
     assert out["model"] == "mood" and out["texts"] == 16
     assert out["batched_s"] > 0 and out["single_s"] > 0
     assert out["speedup"] > 0  # from the unrounded times
     # the same texts get the same labels either way (bf16 rounding may flip a near-tie)
     assert out["same_label"] >= 14
     rec = {"classify": out}
-    lines = bench.render_serve({"command": "c", "machine": "m", "against": None, "targets": {},
+    lines = load_bench.render_serve({"command": "c", "machine": "m", "against": None, "targets": {},
                                 "isa": [{**rec, "isa": "native", "features": {
                                     "aten_capability": "AVX2", "native_bf16": False,
                                     "threads": 2, "env": {}}, "models": [], "max_tokens": 8,

@@ -203,7 +203,7 @@ def test_a_classify_adapter_cannot_follow_a_format(server):
 
 @pytest.mark.integration
 def test_real_backbone_replies_validate(tmp_path):
-    from bot.backbone import Backbone
+    from bot.model.backbone import Backbone
     from bot.serve.state import ServerState, scheduler_for
 
     bb = Backbone.load()

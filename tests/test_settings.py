@@ -9,7 +9,7 @@ import pytest
 
 from bot import settings
 from bot.errors import BotError
-from bot.info import settings_lines
+from bot.model.info import settings_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 READ = re.compile(r"""(environ\.get\(|getenv\(|environ\[)\s*["'](BOT_[A-Z0-9_]+)["']\s*\)?(?!\s*=[^=])""")

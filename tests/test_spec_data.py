@@ -7,9 +7,9 @@ import json
 import pytest
 
 from bot.cli import main
-from bot.data import dedupe, load_user_file, read_table, split
 from bot.errors import DataError, SpecError
-from bot.spec import AdapterSpec, discover
+from bot.manifests.data import dedupe, load_user_file, read_table, split
+from bot.manifests.spec import AdapterSpec, discover
 
 
 def write(path, text):
@@ -36,7 +36,7 @@ def test_view_repeats_per_view_round_trip(tmp_path):
 
 
 def test_first_sentence_and_bbc_views():
-    from bot.data import first_sentence, load_bbc_news
+    from bot.manifests.data import first_sentence, load_bbc_news
 
     assert first_sentence("Profits rose 5% to $1.2bn. Shares fell.") == "Profits rose 5% to $1.2bn."
     assert first_sentence('He said "no!" Then he left.') == 'He said "no!" Then he left.'
@@ -88,7 +88,7 @@ def test_manifest_not_yaml_or_missing(tmp_path):
 
 
 def test_committed_manifests_are_valid():
-    from bot.assets import repo_root
+    from bot.util.assets import repo_root
 
     specs = {s.name: s for s in discover(repo_root() / "adapters")}
     assert {"topic", "sentiment", "chat"} <= set(specs)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import make_tiny_backbone
 
-from bot.registry import load_all, load_task
-from bot.spec import AdapterSpec
-from bot.train import save_adapter_folder, train_adapter
+from bot.manifests.registry import load_all, load_task
+from bot.manifests.spec import AdapterSpec
+from bot.training.train import save_adapter_folder, train_adapter
 
 WORDS = {"cat": ["meow", "purr", "whiskers", "kitten"], "dog": ["woof", "bark", "fetch", "puppy"]}
 
@@ -164,7 +164,7 @@ def test_generate_training_lowers_heldout_perplexity(tmp_path):
 
 
 def test_eval_only_rescores_and_keeps_training_figures(tmp_path):
-    from bot.train import reevaluate_adapter
+    from bot.training.train import reevaluate_adapter
 
     bb = make_tiny_backbone()
     spec = toy_spec(tmp_path, epochs=1.0)
@@ -177,7 +177,7 @@ def test_eval_only_rescores_and_keeps_training_figures(tmp_path):
 
 
 def test_heldout_rows_are_shuffled_not_file_ordered():
-    from bot.data import split
+    from bot.manifests.data import split
 
     rows = [{"text": f"good {i}", "label": "pos"} for i in range(300)]
     rows += [{"text": f"bad {i}", "label": "neg"} for i in range(300)]

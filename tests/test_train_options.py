@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from bot.cli import main
-from bot.spec import AdapterSpec
-from bot.train import training_rows
+from bot.manifests.spec import AdapterSpec
+from bot.training.train import training_rows
 
 
 def test_rare_labels_refused_by_default_and_kept_with_min_per_label(tmp_path, capsys):
@@ -85,7 +85,7 @@ def test_saving_elsewhere_carries_the_data_file_from_the_manifests_own_folder(tm
     from conftest import make_tiny_backbone
 
     from bot.tasks import task_class
-    from bot.train import save_adapter_folder
+    from bot.training.train import save_adapter_folder
 
     staging, dest = tmp_path / "staging", tmp_path / "dest"
     staging.mkdir()

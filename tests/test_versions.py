@@ -1,4 +1,4 @@
-"""Versions (bot.versions) and the interruptible folder swap (bot.fsutil.swap_in / recover).
+"""Versions (bot.manifests.versions) and the interruptible folder swap (bot.util.fsutil.swap_in / recover).
 
 The kill tests run the swap in a child process whose k-th ``os.rename`` calls ``os._exit``
 first (no cleanup, like SIGKILL), then check that the next start puts a whole folder back.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bot import versions
 from bot.errors import DataError
-from bot.fsutil import atomic_dir_write, recover, swap_in
+from bot.manifests import versions
+from bot.util.fsutil import atomic_dir_write, recover, swap_in
 
 
 def tree(root: Path, skip=(".versions", ".trash", ".changes")) -> dict[str, str]:
@@ -44,7 +44,7 @@ def make_adapter(folder: Path, tag: str, name: str = "") -> Path:
 
 
 def save_new(folder: Path, tag: str) -> Path:
-    """A save as bot.train does it: write a temp folder, swap it in, keep the previous one."""
+    """A save as bot.training.train does it: write a temp folder, swap it in, keep the previous one."""
     return atomic_dir_write(folder, lambda tmp: make_adapter(tmp, tag, folder.name) and None,
                             versions.retirer(folder))
 

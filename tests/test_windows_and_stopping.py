@@ -12,7 +12,7 @@ from test_frozen_cache import WORDS, task_on_fresh_backbone
 
 from bot.engine.scheduler import classify_now
 from bot.errors import SpecError
-from bot.spec import AdapterSpec
+from bot.manifests.spec import AdapterSpec
 from bot.tasks import stopping
 from bot.tasks.classify import ClassifyTask
 from bot.tasks.pooling import pool_windows

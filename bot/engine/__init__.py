@@ -8,9 +8,9 @@
 * the optional llama.cpp backend (bot.engine.llamacpp).
 """
 
-from ..errors import QueueFull, ServeError, UnknownModel
-from .sampling import SamplingParams
-from .scheduler import Event, Request, Scheduler
+from bot.engine.sampling import SamplingParams
+from bot.engine.scheduler import Event, Request, Scheduler
+from bot.errors import QueueFull, ServeError, UnknownModel
 
 __all__ = ["Scheduler", "SamplingParams", "Event", "Request", "ServeError", "QueueFull",
            "UnknownModel"]

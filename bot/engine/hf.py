@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch import model_from_weights
-from ..errors import AdapterError, BackboneError
-from .plain import plain_state
-from .precision import KINDS as PRECISIONS
-from .precision import activation_dtype, convert, for_device
+from bot.engine.plain import plain_state
+from bot.engine.precision import KINDS as PRECISIONS
+from bot.engine.precision import activation_dtype, convert, for_device
+from bot.errors import AdapterError, BackboneError
+from bot.model.families import model_from_weights
 
 
 @dataclass

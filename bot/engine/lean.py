@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import linear_for
-from .slotcache import grow
+from bot.engine.precision import linear_for
+from bot.engine.slotcache import grow
 
 # model types whose decoder layers are exactly Llama's (no sliding window, no extra norms)
 SUPPORTED = ("llama", "qwen2")
@@ -92,7 +92,7 @@ class Weights:
     """
 
     def __init__(self, model: nn.Module, kind: str):
-        from .precision import activation_dtype, head_kind
+        from bot.engine.precision import activation_dtype, head_kind
 
         self.kind = kind
         self.dtype = activation_dtype(kind)

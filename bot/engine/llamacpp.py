@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .. import settings
+from bot import settings
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def write_lora_gguf(backbone, adapter: str, path: Path) -> Path:
     import gguf
     from peft.tuners.lora import LoraLayer
 
-    from ..errors import AdapterError
+    from bot.errors import AdapterError
 
     config = backbone.base.config
     if config.model_type != "llama":
@@ -188,7 +188,7 @@ class LlamaCppGenerator:
     """
 
     def __init__(self, backbone, n_threads: int | None = None, n_ctx: int = 1024, max_engines: int = 3):
-        from ..errors import BotError
+        from bot.errors import BotError
 
         self.llama_cpp = import_llama_cpp()
         if self.llama_cpp is None:
@@ -207,7 +207,7 @@ class LlamaCppGenerator:
 
     def lora_file(self, adapter: str) -> Path:
         """The adapter as a GGUF LoRA file in ``$BOT_CACHE/gguf-lora`` (written once per content)."""
-        from ..assets import cache_dir
+        from bot.util.assets import cache_dir
 
         path = cache_dir() / "gguf-lora" / f"{adapter}-{_adapter_digest(self.backbone, adapter)}.gguf"
         if not path.exists():
@@ -318,7 +318,7 @@ def chat_engine(backbone, engine: str | None = None) -> LlamaCppGenerator | None
             here (not installed, backbone not from a GGUF file), the reason is logged as a
             warning and None is returned: the chat still works, on PyTorch.
     """
-    from ..errors import BotError
+    from bot.errors import BotError
 
     name = (engine or settings.get(ENGINE_ENV)).strip().lower()
     if name not in ENGINES:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import AdapterError
+from bot.errors import AdapterError
 
 # module leaf -> (group, which output part) in the lean step's fused layout
 GROUPS = {"q_proj": (0, 0), "k_proj": (0, 1), "v_proj": (0, 2), "o_proj": (1, 0),

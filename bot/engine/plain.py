@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..arch import model_from_weights
-from ..errors import BackboneError
+from bot.errors import BackboneError
+from bot.model.families import model_from_weights
 
 
 def plain_state(backbone) -> dict[str, torch.Tensor]:

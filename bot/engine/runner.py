@@ -19,17 +19,17 @@ import logging
 
 import torch
 
-from .lean import LeanModel, Segment, Weights, supports, why_not
-from .lora import BankSet
-from .plain import plain_model
-from .precision import for_device
+from bot.engine.lean import LeanModel, Segment, Weights, supports, why_not
+from bot.engine.lora import BankSet
+from bot.engine.plain import plain_model
+from bot.engine.precision import for_device
 
 log = logging.getLogger(__name__)
 
 
 def make_runner(backbone, precision: str, max_rows: int, max_len: int):
     """The runner for ``backbone``: lean where the family is covered, else transformers'."""
-    from .tuning import resolve
+    from bot.engine.tuning import resolve
 
     choice = resolve(backbone, precision)
     if supports(backbone.base):
@@ -113,8 +113,8 @@ class HFRunner:
     chunked = False
 
     def __init__(self, backbone, kind: str, max_rows: int, max_len: int):
-        from .hf import LoraEngine
-        from .slotcache import SlotCache
+        from bot.engine.hf import LoraEngine
+        from bot.engine.slotcache import SlotCache
 
         self.engine = LoraEngine(backbone, for_device(kind, backbone.device))
         self.precision = self.engine.precision
@@ -142,7 +142,7 @@ class HFRunner:
 
     def step(self, segments: list[Segment]) -> torch.Tensor:
         """Decode rows (slots 0..d-1) first, then whole prompts in the rows after them."""
-        from .slotcache import decode_mask, prefill_mask
+        from bot.engine.slotcache import decode_mask, prefill_mask
 
         dec = sorted((s for s in segments if s.pos > 0), key=lambda s: s.slot)
         pre = sorted((s for s in segments if s.pos == 0), key=lambda s: s.slot)

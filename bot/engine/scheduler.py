@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import QueueFull, ServeError, UnknownModel
-from ..tasks.pooling import pool_windows
-from .lean import Segment
-from .lora import Mixture, adapter_names
-from .runner import make_runner
-from .sampling import SamplingParams, next_token, top_logprobs
-from .threads import release_pool
+from bot.engine.lean import Segment
+from bot.engine.lora import Mixture, adapter_names
+from bot.engine.runner import make_runner
+from bot.engine.sampling import SamplingParams, next_token, top_logprobs
+from bot.engine.threads import release_pool
+from bot.errors import QueueFull, ServeError, UnknownModel
+from bot.tasks.pooling import pool_windows
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)

@@ -19,11 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import settings
-from ..assets import cache_dir
-from ..errors import BotError
-from ..fsutil import atomic_write_text
-from .precision import (
+from bot import settings
+from bot.engine.precision import (
     CACHE_FILE,
     CANDIDATES,
     KERNEL_ENV,
@@ -33,6 +30,9 @@ from .precision import (
     PROBE_TEXT,
     native_bf16,
 )
+from bot.errors import BotError
+from bot.util.assets import cache_dir
+from bot.util.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 SIZES = (1, 4, 8, 16)
@@ -126,8 +126,8 @@ def _write_cache(key: str, choice: Choice) -> None:
 
 def measure(backbone, kinds=CANDIDATES, rounds: int = 5) -> dict:
     """Probe perplexity and lean-step time (ms at 1/4/8/16 tokens) of each kernel."""
-    from .lean import LeanModel, Segment, Weights
-    from .runner import plain_model
+    from bot.engine.lean import LeanModel, Segment, Weights
+    from bot.engine.runner import plain_model
 
     ids = backbone.tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"][0].tolist()
     cfg = backbone.base.config
@@ -205,7 +205,7 @@ def choose(backbone, *, refresh: bool = False, kinds=CANDIDATES) -> Choice:
     features = cpu_features()
     key = cache_key(features, model_shape(backbone.base))
     device = getattr(backbone, "device", torch.device("cpu"))
-    from .lean import supports, why_not
+    from bot.engine.lean import supports, why_not
 
     if not supports(backbone.base) and not settings.get(KERNEL_ENV):
         return Choice("fp32", "fp32", 1 << 30, f"fp32: the autotuner times the lean step, which does "

@@ -1,6 +1,6 @@
 """`bot eval`: per-task accuracy, transfer against baselines, router quality, learning curves.
 
-Every number comes from the held-out *test* split (bot.data.split), which training and
+Every number comes from the held-out *test* split (bot.manifests.data.split), which training and
 router fitting never see. Baselines are trained on the same *train* split.
 """
 
@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import BotError, DataError
-from ..info import machine
-from ..registry import load_task
-from ..spec import AdapterSpec, check_run_values, require_usable, scan
-from ..tasks.classify import ClassifyTask
-from ..train import training_rows
-from . import metrics as M
+from bot.errors import BotError, DataError
+from bot.eval import metrics as M
+from bot.manifests.registry import load_task
+from bot.manifests.spec import AdapterSpec, check_run_values, require_usable, scan
+from bot.model.info import machine
+from bot.tasks.classify import ClassifyTask
+from bot.training.train import training_rows
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def eval_one(spec: AdapterSpec, bb, max_examples: int | None, data_file: str | N
 
 def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
     """Rows from a user's file with the manifest's columns; unknown labels are an error."""
-    from ..data import load_user_file
+    from bot.manifests.data import load_user_file
 
     cols = {k: v for k, v in spec.data.items() if k.endswith("_col")}
     rows = load_user_file(path, spec.kind, **cols)
@@ -256,7 +256,7 @@ def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
 # -------------------------------------------------------------------- router
 def eval_router(specs: list[AdapterSpec], session=None) -> dict:
     """Router accuracy on the test splits plus the hand-written turns, also per source."""
-    from ..routing import build_router, load_handwritten, route_texts, router_test_set
+    from bot.routing import build_router, load_handwritten, route_texts, router_test_set
 
     router = session.router if session else build_router(specs)
     names = {s.name for s in specs}
@@ -288,7 +288,7 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         out["second_stage_note"] = router.second_note
     rule = getattr(router, "abstain", None)
     if rule is not None:  # how often it would ask back on these turns, and how right the rest is
-        from ..routing.abstain import measure
+        from bot.routing.abstain import measure
 
         out["abstain"] = {"threshold": rule.threshold, "on_by_default": rule.on,
                           "validation": rule.figures, "heldout": measure(rule, choices, truth)}
@@ -341,7 +341,7 @@ def eval_routed(router, name: str, rows: list[dict], predictions: dict[str, list
 
 def eval_latency(session, n: int = 12) -> dict:
     """Median end-to-end times of classification turns and first streamed chat tokens."""
-    from ..routing import load_handwritten
+    from bot.routing import load_handwritten
 
     turns = load_handwritten(set(session.tasks))
     kinds = {name: task.kind for name, task in session.tasks.items()}
@@ -427,8 +427,8 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
     Returns:
         the results dict written to ``out/eval.json``.
     """
-    from ..backbone import Backbone
-    from .report import write_report
+    from bot.eval.report import write_report
+    from bot.model.backbone import Backbone
 
     t0 = time.perf_counter()
     check_run_values(max_examples=max_examples)
@@ -469,8 +469,8 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         _log_line(spec.name, results["tasks"][spec.name])
     ok_specs = [s for s in specs if results["tasks"][s.name]["status"] == "ok"]
     if not no_router and not data and len(ok_specs) >= 2:
-        from ..chat import ChatSession
-        from ..routing import build_router
+        from bot.chat import ChatSession
+        from bot.routing import build_router
 
         session = ChatSession(bb, tasks, build_router(ok_specs, backbone=bb))
         results["router"] = eval_router(ok_specs, session)
@@ -494,7 +494,7 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
 
 def _route_timing(latency: dict, adapters_dir) -> None:
     """``route_ms``: median over 200 short turns, in a fresh process per CPU setting."""
-    from ..routing.latency import record_both_isas
+    from bot.routing.latency import record_both_isas
 
     latency["route_ms_in_turn"] = latency.pop("route_ms")  # the few turns timed end to end
     try:
@@ -505,8 +505,8 @@ def _route_timing(latency: dict, adapters_dir) -> None:
 
 def _helpfulness(results: dict, session, instructions: str | None) -> None:
     """``tasks.<chat>.instructions`` for every generate task, when a file is given."""
-    from ..data import load_user_file
-    from .helpful import eval_instructions
+    from bot.eval.helpful import eval_instructions
+    from bot.manifests.data import load_user_file
 
     if not instructions:
         return

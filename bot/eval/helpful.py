@@ -24,8 +24,8 @@ def words(text: str) -> int:
 
 
 def _replies(session, prompts: list[str], adapter: str | None, max_tokens: int) -> list[str]:
-    from ..chat import REPETITION_PENALTY
-    from ..engine import SamplingParams
+    from bot.chat import REPETITION_PENALTY
+    from bot.engine import SamplingParams
 
     tok = session.backbone.tokenizer
     params = SamplingParams(max_tokens=max_tokens, repetition_penalty=REPETITION_PENALTY)

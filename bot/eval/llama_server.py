@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..errors import AssetMissingError, BotError
+from bot.errors import AssetMissingError, BotError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ NO_REPACK = "--no-repack"
 
 def install_dir() -> Path:
     """``$BOT_CACHE/llama-server``: where the build script puts its binaries."""
-    from ..assets import cache_dir
+    from bot.util.assets import cache_dir
 
     return cache_dir() / "llama-server"
 
@@ -73,9 +73,9 @@ def version(binary: Path) -> str:
 def _llamacpp():
     """bot's llama.cpp helpers (moving into bot.engine; the old module still works)."""
     try:
-        from ..engine import llamacpp
+        from bot.engine import llamacpp
     except ImportError:  # before the engine package
-        from .. import llamacpp
+        from bot import llamacpp
     return llamacpp
 
 

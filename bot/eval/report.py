@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import atomic_write_text
-from .metrics import comparison_text, transfer_verdict
-from .plots import plot_bar_summary, plot_confusion, plot_learning_curve
+from bot.eval.metrics import comparison_text, transfer_verdict
+from bot.eval.plots import plot_bar_summary, plot_confusion, plot_learning_curve
+from bot.util.fsutil import atomic_write_text
 
 DASH = "—"
 MAX_CELL = 300  # long generations would make the markdown tables unreadable
@@ -335,7 +335,7 @@ def _instructions(name: str, ins: dict | None) -> list[str]:
     """How helpful the adapter stays on hand-written requests (bot.eval.helpful)."""
     if not ins:
         return []
-    from .helpful import TARGETS
+    from bot.eval.helpful import TARGETS
 
     met = ins.get("met") or {}
     word = {True: "met", False: "NOT MET", None: DASH}

@@ -14,8 +14,8 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import DataError
-from ..spec import require_usable, scan
+from bot.errors import DataError
+from bot.manifests.spec import require_usable, scan
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,10 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
     Returns:
         the whole report dict written to ``out/eval.json``.
     """
-    from ..routing import abstain, build_router
-    from ..routing.second import attach_if_trained
-    from .evaluate import eval_router
-    from .report import write_report
+    from bot.eval.evaluate import eval_router
+    from bot.eval.report import write_report
+    from bot.routing import abstain, build_router
+    from bot.routing.second import attach_if_trained
 
     specs, broken = scan(adapters_dir)
     require_usable(specs, broken)
@@ -57,7 +57,7 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
     results = _existing(Path(out) / "eval.json")
     results["router"] = section
     if latency:
-        from ..routing.latency import record_both_isas
+        from bot.routing.latency import record_both_isas
 
         record_both_isas(results.setdefault("latency", {}), adapters_dir)
     write_report(results, out)

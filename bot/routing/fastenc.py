@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import DataError
+from bot.errors import DataError
 
 
 def mean_pooling_only(model) -> bool:

@@ -139,7 +139,7 @@ def fit_route_head(embeddings: dict[str, np.ndarray], examples: dict[str, list[s
     its first texts were written as users type (its manifest's ``route_examples``); each weighs
     ``written_weight`` times a data-set text.
     """
-    from .features import NgramFeatures
+    from bot.routing.features import NgramFeatures
 
     routes = list(embeddings)
     labels = np.array([name for name, e in embeddings.items() for _ in range(len(e))])

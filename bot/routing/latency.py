@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..serve.bench import AVX2_ENV  # one definition of the AVX2-only setting
+from bot.serve.load_bench import AVX2_ENV  # one definition of the AVX2-only setting
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ SHORT_CHARS = 120  # a "short turn": what people type in a chat box
 
 def short_turns(specs, n: int = 200) -> list[str]:
     """``n`` short held-out turns: the hand-written ones first, then the test splits."""
-    from .build import router_test_set
+    from bot.routing.build import router_test_set
 
     turns = [t for t, _ in router_test_set(specs) if len(t) <= SHORT_CHARS]
     return list(dict.fromkeys(turns))[:n]
@@ -51,9 +51,9 @@ def measure(adapters_dir, n: int = 200) -> dict:
     """Build (or load the cached) router for ``adapters_dir`` and time ``n`` short turns."""
     import torch
 
-    from ..spec import discover
-    from .build import build_router
-    from .second import attach_if_trained
+    from bot.manifests.spec import discover
+    from bot.routing.build import build_router
+    from bot.routing.second import attach_if_trained
 
     specs = discover(adapters_dir)
     router = build_router(specs)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..spec import check_adapter_name
-from ..text import MAX_CHARS, normalise
-from . import fitting, store
-from .cache import Embedder
-from .commands import HELP, help_lines, parse_command, scoring_text, split_follow_up
-from .turns import as_pairs
+from bot.errors import DataError
+from bot.manifests.spec import check_adapter_name
+from bot.routing import fitting, store
+from bot.routing.cache import Embedder
+from bot.routing.commands import HELP, help_lines, parse_command, scoring_text, split_follow_up
+from bot.routing.turns import as_pairs
+from bot.util.text import MAX_CHARS, normalise
 
 DEFAULT_MARGIN = 0.1  # cosine units; only used until fit() replaces it
 
@@ -42,7 +42,7 @@ class RouteChoice:
 
 
 def _check_route_name(name: str, role: str) -> None:
-    """The one adapter-name rule (bot.spec); it also reserves /help and 'auto'."""
+    """The one adapter-name rule (bot.manifests.spec); it also reserves /help and 'auto'."""
     check_adapter_name(name, role)
 
 
@@ -106,7 +106,7 @@ class _RouterQuality:
 
     def evaluate(self, labelled) -> dict:
         """Route each turn on its own; the ``bot.eval.metrics.router_metrics`` of the result."""
-        from ..eval.metrics import router_metrics
+        from bot.eval.metrics import router_metrics
 
         pairs = as_pairs(labelled)
         if not pairs:

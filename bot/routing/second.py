@@ -12,7 +12,7 @@ of them, never pay for it, so the median routing time stays the first stage's.
 
 The route adapter is trained by ``bot train-router`` into ``ADAPTERS_DIR/.router/``. Its data
 are every route's ``route_examples``, each in a few spellings (they are the only texts written
-the way users type, and bot.data drops exact repeats), and a sample of each route's *training*
+the way users type, and bot.manifests.data drops exact repeats), and a sample of each route's *training*
 split. ``gate`` and ``weight`` are then chosen on the validation splits plus the hand-written
 validation turns (``val_turns.jsonl``) and written to ``stage.json`` with the figures behind
 them. The test splits and the hand-written test turns are never read. When the routes change
@@ -34,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BotError
+from bot.errors import BotError
 
 log = logging.getLogger(__name__)
 
-FOLDER = ".router"  # under ADAPTERS_DIR; dot folders are not adapters (bot.spec.scan)
+FOLDER = ".router"  # under ADAPTERS_DIR; dot folders are not adapters (bot.manifests.spec.scan)
 NAME = "router"
 STAGE_FILE = "stage.json"
-TEXTS_PER_ROUTE = 3000  # training-split texts per route in routes.csv (bot.data.split trains on 70 %)
+TEXTS_PER_ROUTE = 3000  # training-split texts per route in routes.csv (bot.manifests.data.split trains on 70 %)
 VAL_PER_ROUTE = 1000
 GATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: every turn gets the second opinion
 WEIGHTS = (0.3, 0.5, 0.7)
@@ -75,7 +75,7 @@ def spellings(text: str) -> list[str]:
 
 def _texts(rows: list[dict], rng: random.Random, n_texts: int) -> list[str]:
     """About ``n_texts`` turn texts from ``rows`` (a row with views gives one text per view)."""
-    from .build import TURN_VIEWS, turn_texts
+    from bot.routing.build import TURN_VIEWS, turn_texts
 
     per_row = 1 + len(set(rows[0].get("views", {})) & set(TURN_VIEWS)) if rows else 1
     return turn_texts(rows, rng, max(1, n_texts // per_row))
@@ -83,8 +83,8 @@ def _texts(rows: list[dict], rng: random.Random, n_texts: int) -> list[str]:
 
 def write_training_file(specs, path: Path, per_route: int = TEXTS_PER_ROUTE) -> dict[str, int]:
     """``text,label`` CSV of the routes' examples and training texts; rows per route."""
-    from ..fsutil import atomic_write_text
-    from .build import spec_splits
+    from bot.routing.build import spec_splits
+    from bot.util.fsutil import atomic_write_text
 
     counts, buffer = {}, io.StringIO(newline="")
     out = csv.writer(buffer)
@@ -110,7 +110,7 @@ def folder_of(adapters_dir) -> Path:
 
 def write_manifest(specs, folder: Path) -> Path:
     """Write the route adapter's ``routes.csv`` and ``adapter.yaml`` into ``folder``; return it."""
-    from ..spec import AdapterSpec, LoraSettings, TrainSettings
+    from bot.manifests.spec import AdapterSpec, LoraSettings, TrainSettings
 
     counts = write_training_file(specs, folder / "routes.csv")
     log.info("route adapter data: %s", ", ".join(f"{n} {c}" for n, c in counts.items()))
@@ -236,8 +236,8 @@ def attach(router, backbone, adapters_dir, specs=None) -> SecondStage | None:
     Args:
         specs: the routes' manifests (for the validation turns); None: read from adapters_dir.
     """
-    from ..registry import load_task
-    from ..spec import AdapterSpec
+    from bot.manifests.registry import load_task
+    from bot.manifests.spec import AdapterSpec
 
     folder = folder_of(adapters_dir)
     router.second, router.second_note = None, "none: no route adapter fitted (bot train-router)"
@@ -294,8 +294,8 @@ def extension_check(router, stage: SecondStage, specs, adapters_dir, stage_file:
     """
     import time
 
-    from ..fsutil import atomic_write_text
-    from ..spec import discover
+    from bot.manifests.spec import discover
+    from bot.util.fsutil import atomic_write_text
 
     digest = hashlib.sha256(stage_file.read_bytes()).hexdigest()[:16]
     cache = getattr(router, "cache_path", None)
@@ -362,7 +362,7 @@ def attach_if_trained(router, adapters_dir, backbone_name: str | None = None) ->
     """:func:`attach`, loading a backbone first only when a fitted stage exists (reports)."""
     if not (folder_of(adapters_dir) / STAGE_FILE).is_file():
         return None
-    from ..backbone import Backbone
+    from bot.model.backbone import Backbone
 
     return attach(router, Backbone.load(backbone_name), adapters_dir)
 
@@ -372,9 +372,9 @@ HANDWRITTEN_SHARE = 0.25  # of the validation objective; the test set is ~19 % h
 
 def validation_pairs(specs, router, per_route: int = VAL_PER_ROUTE) -> list[tuple[str, str, str]]:
     """(text, route, source) for fitting: validation splits and hand-written validation turns."""
-    from ..text import normalise
-    from .build import route_texts, spec_splits, turn_texts
-    from .turns import load_turns
+    from bot.routing.build import route_texts, spec_splits, turn_texts
+    from bot.routing.turns import load_turns
+    from bot.util.text import normalise
 
     seen, pairs = route_texts(router), []
     for spec in specs:
@@ -406,8 +406,8 @@ def fit_stage(router, stage: SecondStage, pairs) -> dict:
     """Choose ``gate`` and ``weight`` on ``pairs`` by the router's whole decision (with its
     fallback cuts); the most accurate wins, the lower gate (fewer adapter calls) on ties.
     Gate 0 (the first stage alone) wins unless the second opinion helps."""
-    from . import fitting
-    from .commands import scoring_text
+    from bot.routing import fitting
+    from bot.routing.commands import scoring_text
 
     texts = [scoring_text(t) for t, _, _ in pairs]
     labels = np.array([a for _, a, _ in pairs])
@@ -438,10 +438,10 @@ def train_router(adapters_dir, backbone, *, command: str = "", fit_only: bool = 
     then fit its gate and weight on validation; returns what ``stage.json`` holds."""
     import shutil
 
-    from ..errors import DataError
-    from ..fsutil import adapter_lock
-    from ..spec import AdapterSpec, discover
-    from ..train import train_adapter
+    from bot.errors import DataError
+    from bot.manifests.spec import AdapterSpec, discover
+    from bot.training.train import train_adapter
+    from bot.util.fsutil import adapter_lock
 
     specs = discover(adapters_dir)
     if len(specs) < 2:
@@ -466,11 +466,11 @@ def _fit(specs, folder: Path, backbone, command: str, fit_only: bool) -> dict:
     """The fitting half of :func:`train_router`: gate and weight into ``stage.json``."""
     import time
 
-    from ..errors import DataError
-    from ..fsutil import atomic_write_text
-    from ..registry import load_task
-    from ..spec import AdapterSpec
-    from .build import build_router
+    from bot.errors import DataError
+    from bot.manifests.registry import load_task
+    from bot.manifests.spec import AdapterSpec
+    from bot.routing.build import build_router
+    from bot.util.fsutil import atomic_write_text
 
     if fit_only and not (folder / "adapter_model.safetensors").is_file():
         raise DataError(f"{folder} holds no trained route adapter. Fix: bot train-router "

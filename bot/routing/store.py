@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..fsutil import atomic_dir_write
+from bot.errors import DataError
+from bot.util.fsutil import atomic_dir_write
 
 FORMAT_VERSION = 3  # 2: per-route thresholds and the optional linear head; 3: n-gram features in the head
 PROBE = "The router checks that it is loaded with the encoder it was saved with."
@@ -73,7 +73,7 @@ def head_to_disk(head: dict | None) -> tuple[dict, dict[str, np.ndarray]]:
 
 def head_from_disk(config: dict, tensors: dict[str, np.ndarray]) -> dict | None:
     """The head that ``head_to_disk`` wrote, or None when the router has none."""
-    from .features import NgramFeatures
+    from bot.routing.features import NgramFeatures
 
     if not config.get("head_routes"):
         return None

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import DataError
+from bot.errors import DataError
 
 HANDWRITTEN = Path(__file__).with_name("chat_turns.jsonl")
 

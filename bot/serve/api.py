@@ -32,13 +32,13 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException
 
-from ..engine import SamplingParams
-from ..engine.sampling import MAX_LOGPROBS
-from ..errors import BotError, ServeError
-from .embeddings import embed
-from .limits import Guard, error_type
-from .openapi import document
-from .replies import (
+from bot.engine import SamplingParams
+from bot.engine.sampling import MAX_LOGPROBS
+from bot.errors import BotError, ServeError
+from bot.serve.embeddings import embed
+from bot.serve.limits import Guard, error_type
+from bot.serve.openapi import document
+from bot.serve.replies import (
     DISCONNECT_POLL_S,
     ApiError,
     Job,
@@ -48,8 +48,8 @@ from .replies import (
     ready_reply,
     serve_error,
 )
-from .state import ServerState, _shown, _untemplated, adapter_name  # noqa: F401 (tests import it from here)
-from .structured import Structured, grammar_for
+from bot.serve.state import ServerState, _shown, _untemplated, adapter_name  # noqa: F401 (tests import it from here)
+from bot.serve.structured import Structured, grammar_for
 
 log = logging.getLogger(__name__)
 

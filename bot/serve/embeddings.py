@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import threading
 
-from ..engine.threads import off_engine
-from ..errors import UnknownModel
-from .state import FieldError, ServerState, _shown
+from bot.engine.threads import off_engine
+from bot.errors import UnknownModel
+from bot.serve.state import FieldError, ServerState, _shown
 
 ROUTER_ENCODER = "router-encoder"
 _counters: dict[int, tuple[object, object]] = {}  # id(encoder) -> (encoder, its tokenizer's copy)

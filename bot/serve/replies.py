@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engine import Event, SamplingParams
-from ..errors import ServeError
+from bot.engine import Event, SamplingParams
+from bot.errors import ServeError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ApiError(Exception):
 
 def serve_error(err: ServeError) -> ApiError:
     """The HTTP answer to an error the engine or the server state raised on purpose."""
-    from ..errors import QueueFull, UnknownModel
+    from bot.errors import QueueFull, UnknownModel
 
     if isinstance(err, QueueFull):
         return ApiError(429, str(err), err.code, headers={"Retry-After": "1"})

@@ -16,8 +16,8 @@ def serve(backbone, adapters_dir, *, host: str = "127.0.0.1", port: int = 8000,
     """Load the adapters, start the scheduler and serve HTTP until interrupted."""
     import uvicorn
 
-    from .api import create_app
-    from .state import ServerState
+    from bot.serve.api import create_app
+    from bot.serve.state import ServerState
 
     state = ServerState.build(backbone, adapters_dir, api_key=api_key, precision=precision,
                               max_batch=max_batch, max_queue=max_queue, max_len=max_len,
@@ -67,7 +67,7 @@ class BackgroundServer:
 
         import uvicorn
 
-        from .api import create_app
+        from bot.serve.api import create_app
 
         if port == 0:
             with socket.socket() as s:

@@ -8,12 +8,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine import Scheduler
-from ..engine.lora import Mixture
-from ..engine.threads import off_engine
-from ..errors import AdapterError, ServeError, UnknownModel
-from .limits import Limits
-from .metrics import ServeMetrics
+from bot.engine import Scheduler
+from bot.engine.lora import Mixture
+from bot.engine.threads import off_engine
+from bot.errors import AdapterError, ServeError, UnknownModel
+from bot.serve.limits import Limits
+from bot.serve.prometheus import ServeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,14 @@ class ServerState:
               max_queue=64, max_len=2048, with_router=True, encoder=None,
               limits: Limits | None = None) -> ServerState:
         """Load every adapter in ``adapters_dir`` and start serving them."""
-        from ..registry import load_all
+        from bot.manifests.registry import load_all
 
         tasks, failures = load_all(backbone, adapters_dir)
         for name, err in failures.items():
             log.warning("adapter %s not served: %s", name, err)
         router = None
         if with_router and tasks:
-            from ..routing import build_router
+            from bot.routing import build_router
 
             router = build_router([t.spec for t in tasks.values()], encoder, backbone=backbone)
         scheduler = scheduler_for(backbone, tasks, precision=precision, max_batch=max_batch,
@@ -240,7 +240,7 @@ class ServerState:
     # ------------------------------------------------------------- adapters
     def check_new_name(self, name: str) -> None:
         """Raise BotError unless ``name`` is a valid adapter name not served yet."""
-        from ..spec import check_adapter_name
+        from bot.manifests.spec import check_adapter_name
 
         check_adapter_name(name, "lora_name")
         if name in self.tasks or name in self.scheduler.generators or \
@@ -254,8 +254,8 @@ class ServerState:
         Name and kind are checked before anything is registered, and a load that fails
         half way is undone, so a refused adapter is not listed and answers nothing.
         """
-        from ..registry import load_task
-        from ..spec import AdapterSpec
+        from bot.manifests.registry import load_task
+        from bot.manifests.spec import AdapterSpec
 
         self.check_new_name(name)
         if not folder.is_dir():
@@ -330,7 +330,7 @@ def mixture(state: ServerState, model: str) -> Mixture:
 
 
 def is_mixture(model: str) -> bool:
-    """Adapter names hold no ':' or '+' (bot.spec), so either one marks a mixture."""
+    """Adapter names hold no ':' or '+' (bot.manifests.spec), so either one marks a mixture."""
     return ":" in model or "+" in model
 
 

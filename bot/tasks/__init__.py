@@ -24,4 +24,4 @@ def task_class(kind: str) -> type:
     return TASKS[kind]
 
 
-from . import bare, classify, generate  # noqa: E402,F401  (registers the built-in kinds)
+from bot.tasks import bare, classify, generate  # noqa: E402,F401  (registers the built-in kinds)

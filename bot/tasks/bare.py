@@ -6,9 +6,9 @@ released. The manifest still gives the route its examples, description and route
 
 from __future__ import annotations
 
-from ..errors import SpecError
-from . import register_task
-from .generate import GenerateTask
+from bot.errors import SpecError
+from bot.tasks import register_task
+from bot.tasks.generate import GenerateTask
 
 
 class BaseTask(GenerateTask):

@@ -67,13 +67,13 @@ def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, ep
         modules: task modules trained beside the LoRA weights (a classifier head).
         weight: ``item -> its share of a batch's loss`` (default 1 per item); micro-batches
             are weighted by it, so accumulation and data parallelism keep the loss exact.
-        parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
+        parallel: a bot.training.parallel.Parallel (processes, gradient accumulation); None = alone.
         stopper: a bot.tasks.stopping.Stopper: validation checks, patience and the time
             budget (the schedule is fitted to it); the best checkpoint is restored at the end.
     Returns:
         {"steps", "seconds", "final_loss", "losses"}, and with a stopper its ``summary()``.
     """
-    from ..parallel import LossModule, Parallel
+    from bot.training.parallel import LossModule, Parallel
 
     parallel = parallel or Parallel()
     weight = weight or (lambda item: 1.0)

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import AdapterError
-from . import register_task
-from .base import Task
-from .classify_training import ClassifyTraining
-from .pooling import pool_windows
+from bot.errors import AdapterError
+from bot.tasks import register_task
+from bot.tasks.base import Task
+from bot.tasks.classify_training import ClassifyTraining
+from bot.tasks.pooling import pool_windows
 
 HEAD_FILE = "head.safetensors"
 
@@ -147,7 +147,7 @@ class ClassifyTask(ClassifyTraining, Task):
         Args:
             predictions: when given, filled with each view's predicted labels in row order
                 (``bot eval`` scores them again with the router choosing the adapter)."""
-        from ..eval.metrics import classification_metrics
+        from bot.eval.metrics import classification_metrics
 
         result = {}
         views = sorted({v for r in rows for v in r.get("views", {})})

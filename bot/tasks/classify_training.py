@@ -14,10 +14,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ..backbone import last_token_states
-from . import frozen, stopping
-from .base import length_bucketed_batches, lora_parameters, optimise
-from .pooling import pool_windows
+from bot.model.backbone import last_token_states
+from bot.tasks import frozen, stopping
+from bot.tasks.base import length_bucketed_batches, lora_parameters, optimise
+from bot.tasks.pooling import pool_windows
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ClassifyTraining:
             epochs: the most passes (None = ``stopping.auto_epochs``).
             cache: None = cache the frozen layers when ``frozen.plan`` allows it;
                 False = always run the whole model (the reference path).
-            parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
+            parallel: a bot.training.parallel.Parallel (processes, gradient accumulation); None = alone.
             val_rows: validation rows; with them, training stops when the validation score
                 stops improving (``train.patience``) and keeps the best checkpoint.
             budget_s: wall-clock seconds for the whole run (default ``train.budget_minutes``).

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import settings
-from ..assets import cache_dir
+from bot import settings
+from bot.util.assets import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import random
 
 import torch
 
-from . import register_task
-from .base import Task, length_bucketed_batches, lora_parameters, optimise
+from bot.tasks import register_task
+from bot.tasks.base import Task, length_bucketed_batches, lora_parameters, optimise
 
 IGNORE = -100
 
@@ -74,7 +74,7 @@ class GenerateTask(Task):
         """Train the LoRA weights on rows ``{"prompt", "reply"}`` (loss on reply tokens only).
 
         Args:
-            parallel: a bot.parallel.Parallel (processes, gradient accumulation); None = alone.
+            parallel: a bot.training.parallel.Parallel (processes, gradient accumulation); None = alone.
         """
         cfg = self.spec.train
         items = [self.encode_pair(r["prompt"], r["reply"], cfg.max_length) for r in rows]
@@ -133,7 +133,7 @@ class GenerateTask(Task):
     def generate(self, prompt: str, history=None, adapter: str | None = "__self__",
                  max_new_tokens: int = 128, repetition_penalty: float = 1.1, **sampling) -> str:
         """A greedy reply through the backbone's engine (``sampling``: more SamplingParams)."""
-        from ..engine import SamplingParams
+        from bot.engine import SamplingParams
 
         adapter = self.adapter_name if adapter == "__self__" else adapter
         tok = self.backbone.tokenizer

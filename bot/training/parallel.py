@@ -46,7 +46,7 @@ class Parallel:
             return cls(None, grad_accum)
         from accelerate import Accelerator
 
-        from .device import resolve_device
+        from bot.model.device import resolve_device
 
         cpu = device is not None and device != "auto" and resolve_device(device).type == "cpu"
         return cls(Accelerator(cpu=cpu or not torch.cuda.is_available()), grad_accum)

@@ -27,8 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .assets import cache_dir, hub_offline, package_dir, writable_cache_dir
-from .device import (
+from bot.errors import AdapterError, BackboneError, FingerprintMismatch
+from bot.manifests.spec import check_adapter_name
+from bot.model.device import (
     compute_dtype,
     model_device,
     quantization_config,
@@ -37,9 +38,8 @@ from .device import (
     to_device,
     weight_dtype,
 )
-from .errors import AdapterError, BackboneError, FingerprintMismatch
-from .fsutil import atomic_dir_write
-from .spec import check_adapter_name
+from bot.util.assets import cache_dir, hub_offline, package_dir, writable_cache_dir
+from bot.util.fsutil import atomic_dir_write
 
 EMBEDDED_ALIASES = ("", "embedded", "smollm2", "SmolLM2-135M-Instruct")
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -306,7 +306,7 @@ class Backbone:
     """
 
     def __init__(self, model, tokenizer, info: LoadInfo, fingerprint: tuple | None = None):
-        from .arch import prepare_tokenizer
+        from bot.model.families import prepare_tokenizer
 
         self.base = model.eval()
         self.tokenizer = prepare_tokenizer(tokenizer, info.name)
@@ -536,7 +536,7 @@ class Backbone:
 
     def engine(self):
         """The shared engine for library calls: every loaded generation adapter, on first use."""
-        from .engine import Scheduler
+        from bot.engine import Scheduler
 
         with self.lock:
             if self._engine is None:

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from .errors import AdapterError, BackboneError
+from bot.errors import AdapterError, BackboneError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
         AdapterError: a hand-written list names no layer of this model (the message
             lists the layers it has).
     """
-    from .spec import DEFAULT_TARGET_MODULES
+    from bot.manifests.spec import DEFAULT_TARGET_MODULES
 
     present = linear_layer_names(model)
     kept = [n for n in requested if n in present]

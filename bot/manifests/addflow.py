@@ -1,5 +1,5 @@
 """``bot add NAME --from FILE --train`` and ``bot rm NAME``: a route set change in one command,
-with its regression report (bot.routing.changes) and a version to roll back to (bot.versions).
+with its regression report (bot.routing.changes) and a version to roll back to (bot.manifests.versions).
 
 Adding a task: the file is checked and scaffolded as ``bot add`` does, the adapter is trained
 with the manifest's default training (``bot train``'s own path) into a hidden staging folder,
@@ -19,12 +19,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .add import MIN_PER_LABEL, check_target, scaffold
-from .errors import DataError
-from .fsutil import adapter_lock, swap_in
-from .routing import changes
-from .spec import AdapterSpec, check_adapter_name, discover
-from .versions import (
+from bot.errors import DataError
+from bot.manifests.add import MIN_PER_LABEL, check_target, scaffold
+from bot.manifests.spec import AdapterSpec, check_adapter_name, discover
+from bot.manifests.versions import (
     HISTORY_NOTE,
     record_absent,
     recover_adapters,
@@ -33,6 +31,8 @@ from .versions import (
     score_line,
     to_trash,
 )
+from bot.routing import changes
+from bot.util.fsutil import adapter_lock, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def add_and_train(*, name: str, source, adapters_dir, backbone, kind: str = "cla
 
     Args:
         name, source, kind, text_col, label_col, prompt_col, reply_col, description,
-            min_per_label: as for bot.add.add_adapter.
+            min_per_label: as for bot.manifests.add.add_adapter.
         force: replace an existing adapter (it is kept as a version: ``bot rollback NAME``).
         strict: refuse the change when an existing route loses more than DROP_POINTS.
         max_examples, eval_examples: as for ``bot train`` (training cap, held-out examples).
@@ -59,8 +59,8 @@ def add_and_train(*, name: str, source, adapters_dir, backbone, kind: str = "cla
         the report dict (bot.routing.changes.build_report) plus ``new_adapter``, ``path``
         (where the markdown was written) and ``applied``.
     """
-    from .routing.encoder import load_encoder
-    from .train import train_adapter
+    from bot.routing.encoder import load_encoder
+    from bot.training.train import train_adapter
 
     check_adapter_name(name, "bot add NAME")
     adapters_dir = Path(adapters_dir)
@@ -125,9 +125,9 @@ def add_and_train(*, name: str, source, adapters_dir, backbone, kind: str = "cla
 
 def _score_new(spec, backbone, router, metrics: dict, eval_examples: int | None) -> dict:
     """The new adapter's held-out scores from training and, for a classifier, routed."""
-    from .eval.evaluate import eval_routed
-    from .registry import load_task
-    from .train import training_rows
+    from bot.eval.evaluate import eval_routed
+    from bot.manifests.registry import load_task
+    from bot.training.train import training_rows
 
     out = {"kind": spec.kind, "heldout": score_line(metrics), "train_seconds": metrics.get("train_seconds"),
            "examples_seen": metrics.get("examples_seen")}
@@ -184,7 +184,7 @@ def remove_route(*, name: str, adapters_dir, backbone=None, strict: bool = False
     With ``strict``, a regression of a remaining route refuses the removal. ``bot rollback
     NAME`` brings a removed adapter back.
     """
-    from .routing.encoder import load_encoder
+    from bot.routing.encoder import load_encoder
 
     adapters_dir = Path(adapters_dir)
     recover_adapters(adapters_dir)
@@ -230,7 +230,7 @@ def retrain_report(*, name: str, adapters_dir, backbone=None, strict: bool = Fal
     regression (a route, or the adapter's own score, more than DROP_POINTS lower on as many
     examples) rolls the new version back. None when there was no trained previous version.
     """
-    from .versions import list_versions, rollback
+    from bot.manifests.versions import list_versions, rollback
 
     adapters_dir = Path(adapters_dir)
     folder = adapters_dir / name
@@ -244,7 +244,7 @@ def retrain_report(*, name: str, adapters_dir, backbone=None, strict: bool = Fal
     same = changes.same_routes(before_specs, after_specs, encoder)
     before_router = after_router = None
     if not same:
-        from .routing.encoder import load_encoder
+        from bot.routing.encoder import load_encoder
 
         encoder = encoder or load_encoder()
         before_router = changes.served_router(before_specs, adapters_dir, backbone, encoder)

@@ -8,7 +8,7 @@ Each adapter ``ADAPTERS_DIR/NAME`` has a small history beside it, hidden from fo
 A ``version.json`` with ``"absent": true`` and no ``files/`` records that NAME did not exist
 before (``bot add --train`` writes one), so rolling back a new adapter removes it again; one
 with ``"trash"`` points at the folder ``bot rm`` moved to ``ADAPTERS_DIR/.trash/``. Every move is
-a rename (bot.fsutil.swap_in), so a kill at any point leaves a state ``recover_adapters``
+a rename (bot.util.fsutil.swap_in), so a kill at any point leaves a state ``recover_adapters``
 repairs. Nothing is deleted: versions beyond ``KEEP`` and folders replaced by a rollback go to
 ``ADAPTERS_DIR/.trash/``.
 """
@@ -21,8 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import DataError
-from .fsutil import adapter_lock, atomic_write_text, recover, recover_all, swap_in
+from bot.errors import DataError
+from bot.util.fsutil import adapter_lock, atomic_write_text, recover, recover_all, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _write_meta(entry: Path, meta: dict) -> None:
 def keep_previous(old: Path, dest: Path, reason: str = "replaced", extra: dict | None = None) -> Path:
     """Move ``old`` (the folder that was ``dest``) into ``dest``'s history; return the entry.
 
-    The rename is the last step: a kill before it leaves ``old`` where bot.fsutil.recover
+    The rename is the last step: a kill before it leaves ``old`` where bot.util.fsutil.recover
     finds it and calls this again.
     """
     entry = _stamp(history_dir(dest))
@@ -73,11 +73,11 @@ def keep_previous(old: Path, dest: Path, reason: str = "replaced", extra: dict |
 
 
 def retirer(dest: Path, reason: str = "replaced", extra: dict | None = None):
-    """A ``retire`` callable for bot.fsutil that keeps the previous ``dest`` as a version.
+    """A ``retire`` callable for bot.util.fsutil that keeps the previous ``dest`` as a version.
 
     A folder that holds no trained weights (a manifest ``bot add`` wrote, not trained yet)
     has nothing to roll back to and is deleted as before: the new folder carries its
-    manifest and data files (bot.train.save_adapter_folder)."""
+    manifest and data files (bot.training.train.save_adapter_folder)."""
 
     def retire(old: Path) -> None:
         if (Path(old) / "adapter_model.safetensors").is_file():
@@ -223,8 +223,8 @@ def rollback(adapters_dir, name: str) -> dict:
 def restore_second_stage(adapters_dir) -> str:
     """When the second stage fits other routes than the adapters now give, put back its newest
     version fitted for these routes (``bot train-router`` keeps the previous ones); say what."""
-    from .routing import second
-    from .spec import discover
+    from bot.manifests.spec import discover
+    from bot.routing import second
 
     routes = sorted(s.name for s in discover(adapters_dir))
     folder = second.folder_of(adapters_dir)

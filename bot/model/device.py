@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
-from . import settings
-from .errors import BackboneError
+from bot import settings
+from bot.errors import BackboneError
 
 if TYPE_CHECKING:
     import torch

@@ -35,10 +35,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .backbone import read_adapter_weights
-from .errors import AdapterError, BotError, FingerprintMismatch
-from .fsutil import atomic_dir_write
-from .spec import AdapterSpec
+from bot.errors import AdapterError, BotError, FingerprintMismatch
+from bot.manifests.spec import AdapterSpec
+from bot.model.backbone import read_adapter_weights
+from bot.util.fsutil import atomic_dir_write
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def check_lora_tensors(weights: dict[str, torch.Tensor], rank: int, path: Path) 
 
 def read_head(folder: Path, spec: AdapterSpec, hidden: int) -> tuple[torch.Tensor | None, list[str]]:
     """The classifier head's weight, refusing a head vLLM's bias-free ``score`` cannot hold."""
-    from .tasks.classify import HEAD_FILE
+    from bot.tasks.classify import HEAD_FILE
 
     path = folder / HEAD_FILE
     if not path.exists():
@@ -166,8 +166,8 @@ def bias_free_check(backbone, spec: AdapterSpec, weight: torch.Tensor, bias: tor
     """
     from tqdm.auto import tqdm
 
-    from .registry import load_task
-    from .routing.build import spec_splits
+    from bot.manifests.registry import load_task
+    from bot.routing.build import spec_splits
 
     rows = spec_splits(spec).test[:max_rows]
     texts = [t for r in rows for t in [r["text"], *r.get("views", {}).values()]]
@@ -280,7 +280,7 @@ def plan_export(names: list[str], adapters_dir: Path, backbone, max_lora_rank: i
 # ------------------------------------------------------------------ writers
 def write_base(dest: Path, backbone) -> None:
     """The backbone as a plain transformers folder, with no adapter merged in."""
-    from .engine.plain import plain_model
+    from bot.engine.plain import plain_model
 
     model = plain_model(backbone)  # peft-free, sharing the backbone's tensors (saving reads them)
     # the engine shares the live backbone's config objects: edit copies, not the backbone
@@ -436,7 +436,7 @@ def export(names: list[str], to: str | Path, *, backbone, adapters_dir: str | Pa
         ExportError: listing every adapter vLLM could not load, with the reason and fix; or
             ``to`` holds files no export wrote (without ``force``), or cannot be a folder.
     """
-    from .export_readme import render_readme
+    from bot.export.readme import render_readme
 
     if target not in TARGETS:
         raise ExportError(f"unknown export target '{target}'. Fix: --for one of {list(TARGETS)}")

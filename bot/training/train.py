@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from . import data as data_mod
-from .errors import AdapterError, DataError, SpecError
-from .fsutil import adapter_lock, atomic_dir_write, atomic_write_text, recover
-from .info import machine
-from .registry import load_task
-from .spec import MANIFEST, AdapterSpec, check_run_values
-from .tasks import task_class
-from .versions import retirer
+from bot.errors import AdapterError, DataError, SpecError
+from bot.manifests import data as data_mod
+from bot.manifests.registry import load_task
+from bot.manifests.spec import MANIFEST, AdapterSpec, check_run_values
+from bot.manifests.versions import retirer
+from bot.model.info import machine
+from bot.tasks import task_class
+from bot.util.fsutil import adapter_lock, atomic_dir_write, atomic_write_text, recover
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
     crash or Ctrl-C leaves the previous adapter intact.
 
     Args:
-        parallel: a bot.parallel.Parallel: data-parallel processes and gradient
+        parallel: a bot.training.parallel.Parallel: data-parallel processes and gradient
             accumulation (None = this process alone). Only the main process evaluates
             and saves; the others return their training figures.
         budget_minutes: classify training's time budget (default ``train.budget_minutes``).
@@ -169,7 +169,7 @@ def save_adapter_folder(spec, backbone, task, metrics: dict, out_dir: str | Path
     """Write manifest + LoRA + task extras + metrics into a temp folder, then swap it in.
 
     Args:
-        keep_previous: the folder it replaces is kept as a version (bot.versions; ``bot
+        keep_previous: the folder it replaces is kept as a version (bot.manifests.versions; ``bot
             rollback NAME`` restores it) rather than deleted.
     """
 

@@ -13,7 +13,7 @@ peft's ``add_weighted_adapter`` combines loaded LoRA adapters into one:
   rescale; ``--seed`` makes it repeatable), as peft implements them.
 
 The folder (peft weights + an adapter.yaml of kind ``generate`` naming its sources) is
-written to a temporary folder and swapped in whole (bot.fsutil.atomic_dir_write), so it
+written to a temporary folder and swapped in whole (bot.util.fsutil.atomic_dir_write), so it
 then serves (``bot serve``, ``/v1/load_lora_adapter``) and exports like any trained adapter.
 """
 
@@ -23,16 +23,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import BotError
-from .fsutil import atomic_dir_write
-from .spec import AdapterSpec, check_adapter_name
+from bot.errors import BotError
+from bot.manifests.spec import AdapterSpec, check_adapter_name
+from bot.util.fsutil import atomic_dir_write
 
 METHODS = ("linear", "cat", "ties", "dare_ties")
 
 
 def parse_sources(text: str) -> list[tuple[str, float]]:
     """``a:0.5,b:0.5`` (or ``+`` between them) as [(name, weight)]; BotError saying what is wrong."""
-    from .engine.lora import Mixture
+    from bot.engine.lora import Mixture
 
     try:
         return list(Mixture.parse(text.replace(",", "+")).parts)

@@ -13,7 +13,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import BusyError
+from bot.errors import BusyError
 
 try:
     import fcntl
@@ -53,7 +53,7 @@ def atomic_dir_write(dest: Path, write, retire=None) -> Path:
 
     Args:
         retire: called with the previous ``dest`` once the new one is in place (moved aside
-            to ``.NAME.old-PID``); None deletes it. bot.versions passes one that keeps it.
+            to ``.NAME.old-PID``); None deletes it. bot.manifests.versions passes one that keeps it.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def atomic_dir_write(dest: Path, write, retire=None) -> Path:
 #   1. SRC -> .NAME.new-PID   the new folder is complete: from here recovery finishes the swap
 #   2. NAME -> .NAME.old-PID  (when NAME exists)
 #   3. .NAME.new-PID -> NAME
-#   4. retire(.NAME.old-PID)  (deleted, or kept as a version by bot.versions)
+#   4. retire(.NAME.old-PID)  (deleted, or kept as a version by bot.manifests.versions)
 # ``recover`` reads what a killed process left and restores the state the names imply.
 NEW, OLD = "new", "old"
 _swapping: set[Path] = set()  # destinations this process is swapping right now

@@ -52,8 +52,8 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None, devi
         device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
         load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
     """
-    from .backbone import Backbone
-    from .registry import load_all
+    from bot.manifests.registry import load_all
+    from bot.model.backbone import Backbone
 
     before = rss_mb()
     bb = Backbone.load(backbone, device=device, load_in=load_in)
@@ -79,7 +79,7 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None, devi
 
 def settings_lines() -> list[str]:
     """Every BOT_* environment variable (bot.settings) with the value in effect."""
-    from .settings import describe
+    from bot.settings import describe
 
     rows = describe()
     width = max(len(name) for name, _, _ in rows)
@@ -89,7 +89,7 @@ def settings_lines() -> list[str]:
 
 def decode_line(bb) -> str:
     """Which step the engine runs for this backbone: the lean batched step or transformers'."""
-    from .engine.lean import SUPPORTED, why_not
+    from bot.engine.lean import SUPPORTED, why_not
 
     reason = why_not(bb.base)
     if not reason:
@@ -100,9 +100,9 @@ def decode_line(bb) -> str:
 
 def kernel_lines(bb) -> list[str]:
     """What generation runs with here, and why (measured on first use, then cached)."""
-    from .engine.llamacpp import import_llama_cpp, source_gguf
-    from .engine.precision import DESCRIPTIONS
-    from .engine.tuning import choose, cpu_features
+    from bot.engine.llamacpp import import_llama_cpp, source_gguf
+    from bot.engine.precision import DESCRIPTIONS
+    from bot.engine.tuning import choose, cpu_features
 
     f = cpu_features()
     choice = choose(bb)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SpecError
-from .fsutil import atomic_write_text
+from bot.errors import SpecError
+from bot.util.fsutil import atomic_write_text
 
 KINDS = ("classify", "generate", "base")
 """``base``: the bare backbone (no LoRA, no training), e.g. the ``assistant`` route."""
 MANIFEST = "adapter.yaml"
 # Every linear layer of a Llama-style decoder block. Other families (GPT-2, GPT-NeoX...)
-# name their layers differently: bot.arch.lora_targets resolves the list per backbone.
+# name their layers differently: bot.model.families.lora_targets resolves the list per backbone.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ------------------------------------------------------------------ adapter names
@@ -134,12 +134,12 @@ class LoraSettings:
                  where, "lora.target_modules", "a non-empty list of layer names", self.target_modules)
 
     def to_peft(self, num_layers: int | None = None, model=None):
-        """A peft LoraConfig; with ``model``, targets it lacks are swapped for its own (bot.arch)."""
+        """A peft LoraConfig; with ``model``, targets it lacks are swapped for its own (bot.model.families)."""
         from peft import LoraConfig
 
         targets, conv1d = list(self.target_modules), False
         if model is not None:
-            from .arch import lora_targets, targets_are_conv1d
+            from bot.model.families import lora_targets, targets_are_conv1d
 
             targets = lora_targets(model, targets)
             conv1d = targets_are_conv1d(model, targets)  # peft would flip it with a warning

@@ -44,7 +44,7 @@ def cpu_features() -> dict:
     """What this process's torch will use: ATen's kernel level and native bf16 support."""
     import torch
 
-    from ..info import cpu_name
+    from bot.model.info import cpu_name
 
     try:
         bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -57,8 +57,8 @@ def cpu_features() -> dict:
 
 def bench_prompts(adapters_dir, n: int) -> list[str]:
     """Held-out dialogue prompts (the chat adapter's test split): what users type."""
-    from ..routing.build import spec_splits
-    from ..spec import AdapterSpec
+    from bot.manifests.spec import AdapterSpec
+    from bot.routing.build import spec_splits
 
     spec = AdapterSpec.from_dir(Path(adapters_dir) / "chat")
     rows = spec_splits(spec).test
@@ -69,9 +69,9 @@ def bench_prompts(adapters_dir, n: int) -> list[str]:
 # ------------------------------------------------------------------ memory
 def measure_memory(backbone, adapters_dir, extra: int = 3) -> dict:
     """Resident memory with 1 and with 1 + ``extra`` generation adapters being served."""
-    from ..backbone import Backbone
-    from ..engine import Scheduler
-    from ..info import rss_mb
+    from bot.engine import Scheduler
+    from bot.model.backbone import Backbone
+    from bot.model.info import rss_mb
 
     bb = Backbone.load(backbone)
     folder = Path(adapters_dir) / "chat"
@@ -98,8 +98,8 @@ def measure_memory(backbone, adapters_dir, extra: int = 3) -> dict:
 
 def measure_quality(bb, task, n_rows: int = 60) -> dict:
     """Held-out reply perplexity through the serving engine: this CPU's precision vs fp32."""
-    from ..engine.runner import make_runner
-    from ..routing.build import spec_splits
+    from bot.engine.runner import make_runner
+    from bot.routing.build import spec_splits
 
     rows = spec_splits(task.spec).test[:n_rows]
     out = {"n": len(rows)}
@@ -311,7 +311,7 @@ def measure_classify(base_url: str, texts: list[str], model: str) -> dict:
 
 def classify_check(adapters_dir, backbone, prompts: list[str], tmp: Path) -> dict | None:
     """Start ``bot serve`` once and run :func:`measure_classify` with a classify adapter."""
-    from ..registry import discover
+    from bot.manifests.registry import discover
 
     names = [s.name for s in discover(adapters_dir) if s.kind == "classify"]
     if not names:
@@ -327,8 +327,8 @@ def classify_check(adapters_dir, backbone, prompts: list[str], tmp: Path) -> dic
 
 def _measure_engine(adapters_dir, backbone):
     """The figures that need no server: CPU features, adapter memory, reply perplexity."""
-    from ..backbone import Backbone
-    from ..registry import load_all
+    from bot.manifests.registry import load_all
+    from bot.model.backbone import Backbone
 
     features = cpu_features()
     memory = measure_memory(backbone, adapters_dir)
@@ -491,7 +491,7 @@ def bench_against(bb, adapters_dir, backbone, *, features, memory, quality, isa:
     level), get the same warm-up (other prompts) and then the same jobs; which one goes
     first alternates level by level, so drift on a shared machine hits both alike.
     """
-    from ..eval import llama_server as ls
+    from bot.eval import llama_server as ls
 
     binary = ls.find_binary(isa)
     base = bb.info.name
@@ -574,13 +574,13 @@ def run_serve_bench(*, adapters_dir, backbone: str | None = None, out_dir="repor
                     isas=("native", "avx2"), levels=LEVELS, against: str | None = None,
                     traffic=TRAFFICS) -> dict:
     """Run :func:`bench_one_isa` per CPU setting in its own process; write serve.md/json."""
-    from ..fsutil import atomic_write_text
-    from ..info import machine
+    from bot.model.info import machine
+    from bot.util.fsutil import atomic_write_text
 
     if against:
         if against != "llama-server":
             raise ValueError(f"--against knows only llama-server, not {against!r}")
-        from ..eval import llama_server as ls
+        from bot.eval import llama_server as ls
 
         for name in isas:  # before minutes of work
             ls.find_binary(name)
@@ -593,7 +593,7 @@ def run_serve_bench(*, adapters_dir, backbone: str | None = None, out_dir="repor
             args = {"adapters_dir": str(adapters_dir), "backbone": backbone, "json": fh.name,
                     "n_requests": n_requests, "max_tokens": max_tokens, "levels": list(levels),
                     "against": against, "isa": name, "traffic": list(traffic)}
-            cmd = [sys.executable, "-m", "bot.serve.bench", json.dumps(args)]
+            cmd = [sys.executable, "-m", "bot.serve.load_bench", json.dumps(args)]
             subprocess.run(cmd, env={**os.environ, **env}, check=True)
             rec = json.loads(Path(fh.name).read_text())
         rec["isa"] = name
@@ -760,7 +760,7 @@ def render_serve(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    """Child process entry: ``python -m bot.serve.bench '{"adapters_dir": ..., "json": ...}'``."""
+    """Child process entry: ``python -m bot.serve.load_bench '{"adapters_dir": ..., "json": ...}'``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpx2", "gguf"):  # a line per request / per file written
         logging.getLogger(noisy).setLevel(logging.WARNING)

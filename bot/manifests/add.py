@@ -6,9 +6,22 @@ import logging
 import random
 from pathlib import Path
 
-from .data import Table, cell_text, check_classify_rows, label_text, read_rows, require_column
-from .errors import DataError, SpecError
-from .spec import MANIFEST, AdapterSpec, LoraSettings, TrainSettings, check_adapter_name
+from bot.errors import DataError, SpecError
+from bot.manifests.data import (
+    Table,
+    cell_text,
+    check_classify_rows,
+    label_text,
+    read_rows,
+    require_column,
+)
+from bot.manifests.spec import (
+    MANIFEST,
+    AdapterSpec,
+    LoraSettings,
+    TrainSettings,
+    check_adapter_name,
+)
 
 TRASH = ".trash"
 log = logging.getLogger(__name__)
@@ -16,7 +29,7 @@ log = logging.getLogger(__name__)
 MIN_PER_LABEL = 5  # fewer examples than this rarely reach the held-out split and are learned poorly
 # `bot add` warns (it does not refuse) when the labels are many for the data. The line:
 # more than WARN_MIN_LABELS labels with fewer than WARN_ROWS_PER_LABEL rows per label on
-# average. Why there: bot.data.split keeps 70 % for training and 20 % for testing, so 20 rows
+# average. Why there: bot.manifests.data.split keeps 70 % for training and 20 % for testing, so 20 rows
 # give a label about 14 training examples and 4 test ones; with fewer, one mistake moves that
 # label's held-out score by 25 points or more, and the README's TREC-50 run (109 rows per
 # label, no warning) learned the labels it had 3 training examples of poorly. With 20 labels
@@ -30,7 +43,7 @@ WARN_LABELS = 1000
 
 
 def _cells(table: Table, path: Path, col: str, label: bool = False) -> list[str]:
-    """One column as text (numbers too; see bot.data); empty cells refused with their lines."""
+    """One column as text (numbers too; see bot.manifests.data); empty cells refused with their lines."""
     read = label_text if label else cell_text
     values = [read(r.get(col), path, f"{table.unit} {n}", col) for r, n in zip(table.rows, table.lines)]
     empty = [n for v, n in zip(values, table.lines) if not v]
@@ -157,7 +170,7 @@ def check_target(folder: Path, force: bool, moved_to: str = "") -> bool:
 
 def move_aside(folder: Path) -> Path:
     """Move ``folder`` to ``<parent>/.trash/<name>-<timestamp>/`` (hidden, so never loaded)."""
-    from .versions import to_trash
+    from bot.manifests.versions import to_trash
 
     dest = to_trash(folder, name=folder.name)
     log.info("moved the old %s folder (weights, metrics, manifest) to %s", folder.name, dest)

@@ -3,7 +3,7 @@
 A chat adapter trained on short dialogue replies forgets how to answer questions at length
 (issue 11). Mixing the base model's own answers into its training data keeps that skill: the
 adapter learns small talk from the dialogue corpora and keeps answering requests the way the
-instruct model does. Prompts are the TREC questions' *training* split (bot.data.split, seed 0),
+instruct model does. Prompts are the TREC questions' *training* split (bot.manifests.data.split, seed 0),
 so their held-out split stays out of every fit.
 """
 
@@ -17,8 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .data import load_source, split
-from .fsutil import atomic_write_text
+from bot.manifests.data import load_source, split
+from bot.util.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def self_distill(backbone, out: str | Path, *, n: int = 1200, max_tokens: int = 
     Returns:
         what the sidecar holds: counts, seconds, settings.
     """
-    from .engine import SamplingParams, Scheduler
+    from bot.engine import SamplingParams, Scheduler
 
     prompts = distill_prompts(n, seed)
     tok = backbone.tokenizer

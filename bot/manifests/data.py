@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from .assets import package_dir
-from .errors import DataError
-from .text import normalise
+from bot.errors import DataError
+from bot.util.assets import package_dir
+from bot.util.text import normalise
 
 # --------------------------------------------------------------- bundled sets
 _VADER_FILES = ("movieReviewSnippets", "amazonReviewSnippets", "tweets", "nytEditorialSnippets")

@@ -11,8 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import settings
-from .errors import AssetMissingError, CacheError
+from bot import settings
+from bot.errors import AssetMissingError, CacheError
 
 # package -> the pin the project was built against (requirements/assets.txt)
 ASSET_PINS = {
@@ -70,7 +70,7 @@ def writable_cache_dir(sub: str = "") -> Path:
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # bot/util/assets.py -> the repository
 
 
 def default_adapters_dir() -> Path:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import BotError
-from .spec import AdapterSpec, discover, scan
-from .tasks import task_class
+from bot.errors import BotError
+from bot.manifests.spec import AdapterSpec, discover, scan
+from bot.tasks import task_class
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ def load_task(backbone, spec: AdapterSpec):
 def load_all(backbone, adapters_dir, names: list[str] | None = None):
     """Load every adapter under ``adapters_dir`` (or just ``names``).
 
-    A folder swap that a killed ``bot train`` left half done is repaired first (bot.versions).
+    A folder swap that a killed ``bot train`` left half done is repaired first (bot.manifests.versions).
 
     Returns:
         (tasks by name, failures as {name: error message}). One bad adapter never
         stops the others from loading: a broken manifest, a clashing name, bad weights
         or an unexpected error in one folder marks only that folder failed.
     """
-    from .versions import recover_adapters
+    from bot.manifests.versions import recover_adapters
 
     recover_adapters(adapters_dir)  # a save a kill interrupted: finished or undone, and logged
     specs, failures = scan(adapters_dir)

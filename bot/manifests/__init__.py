@@ -1,0 +1,1 @@
+"""Adapter manifests (adapter.yaml), their data, versions, and adding or removing one."""

@@ -1,0 +1,1 @@
+"""The backbone: loading, devices, model families and what `bot info` reports."""

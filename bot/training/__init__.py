@@ -1,0 +1,1 @@
+"""Training adapters: the `bot train` path, data-parallel runs, self-distillation data."""
