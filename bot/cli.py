@@ -123,7 +123,7 @@ def _retrain_report(args, bb) -> int:
 def cmd_train_router(args) -> int:
     import torch
 
-    from bot.routing.second import train_router
+    from bot.training.router import train_router
 
     torch.set_num_threads(_training_threads())
     stage = train_router(args.adapters_dir, _backbone(args), command=args.command_line,
@@ -244,8 +244,8 @@ def _add_and_train(args) -> int:
 
 def cmd_rm(args) -> int:
     from bot.manifests.addflow import remove_route
+    from bot.manifests.router_folder import STAGE_FILE, folder_of
     from bot.routing.changes import render
-    from bot.routing.second import STAGE_FILE, folder_of
 
     # the backbone only when the router's second stage (which runs on it) is fitted
     bb = _backbone(args) if (folder_of(args.adapters_dir) / STAGE_FILE).is_file() else None

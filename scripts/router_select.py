@@ -24,11 +24,10 @@ from bot.routing.build import (
     HEAD_EMBEDDING_WEIGHT,
     HEAD_NGRAMS,
     ROUTE_TRAIN_SAMPLE,
-    spec_splits,
-    turn_texts,
 )
 from bot.routing.cache import Embedder
 from bot.routing.encoder import load_encoder
+from bot.routing.route_data import spec_splits, turn_texts
 from bot.util.text import normalise
 
 VAL_PER_ROUTE = 1000

@@ -9,7 +9,7 @@ from conftest import make_tiny_backbone
 from peft import LoraConfig
 
 from bot.eval import bench, bench_report
-from bot.manifests.spec import DEFAULT_TARGET_MODULES
+from bot.model.families import DEFAULT_TARGET_MODULES
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from peft import LoraConfig
 
 from bot.engine import Scheduler, tuning
 from bot.engine import precision as kernels
-from bot.manifests.spec import DEFAULT_TARGET_MODULES
+from bot.model.families import DEFAULT_TARGET_MODULES
 
 
 def _m(ms: float, ppl: float, ms16: float | None = None) -> dict:

@@ -10,7 +10,7 @@ from conftest import make_tiny_backbone
 from peft import LoraConfig
 
 from bot.engine import SamplingParams, Scheduler
-from bot.manifests.spec import DEFAULT_TARGET_MODULES
+from bot.model.families import DEFAULT_TARGET_MODULES
 
 PROMPTS = ["hello there", "what is a cat?", "tell me a story about the sea", "hi"]
 

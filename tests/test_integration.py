@@ -98,9 +98,10 @@ def test_mixed_analysis_matches_single_runs_on_real_adapters(real_backbone):
 
 def test_committed_router_second_stage_matches_its_metrics_and_attaches(real_backbone):
     from bot.manifests.registry import load_task
+    from bot.manifests.router_folder import NAME, folder_of
     from bot.manifests.spec import discover
     from bot.routing import build_router
-    from bot.routing.second import NAME, attach, folder_of, plain
+    from bot.routing.second import attach, plain
 
     folder = folder_of(ADAPTERS)
     spec = AdapterSpec.from_dir(folder)

@@ -13,7 +13,7 @@ from conftest import make_tiny_backbone
 from peft import LoraConfig
 
 from bot.engine import llamacpp
-from bot.manifests.spec import DEFAULT_TARGET_MODULES
+from bot.model.families import DEFAULT_TARGET_MODULES
 
 NO_LLAMA = "llama-cpp-python is not installed: pip install -e '.[llamacpp]' (compiles ~15 min) or set BOT_LLAMACPP_PATH"
 

@@ -10,8 +10,10 @@ import pytest
 from conftest import make_tiny_backbone
 from test_router import make_router
 
-from bot.routing import second as second_module
-from bot.routing.second import SecondStage, attach, fit_stage, plain, spellings
+from bot.manifests import router_folder
+from bot.routing import route_data
+from bot.routing.second import SecondStage, attach, plain, spellings
+from bot.training.router import fit_stage
 
 
 class Oracle:
@@ -112,13 +114,13 @@ def test_fit_asks_a_right_adapter_and_prefers_the_lower_gate():
     # no lower gate on the grid reaches the same accuracy
     assert all(r["accuracy"] < 1.0 for r in fitted["grid"] if r["gate"] < fitted["gate"])
     # hand-written turns weigh HANDWRITTEN_SHARE of the objective, however few they are
-    w = second_module._weights(np.array([a for _, a, _ in pairs]), np.array([s for _, _, s in pairs]))
-    assert w[-1] == pytest.approx(second_module.HANDWRITTEN_SHARE) and w.sum() == pytest.approx(1)
+    w = route_data.pair_weights(np.array([a for _, a, _ in pairs]), np.array([s for _, _, s in pairs]))
+    assert w[-1] == pytest.approx(route_data.HANDWRITTEN_SHARE) and w.sum() == pytest.approx(1)
 
 
 def test_attach_only_when_the_stage_fits_these_routes(tmp_path, caplog):
     router = make_router(chat_route=True)
-    folder = second_module.folder_of(tmp_path)
+    folder = router_folder.folder_of(tmp_path)
     assert attach(router, None, tmp_path) is None  # nothing trained: silent, first stage alone
     folder.mkdir(parents=True)
     caplog.set_level(logging.INFO, logger="bot.routing.second")
@@ -139,7 +141,7 @@ def test_status_line_for_bot_list(tmp_path):
     from bot.routing.second import status
 
     assert status(tmp_path, ["a", "b"]).startswith("none")
-    folder = second_module.folder_of(tmp_path)
+    folder = router_folder.folder_of(tmp_path)
     folder.mkdir(parents=True)
     stage = {"routes": ["a", "b"], "gate": 0.9, "accuracy": 0.95, "first_stage": {"accuracy": 0.9},
              "date": "2026-11-29 15:51"}
@@ -165,11 +167,11 @@ def _two_routes(root):
 
 
 def test_a_failed_retrain_leaves_the_previous_route_adapter_whole(tmp_path, monkeypatch):
-    import bot.training.train
-    from bot.routing.second import train_router
+    import bot.training.router
+    from bot.training.router import train_router
 
     _two_routes(tmp_path)
-    folder = second_module.folder_of(tmp_path)
+    folder = router_folder.folder_of(tmp_path)
     folder.mkdir(parents=True)
     before = {"adapter.yaml": "name: router\n# the previous one\n", "routes.csv": "text,label\nold,pets\n"}
     for name, text in before.items():
@@ -181,7 +183,7 @@ def test_a_failed_retrain_leaves_the_previous_route_adapter_whole(tmp_path, monk
         seen["labels"], seen["out"] = spec.labels, out_dir
         raise RuntimeError("killed mid-training")
 
-    monkeypatch.setattr(bot.training.train, "train_adapter", crash)
+    monkeypatch.setattr(bot.training.router, "train_adapter", crash)
     with pytest.raises(RuntimeError, match="killed"):
         train_router(tmp_path, backbone=None)
     assert {f.name: f.read_text() for f in folder.iterdir()} == before

@@ -257,7 +257,7 @@ def test_second_adapter_gets_its_own_name_and_same_weights(tmp_path):
 def test_loras_written_once_per_weights_and_copied_for_a_second_name(tmp_path):
     import gguf
 
-    from bot.manifests.spec import DEFAULT_TARGET_MODULES
+    from bot.model.families import DEFAULT_TARGET_MODULES
 
     bb = make_tiny_backbone()
     torch.manual_seed(0)

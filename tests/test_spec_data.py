@@ -51,7 +51,7 @@ def test_first_sentence_and_bbc_views():
     # the router's turns keep the headline and leave the lede out (its figures were measured so)
     import random
 
-    from bot.routing.build import turn_texts
+    from bot.routing.route_data import turn_texts
 
     texts = turn_texts(rows[:3], random.Random(0), 3)
     assert len(texts) == 6 and not any(r["views"]["lede"] in texts for r in rows[:3])

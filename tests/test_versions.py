@@ -206,12 +206,12 @@ def test_an_error_between_renames_is_repaired_before_it_propagates(tmp_path, mon
 
 
 def test_rollback_puts_back_the_second_stage_fitted_for_the_restored_routes(tmp_path):
-    from bot.routing import second
+    from bot.manifests import router_folder
 
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter.yaml").write_text(f"name: {name}\nkind: base\n")
-    stage = second.folder_of(tmp_path)
+    stage = router_folder.folder_of(tmp_path)
 
     def fitted(tag: str, routes: list[str]):
         def write(tmp):
@@ -222,7 +222,7 @@ def test_rollback_puts_back_the_second_stage_fitted_for_the_restored_routes(tmp_
     fitted("v1", ["a", "b", "c"])
     old = tree(stage)
     fitted("v22", ["a", "b", "c", "d"])  # bot train-router after adding d
-    assert second.fitted_routes(stage) == ["a", "b", "c", "d"]
+    assert router_folder.fitted_routes(stage) == ["a", "b", "c", "d"]
     said = versions.restore_second_stage(tmp_path)  # d is gone again (rolled back)
     assert "restored" in said and tree(stage) == old
     assert versions.restore_second_stage(tmp_path).endswith("unchanged, fitted for these routes")

@@ -10,12 +10,12 @@ import torch
 from conftest import make_tiny_backbone
 from test_frozen_cache import WORDS, task_on_fresh_backbone
 
+from bot.engine.pooling import pool_windows
 from bot.engine.scheduler import classify_now
 from bot.errors import SpecError
 from bot.manifests.spec import AdapterSpec
 from bot.tasks import stopping
 from bot.tasks.classify import ClassifyTask
-from bot.tasks.pooling import pool_windows
 
 TEMPLATE = "Classify this.\n\n{text}\n\nTopic:"
 

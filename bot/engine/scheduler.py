@@ -29,11 +29,11 @@ import torch
 
 from bot.engine.lean import Segment
 from bot.engine.lora import Mixture, adapter_names
+from bot.engine.pooling import pool_windows
 from bot.engine.runner import make_runner
 from bot.engine.sampling import SamplingParams, next_token, top_logprobs
 from bot.engine.threads import release_pool
 from bot.errors import QueueFull, ServeError, UnknownModel
-from bot.tasks.pooling import pool_windows
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)

@@ -127,7 +127,7 @@ def _write_cache(key: str, choice: Choice) -> None:
 def measure(backbone, kinds=CANDIDATES, rounds: int = 5) -> dict:
     """Probe perplexity and lean-step time (ms at 1/4/8/16 tokens) of each kernel."""
     from bot.engine.lean import LeanModel, Segment, Weights
-    from bot.engine.runner import plain_model
+    from bot.engine.plain import plain_model
 
     ids = backbone.tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"][0].tolist()
     cfg = backbone.base.config

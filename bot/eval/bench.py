@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bot import settings
-from bot.manifests.spec import DEFAULT_TARGET_MODULES
+from bot.model.families import DEFAULT_TARGET_MODULES
 from bot.model.info import machine, rss_mb
 from bot.util.fsutil import atomic_write_text
 

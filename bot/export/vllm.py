@@ -167,7 +167,7 @@ def bias_free_check(backbone, spec: AdapterSpec, weight: torch.Tensor, bias: tor
     from tqdm.auto import tqdm
 
     from bot.manifests.registry import load_task
-    from bot.routing.build import spec_splits
+    from bot.routing.route_data import spec_splits
 
     rows = spec_splits(spec).test[:max_rows]
     texts = [t for r in rows for t in [r["text"], *r.get("views", {}).values()]]

@@ -16,14 +16,12 @@ from pathlib import Path
 import yaml
 
 from bot.errors import SpecError
+from bot.model.families import DEFAULT_TARGET_MODULES, lora_targets, targets_are_conv1d
 from bot.util.fsutil import atomic_write_text
 
 KINDS = ("classify", "generate", "base")
 """``base``: the bare backbone (no LoRA, no training), e.g. the ``assistant`` route."""
 MANIFEST = "adapter.yaml"
-# Every linear layer of a Llama-style decoder block. Other families (GPT-2, GPT-NeoX...)
-# name their layers differently: bot.model.families.lora_targets resolves the list per backbone.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ------------------------------------------------------------------ adapter names
 MAX_NAME = 64
@@ -139,8 +137,6 @@ class LoraSettings:
 
         targets, conv1d = list(self.target_modules), False
         if model is not None:
-            from bot.model.families import lora_targets, targets_are_conv1d
-
             targets = lora_targets(model, targets)
             conv1d = targets_are_conv1d(model, targets)  # peft would flip it with a warning
             num_layers = num_layers or getattr(model.config, "num_hidden_layers", None)

@@ -223,16 +223,16 @@ def rollback(adapters_dir, name: str) -> dict:
 def restore_second_stage(adapters_dir) -> str:
     """When the second stage fits other routes than the adapters now give, put back its newest
     version fitted for these routes (``bot train-router`` keeps the previous ones); say what."""
+    from bot.manifests import router_folder
     from bot.manifests.spec import discover
-    from bot.routing import second
 
     routes = sorted(s.name for s in discover(adapters_dir))
-    folder = second.folder_of(adapters_dir)
-    fitted = second.fitted_routes(folder)
+    folder = router_folder.folder_of(adapters_dir)
+    fitted = router_folder.fitted_routes(folder)
     if fitted is None or sorted(fitted) == routes:
         return "router second stage: " + ("none" if fitted is None else "unchanged, fitted for these routes")
     for version in list_versions(folder):
-        if version["source"] and sorted(second.fitted_routes(version["source"]) or []) == routes:
+        if version["source"] and sorted(router_folder.fitted_routes(version["source"]) or []) == routes:
             with adapter_lock(folder):
                 swap_in(version["source"], folder, retirer(folder, "rollback"))
                 shutil.rmtree(version["entry"], ignore_errors=True)

@@ -19,6 +19,11 @@ from bot.errors import AdapterError, BackboneError
 
 log = logging.getLogger(__name__)
 
+# Every linear layer of a Llama-style decoder block: what manifests name by default (bot add
+# writes it). Other families (GPT-2, GPT-NeoX...) name their layers differently:
+# lora_targets resolves the list per backbone.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # ChatML, used only when a tokenizer brings no chat template of its own (base GPT-2 and
 # friends); the replies end with the tokenizer's end-of-sequence token.
 FALLBACK_CHAT_TEMPLATE = (
@@ -56,8 +61,6 @@ def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
         AdapterError: a hand-written list names no layer of this model (the message
             lists the layers it has).
     """
-    from bot.manifests.spec import DEFAULT_TARGET_MODULES
-
     present = linear_layer_names(model)
     kept = [n for n in requested if n in present]
     if len(kept) == len(requested) and kept:

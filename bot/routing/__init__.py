@@ -7,12 +7,15 @@
 * ``encoder``: the bundled sentence encoder;
 * ``store``: the on-disk format (``FORMAT_VERSION``);
 * ``turns``: labelled turn files and the hand-written turns;
+* ``route_data``: the texts a router is built, fitted and scored on;
+* ``second``: the second stage as served; ``abstain``: when to abstain;
 * ``build``: a fitted router from the adapter manifests, cached under ``$BOT_CACHE``.
 """
 
-from bot.routing.build import build_router, route_texts, router_test_set
+from bot.routing.build import build_router
 from bot.routing.commands import HELP, split_follow_up
 from bot.routing.encoder import load_encoder
+from bot.routing.route_data import route_texts, router_test_set
 from bot.routing.router import DEFAULT_MARGIN, RouteChoice, Router
 from bot.routing.store import FORMAT_VERSION
 from bot.routing.turns import HANDWRITTEN, load_handwritten, load_turns

@@ -28,6 +28,7 @@ import numpy as np
 
 from bot.errors import DataError
 from bot.routing.commands import HELP
+from bot.routing.route_data import pair_weights, validation_pairs
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,6 @@ def attach(router, specs) -> Abstain | None:
 
     None (and ``router.abstain`` None) when there are too few validation turns to fit one.
     """
-    from bot.routing.second import _weights, validation_pairs
     from bot.util.fsutil import atomic_write_text
 
     router.abstain = None
@@ -173,7 +173,7 @@ def attach(router, specs) -> Abstain | None:
                  len(pairs), MIN_TURNS)
         return None
     labels = np.array([a for _, a, _ in pairs])
-    weights = _weights(labels, np.array([s for _, _, s in pairs]))
+    weights = pair_weights(labels, np.array([s for _, _, s in pairs]))
     choices = router.route_all([t for t, _, _ in pairs])
     figures = fit([c.score for c in choices], [c.adapter == y for c, y in zip(choices, labels)],
                   weights)

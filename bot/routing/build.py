@@ -16,10 +16,11 @@ import random
 from pathlib import Path
 
 from bot.errors import BotError
-from bot.manifests.data import load_source, split
+from bot.routing import abstain
 from bot.routing.encoder import load_encoder
+from bot.routing.route_data import route_texts, spec_splits, turn_texts
 from bot.routing.router import Router
-from bot.routing.turns import load_handwritten
+from bot.routing.second import attach
 from bot.util.assets import cache_dir
 from bot.util.text import normalise
 
@@ -45,33 +46,6 @@ HEAD_EMBEDDING_WEIGHT = 1.0
 # 1 / 3 / 10 / 30 / 100 gave 95.9 / 95.9 / 95.8 / 95.8 / 95.7 % on the splits and 89 / 91 / 91 /
 # 92 / 92 % on the hand-written turns.
 ROUTE_EXAMPLE_WEIGHT = 30.0
-
-
-# Views of a row that stand for a user's turn. The BBC ``lede`` view (added after the router
-# was tuned and measured) stays out, so the router's training texts and held-out turns are
-# the ones its figures were measured on.
-TURN_VIEWS = ("headline",)
-
-
-def turn_texts(rows: list[dict], rng: random.Random, n: int) -> list[str]:
-    """What users would type for these rows: a prompt, a headline, or a text's first 300 chars."""
-    rows = rng.sample(rows, min(n, len(rows)))
-    out = []
-    for r in rows:
-        if "prompt" in r:
-            out.append(r["prompt"])
-            continue
-        out.append(r["text"][:300])
-        out += [view for name, view in r.get("views", {}).items() if name in TURN_VIEWS]
-    return out
-
-
-def spec_splits(spec):
-    """Splits of the route's data: ``route_data`` when the manifest has it, else ``data``."""
-    source = spec.route_data or spec.data
-    # A base route's own file holds prompt/reply rows, as a generate adapter's would.
-    rows = load_source(source, "generate" if spec.kind == "base" else spec.kind, spec.folder)
-    return split(rows, seed=spec.train.seed)
 
 
 def router_key(specs, encoder_name: str) -> str:
@@ -101,13 +75,9 @@ def build_router(specs, encoder=None, use_cache: bool = True, fallback: str | No
 
     The abstain threshold is fitted on validation last (bot.routing.abstain.attach).
     """
-    from bot.routing import abstain
-
     router = _fitted_router(specs, encoder, use_cache, fallback)
     adapters_dir = adapters_dir or (specs[0].folder.parent if specs and specs[0].folder else None)
     if backbone is not None and adapters_dir is not None:
-        from bot.routing.second import attach
-
         attach(router, backbone, Path(adapters_dir), specs)
     abstain.attach(router, specs)
     return router
@@ -163,29 +133,8 @@ def _fitted_router(specs, encoder, use_cache: bool, fallback: str | None) -> Rou
     return router
 
 
-def route_texts(router) -> set[str]:
-    """Every example text the router embeds, normalised (for overlap checks)."""
-    return {normalise(t) for texts in router.examples.values() for t in texts}
-
-
 def _describe(router, specs) -> None:
     for spec in specs:
         router.describe[spec.name] = spec.description or spec.kind
 
 
-def router_test_set(specs, per_adapter: int = 200, exclude: set[str] | None = None) -> list[tuple[str, str]]:
-    """(text, adapter) pairs: test splits of every adapter + the hand-written chat turns.
-
-    Args:
-        exclude: normalised texts to leave out (the router's own examples).
-    """
-    pairs = []
-    for spec in specs:
-        rng = random.Random(spec.train.seed + 1)
-        try:
-            parts = spec_splits(spec)
-        except BotError:
-            continue
-        pairs += [(t, spec.name) for t in turn_texts(parts.test, rng, per_adapter)]
-    pairs += load_handwritten({s.name for s in specs})
-    return [(t, a) for t, a in pairs if not exclude or normalise(t) not in exclude]

@@ -66,7 +66,7 @@ def adapter_states(specs) -> dict[str, dict]:
 def heldout_turns(specs, routers) -> list[tuple[str, str]]:
     """(text, route) held-out turns of every route in ``specs``, none a route example of any
     of ``routers``: the test splits (as ``bot eval`` draws them) and the hand-written turns."""
-    from bot.routing.build import route_texts, router_test_set
+    from bot.routing.route_data import route_texts, router_test_set
 
     seen = set()
     for router in routers:

@@ -27,7 +27,7 @@ SHORT_CHARS = 120  # a "short turn": what people type in a chat box
 
 def short_turns(specs, n: int = 200) -> list[str]:
     """``n`` short held-out turns: the hand-written ones first, then the test splits."""
-    from bot.routing.build import router_test_set
+    from bot.routing.route_data import router_test_set
 
     turns = [t for t, _ in router_test_set(specs) if len(t) <= SHORT_CHARS]
     return list(dict.fromkeys(turns))[:n]

@@ -10,42 +10,34 @@ best score below ``gate``), the route adapter runs on the backbone that is loade
 the two probability vectors are averaged (``weight`` on the adapter's). Confident turns, most
 of them, never pay for it, so the median routing time stays the first stage's.
 
-The route adapter is trained by ``bot train-router`` into ``ADAPTERS_DIR/.router/``. Its data
-are every route's ``route_examples``, each in a few spellings (they are the only texts written
-the way users type, and bot.manifests.data drops exact repeats), and a sample of each route's *training*
-split. ``gate`` and ``weight`` are then chosen on the validation splits plus the hand-written
-validation turns (``val_turns.jsonl``) and written to ``stage.json`` with the figures behind
-them. The test splits and the hand-written test turns are never read. When the routes change
+The route adapter is trained by ``bot train-router`` into ``ADAPTERS_DIR/.router/``
+(bot.training.router), its gate and weight chosen on validation only. When the routes change
 (an adapter added or removed), the stage no longer matches and is switched off, with a log line
 saying how to retrain it.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import html
-import io
 import json
 import logging
-import random
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 
 from bot.errors import BotError
+from bot.manifests.registry import load_task
+from bot.manifests.router_folder import NAME, STAGE_FILE, folder_of
+from bot.manifests.spec import AdapterSpec, discover
+from bot.model.backbone import Backbone
+from bot.routing.route_data import pair_weights, validation_pairs
+from bot.util.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FOLDER = ".router"  # under ADAPTERS_DIR; dot folders are not adapters (bot.manifests.spec.scan)
-NAME = "router"
-STAGE_FILE = "stage.json"
-TEXTS_PER_ROUTE = 3000  # training-split texts per route in routes.csv (bot.manifests.data.split trains on 70 %)
-VAL_PER_ROUTE = 1000
-GATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01)  # 1.01: every turn gets the second opinion
-WEIGHTS = (0.3, 0.5, 0.7)
-VAL_TURNS = Path(__file__).with_name("val_turns.jsonl")
 
 _CONTRACTION = re.compile(r"(\w) (n't|'t|'s|'re|'ve|'ll|'d|'m)\b", re.IGNORECASE)
 _BEFORE_PUNCT = re.compile(r"\s+([?!.,;:)]+)(?=\s|$)")  # "answers ?" but not " :D"
@@ -71,59 +63,6 @@ def spellings(text: str) -> list[str]:
     """``text`` as people type it: as written, lower-case, without its final punctuation."""
     bare = text.rstrip(".!?")
     return list(dict.fromkeys(t for t in (text, text.lower(), bare, bare.lower()) if t.strip()))
-
-
-def _texts(rows: list[dict], rng: random.Random, n_texts: int) -> list[str]:
-    """About ``n_texts`` turn texts from ``rows`` (a row with views gives one text per view)."""
-    from bot.routing.build import TURN_VIEWS, turn_texts
-
-    per_row = 1 + len(set(rows[0].get("views", {})) & set(TURN_VIEWS)) if rows else 1
-    return turn_texts(rows, rng, max(1, n_texts // per_row))
-
-
-def write_training_file(specs, path: Path, per_route: int = TEXTS_PER_ROUTE) -> dict[str, int]:
-    """``text,label`` CSV of the routes' examples and training texts; rows per route."""
-    from bot.routing.build import spec_splits
-    from bot.util.fsutil import atomic_write_text
-
-    counts, buffer = {}, io.StringIO(newline="")
-    out = csv.writer(buffer)
-    out.writerow(["text", "label"])
-    for spec in specs:
-        rng = random.Random(spec.train.seed)
-        try:
-            corpus = _texts(spec_splits(spec).train, rng, per_route)
-        except BotError:
-            corpus = []  # no data: the route's examples alone
-        examples = [v for t in spec.route_examples for v in spellings(plain(t))]
-        texts = [t for t in examples + [plain(t) for t in corpus] if t]
-        out.writerows([t, spec.name] for t in texts)
-        counts[spec.name] = len(texts)
-    atomic_write_text(path, buffer.getvalue())
-    return counts
-
-
-def folder_of(adapters_dir) -> Path:
-    """Where the route adapter of the routes under ``adapters_dir`` lives."""
-    return Path(adapters_dir) / FOLDER / NAME
-
-
-def write_manifest(specs, folder: Path) -> Path:
-    """Write the route adapter's ``routes.csv`` and ``adapter.yaml`` into ``folder``; return it."""
-    from bot.manifests.spec import AdapterSpec, LoraSettings, TrainSettings
-
-    counts = write_training_file(specs, folder / "routes.csv")
-    log.info("route adapter data: %s", ", ".join(f"{n} {c}" for n, c in counts.items()))
-    spec = AdapterSpec(
-        name=NAME, kind="classify", labels=[s.name for s in specs],
-        data={"path": "routes.csv", "text_col": "text", "label_col": "label"}, template="{text}",
-        description="The router's second opinion: which route a turn belongs to (bot.routing.second).",
-        lora=LoraSettings(layers=list(range(-16, 0))),
-        # turns are at most 300 characters (build.turn_texts): 96 tokens hold nearly all
-        train=TrainSettings(epochs=1.0, max_length=96, max_examples=None),
-        route_examples=[], reply_template="**{label}** ({score:.2f})")
-    spec.save(folder)
-    return folder
 
 
 class SecondStage:
@@ -195,15 +134,6 @@ class SecondStage:
                        f"adapter{over}, which says '{best}' {share:.2f}")
 
 
-def fitted_routes(folder: Path) -> list[str] | None:
-    """The routes the stage in ``folder`` was fitted for (its ``stage.json``), or None."""
-    try:
-        routes = json.loads((Path(folder) / STAGE_FILE).read_text(encoding="utf-8"))["routes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return [str(r) for r in routes] if isinstance(routes, list) else None
-
-
 def _read_stage(path: Path, router) -> tuple[dict, str]:
     """``stage.json`` and why it cannot be used for ``router`` ('' when it can).
 
@@ -236,9 +166,6 @@ def attach(router, backbone, adapters_dir, specs=None) -> SecondStage | None:
     Args:
         specs: the routes' manifests (for the validation turns); None: read from adapters_dir.
     """
-    from bot.manifests.registry import load_task
-    from bot.manifests.spec import AdapterSpec
-
     folder = folder_of(adapters_dir)
     router.second, router.second_note = None, "none: no route adapter fitted (bot train-router)"
     if not (folder / STAGE_FILE).is_file():
@@ -292,11 +219,6 @@ def extension_check(router, stage: SecondStage, specs, adapters_dir, stage_file:
     weighted as in :func:`fit_stage`. The result is kept in the router's cache folder
     (``second.json``), keyed by the stage's ``stage.json``, so it is measured once per route set.
     """
-    import time
-
-    from bot.manifests.spec import discover
-    from bot.util.fsutil import atomic_write_text
-
     digest = hashlib.sha256(stage_file.read_bytes()).hexdigest()[:16]
     cache = getattr(router, "cache_path", None)
     path = Path(cache) / "second.json" if cache else None
@@ -310,7 +232,7 @@ def extension_check(router, stage: SecondStage, specs, adapters_dir, stage_file:
     specs = [s for s in (specs if specs is not None else discover(adapters_dir)) if s.name in router.routes]
     pairs = validation_pairs(specs, router, EXTENSION_VAL_PER_ROUTE)
     labels = np.array([a for _, a, _ in pairs])
-    weights = _weights(labels, np.array([s for _, _, s in pairs]))
+    weights = pair_weights(labels, np.array([s for _, _, s in pairs]))
     texts = [t for t, _, _ in pairs]
     saved_second = router.second
     stage.route_sets.append(sorted(router.routes))  # asked about this route set, to measure it
@@ -362,132 +284,6 @@ def attach_if_trained(router, adapters_dir, backbone_name: str | None = None) ->
     """:func:`attach`, loading a backbone first only when a fitted stage exists (reports)."""
     if not (folder_of(adapters_dir) / STAGE_FILE).is_file():
         return None
-    from bot.model.backbone import Backbone
-
     return attach(router, Backbone.load(backbone_name), adapters_dir)
 
 
-HANDWRITTEN_SHARE = 0.25  # of the validation objective; the test set is ~19 % hand-written
-
-
-def validation_pairs(specs, router, per_route: int = VAL_PER_ROUTE) -> list[tuple[str, str, str]]:
-    """(text, route, source) for fitting: validation splits and hand-written validation turns."""
-    from bot.routing.build import route_texts, spec_splits, turn_texts
-    from bot.routing.turns import load_turns
-    from bot.util.text import normalise
-
-    seen, pairs = route_texts(router), []
-    for spec in specs:
-        try:
-            rows = spec_splits(spec).val
-        except BotError:
-            continue
-        drawn = turn_texts(rows, random.Random(spec.train.seed + 1), per_route)
-        pairs += [(t, spec.name, "data") for t in drawn if normalise(t) not in seen]
-    pairs += [(t, a, "hand-written") for t, a in load_turns(VAL_TURNS) if a in router.routes]
-    return pairs
-
-
-def _weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    """Every route's data-set turns weigh the same; hand-written turns HANDWRITTEN_SHARE in all."""
-    weights = np.zeros(len(labels))
-    data = sources == "data"
-    share = HANDWRITTEN_SHARE if (~data).any() else 0.0
-    routes = np.unique(labels[data])
-    for route in routes:
-        mine = data & (labels == route)
-        weights[mine] = (1 - share) / (len(routes) * mine.sum())
-    if share:
-        weights[~data] = share / (~data).sum()
-    return weights
-
-
-def fit_stage(router, stage: SecondStage, pairs) -> dict:
-    """Choose ``gate`` and ``weight`` on ``pairs`` by the router's whole decision (with its
-    fallback cuts); the most accurate wins, the lower gate (fewer adapter calls) on ties.
-    Gate 0 (the first stage alone) wins unless the second opinion helps."""
-    from bot.routing import fitting
-    from bot.routing.commands import scoring_text
-
-    texts = [scoring_text(t) for t, _, _ in pairs]
-    labels = np.array([a for _, a, _ in pairs])
-    sources = np.array([s for _, _, s in pairs])
-    routes, weights = router.routes, _weights(labels, sources)
-    first = router._score_matrix(router.embedder.encode(texts), texts)
-    second = stage.probs(texts)[:, [stage.labels.index(r) for r in routes]]
-    cuts = [router.cut(r) for r in routes]
-
-    def score(gate: float, weight: float) -> dict:
-        asked = first.max(axis=1) < gate
-        mixed = np.where(asked[:, None], (1 - weight) * first + weight * second, first)
-        hit = fitting.predict(mixed, routes, cuts, router.fallback) == labels
-        return {"gate": gate, "weight": weight, "accuracy": round(float(weights @ hit), 4),
-                **{f"accuracy_{s}": round(float(hit[sources == s].mean()), 4)
-                   for s in ("data", "hand-written") if (sources == s).any()},
-                "asked": round(float(asked.mean()), 4)}
-
-    grid = [score(0.0, 0.0)] + [score(g, w) for g in GATES for w in WEIGHTS]
-    best = max(grid, key=lambda r: (r["accuracy"], -r["gate"]))
-    second_alone = np.array(routes)[second.argmax(axis=1)] == labels
-    return {**best, "first_stage": grid[0], "adapter_alone": round(float(weights @ second_alone), 4),
-            "n": len(pairs), "n_handwritten": int((sources == "hand-written").sum()), "grid": grid}
-
-
-def train_router(adapters_dir, backbone, *, command: str = "", fit_only: bool = False) -> dict:
-    """``bot train-router``: (re)train the route adapter for the routes in ``adapters_dir``,
-    then fit its gate and weight on validation; returns what ``stage.json`` holds."""
-    import shutil
-
-    from bot.errors import DataError
-    from bot.manifests.spec import AdapterSpec, discover
-    from bot.training.train import train_adapter
-    from bot.util.fsutil import adapter_lock
-
-    specs = discover(adapters_dir)
-    if len(specs) < 2:
-        raise DataError(f"the router needs at least two adapters under {adapters_dir}, found "
-                        f"{[s.name for s in specs]}. Fix: add adapters first (bot add)")
-    folder = folder_of(adapters_dir)
-    with adapter_lock(folder):
-        if not fit_only:
-            # The new manifest and data wait beside the trained adapter until training ends, so a
-            # crash leaves the previous one whole (train_adapter swaps the folder in at the end).
-            staging = folder.with_name(f".{NAME}.staging")
-            shutil.rmtree(staging, ignore_errors=True)
-            write_manifest(specs, staging)
-            try:
-                train_adapter(AdapterSpec.from_dir(staging), backbone, folder, command=command)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        return _fit(specs, folder, backbone, command, fit_only)
-
-
-def _fit(specs, folder: Path, backbone, command: str, fit_only: bool) -> dict:
-    """The fitting half of :func:`train_router`: gate and weight into ``stage.json``."""
-    import time
-
-    from bot.errors import DataError
-    from bot.manifests.registry import load_task
-    from bot.manifests.spec import AdapterSpec
-    from bot.routing.build import build_router
-    from bot.util.fsutil import atomic_write_text
-
-    if fit_only and not (folder / "adapter_model.safetensors").is_file():
-        raise DataError(f"{folder} holds no trained route adapter. Fix: bot train-router "
-                        "without --fit-only")
-    router = build_router(specs)
-    spec = AdapterSpec.from_dir(folder)
-    if sorted(spec.labels) != sorted(router.routes):
-        raise DataError(f"{folder} was trained for the routes {spec.labels}, the adapters now give "
-                        f"{router.routes}. Fix: bot train-router without --fit-only")
-    task = load_task(backbone, spec)
-    try:
-        pairs = validation_pairs(specs, router)
-        log.info("fitting the second stage on %d validation turns", len(pairs))
-        result = fit_stage(router, SecondStage(task, 1.0, 0.5), pairs)
-    finally:
-        backbone.drop_adapter(NAME)
-    result = {"routes": router.routes, **result, "command": command,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
-    atomic_write_text(folder / STAGE_FILE, json.dumps(result, indent=1) + "\n")
-    return result

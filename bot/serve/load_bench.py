@@ -58,7 +58,7 @@ def cpu_features() -> dict:
 def bench_prompts(adapters_dir, n: int) -> list[str]:
     """Held-out dialogue prompts (the chat adapter's test split): what users type."""
     from bot.manifests.spec import AdapterSpec
-    from bot.routing.build import spec_splits
+    from bot.routing.route_data import spec_splits
 
     spec = AdapterSpec.from_dir(Path(adapters_dir) / "chat")
     rows = spec_splits(spec).test
@@ -99,7 +99,7 @@ def measure_memory(backbone, adapters_dir, extra: int = 3) -> dict:
 def measure_quality(bb, task, n_rows: int = 60) -> dict:
     """Held-out reply perplexity through the serving engine: this CPU's precision vs fp32."""
     from bot.engine.runner import make_runner
-    from bot.routing.build import spec_splits
+    from bot.routing.route_data import spec_splits
 
     rows = spec_splits(task.spec).test[:n_rows]
     out = {"n": len(rows)}

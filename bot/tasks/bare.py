@@ -7,8 +7,8 @@ released. The manifest still gives the route its examples, description and route
 from __future__ import annotations
 
 from bot.errors import SpecError
-from bot.tasks import register_task
 from bot.tasks.generate import GenerateTask
+from bot.tasks.kinds import register_task
 
 
 class BaseTask(GenerateTask):

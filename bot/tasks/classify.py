@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bot.engine.pooling import pool_windows
 from bot.errors import AdapterError
-from bot.tasks import register_task
 from bot.tasks.base import Task
 from bot.tasks.classify_training import ClassifyTraining
-from bot.tasks.pooling import pool_windows
+from bot.tasks.kinds import register_task
 
 HEAD_FILE = "head.safetensors"
 

@@ -14,10 +14,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from bot.engine.pooling import pool_windows
 from bot.model.backbone import last_token_states
 from bot.tasks import frozen, stopping
 from bot.tasks.base import length_bucketed_batches, lora_parameters, optimise
-from bot.tasks.pooling import pool_windows
 
 log = logging.getLogger(__name__)
 

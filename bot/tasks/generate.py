@@ -11,8 +11,8 @@ import random
 
 import torch
 
-from bot.tasks import register_task
 from bot.tasks.base import Task, length_bucketed_batches, lora_parameters, optimise
+from bot.tasks.kinds import register_task
 
 IGNORE = -100
 
