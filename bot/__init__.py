@@ -20,11 +20,11 @@ __all__ = ["Backbone", "AdapterSpec", "BotError", "AdapterError", "DataError",
 def __getattr__(name):
     # lazy: the router pulls in sentence-transformers, the session pulls in the router
     if name in ("Router", "RouteChoice"):
-        from bot import routing
+        from bot import routing  # lazy: see above
 
         return getattr(routing, name)
     if name in ("ChatSession", "Turn"):
-        from bot import chat
+        from bot import chat  # lazy: see above
 
         return getattr(chat, name)
     raise AttributeError(name)

@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bot.engine import SamplingParams
+from bot.engine.llamacpp import chat_engine
 from bot.engine.threads import off_engine
+from bot.errors import BotError
+from bot.manifests.registry import load_all
+from bot.model.backbone import Backbone
+from bot.routing import build_router
 from bot.routing.abstain import clarify
 from bot.tasks.classify import ClassifyTask
 from bot.util.assets import default_adapters_dir
@@ -88,10 +94,6 @@ class ChatSession:
     @classmethod
     def from_dir(cls, backbone=None, adapters_dir=None, encoder=None, **kwargs) -> ChatSession:
         """Load every adapter in ``adapters_dir`` and build (or reuse) the fitted router."""
-        from bot.manifests.registry import load_all
-        from bot.model.backbone import Backbone
-        from bot.routing import build_router
-
         backbone = backbone or Backbone.load()
         tasks, failures = load_all(backbone, adapters_dir or default_adapters_dir())
         router = build_router([t.spec for t in tasks.values()], encoder, backbone=backbone)
@@ -128,6 +130,7 @@ class ChatSession:
         """
         with _SCHEDULER_LOCK:
             if self._scheduler is None:
+                # lazy: bot.serve imports fastapi, which is heavy
                 from bot.serve.state import scheduler_for
 
                 self._scheduler = scheduler_for(self.backbone, self.tasks).start()
@@ -223,8 +226,6 @@ class ChatSession:
     def _generate(self, task, text: str, max_tokens: int | None = None,
                   history: list[dict] | None = None) -> Iterator[str]:
         """Stream a generated reply; decoding happens in the shared scheduler's batches."""
-        from bot.engine import SamplingParams
-
         ids = task.prompt_ids(text, self.history if history is None else history)[0].tolist()
         if self.llama is not None and self._llama_can(task.adapter_name):
             yield from self.llama.stream(ids, task.adapter_name, max_tokens or self.max_new_tokens,
@@ -237,8 +238,6 @@ class ChatSession:
 
     def _llama_can(self, adapter: str | None) -> bool:
         """Whether llama.cpp can run ``adapter`` (its GGUF LoRA file is written on first use)."""
-        from bot.errors import BotError
-
         if adapter is None:
             return True
         if adapter not in self._llama_usable:
@@ -274,10 +273,7 @@ def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str |
         device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
         load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
     """
-    from bot.model.backbone import Backbone
-
     bb = Backbone.load(backbone, device=device, load_in=load_in)
-    from bot.engine.llamacpp import chat_engine
 
     llama = chat_engine(bb, engine)
     session = ChatSession.from_dir(bb, adapters_dir, llama=llama)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ def _command_line(argv) -> str:
 
 
 def _backbone(args):
+    # lazy: keeps `bot --help` fast
     from bot.model.backbone import Backbone
 
     print(f"loading backbone {args.backbone or 'SmolLM2-135M-Instruct (embedded)'} ...", file=sys.stderr)
@@ -45,6 +48,7 @@ def _backbone(args):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
+    # lazy: keeps `bot --help` fast
     import torch
 
     from bot.errors import SpecError
@@ -62,6 +66,7 @@ def cmd_train(args) -> int:
     logging.getLogger("bot").info("threads: %d, OMP_WAIT_POLICY=%s", torch.get_num_threads(),
                                   os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)"))
     folder = Path(args.adapters_dir) / args.name
+    # lazy: keeps `bot --help` fast
     from bot.manifests.versions import recover_adapters
 
     recover_adapters(args.adapters_dir)  # a save a kill interrupted is repaired first, and said so
@@ -108,6 +113,7 @@ def cmd_train(args) -> int:
 
 def _retrain_report(args, bb) -> int:
     """The change report of a retrained route (previous version kept; --strict rolls back)."""
+    # lazy: keeps `bot --help` fast
     from bot.manifests.addflow import retrain_report
     from bot.routing.changes import render
 
@@ -121,9 +127,10 @@ def _retrain_report(args, bb) -> int:
 
 
 def cmd_train_router(args) -> int:
+    # lazy: keeps `bot --help` fast
     import torch
 
-    from bot.training.router import train_router
+    from bot.training.second_stage import train_router
 
     torch.set_num_threads(_training_threads())
     stage = train_router(args.adapters_dir, _backbone(args), command=args.command_line,
@@ -137,6 +144,7 @@ def cmd_train_router(args) -> int:
 
 
 def _gpu_count() -> int:
+    # lazy: keeps `bot --help` fast
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -144,8 +152,6 @@ def _gpu_count() -> int:
 
 def _relaunch_with_accelerate(args) -> int:
     """`bot train --accelerate --processes N`: run this same command under `accelerate launch`."""
-    import subprocess
-
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(args.processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bot.cli", *args.argv]
@@ -165,8 +171,7 @@ def _summary(m: dict) -> str:
 
 
 def cmd_list(args) -> int:
-    import json
-
+    # lazy: keeps `bot --help` fast
     from bot.manifests.spec import require_usable, scan
     from bot.manifests.versions import list_versions, recover_adapters, score_line
 
@@ -190,6 +195,7 @@ def cmd_list(args) -> int:
             print(f"{'':22s}previous {i}: {v['date']}: {what}"
                   + (" (bot rollback restores it)" if i == 1 else ""))
     if len(specs) >= 2:
+        # lazy: keeps `bot --help` fast
         from bot.routing.second import status
 
         print(f"{'(router)':12s} {'2nd stage':9s} {status(args.adapters_dir, [s.name for s in specs])}")
@@ -197,6 +203,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_info(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.model.info import backbone_info
 
     print(backbone_info(adapters_dir=args.adapters_dir, backbone=args.backbone, device=args.device,
@@ -205,6 +212,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_add(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.manifests.add import add_adapter
 
     if args.train:
@@ -222,6 +230,7 @@ def cmd_add(args) -> int:
 
 
 def _add_and_train(args) -> int:
+    # lazy: keeps `bot --help` fast
     import torch
 
     from bot.manifests.addflow import add_and_train
@@ -243,6 +252,7 @@ def _add_and_train(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.manifests.addflow import remove_route
     from bot.manifests.router_folder import STAGE_FILE, folder_of
     from bot.routing.changes import render
@@ -257,6 +267,7 @@ def cmd_rm(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.export.merge import check_merge, merge_adapters, parse_sources
 
     sources = parse_sources(args.sources)
@@ -269,6 +280,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_rollback(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.manifests.versions import rollback, score_line
 
     done = rollback(args.adapters_dir, args.name)
@@ -284,9 +296,11 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.eval.evaluate import all_failed, run_eval
 
     if args.only == "router":
+        # lazy: keeps `bot --help` fast
         from bot.eval.router_eval import run_router_eval, summary_lines
 
         results = run_router_eval(adapters_dir=args.adapters_dir, out=args.out, names=args.names,
@@ -307,6 +321,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_distill(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.training.distill import self_distill
 
     meta = self_distill(_backbone(args), args.out, n=args.n, max_tokens=args.max_tokens,
@@ -316,6 +331,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.chat import run_terminal_chat
 
     return run_terminal_chat(adapters_dir=args.adapters_dir, backbone=args.backbone,
@@ -324,6 +340,7 @@ def cmd_chat(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.serve:
+        # lazy: keeps `bot --help` fast
         from bot.serve.load_bench import run_serve_bench
 
         # the benchmark's child processes (and their `bot serve`) load where this one would
@@ -339,6 +356,7 @@ def cmd_bench(args) -> int:
         return 0
     if args.against:
         raise SystemExit("bot bench: --against llama-server compares servers; add --serve")
+    # lazy: keeps `bot --help` fast
     from bot.eval.bench import run_bench
 
     print(run_bench(adapters_dir=args.adapters_dir, backbone=args.backbone, out=args.out,
@@ -369,6 +387,7 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def cmd_serve(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.serve.limits import Limits
     from bot.serve.server import serve
 
@@ -383,6 +402,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
+    # lazy: keeps `bot --help` fast
     from bot.export.vllm import check_destination, export
 
     check_destination(args.to, args.force)  # before the backbone loads: refusals come at once
@@ -397,6 +417,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    # lazy: keeps `bot --help` fast
     from demo.app import launch
 
     return launch(adapters_dir=args.adapters_dir, backbone=args.backbone, host=args.host,
@@ -524,6 +545,7 @@ def _flags_rm(p: argparse.ArgumentParser) -> None:
 
 
 def _flags_merge(p: argparse.ArgumentParser) -> None:
+    # lazy: keeps `bot --help` fast
     from bot.export.merge import METHODS
 
     p.add_argument("name", help="the new adapter's name (a new folder in --adapters-dir)")

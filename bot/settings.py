@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from bot.errors import BotError
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -63,8 +65,6 @@ def get(name: str, default: str | None = None) -> str | None:
 
 def get_int(name: str) -> int | None:
     """``get`` as a whole number (None when unset); a bad value names the variable."""
-    from bot.errors import BotError
-
     value = get(name)
     if value is None:
         return None

@@ -145,3 +145,105 @@ def test_an_unwritable_path_is_an_error_message(tmp_path, capsys):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # a data warning (few rows per label) may come first
     assert last.startswith("error: ") and str(not_a_folder) in last and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ layout (issue 24)
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in LIBRARY if p.is_relative_to(ROOT / "bot")}
+
+
+def _imported(module: str, node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The bot modules an import statement loads, with their parent packages (but the root
+    ``bot``, the public facade that every module loads first)."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        base = node.module or ""
+        if node.level:
+            here = module.split(".") if MODULES[module].name == "__init__.py" else module.split(".")[:-1]
+            base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else []))
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        out |= {".".join(parts[:i]) for i in range(2, len(parts) + 1) if parts[0] == "bot"}
+    return sorted(m for m in out if m in MODULES and m != module and not module.startswith(m + "."))
+
+
+def import_graph(modules: dict[str, Path] = MODULES) -> dict[str, set[str]]:
+    """Which bot module imports which: every import statement, in function bodies too."""
+    return {m: {t for node in ast.walk(_tree(p)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for t in _imported(m, node)} for m, p in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` as [a, b, ..., a], or [] when there is none (depth-first)."""
+    state, path = {}, []
+
+    def visit(node: str) -> list[str]:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return []
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+    assert _imported("bot.tasks.classify", ast.parse("from bot.engine.pooling import pool").body[0]) \
+        == ["bot.engine", "bot.engine.pooling"]
+
+
+def test_no_module_imports_itself_back():
+    graph = import_graph()
+    assert len(graph) > 80 and "bot.routing.route_data" in graph["bot.routing.build"]
+    assert find_cycle(graph) == []
+
+
+def test_no_two_modules_share_a_file_name():
+    names = [p.name for p in MODULES.values() if p.name != "__init__.py"]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
+def _lazy_imports_unexplained(path: Path) -> list[int]:
+    """Lines of imports in function bodies that no ``# lazy: ...`` comment explains: on the
+    import, on the line above it, or above the run of imports it belongs to (blank lines apart)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = set()
+    for fn in ast.walk(_tree(path)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        explained, prev = False, None
+        for node in sorted((n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))),
+                           key=lambda n: n.lineno):
+            in_run = prev is not None and all(not line.strip() for line in lines[prev.end_lineno:node.lineno - 1])
+            own = "# lazy:" in " ".join(lines[node.lineno - 2:node.end_lineno])
+            explained = own or (in_run and explained)
+            if not explained:
+                out.add(node.lineno)
+            prev = node
+    return sorted(out)
+
+
+def test_imports_stand_at_the_top_unless_a_comment_says_why(tmp_path):
+    """An import in a function body says why (a heavy library, or keeping ``bot --help`` fast);
+    every other import stands at the top of its module."""
+    assert {str(p.relative_to(ROOT)): lines for p in MODULES.values() if (lines := _lazy_imports_unexplained(p))} == {}
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    # lazy: heavy\n    import a\n\n    import b\n    x = 1\n    import c\n")
+    assert _lazy_imports_unexplained(sample) == [7]

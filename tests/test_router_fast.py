@@ -92,7 +92,7 @@ def test_router_only_eval_keeps_the_other_sections_of_a_report(tmp_path, monkeyp
                "by_source": {"hand-written: a": {"accuracy": 0.5, "n": 2},
                              "test split: b": {"accuracy": 1.0, "n": 2}}}
     monkeypatch.setattr(router_eval, "scan", lambda d: ([_Spec("a"), _Spec("b")], {}))
-    monkeypatch.setattr("bot.routing.build_router", lambda specs: "router")
+    monkeypatch.setattr("bot.eval.router_eval.build_router", lambda specs: "router")
     monkeypatch.setattr("bot.eval.evaluate.eval_router", lambda specs, session: dict(section))
     results = router_eval.run_router_eval(adapters_dir=tmp_path, out=tmp_path, latency=False,
                                           command_line="bot eval --only router")

@@ -13,7 +13,7 @@ from test_router import make_router
 from bot.manifests import router_folder
 from bot.routing import route_data
 from bot.routing.second import SecondStage, attach, plain, spellings
-from bot.training.router import fit_stage
+from bot.training.second_stage import fit_stage
 
 
 class Oracle:
@@ -167,8 +167,8 @@ def _two_routes(root):
 
 
 def test_a_failed_retrain_leaves_the_previous_route_adapter_whole(tmp_path, monkeypatch):
-    import bot.training.router
-    from bot.training.router import train_router
+    import bot.training.second_stage
+    from bot.training.second_stage import train_router
 
     _two_routes(tmp_path)
     folder = router_folder.folder_of(tmp_path)
@@ -183,7 +183,7 @@ def test_a_failed_retrain_leaves_the_previous_route_adapter_whole(tmp_path, monk
         seen["labels"], seen["out"] = spec.labels, out_dir
         raise RuntimeError("killed mid-training")
 
-    monkeypatch.setattr(bot.training.router, "train_adapter", crash)
+    monkeypatch.setattr(bot.training.second_stage, "train_adapter", crash)
     with pytest.raises(RuntimeError, match="killed"):
         train_router(tmp_path, backbone=None)
     assert {f.name: f.read_text() for f in folder.iterdir()} == before

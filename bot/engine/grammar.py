@@ -59,7 +59,7 @@ class GrammarError(ValueError):
 
 
 def _llg():
-    import llguidance  # only once a request asks for structured output
+    import llguidance  # lazy: llguidance is heavy; only once a request asks for structured output
 
     return llguidance
 
@@ -70,7 +70,7 @@ def vocabulary(tokenizer, n_vocab: int):
     with _vocab_lock:
         hit = _vocabs.get(key)
         if hit is None or hit[0] is not tokenizer:
-            import llguidance.hf
+            import llguidance.hf  # lazy: llguidance is heavy
 
             hit = _vocabs[key] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab))
         return hit[1]

@@ -130,7 +130,7 @@ class LoraEngine:
 
         Returns the bytes of those matrices.
         """
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer  # lazy: peft is heavy
 
         peft = self.backbone.peft
         if peft is None or name not in peft.peft_config:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bot.engine.precision import linear_for
+from bot.engine.precision import activation_dtype, head_kind, linear_for
 from bot.engine.slotcache import grow
 
 # model types whose decoder layers are exactly Llama's (no sliding window, no extra norms)
@@ -92,8 +92,6 @@ class Weights:
     """
 
     def __init__(self, model: nn.Module, kind: str):
-        from bot.engine.precision import activation_dtype, head_kind
-
         self.kind = kind
         self.dtype = activation_dtype(kind)
         self.layers = []

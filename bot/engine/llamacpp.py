@@ -36,9 +36,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bot import settings
+from bot.errors import AdapterError, BotError
+from bot.util.assets import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class EngineLRU:
 def import_llama_cpp():
     """The ``llama_cpp`` module, or None when it is not installed (nor under ``BOT_LLAMACPP_PATH``)."""
     try:
-        import llama_cpp
+        import llama_cpp  # lazy: optional, and heavy
 
         return llama_cpp
     except ImportError:
@@ -85,7 +88,7 @@ def import_llama_cpp():
     if extra not in sys.path:
         sys.path.append(extra)  # appended: our own numpy etc. keep precedence
     try:
-        import llama_cpp
+        import llama_cpp  # lazy: optional, and heavy
 
         return llama_cpp
     except ImportError as err:
@@ -116,10 +119,8 @@ def write_lora_gguf(backbone, adapter: str, path: Path) -> Path:
         adapter: its name.
         path: the ``.gguf`` file to write (atomically).
     """
-    import gguf
-    from peft.tuners.lora import LoraLayer
-
-    from bot.errors import AdapterError
+    import gguf  # lazy: gguf is heavy
+    from peft.tuners.lora import LoraLayer  # lazy: peft is heavy
 
     config = backbone.base.config
     if config.model_type != "llama":
@@ -188,8 +189,6 @@ class LlamaCppGenerator:
     """
 
     def __init__(self, backbone, n_threads: int | None = None, n_ctx: int = 1024, max_engines: int = 3):
-        from bot.errors import BotError
-
         self.llama_cpp = import_llama_cpp()
         if self.llama_cpp is None:
             raise BotError("llama-cpp-python is not installed. Fix: pip install -e '.[llamacpp]' "
@@ -207,8 +206,6 @@ class LlamaCppGenerator:
 
     def lora_file(self, adapter: str) -> Path:
         """The adapter as a GGUF LoRA file in ``$BOT_CACHE/gguf-lora`` (written once per content)."""
-        from bot.util.assets import cache_dir
-
         path = cache_dir() / "gguf-lora" / f"{adapter}-{_adapter_digest(self.backbone, adapter)}.gguf"
         if not path.exists():
             write_lora_gguf(self.backbone, adapter, path)
@@ -250,8 +247,6 @@ class LlamaCppGenerator:
         eos = self._eos(llm)
         kwargs = {}
         if suppress_eos:
-            import numpy as np
-
             def no_eos(_ids, logits):
                 logits[list(eos)] = -np.inf
                 return logits
@@ -318,8 +313,6 @@ def chat_engine(backbone, engine: str | None = None) -> LlamaCppGenerator | None
             here (not installed, backbone not from a GGUF file), the reason is logged as a
             warning and None is returned: the chat still works, on PyTorch.
     """
-    from bot.errors import BotError
-
     name = (engine or settings.get(ENGINE_ENV)).strip().lower()
     if name not in ENGINES:
         source = "--engine" if engine else ENGINE_ENV

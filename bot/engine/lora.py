@@ -157,7 +157,7 @@ class BankSet:
         Raises:
             AdapterError: it is not loaded, or adapts a module the lean step does not cover.
         """
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer  # lazy: peft is heavy
 
         peft = backbone.peft
         if peft is None or name not in peft.peft_config:

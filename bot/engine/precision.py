@@ -34,6 +34,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,6 @@ class Float16WeightLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
         w = weight.detach().float()
         n, k = w.shape

@@ -19,18 +19,19 @@ import logging
 
 import torch
 
+from bot.engine.hf import LoraEngine
 from bot.engine.lean import LeanModel, Segment, Weights, supports, why_not
 from bot.engine.lora import BankSet
 from bot.engine.plain import plain_model
 from bot.engine.precision import for_device
+from bot.engine.slotcache import SlotCache, decode_mask, prefill_mask
+from bot.engine.tuning import resolve
 
 log = logging.getLogger(__name__)
 
 
 def make_runner(backbone, precision: str, max_rows: int, max_len: int):
     """The runner for ``backbone``: lean where the family is covered, else transformers'."""
-    from bot.engine.tuning import resolve
-
     choice = resolve(backbone, precision)
     if supports(backbone.base):
         return LeanRunner(backbone, choice, max_rows, max_len)
@@ -113,9 +114,6 @@ class HFRunner:
     chunked = False
 
     def __init__(self, backbone, kind: str, max_rows: int, max_len: int):
-        from bot.engine.hf import LoraEngine
-        from bot.engine.slotcache import SlotCache
-
         self.engine = LoraEngine(backbone, for_device(kind, backbone.device))
         self.precision = self.engine.precision
         self.cache = SlotCache(max_rows, max_len)
@@ -142,8 +140,6 @@ class HFRunner:
 
     def step(self, segments: list[Segment]) -> torch.Tensor:
         """Decode rows (slots 0..d-1) first, then whole prompts in the rows after them."""
-        from bot.engine.slotcache import decode_mask, prefill_mask
-
         dec = sorted((s for s in segments if s.pos > 0), key=lambda s: s.slot)
         pre = sorted((s for s in segments if s.pos == 0), key=lambda s: s.slot)
         rows: dict[int, torch.Tensor] = {}

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from bot import settings
+from bot.engine.plain import plain_model
 from bot.engine.precision import (
     CACHE_FILE,
     CANDIDATES,
@@ -126,8 +127,8 @@ def _write_cache(key: str, choice: Choice) -> None:
 
 def measure(backbone, kinds=CANDIDATES, rounds: int = 5) -> dict:
     """Probe perplexity and lean-step time (ms at 1/4/8/16 tokens) of each kernel."""
+    # lazy: bot.engine.lean imports transformers
     from bot.engine.lean import LeanModel, Segment, Weights
-    from bot.engine.plain import plain_model
 
     ids = backbone.tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"][0].tolist()
     cfg = backbone.base.config
@@ -205,7 +206,7 @@ def choose(backbone, *, refresh: bool = False, kinds=CANDIDATES) -> Choice:
     features = cpu_features()
     key = cache_key(features, model_shape(backbone.base))
     device = getattr(backbone, "device", torch.device("cpu"))
-    from bot.engine.lean import supports, why_not
+    from bot.engine.lean import supports, why_not  # lazy: bot.engine.lean imports transformers
 
     if not supports(backbone.base) and not settings.get(KERNEL_ENV):
         return Choice("fp32", "fp32", 1 << 30, f"fp32: the autotuner times the lean step, which does "

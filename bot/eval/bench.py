@@ -26,8 +26,19 @@ from pathlib import Path
 import torch
 
 from bot import settings
+from bot.engine import SamplingParams, Scheduler
+from bot.engine.llamacpp import LlamaCppGenerator, import_llama_cpp
+from bot.engine.plain import plain_model
+from bot.engine.precision import KINDS
+from bot.engine.tuning import choose, cpu_features
+from bot.eval.bench_report import render, summary
+from bot.manifests.data import load_dialogue, split
+from bot.manifests.registry import load_all
+from bot.manifests.spec import AdapterSpec
+from bot.model.backbone import Backbone, resolve_backbone
 from bot.model.families import DEFAULT_TARGET_MODULES
 from bot.model.info import machine, rss_mb
+from bot.tasks.generate import GenerateTask
 from bot.util.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -50,9 +61,7 @@ def _hf_generate(model):
 
 def _ensure_adapters(bb, adapters_dir) -> list[str]:
     """Trained adapters when present; otherwise random LoRA adapters of the same shape."""
-    from peft import LoraConfig
-
-    from bot.manifests.registry import load_all
+    from peft import LoraConfig  # lazy: peft is heavy
 
     tasks, _ = load_all(bb, adapters_dir)
     names = [n for n in tasks if n in bb.adapters]  # a `base` route (assistant) has no LoRA
@@ -66,8 +75,6 @@ def _ensure_adapters(bb, adapters_dir) -> list[str]:
 
 
 def measure_load(backbone_name, device=None, load_in=None) -> dict:
-    from bot.model.backbone import Backbone, resolve_backbone
-
     with tempfile.TemporaryDirectory() as cold_cache:
         with settings.override("BOT_CACHE", cold_cache):
             t0 = time.perf_counter()
@@ -98,9 +105,6 @@ def measure_generation(bb, adapter: str, n: int, kinds=None, llama=None, repeats
         kinds: engine kernels to time, each as "small,large" or one kind (default: fp32, w8).
         llama: a LlamaCppGenerator, or None to leave llama.cpp out.
     """
-    from bot.engine import SamplingParams, Scheduler
-    from bot.engine.plain import plain_model
-
     ids = prompt_ids(bb)
     plain = ids[0].tolist()
     base = _hf_generate(plain_model(bb))
@@ -182,10 +186,6 @@ def _agree(a, b) -> float:
 
 def measure_quality(bb, adapter: str, n_rows: int = 60, kinds=None, llama=None) -> list[tuple]:
     """Held-out reply perplexity of the chat adapter: fp32 peft vs each fast engine."""
-    from bot.manifests.data import load_dialogue, split
-    from bot.manifests.spec import AdapterSpec
-    from bot.tasks.generate import GenerateTask
-
     test = split(load_dialogue(), seed=0).test
     rows = test[:: max(1, len(test) // n_rows)][:n_rows]  # spread over both corpora
     task = GenerateTask(AdapterSpec(name=adapter, kind="generate", template=""), bb)
@@ -207,8 +207,6 @@ def measure_quality(bb, adapter: str, n_rows: int = 60, kinds=None, llama=None) 
 
 def _engine_runner(bb, adapter, kind):
     """Score with the engine's own step and kernel (each row as one prefill)."""
-    from bot.engine import Scheduler
-
     runner = Scheduler(bb, generators=[adapter], precision=kind, max_batch=1).runner
     return lambda enc: runner.sequence_logits(enc, [adapter] * len(enc["input_ids"]), kind=kind)
 
@@ -243,18 +241,12 @@ def bench_one_isa(*, adapters_dir, backbone=None, device=None, load_in=None, tok
             merged and w8 (every kernel's decode step is in the kernel measurement anyway).
         refresh_kernels: measure the kernel choice again instead of using the cached one.
     """
-    from bot.engine.llamacpp import LlamaCppGenerator, import_llama_cpp
-    from bot.engine.precision import KINDS
-    from bot.engine.tuning import choose, cpu_features
-
     features = {**cpu_features(), "threads": torch.get_num_threads()}
     if with_load:
         log.info("measuring load times (cold load converts the GGUF into a temporary cache) ...")
         load = measure_load(backbone, device=device, load_in=load_in)
         bb = load.pop("backbone")
     else:
-        from bot.model.backbone import Backbone
-
         bb, load = Backbone.load(backbone, device=device, load_in=load_in), None
     rss0 = rss_mb()
     names = _ensure_adapters(bb, adapters_dir)
@@ -362,8 +354,6 @@ def run_bench(*, adapters_dir: str | Path, backbone: str | None = None, out: str
     Returns:
         the markdown that was written.
     """
-    from bot.eval.bench_report import render, summary
-
     paths = {"native": llamacpp_path, "avx2": llamacpp_avx2_path or llamacpp_path}
     records = []
     for i, name in enumerate(isas):

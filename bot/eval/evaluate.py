@@ -11,16 +11,24 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from bot.chat import ChatSession
 from bot.errors import BotError, DataError
 from bot.eval import metrics as M
+from bot.eval.helpful import eval_instructions
+from bot.manifests.data import load_user_file
 from bot.manifests.registry import load_task
 from bot.manifests.spec import AdapterSpec, check_run_values, require_usable, scan
+from bot.model.backbone import Backbone
 from bot.model.info import machine
+from bot.routing import build_router, load_handwritten, route_texts, router_test_set
+from bot.routing.abstain import measure
+from bot.routing.latency import record_both_isas
 from bot.tasks.classify import ClassifyTask
 from bot.training.train import training_rows
 
@@ -241,8 +249,6 @@ def eval_one(spec: AdapterSpec, bb, max_examples: int | None, data_file: str | N
 
 def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
     """Rows from a user's file with the manifest's columns; unknown labels are an error."""
-    from bot.manifests.data import load_user_file
-
     cols = {k: v for k, v in spec.data.items() if k.endswith("_col")}
     rows = load_user_file(path, spec.kind, **cols)
     if spec.kind == "classify":
@@ -256,8 +262,6 @@ def user_test_rows(spec: AdapterSpec, path: str) -> list[dict]:
 # -------------------------------------------------------------------- router
 def eval_router(specs: list[AdapterSpec], session=None) -> dict:
     """Router accuracy on the test splits plus the hand-written turns, also per source."""
-    from bot.routing import build_router, load_handwritten, route_texts, router_test_set
-
     router = session.router if session else build_router(specs)
     names = {s.name for s in specs}
     handwritten = load_handwritten(names)
@@ -288,7 +292,6 @@ def eval_router(specs: list[AdapterSpec], session=None) -> dict:
         out["second_stage_note"] = router.second_note
     rule = getattr(router, "abstain", None)
     if rule is not None:  # how often it would ask back on these turns, and how right the rest is
-        from bot.routing.abstain import measure
 
         out["abstain"] = {"threshold": rule.threshold, "on_by_default": rule.on,
                           "validation": rule.figures, "heldout": measure(rule, choices, truth)}
@@ -310,8 +313,6 @@ def eval_routed(router, name: str, rows: list[dict], predictions: dict[str, list
     Per view (the text, a BBC headline ...), with where the misrouted texts went and, when an
     abstain threshold is fitted, how often the router would have asked back instead.
     """
-    from collections import Counter
-
     out = {}
     for view, preds in predictions.items():
         subset = rows if view == "text" else [r for r in rows if view in r.get("views", {})]
@@ -341,8 +342,6 @@ def eval_routed(router, name: str, rows: list[dict], predictions: dict[str, list
 
 def eval_latency(session, n: int = 12) -> dict:
     """Median end-to-end times of classification turns and first streamed chat tokens."""
-    from bot.routing import load_handwritten
-
     turns = load_handwritten(set(session.tasks))
     kinds = {name: task.kind for name, task in session.tasks.items()}
     cls_turns = [t for t, a in turns if kinds.get(a) == "classify"][:n]
@@ -427,8 +426,7 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
     Returns:
         the results dict written to ``out/eval.json``.
     """
-    from bot.eval.report import write_report
-    from bot.model.backbone import Backbone
+    from bot.eval.report import write_report  # lazy: bot.eval.report imports matplotlib, sklearn
 
     t0 = time.perf_counter()
     check_run_values(max_examples=max_examples)
@@ -469,9 +467,6 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
         _log_line(spec.name, results["tasks"][spec.name])
     ok_specs = [s for s in specs if results["tasks"][s.name]["status"] == "ok"]
     if not no_router and not data and len(ok_specs) >= 2:
-        from bot.chat import ChatSession
-        from bot.routing import build_router
-
         session = ChatSession(bb, tasks, build_router(ok_specs, backbone=bb))
         results["router"] = eval_router(ok_specs, session)
         for name, (rows, preds) in kept.items():
@@ -494,8 +489,6 @@ def run_eval(*, adapters_dir: str | Path, names: list[str] | None = None, backbo
 
 def _route_timing(latency: dict, adapters_dir) -> None:
     """``route_ms``: median over 200 short turns, in a fresh process per CPU setting."""
-    from bot.routing.latency import record_both_isas
-
     latency["route_ms_in_turn"] = latency.pop("route_ms")  # the few turns timed end to end
     try:
         record_both_isas(latency, adapters_dir)
@@ -505,9 +498,6 @@ def _route_timing(latency: dict, adapters_dir) -> None:
 
 def _helpfulness(results: dict, session, instructions: str | None) -> None:
     """``tasks.<chat>.instructions`` for every generate task, when a file is given."""
-    from bot.eval.helpful import eval_instructions
-    from bot.manifests.data import load_user_file
-
     if not instructions:
         return
     rows = load_user_file(instructions, "generate")

@@ -24,8 +24,8 @@ def words(text: str) -> int:
 
 
 def _replies(session, prompts: list[str], adapter: str | None, max_tokens: int) -> list[str]:
-    from bot.chat import REPETITION_PENALTY
-    from bot.engine import SamplingParams
+    from bot.chat import REPETITION_PENALTY  # lazy: bot.chat imports transformers
+    from bot.engine import SamplingParams  # lazy: bot.engine imports transformers
 
     tok = session.backbone.tokenizer
     params = SamplingParams(max_tokens=max_tokens, repetition_penalty=REPETITION_PENALTY)

@@ -19,7 +19,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from bot.engine import llamacpp
 from bot.errors import AssetMissingError, BotError
+from bot.util.assets import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,6 @@ NO_REPACK = "--no-repack"
 
 def install_dir() -> Path:
     """``$BOT_CACHE/llama-server``: where the build script puts its binaries."""
-    from bot.util.assets import cache_dir
-
     return cache_dir() / "llama-server"
 
 
@@ -71,11 +71,7 @@ def version(binary: Path) -> str:
 
 
 def _llamacpp():
-    """bot's llama.cpp helpers (moving into bot.engine; the old module still works)."""
-    try:
-        from bot.engine import llamacpp
-    except ImportError:  # before the engine package
-        from bot import llamacpp
+    """bot's llama.cpp helpers (bot.engine.llamacpp)."""
     return llamacpp
 
 
@@ -183,7 +179,7 @@ class LlamaServer:
 
     def start(self, timeout: float = 180.0) -> LlamaServer:
         """Start it and wait until ``/health`` answers 200 (503 while the model loads)."""
-        import httpx
+        import httpx  # lazy: httpx is heavy
 
         with open(self.log_path, "w") as fh:
             self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT,
@@ -205,7 +201,7 @@ class LlamaServer:
 
     def _check_loras(self) -> None:
         """The ids the server gave its adapters must be ours (the order of the --lora flags)."""
-        import httpx
+        import httpx  # lazy: httpx is heavy
 
         got = httpx.get(f"http://127.0.0.1:{self.port}/lora-adapters", timeout=10).json()
         paths = {int(a["id"]): Path(a["path"]).resolve() for a in got}

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bot.eval.helpful import TARGETS
 from bot.eval.metrics import comparison_text, transfer_verdict
 from bot.eval.plots import plot_bar_summary, plot_confusion, plot_learning_curve
 from bot.util.fsutil import atomic_write_text
@@ -335,7 +336,6 @@ def _instructions(name: str, ins: dict | None) -> list[str]:
     """How helpful the adapter stays on hand-written requests (bot.eval.helpful)."""
     if not ins:
         return []
-    from bot.eval.helpful import TARGETS
 
     met = ins.get("met") or {}
     word = {True: "met", False: "NOT MET", None: DASH}

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from bot.errors import DataError
 from bot.manifests.spec import require_usable, scan
+from bot.routing import abstain, build_router
+from bot.routing.latency import record_both_isas
+from bot.routing.second import attach_if_trained
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +37,9 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
     Returns:
         the whole report dict written to ``out/eval.json``.
     """
+    # lazy: bot.eval.evaluate imports sklearn, transformers
     from bot.eval.evaluate import eval_router
-    from bot.eval.report import write_report
-    from bot.routing import abstain, build_router
-    from bot.routing.second import attach_if_trained
+    from bot.eval.report import write_report  # lazy: bot.eval.report imports matplotlib, sklearn
 
     specs, broken = scan(adapters_dir)
     require_usable(specs, broken)
@@ -57,8 +59,6 @@ def run_router_eval(*, adapters_dir, out="reports", names: list[str] | None = No
     results = _existing(Path(out) / "eval.json")
     results["router"] = section
     if latency:
-        from bot.routing.latency import record_both_isas
-
         record_both_isas(results.setdefault("latency", {}), adapters_dir)
     write_report(results, out)
     return results

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bot.engine.lora import Mixture
 from bot.errors import BotError
 from bot.manifests.spec import AdapterSpec, check_adapter_name
 from bot.util.fsutil import atomic_dir_write
@@ -32,8 +33,6 @@ METHODS = ("linear", "cat", "ties", "dare_ties")
 
 def parse_sources(text: str) -> list[tuple[str, float]]:
     """``a:0.5,b:0.5`` (or ``+`` between them) as [(name, weight)]; BotError saying what is wrong."""
-    from bot.engine.lora import Mixture
-
     try:
         return list(Mixture.parse(text.replace(",", "+")).parts)
     except ValueError as err:

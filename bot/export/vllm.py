@@ -34,10 +34,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from bot.engine.plain import plain_model
 from bot.errors import AdapterError, BotError, FingerprintMismatch
+from bot.export.readme import render_readme
+from bot.manifests.registry import load_task
 from bot.manifests.spec import AdapterSpec
 from bot.model.backbone import read_adapter_weights
+from bot.routing.route_data import spec_splits
+from bot.tasks.classify import HEAD_FILE
 from bot.util.fsutil import atomic_dir_write
 
 log = logging.getLogger(__name__)
@@ -131,8 +137,6 @@ def check_lora_tensors(weights: dict[str, torch.Tensor], rank: int, path: Path) 
 
 def read_head(folder: Path, spec: AdapterSpec, hidden: int) -> tuple[torch.Tensor | None, list[str]]:
     """The classifier head's weight, refusing a head vLLM's bias-free ``score`` cannot hold."""
-    from bot.tasks.classify import HEAD_FILE
-
     path = folder / HEAD_FILE
     if not path.exists():
         return None, [f"{path} is missing: a classify adapter needs its head. "
@@ -164,11 +168,6 @@ def bias_free_check(backbone, spec: AdapterSpec, weight: torch.Tensor, bias: tor
     no held-out prediction changes. The final states are computed once with bot's own
     classifier path; both heads are then applied to the same states.
     """
-    from tqdm.auto import tqdm
-
-    from bot.manifests.registry import load_task
-    from bot.routing.route_data import spec_splits
-
     rows = spec_splits(spec).test[:max_rows]
     texts = [t for r in rows for t in [r["text"], *r.get("views", {}).values()]]
     loaded_here = spec.name not in backbone.adapters
@@ -280,8 +279,6 @@ def plan_export(names: list[str], adapters_dir: Path, backbone, max_lora_rank: i
 # ------------------------------------------------------------------ writers
 def write_base(dest: Path, backbone) -> None:
     """The backbone as a plain transformers folder, with no adapter merged in."""
-    from bot.engine.plain import plain_model
-
     model = plain_model(backbone)  # peft-free, sharing the backbone's tensors (saving reads them)
     # the engine shares the live backbone's config objects: edit copies, not the backbone
     model.config = copy.deepcopy(model.config)
@@ -330,7 +327,7 @@ def write_classify_base(dest: Path, base: Path, backbone, labels: list[str]) -> 
     """
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as SEQ_CLS,
-    )
+    )  # lazy: transformers is heavy
 
     cfg = copy.deepcopy(backbone.base.config)
     arch = SEQ_CLS.get(cfg.model_type)
@@ -377,7 +374,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_adapter(dest: Path, item: Item, base_path: Path) -> None:
     """A peft folder: LoRA config + weights, plus the head as ``score`` for a classifier."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: peft is heavy
 
     config = LoraConfig.from_pretrained(str(item.spec.folder))
     config.base_model_name_or_path = str(base_path)
@@ -436,8 +433,6 @@ def export(names: list[str], to: str | Path, *, backbone, adapters_dir: str | Pa
         ExportError: listing every adapter vLLM could not load, with the reason and fix; or
             ``to`` holds files no export wrote (without ``force``), or cannot be a folder.
     """
-    from bot.export.readme import render_readme
-
     if target not in TARGETS:
         raise ExportError(f"unknown export target '{target}'. Fix: --for one of {list(TARGETS)}")
     to = Path(to)

@@ -22,6 +22,7 @@ from bot.manifests.spec import (
     TrainSettings,
     check_adapter_name,
 )
+from bot.manifests.versions import to_trash
 
 TRASH = ".trash"
 log = logging.getLogger(__name__)
@@ -170,8 +171,6 @@ def check_target(folder: Path, force: bool, moved_to: str = "") -> bool:
 
 def move_aside(folder: Path) -> Path:
     """Move ``folder`` to ``<parent>/.trash/<name>-<timestamp>/`` (hidden, so never loaded)."""
-    from bot.manifests.versions import to_trash
-
     dest = to_trash(folder, name=folder.name)
     log.info("moved the old %s folder (weights, metrics, manifest) to %s", folder.name, dest)
     return dest

@@ -14,24 +14,31 @@ folder goes to the trash, leaving every adapter and the router as they were.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from bot.errors import DataError
 from bot.manifests.add import MIN_PER_LABEL, check_target, scaffold
+from bot.manifests.registry import load_task
 from bot.manifests.spec import AdapterSpec, check_adapter_name, discover
 from bot.manifests.versions import (
     HISTORY_NOTE,
+    list_versions,
     record_absent,
     recover_adapters,
     remove,
     retirer,
+    rollback,
     score_line,
     to_trash,
 )
 from bot.routing import changes
+from bot.routing.encoder import load_encoder
+from bot.training.train import train_adapter, training_rows
 from bot.util.fsutil import adapter_lock, swap_in
 
 log = logging.getLogger(__name__)
@@ -59,9 +66,6 @@ def add_and_train(*, name: str, source, adapters_dir, backbone, kind: str = "cla
         the report dict (bot.routing.changes.build_report) plus ``new_adapter``, ``path``
         (where the markdown was written) and ``applied``.
     """
-    from bot.routing.encoder import load_encoder
-    from bot.training.train import train_adapter
-
     check_adapter_name(name, "bot add NAME")
     adapters_dir = Path(adapters_dir)
     folder = adapters_dir / name
@@ -125,9 +129,8 @@ def add_and_train(*, name: str, source, adapters_dir, backbone, kind: str = "cla
 
 def _score_new(spec, backbone, router, metrics: dict, eval_examples: int | None) -> dict:
     """The new adapter's held-out scores from training and, for a classifier, routed."""
+    # lazy: bot.eval.evaluate imports sklearn, transformers
     from bot.eval.evaluate import eval_routed
-    from bot.manifests.registry import load_task
-    from bot.training.train import training_rows
 
     out = {"kind": spec.kind, "heldout": score_line(metrics), "train_seconds": metrics.get("train_seconds"),
            "examples_seen": metrics.get("examples_seen")}
@@ -158,8 +161,6 @@ class _Clock:
     """Seconds per phase, for the report (the router refit is meant to take minutes at most)."""
 
     def __init__(self):
-        import time
-
         self._time = time.perf_counter
         self._last = self._time()
         self.laps: dict[str, float] = {}
@@ -184,8 +185,6 @@ def remove_route(*, name: str, adapters_dir, backbone=None, strict: bool = False
     With ``strict``, a regression of a remaining route refuses the removal. ``bot rollback
     NAME`` brings a removed adapter back.
     """
-    from bot.routing.encoder import load_encoder
-
     adapters_dir = Path(adapters_dir)
     recover_adapters(adapters_dir)
     before_specs = discover(adapters_dir)
@@ -230,8 +229,6 @@ def retrain_report(*, name: str, adapters_dir, backbone=None, strict: bool = Fal
     regression (a route, or the adapter's own score, more than DROP_POINTS lower on as many
     examples) rolls the new version back. None when there was no trained previous version.
     """
-    from bot.manifests.versions import list_versions, rollback
-
     adapters_dir = Path(adapters_dir)
     folder = adapters_dir / name
     previous = next(iter(list_versions(folder)), None)
@@ -244,8 +241,6 @@ def retrain_report(*, name: str, adapters_dir, backbone=None, strict: bool = Fal
     same = changes.same_routes(before_specs, after_specs, encoder)
     before_router = after_router = None
     if not same:
-        from bot.routing.encoder import load_encoder
-
         encoder = encoder or load_encoder()
         before_router = changes.served_router(before_specs, adapters_dir, backbone, encoder)
         after_router = changes.served_router(after_specs, adapters_dir, backbone, encoder)
@@ -267,8 +262,6 @@ def retrain_report(*, name: str, adapters_dir, backbone=None, strict: bool = Fal
 
 
 def _read_metrics(folder: Path) -> dict:
-    import json
-
     try:
         return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bot.errors import BotError
 from bot.manifests.spec import AdapterSpec, discover, scan
+from bot.manifests.versions import recover_adapters
 from bot.tasks import task_class
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ def load_all(backbone, adapters_dir, names: list[str] | None = None):
         stops the others from loading: a broken manifest, a clashing name, bad weights
         or an unexpected error in one folder marks only that folder failed.
     """
-    from bot.manifests.versions import recover_adapters
-
     recover_adapters(adapters_dir)  # a save a kill interrupted: finished or undone, and logged
     specs, failures = scan(adapters_dir)
     if names:

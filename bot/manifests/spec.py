@@ -133,7 +133,7 @@ class LoraSettings:
 
     def to_peft(self, num_layers: int | None = None, model=None):
         """A peft LoraConfig; with ``model``, targets it lacks are swapped for its own (bot.model.families)."""
-        from peft import LoraConfig
+        from peft import LoraConfig  # lazy: peft is heavy
 
         targets, conv1d = list(self.target_modules), False
         if model is not None:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from bot.errors import DataError
+from bot.manifests import router_folder
+from bot.manifests.spec import discover
 from bot.util.fsutil import adapter_lock, atomic_write_text, recover, recover_all, swap_in
 
 log = logging.getLogger(__name__)
@@ -223,9 +225,6 @@ def rollback(adapters_dir, name: str) -> dict:
 def restore_second_stage(adapters_dir) -> str:
     """When the second stage fits other routes than the adapters now give, put back its newest
     version fitted for these routes (``bot train-router`` keeps the previous ones); say what."""
-    from bot.manifests import router_folder
-    from bot.manifests.spec import discover
-
     routes = sorted(s.name for s in discover(adapters_dir))
     folder = router_folder.folder_of(adapters_dir)
     fitted = router_folder.fitted_routes(folder)

@@ -38,6 +38,7 @@ from bot.model.device import (
     to_device,
     weight_dtype,
 )
+from bot.model.families import prepare_tokenizer
 from bot.util.assets import cache_dir, hub_offline, package_dir, writable_cache_dir
 from bot.util.fsutil import atomic_dir_write
 
@@ -66,7 +67,7 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, dest: Path) -> None:
     weights are copied into a fresh model built from the same config (recipe:
     docs/models-and-data.md).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers is heavy
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
@@ -147,7 +148,7 @@ def cache_entry_problem(dest: Path) -> str | None:
 def _load_pretrained(ref: str, dtype: torch.dtype = torch.float32, quantization=None,
                      device: torch.device | None = None):
     """(model, tokenizer) from a folder or hub id; quantized loads go straight to ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers is heavy
 
     kwargs = {"dtype": dtype}
     if quantization is not None:
@@ -306,8 +307,6 @@ class Backbone:
     """
 
     def __init__(self, model, tokenizer, info: LoadInfo, fingerprint: tuple | None = None):
-        from bot.model.families import prepare_tokenizer
-
         self.base = model.eval()
         self.tokenizer = prepare_tokenizer(tokenizer, info.name)
         self.info = info
@@ -389,7 +388,7 @@ class Backbone:
 
     def add_adapter(self, name: str, lora_config) -> None:
         """Create a fresh (trainable) LoRA adapter called ``name``."""
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: peft is heavy
 
         check_adapter_name(name, "Backbone.add_adapter")
         with self.lock:
@@ -417,8 +416,8 @@ class Backbone:
             AdapterError: the folder, config or weight file is missing or corrupt.
                 Other adapters are left untouched.
         """
-        from peft import LoraConfig
-        from peft.utils import set_peft_model_state_dict
+        from peft import LoraConfig  # lazy: peft is heavy
+        from peft.utils import set_peft_model_state_dict  # lazy: peft is heavy
 
         folder = Path(folder)
         if expected_fingerprint and not self.matches(expected_fingerprint):
@@ -536,7 +535,7 @@ class Backbone:
 
     def engine(self):
         """The shared engine for library calls: every loaded generation adapter, on first use."""
-        from bot.engine import Scheduler
+        from bot.engine import Scheduler  # lazy: bot.engine imports transformers
 
         with self.lock:
             if self._engine is None:

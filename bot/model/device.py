@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
+import torch
+
 from bot import settings
 from bot.errors import BackboneError
 
@@ -26,8 +28,6 @@ LOAD_IN = ("auto", "fp32", "bf16", "8bit", "4bit")
 
 
 def _mps_available() -> bool:
-    import torch
-
     mps = getattr(torch.backends, "mps", None)
     return bool(mps and mps.is_available())
 
@@ -38,8 +38,6 @@ def resolve_device(choice: str | torch.device | None = None) -> torch.device:
     Raises:
         BackboneError: the device named is not present on this machine.
     """
-    import torch
-
     if isinstance(choice, torch.device):
         return choice
     choice = (choice or settings.get("BOT_DEVICE")).strip().lower()
@@ -66,8 +64,6 @@ def resolve_load_in(choice: str | None, device: torch.device) -> str:
     Raises:
         BackboneError: 8bit/4bit without CUDA or without bitsandbytes; an unknown choice.
     """
-    import torch
-
     choice = (choice or settings.get("BOT_LOAD_IN")).strip().lower()
     if choice not in LOAD_IN:
         raise BackboneError(f"--load-in {choice!r} is not one of {LOAD_IN}. Fix: pass --load-in auto")
@@ -87,18 +83,14 @@ def resolve_load_in(choice: str | None, device: torch.device) -> str:
 
 def weight_dtype(load_in: str) -> torch.dtype:
     """The dtype non-quantized weights are held in."""
-    import torch
-
     return torch.float32 if load_in == "fp32" else torch.bfloat16
 
 
 def quantization_config(load_in: str):
     """A transformers BitsAndBytesConfig for 8bit/4bit (NF4, bf16 compute), else None."""
-    import torch
-
     if load_in not in ("8bit", "4bit"):
         return None
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # lazy: transformers is heavy
 
     if load_in == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -112,8 +104,6 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     GPUs: bf16 where supported, else fp16. CPU: bf16 where the CPU has native bf16 math;
     ``BOT_COMPUTE=fp32|bf16`` overrides either.
     """
-    import torch
-
     choice = settings.get("BOT_COMPUTE").lower()
     if choice in ("fp32", "float32"):
         return torch.float32
@@ -132,8 +122,6 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s first parameter lives (cpu for a parameter-free module)."""
-    import torch
-
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -141,6 +129,4 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """``batch`` with every tensor moved to ``device`` (no copy when already there)."""
-    import torch
-
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

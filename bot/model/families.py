@@ -38,7 +38,7 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
     bitsandbytes' 8/4-bit layers subclass nn.Linear; a layer peft already wrapped shows up
     as ``<name>.base_layer`` and counts under ``<name>``.
     """
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D  # lazy: transformers is heavy
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
@@ -85,7 +85,7 @@ def lora_targets(model: torch.nn.Module, requested: list[str]) -> list[str]:
 
 def targets_are_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
     """True when the targets are GPT-2-style Conv1D layers (weights stored transposed)."""
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D  # lazy: transformers is heavy
 
     wanted = set(targets)
     return any(isinstance(m, Conv1D) and path.rsplit(".", 1)[-1] in wanted
@@ -120,7 +120,7 @@ def model_from_weights(backbone, state: dict[str, torch.Tensor]) -> torch.nn.Mod
     assigned without a copy. Buffers left out of state dicts (rotary tables) are taken
     from the backbone, which has the same module paths outside its LoRA layers.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: transformers is heavy
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(backbone.base.config, dtype=torch.float32)

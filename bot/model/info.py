@@ -10,6 +10,16 @@ import platform
 import resource
 from pathlib import Path
 
+import torch
+
+from bot.engine.lean import SUPPORTED, why_not
+from bot.engine.llamacpp import import_llama_cpp, source_gguf
+from bot.engine.precision import DESCRIPTIONS
+from bot.engine.tuning import choose, cpu_features
+from bot.manifests.registry import load_all
+from bot.model.backbone import Backbone
+from bot.settings import describe
+
 
 def rss_mb() -> float:
     """Resident memory of this process in MB (Linux /proc; falls back to peak RSS)."""
@@ -37,8 +47,6 @@ def cpu_name() -> str:
 
 def machine() -> str:
     """e.g. ``x86_64, 2 CPU cores (AMD EPYC 7B13), torch 2.13.0+cpu``: recorded beside every figure."""
-    import torch
-
     return f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}"
 
 
@@ -52,9 +60,6 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None, devi
         device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).
         load_in: weight precision auto|fp32|bf16|8bit|4bit (None: $BOT_LOAD_IN or auto).
     """
-    from bot.manifests.registry import load_all
-    from bot.model.backbone import Backbone
-
     before = rss_mb()
     bb = Backbone.load(backbone, device=device, load_in=load_in)
     after_backbone = rss_mb()
@@ -79,8 +84,6 @@ def backbone_info(*, adapters_dir: str | Path, backbone: str | None = None, devi
 
 def settings_lines() -> list[str]:
     """Every BOT_* environment variable (bot.settings) with the value in effect."""
-    from bot.settings import describe
-
     rows = describe()
     width = max(len(name) for name, _, _ in rows)
     return ["settings     (environment variables; bot/settings.py)"] + [
@@ -89,8 +92,6 @@ def settings_lines() -> list[str]:
 
 def decode_line(bb) -> str:
     """Which step the engine runs for this backbone: the lean batched step or transformers'."""
-    from bot.engine.lean import SUPPORTED, why_not
-
     reason = why_not(bb.base)
     if not reason:
         return ("lean batched step (bot.engine.lean: fused matmuls, per-row KV cache, stacked "
@@ -100,10 +101,6 @@ def decode_line(bb) -> str:
 
 def kernel_lines(bb) -> list[str]:
     """What generation runs with here, and why (measured on first use, then cached)."""
-    from bot.engine.llamacpp import import_llama_cpp, source_gguf
-    from bot.engine.precision import DESCRIPTIONS
-    from bot.engine.tuning import choose, cpu_features
-
     f = cpu_features()
     choice = choose(bb)
     kinds = dict.fromkeys((choice.small, choice.large))

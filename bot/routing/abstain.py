@@ -29,6 +29,7 @@ import numpy as np
 from bot.errors import DataError
 from bot.routing.commands import HELP
 from bot.routing.route_data import pair_weights, validation_pairs
+from bot.util.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,6 @@ def attach(router, specs) -> Abstain | None:
 
     None (and ``router.abstain`` None) when there are too few validation turns to fit one.
     """
-    from bot.util.fsutil import atomic_write_text
-
     router.abstain = None
     path = Path(router.cache_path) / FILE.format(tag=_tag(router)) if router.cache_path else None
     if path is not None and path.is_file():

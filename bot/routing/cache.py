@@ -6,6 +6,7 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from bot.util.text import MAX_CHARS
 
@@ -41,8 +42,6 @@ class Embedder:
         """
         clipped = [t[: self.max_chars] for t in texts]
         if progress and len(clipped) > PROGRESS_MIN:
-            from tqdm.auto import tqdm
-
             order = sorted(range(len(clipped)), key=lambda i: -len(clipped[i]))
             step = int(getattr(self.encoder, "batch_size", 32) or 32) * 16
             parts = []

@@ -22,6 +22,8 @@ import logging
 import time
 from pathlib import Path
 
+from bot.manifests.versions import score_line
+from bot.routing.route_data import route_texts, router_test_set
 from bot.util.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,6 @@ def weight_digest(folder) -> str:
 
 def adapter_states(specs) -> dict[str, dict]:
     """Per adapter: its weight digest and its held-out scores (metrics.json), now."""
-    from bot.manifests.versions import score_line
-
     out = {}
     for spec in specs:
         folder = Path(spec.folder) if spec.folder else None
@@ -66,8 +66,6 @@ def adapter_states(specs) -> dict[str, dict]:
 def heldout_turns(specs, routers) -> list[tuple[str, str]]:
     """(text, route) held-out turns of every route in ``specs``, none a route example of any
     of ``routers``: the test splits (as ``bot eval`` draws them) and the hand-written turns."""
-    from bot.routing.route_data import route_texts, router_test_set
-
     seen = set()
     for router in routers:
         seen |= route_texts(router)
@@ -257,13 +255,14 @@ def save(report: dict, adapters_dir) -> Path:
 
 def served_router(specs, adapters_dir, backbone=None, encoder=None):
     """The router as the demo, ``bot chat`` and ``bot serve`` build it over ``specs``."""
-    from bot.routing.build import build_router
+    from bot.routing.build import build_router  # lazy: bot.routing.build imports transformers
 
     return build_router(specs, encoder, backbone=backbone, adapters_dir=adapters_dir)
 
 
 def same_routes(before_specs, after_specs, encoder) -> bool:
     """True when both route sets build the same router (bot.routing.build.router_key)."""
+    # lazy: bot.routing.build imports transformers
     from bot.routing.build import default_fallback, router_key
 
     hint = getattr(encoder, "name_hint", "minilm")

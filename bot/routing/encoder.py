@@ -27,7 +27,8 @@ def load_encoder(name_or_path: str | None = None, max_seq_length: int = 128, dev
     hint = ENCODER_PIN if name_or_path is None else str(name_or_path)
     if name_or_path is None:
         name_or_path = str(bundled_encoder_dir())
-    from sentence_transformers import SentenceTransformer  # slow import: only once it is needed
+    # lazy: sentence_transformers is a slow import; only once it is needed
+    from sentence_transformers import SentenceTransformer
 
     local = Path(name_or_path).expanduser().is_dir()
     try:

@@ -22,6 +22,7 @@ import threading
 import warnings
 
 import numpy as np
+import torch
 
 from bot.errors import DataError
 
@@ -49,8 +50,6 @@ class DirectEncoder:
     """
 
     def __init__(self, model, int8: bool = False, batch_size: int = 64):
-        import torch
-
         if not mean_pooling_only(model):
             raise DataError(f"DirectEncoder needs a Transformer + mean Pooling model, got "
                             f"{[type(m).__name__ for m in model]}. Fix: use the SentenceTransformer "

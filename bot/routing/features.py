@@ -21,7 +21,7 @@ COMMON = {"sublinear_tf": True, "dtype": np.float32}
 
 
 def _vectorizer(kind: str, vocabulary=None, max_features: int | None = None):
-    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.feature_extraction.text import TfidfVectorizer  # lazy: sklearn is heavy
 
     settings = WORD if kind == "word" else CHAR
     if vocabulary is not None:
@@ -63,7 +63,7 @@ class NgramFeatures:
 
     def transform(self, texts: list[str]):
         """Sparse (len(texts), size) matrix: word columns, then char columns."""
-        from scipy.sparse import csr_matrix, hstack
+        from scipy.sparse import csr_matrix, hstack  # lazy: scipy is heavy
 
         parts = [self._vectorizers[k].transform(texts) for k in self.vocabularies]
         if not parts:

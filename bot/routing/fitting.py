@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bot.routing.features import NgramFeatures
+
 HEAD_C = 10.0  # inverse regularisation of the head; unit-length embeddings need little
 
 
@@ -57,7 +59,7 @@ def fit_calibration(sims: np.ndarray, labels: np.ndarray, routes: list[str]):
 
     Returns ``(w_sim, w_lead, bias)``, or None when there is only one class to learn from.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # lazy: sklearn is heavy
 
     target = (labels[:, None] == np.array(routes)[None, :]).ravel()
     if target.all() or not target.any():
@@ -107,7 +109,7 @@ def fit_route_thresholds(scores: np.ndarray, labels: np.ndarray, routes: list[st
 def fit_head(inputs, labels: np.ndarray, routes: list[str],
              sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression: (weight (n_routes, n_inputs), bias (n_routes,))."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # lazy: sklearn is heavy
 
     # Balanced: a route with thousands of news texts must not outvote one with hundreds of turns.
     model = LogisticRegression(C=HEAD_C, max_iter=3000, class_weight="balanced")
@@ -124,7 +126,7 @@ def head_inputs(vectors: np.ndarray, texts: list[str], ngrams=None, embedding_we
     scaled = np.asarray(vectors, dtype=np.float32) * np.float32(embedding_weight)
     if ngrams is None:
         return scaled
-    from scipy.sparse import csr_matrix, hstack
+    from scipy.sparse import csr_matrix, hstack  # lazy: scipy is heavy
 
     return hstack([csr_matrix(scaled), ngrams.transform(texts)], format="csr")
 
@@ -139,8 +141,6 @@ def fit_route_head(embeddings: dict[str, np.ndarray], examples: dict[str, list[s
     its first texts were written as users type (its manifest's ``route_examples``); each weighs
     ``written_weight`` times a data-set text.
     """
-    from bot.routing.features import NgramFeatures
-
     routes = list(embeddings)
     labels = np.array([name for name, e in embeddings.items() for _ in range(len(e))])
     texts = [t for name in routes for t in (examples or {}).get(name, [])]

@@ -18,6 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from bot.manifests.spec import discover
+from bot.routing.build import build_router
+from bot.routing.route_data import router_test_set
+from bot.routing.second import attach_if_trained
 from bot.serve.load_bench import AVX2_ENV  # one definition of the AVX2-only setting
 
 log = logging.getLogger(__name__)
@@ -27,8 +33,6 @@ SHORT_CHARS = 120  # a "short turn": what people type in a chat box
 
 def short_turns(specs, n: int = 200) -> list[str]:
     """``n`` short held-out turns: the hand-written ones first, then the test splits."""
-    from bot.routing.route_data import router_test_set
-
     turns = [t for t, _ in router_test_set(specs) if len(t) <= SHORT_CHARS]
     return list(dict.fromkeys(turns))[:n]
 
@@ -49,12 +53,6 @@ def time_routing(router, turns: list[str]) -> dict:
 
 def measure(adapters_dir, n: int = 200) -> dict:
     """Build (or load the cached) router for ``adapters_dir`` and time ``n`` short turns."""
-    import torch
-
-    from bot.manifests.spec import discover
-    from bot.routing.build import build_router
-    from bot.routing.second import attach_if_trained
-
     specs = discover(adapters_dir)
     router = build_router(specs)
     second = attach_if_trained(router, adapters_dir)  # timed as users get it: with its second stage

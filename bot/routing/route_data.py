@@ -5,7 +5,7 @@
 * ``router_test_set``: the held-out test turns ``bot eval`` scores the router on;
 * ``validation_pairs`` and ``pair_weights``: the validation turns the second stage and the
   abstain threshold are fitted on (bot.routing.second, bot.routing.abstain,
-  bot.training.router), with the hand-written validation turns (``val_turns.jsonl``).
+  bot.training.second_stage), with the hand-written validation turns (``val_turns.jsonl``).
 
 Building (bot.routing.build), the second stage and its training all read these; none of them
 imports another for its data.

@@ -106,7 +106,7 @@ class _RouterQuality:
 
     def evaluate(self, labelled) -> dict:
         """Route each turn on its own; the ``bot.eval.metrics.router_metrics`` of the result."""
-        from bot.eval.metrics import router_metrics
+        from bot.eval.metrics import router_metrics  # lazy: bot.eval.metrics imports sklearn
 
         pairs = as_pairs(labelled)
         if not pairs:

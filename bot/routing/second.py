@@ -11,7 +11,7 @@ the two probability vectors are averaged (``weight`` on the adapter's). Confiden
 of them, never pay for it, so the median routing time stays the first stage's.
 
 The route adapter is trained by ``bot train-router`` into ``ADAPTERS_DIR/.router/``
-(bot.training.router), its gate and weight chosen on validation only. When the routes change
+(bot.training.second_stage), its gate and weight chosen on validation only. When the routes change
 (an adapter added or removed), the stage no longer matches and is switched off, with a log line
 saying how to retrain it.
 """

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from bot.errors import DataError
+from bot.routing.features import NgramFeatures
 from bot.util.fsutil import atomic_dir_write
 
 FORMAT_VERSION = 3  # 2: per-route thresholds and the optional linear head; 3: n-gram features in the head
@@ -25,8 +27,6 @@ def write_router(folder, config: dict, embeddings: dict[str, np.ndarray], probe:
     Args:
         extra: more tensors to store (the fitted head).
     """
-    from safetensors.numpy import save_file
-
     tensors = {f"route.{name}": emb for name, emb in embeddings.items()} | dict(extra or {})
     tensors["probe"] = probe
     config = {"format_version": FORMAT_VERSION, **config}
@@ -44,8 +44,6 @@ def read_router(folder) -> tuple[dict, dict[str, np.ndarray]]:
     Raises:
         DataError: a file is missing or unreadable, or was written in another format.
     """
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
     try:
         config = json.loads((folder / "router.json").read_text(encoding="utf-8"))
@@ -73,8 +71,6 @@ def head_to_disk(head: dict | None) -> tuple[dict, dict[str, np.ndarray]]:
 
 def head_from_disk(config: dict, tensors: dict[str, np.ndarray]) -> dict | None:
     """The head that ``head_to_disk`` wrote, or None when the router has none."""
-    from bot.routing.features import NgramFeatures
-
     if not config.get("head_routes"):
         return None
     ngrams = config.get("head_ngrams")

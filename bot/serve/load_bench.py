@@ -23,6 +23,19 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
+from bot.engine import Scheduler
+from bot.engine.runner import make_runner
+from bot.eval import llama_server as ls
+from bot.manifests.registry import discover, load_all
+from bot.manifests.spec import AdapterSpec
+from bot.model.backbone import Backbone
+from bot.model.info import cpu_name, machine, rss_mb
+from bot.routing.route_data import spec_splits
+from bot.util.fsutil import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -42,10 +55,6 @@ LOWER_IS_BETTER = {"p95_ttft_ms_8", "failed", "adapter_memory_share"}
 
 def cpu_features() -> dict:
     """What this process's torch will use: ATen's kernel level and native bf16 support."""
-    import torch
-
-    from bot.model.info import cpu_name
-
     try:
         bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
@@ -57,9 +66,6 @@ def cpu_features() -> dict:
 
 def bench_prompts(adapters_dir, n: int) -> list[str]:
     """Held-out dialogue prompts (the chat adapter's test split): what users type."""
-    from bot.manifests.spec import AdapterSpec
-    from bot.routing.route_data import spec_splits
-
     spec = AdapterSpec.from_dir(Path(adapters_dir) / "chat")
     rows = spec_splits(spec).test
     prompts = [r["prompt"] for r in rows if 10 <= len(r["prompt"]) <= 200]
@@ -69,10 +75,6 @@ def bench_prompts(adapters_dir, n: int) -> list[str]:
 # ------------------------------------------------------------------ memory
 def measure_memory(backbone, adapters_dir, extra: int = 3) -> dict:
     """Resident memory with 1 and with 1 + ``extra`` generation adapters being served."""
-    from bot.engine import Scheduler
-    from bot.model.backbone import Backbone
-    from bot.model.info import rss_mb
-
     bb = Backbone.load(backbone)
     folder = Path(adapters_dir) / "chat"
     bb.load_adapter("chat", folder)
@@ -98,9 +100,6 @@ def measure_memory(backbone, adapters_dir, extra: int = 3) -> dict:
 
 def measure_quality(bb, task, n_rows: int = 60) -> dict:
     """Held-out reply perplexity through the serving engine: this CPU's precision vs fp32."""
-    from bot.engine.runner import make_runner
-    from bot.routing.route_data import spec_splits
-
     rows = spec_splits(task.spec).test[:n_rows]
     out = {"n": len(rows)}
     names = []
@@ -133,7 +132,7 @@ def start_server(adapters_dir, backbone, port: int, log_path: Path, max_batch: i
         cmd += ["--backbone", backbone]
     with open(log_path, "w") as fh:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    import httpx
+    import httpx  # lazy: httpx is heavy
 
     for _ in range(1200):
         if proc.poll() is not None:
@@ -244,7 +243,7 @@ def run_level(base_url: str, jobs: list[tuple[str, str]], clients: int, max_toke
         extra_body: ``model -> dict`` of extra request fields (llama-server's ``lora``).
         server_pid: the server's process, left out of ``others_cpu_share``.
     """
-    import openai
+    import openai  # lazy: openai is heavy
 
     client = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
     todo = list(enumerate(jobs))
@@ -289,7 +288,7 @@ def measure_classify(base_url: str, texts: list[str], model: str) -> dict:
     Both go through the engine's classification queue (slices of texts between decode
     steps); the ratio is what batching the texts of one request buys.
     """
-    import httpx
+    import httpx  # lazy: httpx is heavy
 
     with httpx.Client(base_url=base_url, timeout=600) as client:
         def post(inp):
@@ -311,8 +310,6 @@ def measure_classify(base_url: str, texts: list[str], model: str) -> dict:
 
 def classify_check(adapters_dir, backbone, prompts: list[str], tmp: Path) -> dict | None:
     """Start ``bot serve`` once and run :func:`measure_classify` with a classify adapter."""
-    from bot.manifests.registry import discover
-
     names = [s.name for s in discover(adapters_dir) if s.kind == "classify"]
     if not names:
         return None
@@ -327,9 +324,6 @@ def classify_check(adapters_dir, backbone, prompts: list[str], tmp: Path) -> dic
 
 def _measure_engine(adapters_dir, backbone):
     """The figures that need no server: CPU features, adapter memory, reply perplexity."""
-    from bot.manifests.registry import load_all
-    from bot.model.backbone import Backbone
-
     features = cpu_features()
     memory = measure_memory(backbone, adapters_dir)
     gc.collect()
@@ -391,7 +385,7 @@ def bench_one_isa(adapters_dir, backbone=None, n_requests: int = 32, max_tokens:
 
 
 def _bot_precision(port: int) -> str:
-    import httpx
+    import httpx  # lazy: httpx is heavy
 
     return httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["precision"]
 
@@ -412,8 +406,6 @@ def second_adapter_dir(adapters_dir, dest: Path, name: str = SECOND) -> Path:
     The repository has one trained generation adapter; the copy has the same size, so each
     row costs what a distinct second adapter would cost.
     """
-    import yaml
-
     dest = Path(dest)
     src = Path(adapters_dir) / "chat"
     if not (src / "adapter_model.safetensors").is_file():
@@ -491,8 +483,6 @@ def bench_against(bb, adapters_dir, backbone, *, features, memory, quality, isa:
     level), get the same warm-up (other prompts) and then the same jobs; which one goes
     first alternates level by level, so drift on a shared machine hits both alike.
     """
-    from bot.eval import llama_server as ls
-
     binary = ls.find_binary(isa)
     base = bb.info.name
     with tempfile.TemporaryDirectory() as tmp:
@@ -574,13 +564,9 @@ def run_serve_bench(*, adapters_dir, backbone: str | None = None, out_dir="repor
                     isas=("native", "avx2"), levels=LEVELS, against: str | None = None,
                     traffic=TRAFFICS) -> dict:
     """Run :func:`bench_one_isa` per CPU setting in its own process; write serve.md/json."""
-    from bot.model.info import machine
-    from bot.util.fsutil import atomic_write_text
-
     if against:
         if against != "llama-server":
             raise ValueError(f"--against knows only llama-server, not {against!r}")
-        from bot.eval import llama_server as ls
 
         for name in isas:  # before minutes of work
             ls.find_binary(name)

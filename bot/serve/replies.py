@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bot.engine import Event, SamplingParams
-from bot.errors import ServeError
+from bot.errors import QueueFull, ServeError, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,6 @@ class ApiError(Exception):
 
 def serve_error(err: ServeError) -> ApiError:
     """The HTTP answer to an error the engine or the server state raised on purpose."""
-    from bot.errors import QueueFull, UnknownModel
-
     if isinstance(err, QueueFull):
         return ApiError(429, str(err), err.code, headers={"Retry-After": "1"})
     if isinstance(err, UnknownModel):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -14,10 +16,11 @@ def serve(backbone, adapters_dir, *, host: str = "127.0.0.1", port: int = 8000,
           max_queue: int = 64, max_len: int = 2048, with_router: bool = True,
           limits=None) -> int:
     """Load the adapters, start the scheduler and serve HTTP until interrupted."""
-    import uvicorn
+    import uvicorn  # lazy: uvicorn is heavy
 
+    # lazy: bot.serve.api imports fastapi, transformers, uvicorn
     from bot.serve.api import create_app
-    from bot.serve.state import ServerState
+    from bot.serve.state import ServerState  # lazy: bot.serve.state imports transformers, uvicorn
 
     state = ServerState.build(backbone, adapters_dir, api_key=api_key, precision=precision,
                               max_batch=max_batch, max_queue=max_queue, max_len=max_len,
@@ -63,10 +66,9 @@ class BackgroundServer:
     """
 
     def __init__(self, state, host: str = "127.0.0.1", port: int = 0):
-        import socket
+        import uvicorn  # lazy: uvicorn is heavy
 
-        import uvicorn
-
+        # lazy: bot.serve.api imports fastapi, transformers, uvicorn
         from bot.serve.api import create_app
 
         if port == 0:
@@ -81,8 +83,6 @@ class BackgroundServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> BackgroundServer:
-        import time
-
         freeze_heap(collect=False)  # as `bot serve` does; undone on exit
         self.thread.start()
         for _ in range(400):

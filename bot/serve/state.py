@@ -12,6 +12,9 @@ from bot.engine import Scheduler
 from bot.engine.lora import Mixture
 from bot.engine.threads import off_engine
 from bot.errors import AdapterError, ServeError, UnknownModel
+from bot.manifests.registry import load_all, load_task
+from bot.manifests.spec import AdapterSpec, check_adapter_name
+from bot.routing import build_router
 from bot.serve.limits import Limits
 from bot.serve.prometheus import ServeMetrics
 
@@ -89,15 +92,11 @@ class ServerState:
               max_queue=64, max_len=2048, with_router=True, encoder=None,
               limits: Limits | None = None) -> ServerState:
         """Load every adapter in ``adapters_dir`` and start serving them."""
-        from bot.manifests.registry import load_all
-
         tasks, failures = load_all(backbone, adapters_dir)
         for name, err in failures.items():
             log.warning("adapter %s not served: %s", name, err)
         router = None
         if with_router and tasks:
-            from bot.routing import build_router
-
             router = build_router([t.spec for t in tasks.values()], encoder, backbone=backbone)
         scheduler = scheduler_for(backbone, tasks, precision=precision, max_batch=max_batch,
                                   max_queue=max_queue, max_len=max_len)
@@ -240,8 +239,6 @@ class ServerState:
     # ------------------------------------------------------------- adapters
     def check_new_name(self, name: str) -> None:
         """Raise BotError unless ``name`` is a valid adapter name not served yet."""
-        from bot.manifests.spec import check_adapter_name
-
         check_adapter_name(name, "lora_name")
         if name in self.tasks or name in self.scheduler.generators or \
                 name in self.scheduler.classifiers or name in (self.base_name, "auto"):
@@ -254,9 +251,6 @@ class ServerState:
         Name and kind are checked before anything is registered, and a load that fails
         half way is undone, so a refused adapter is not listed and answers nothing.
         """
-        from bot.manifests.registry import load_task
-        from bot.manifests.spec import AdapterSpec
-
         self.check_new_name(name)
         if not folder.is_dir():
             raise AdapterError(f"{folder} is not an adapter folder")

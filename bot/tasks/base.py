@@ -9,6 +9,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from bot.training.parallel import LossModule, Parallel
+
 
 class Task:
     """One adapter's task logic on a Backbone.
@@ -73,8 +75,6 @@ def optimise(backbone, name: str, groups: list[dict], batches: list, loss_fn, ep
     Returns:
         {"steps", "seconds", "final_loss", "losses"}, and with a stopper its ``summary()``.
     """
-    from bot.training.parallel import LossModule, Parallel
-
     parallel = parallel or Parallel()
     weight = weight or (lambda item: 1.0)
     total = max(1, math.ceil(len(batches) * epochs))

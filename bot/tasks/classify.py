@@ -147,6 +147,7 @@ class ClassifyTask(ClassifyTraining, Task):
         Args:
             predictions: when given, filled with each view's predicted labels in row order
                 (``bot eval`` scores them again with the router choosing the adapter)."""
+        # lazy: bot.eval.metrics imports sklearn
         from bot.eval.metrics import classification_metrics
 
         result = {}

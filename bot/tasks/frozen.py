@@ -77,7 +77,7 @@ def budget_bytes() -> int:
 
 def _context(model, hidden: torch.Tensor, attention_mask: torch.Tensor):
     """Positions, causal+padding mask and rotary embeddings, as LlamaModel.forward builds them."""
-    from transformers.masking_utils import create_causal_mask
+    from transformers.masking_utils import create_causal_mask  # lazy: transformers is heavy
 
     positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask,

@@ -133,7 +133,7 @@ class GenerateTask(Task):
     def generate(self, prompt: str, history=None, adapter: str | None = "__self__",
                  max_new_tokens: int = 128, repetition_penalty: float = 1.1, **sampling) -> str:
         """A greedy reply through the backbone's engine (``sampling``: more SamplingParams)."""
-        from bot.engine import SamplingParams
+        from bot.engine import SamplingParams  # lazy: bot.engine imports transformers
 
         adapter = self.adapter_name if adapter == "__self__" else adapter
         tok = self.backbone.tokenizer

@@ -58,7 +58,7 @@ def self_distill(backbone, out: str | Path, *, n: int = 1200, max_tokens: int = 
     Returns:
         what the sidecar holds: counts, seconds, settings.
     """
-    from bot.engine import SamplingParams, Scheduler
+    from bot.engine import SamplingParams, Scheduler  # lazy: bot.engine imports transformers
 
     prompts = distill_prompts(n, seed)
     tok = backbone.tokenizer

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bot.model.device import resolve_device
+
 
 def launched_by_accelerate() -> bool:
     """True inside ``accelerate launch`` / ``torchrun`` with more than one process."""
@@ -44,9 +46,7 @@ class Parallel:
             raise ValueError(f"--grad-accum must be >= 1, got {grad_accum}")
         if not (use_accelerate or launched_by_accelerate()):
             return cls(None, grad_accum)
-        from accelerate import Accelerator
-
-        from bot.model.device import resolve_device
+        from accelerate import Accelerator  # lazy: accelerate is heavy
 
         cpu = device is not None and device != "auto" and resolve_device(device).type == "cpu"
         return cls(Accelerator(cpu=cpu or not torch.cuda.is_available()), grad_accum)
