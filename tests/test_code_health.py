@@ -247,3 +247,9 @@ def test_imports_stand_at_the_top_unless_a_comment_says_why(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    # lazy: heavy\n    import a\n\n    import b\n    x = 1\n    import c\n")
     assert _lazy_imports_unexplained(sample) == [7]
+def test_every_exception_class_lives_in_errors():
+    elsewhere = [f"{path.relative_to(ROOT)}:{node.name}" for path in MODULES.values() if path.name != "errors.py"
+                 for node in ast.walk(_tree(path)) if isinstance(node, ast.ClassDef)
+                 and any(isinstance(b, ast.Name) and (b.id.endswith(("Error", "Exception")) or b.id in
+                         {"ServeError", "BotError", "QueueFull", "UnknownModel"}) for b in node.bases)]
+    assert elsewhere == []

@@ -13,7 +13,8 @@ from conftest import EngineGenerator, make_tiny_backbone
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bot.export.vllm import VLLM_LORA_MODULES, ExportError, export
+from bot.errors import ExportError
+from bot.export.vllm import VLLM_LORA_MODULES, export
 from bot.manifests.spec import AdapterSpec
 from bot.tasks import task_class
 from bot.training.train import save_adapter_folder

@@ -12,8 +12,9 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from test_export import make_adapter
 
 from bot.cli import main
+from bot.errors import ExportError
 from bot.eval.metrics import DENSE_LABELS, TOP_CONFUSIONS, classification_metrics
-from bot.export.vllm import ExportError, export
+from bot.export.vllm import export
 
 
 # ------------------------------------------------------------------ item 8

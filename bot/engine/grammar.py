@@ -47,15 +47,13 @@ import threading
 
 import torch
 
+from bot.errors import GrammarError
+
 # rust regex metacharacters (llguidance's regexes): escaped to match a choice literally
 _REGEX_META = set("\\.+*?()|[]{}^$#&-~")
 _JSON_OPTIONS = {"whitespace_flexible": False}
 _vocabs: dict[int, tuple[object, object]] = {}
 _vocab_lock = threading.Lock()
-
-
-class GrammarError(ValueError):
-    """The schema, regex or choices cannot be compiled; the message says why."""
 
 
 def _llg():

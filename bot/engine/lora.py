@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bot.errors import AdapterError
+from bot.errors import AdapterError, MixtureError
 
 # module leaf -> (group, which output part) in the lean step's fused layout
 GROUPS = {"q_proj": (0, 0), "k_proj": (0, 1), "v_proj": (0, 2), "o_proj": (1, 0),
@@ -60,24 +60,24 @@ class Mixture:
 
     @classmethod
     def parse(cls, text: str) -> Mixture:
-        """``name:weight(+name:weight)*``; raises ValueError saying what does not parse."""
+        """``name:weight(+name:weight)*``; raises MixtureError (a ValueError) saying what does not parse."""
         parts = []
         for i, piece in enumerate(text.split("+")):
             name, sep, weight = piece.strip().partition(":")
             if not sep or not name:
-                raise ValueError(f"part {i + 1} ({piece[:40]!r}) is not NAME:WEIGHT")
+                raise MixtureError(f"part {i + 1} ({piece[:40]!r}) is not NAME:WEIGHT")
             try:
                 w = float(weight)
             except ValueError:
-                raise ValueError(f"the weight of '{name[:40]}' ({weight[:20]!r}) is not a "
+                raise MixtureError(f"the weight of '{name[:40]}' ({weight[:20]!r}) is not a "
                                  "number") from None
             if not (abs(w) <= MIX_WEIGHT):  # (also refuses nan)
-                raise ValueError(f"the weight of '{name[:40]}' is {weight[:20]}; weights must be "
+                raise MixtureError(f"the weight of '{name[:40]}' is {weight[:20]}; weights must be "
                                  f"finite numbers in [-{MIX_WEIGHT:g}, {MIX_WEIGHT:g}]")
             parts.append((name, w))
         names = [n for n, _ in parts]
         if len(set(names)) != len(names):
-            raise ValueError("an adapter is named twice")
+            raise MixtureError("an adapter is named twice")
         return cls(tuple(parts))
 
 

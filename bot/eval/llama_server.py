@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bot.engine import llamacpp
-from bot.errors import AssetMissingError, BotError
+from bot.errors import AssetMissingError, BotError, ServerExited
 from bot.util.assets import cache_dir
 
 log = logging.getLogger(__name__)
@@ -232,15 +232,6 @@ class LlamaServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-class ServerExited(BotError):
-    """llama-server stopped before it was ready (``returncode`` < 0: killed by that signal)."""
-
-    def __init__(self, returncode: int, log_tail: str):
-        self.returncode = returncode
-        what = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
-        super().__init__(f"llama-server stopped while starting ({what}); its log ends: {log_tail}")
 
 
 def start_server(binary: Path, model: Path, loras: dict[str, Path], port: int, log_path: Path,

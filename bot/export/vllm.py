@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from bot.engine.plain import plain_model
-from bot.errors import AdapterError, BotError, FingerprintMismatch
+from bot.errors import AdapterError, ExportError, FingerprintMismatch
 from bot.export.readme import render_readme
 from bot.manifests.registry import load_task
 from bot.manifests.spec import AdapterSpec
@@ -57,10 +57,6 @@ BASE = "base"
 HEAD_MODULE = "score"
 PEFT_PREFIX = "base_model.model."
 HEAD_KEY = f"{PEFT_PREFIX}{HEAD_MODULE}.weight"
-
-
-class ExportError(BotError):
-    """An adapter cannot be exported in a form the target engine loads."""
 
 
 @dataclass

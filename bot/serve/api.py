@@ -34,13 +34,12 @@ from starlette.exceptions import HTTPException
 
 from bot.engine import SamplingParams
 from bot.engine.sampling import MAX_LOGPROBS
-from bot.errors import BotError, ServeError
+from bot.errors import ApiError, BotError, ServeError
 from bot.serve.embeddings import embed
 from bot.serve.limits import Guard, error_type
 from bot.serve.openapi import document
 from bot.serve.replies import (
     DISCONNECT_POLL_S,
-    ApiError,
     Job,
     Shape,
     generate,

@@ -16,8 +16,8 @@ import copy
 import threading
 
 from bot.engine.threads import off_engine
-from bot.errors import UnknownModel
-from bot.serve.state import FieldError, ServerState, _shown
+from bot.errors import FieldError, UnknownModel
+from bot.serve.state import ServerState, _shown
 
 ROUTER_ENCODER = "router-encoder"
 _counters: dict[int, tuple[object, object]] = {}  # id(encoder) -> (encoder, its tokenizer's copy)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from bot.errors import ConfigError, RequestRefused
+
 log = logging.getLogger(__name__)
 
 # kinds of OpenAI's error shape by HTTP status (anything else 4xx: invalid_request_error)
@@ -78,14 +80,14 @@ class Limits:
         return self.max_input_chars if self.max_input_chars is not None else 32 * max_len
 
     def check(self) -> None:
-        """Raise ValueError naming the flag when a limit is not positive."""
+        """Raise ConfigError (a ValueError) naming the flag when a limit is not positive."""
         for name in ("max_body_bytes", "max_classify_inputs", "max_stop_chars", "header_timeout",
                      "body_timeout", "keep_alive_timeout"):
             value = getattr(self, name)
             if not value > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
         if self.max_input_chars is not None and self.max_input_chars < 1:
-            raise ValueError(f"--max-input-chars must be >= 1, got {self.max_input_chars!r}")
+            raise ConfigError(f"--max-input-chars must be >= 1, got {self.max_input_chars!r}")
 
     def uvicorn_options(self) -> dict:
         """Keyword arguments for ``uvicorn.Config``/``uvicorn.run`` that apply these limits."""
@@ -143,12 +145,6 @@ class TimedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, code: str):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
 class Guard:
     """ASGI middleware: API key, body size and time, unexpected errors, request counting.
 
@@ -192,7 +188,7 @@ class Guard:
             if scope.get("method") in ("POST", "PUT", "PATCH"):
                 try:
                     body = await self._read_body(scope, receive)
-                except _Refused as err:
+                except RequestRefused as err:
                     await refuse(err.status, err.message, err.code, close=True)
                     return
                 if body is None:  # the client left while sending
@@ -221,7 +217,7 @@ class Guard:
                    "--max-body-bytes")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > cap:
-            raise _Refused(413, too_big, "request_too_large")
+            raise RequestRefused(413, too_big, "request_too_large")
         deadline = time.monotonic() + limits.body_timeout
         chunks, size = [], 0
         while True:
@@ -231,14 +227,14 @@ class Guard:
                     raise asyncio.TimeoutError
                 message = await asyncio.wait_for(receive(), left)
             except asyncio.TimeoutError:
-                raise _Refused(408, f"the request body did not arrive within {limits.body_timeout:g} "
+                raise RequestRefused(408, f"the request body did not arrive within {limits.body_timeout:g} "
                                "s (bot serve --body-timeout)", "request_timeout") from None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > cap:
-                raise _Refused(413, too_big, "request_too_large")
+                raise RequestRefused(413, too_big, "request_too_large")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

@@ -28,6 +28,7 @@ import yaml
 
 from bot.engine import Scheduler
 from bot.engine.runner import make_runner
+from bot.errors import ConfigError, DataError, NoUsage
 from bot.eval import llama_server as ls
 from bot.manifests.registry import discover, load_all
 from bot.manifests.spec import AdapterSpec
@@ -144,10 +145,6 @@ def start_server(adapters_dir, backbone, port: int, log_path: Path, max_batch: i
             time.sleep(0.25)
     proc.kill()
     raise RuntimeError(f"bot serve did not start: {log_path.read_text()[-2000:]}")
-
-
-class NoUsage(RuntimeError):
-    """A stream ended without the ``usage`` chunk that ``include_usage`` asks for."""
 
 
 def read_stream(chunks, t0: float, clock=time.perf_counter) -> dict:
@@ -425,7 +422,7 @@ def traffic_jobs(prompts: list[str], models: list[str], traffic: str) -> list[tu
     if traffic == "single":
         return [("chat", p) for p in prompts]
     if traffic != "mixed":
-        raise ValueError(f"traffic must be one of {TRAFFICS}, not {traffic!r}")
+        raise ConfigError(f"traffic must be one of {TRAFFICS}, not {traffic!r}")
     return [(models[i % len(models)], p) for i, p in enumerate(prompts)]
 
 
@@ -494,7 +491,7 @@ def bench_against(bb, adapters_dir, backbone, *, features, memory, quality, isa:
         gc.collect()
         prompts = bench_prompts(adapters_dir, n_requests + WARMUP)
         if len(prompts) < n_requests + WARMUP:
-            raise ValueError(f"the chat adapter's test split has {len(prompts)} prompts of 10-200 "
+            raise DataError(f"the chat adapter's test split has {len(prompts)} prompts of 10-200 "
                              f"characters; --requests {n_requests} needs {n_requests + WARMUP}")
         models = [base, "chat", SECOND]
         names = list(loras)
@@ -566,7 +563,7 @@ def run_serve_bench(*, adapters_dir, backbone: str | None = None, out_dir="repor
     """Run :func:`bench_one_isa` per CPU setting in its own process; write serve.md/json."""
     if against:
         if against != "llama-server":
-            raise ValueError(f"--against knows only llama-server, not {against!r}")
+            raise ConfigError(f"--against knows only llama-server, not {against!r}")
 
         for name in isas:  # before minutes of work
             ls.find_binary(name)

@@ -20,21 +20,11 @@ from dataclasses import dataclass, field, replace
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from bot.engine import Event, SamplingParams
-from bot.errors import QueueFull, ServeError, UnknownModel
+from bot.errors import ApiError, QueueFull, ServeError, UnknownModel
 
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.05  # a waiting request checks its client this often (and at every token)
-
-
-class ApiError(Exception):
-    """An answer in OpenAI's error shape: status, message naming the fix, code and field."""
-
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error",
-                 param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.headers = headers or {}
 
 
 def serve_error(err: ServeError) -> ApiError:

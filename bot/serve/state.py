@@ -11,7 +11,7 @@ from pathlib import Path
 from bot.engine import Scheduler
 from bot.engine.lora import Mixture
 from bot.engine.threads import off_engine
-from bot.errors import AdapterError, ServeError, UnknownModel
+from bot.errors import AdapterError, FieldError, UnknownModel
 from bot.manifests.registry import load_all, load_task
 from bot.manifests.spec import AdapterSpec, check_adapter_name
 from bot.routing import build_router
@@ -19,15 +19,6 @@ from bot.serve.limits import Limits
 from bot.serve.prometheus import ServeMetrics
 
 log = logging.getLogger(__name__)
-
-
-class FieldError(ServeError):
-    """A request the server refuses because of one field (``param``), with its HTTP status."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str = "invalid_request_error"):
-        super().__init__(message)
-        self.param, self.status, self.code = param, status, code
 
 
 @dataclass

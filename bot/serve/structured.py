@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bot.engine.grammar import Grammar, GrammarError
-from bot.serve.replies import ApiError
+from bot.engine.grammar import Grammar
+from bot.errors import ApiError, GrammarError
 
 
 class JsonSchemaFormat(BaseModel):
