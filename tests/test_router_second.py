@@ -190,3 +190,16 @@ def test_a_failed_retrain_leaves_the_previous_route_adapter_whole(tmp_path, monk
     assert seen["out"] == folder and sorted(seen["labels"]) == ["food", "pets"] and seen["rows"] > 10
     # no staging folder left (the lock file stays, as every adapter's does)
     assert sorted(p.name for p in folder.parent.iterdir()) == [".router.lock", "router"]
+
+
+def test_route_training_stops_by_the_same_rule_as_every_classify_adapter(tmp_path):
+    import json
+
+    from bot.training.second_stage import train_router
+
+    _two_routes(tmp_path)
+    train_router(tmp_path, backbone=make_tiny_backbone())
+    metrics = json.loads((router_folder.folder_of(tmp_path) / "metrics.json").read_text())
+    assert metrics["stop_reason"] and metrics["validation"]  # validation checks ran
+    assert metrics["budget_minutes"] == 20 and metrics["patience"] == 3
+    assert metrics["steps"] <= metrics["planned_steps"]

@@ -148,6 +148,8 @@ def test_add_scaffolds_a_trainable_manifest(tmp_path, capsys):
     spec = AdapterSpec.from_dir(tmp_path / "adapters" / "spam")
     assert spec.labels == ["ham", "spam"] and spec.kind == "classify"
     assert spec.data["text_col"] == "message" and len(spec.route_examples) == 8
+    # every example is used and the passes are chosen from the data (no silent cap)
+    assert spec.train.max_examples is None and spec.train.epochs is None
     assert "bot train spam" in capsys.readouterr().out
     # a second add refuses to overwrite
     assert run_add(tmp_path, "--from", str(src), "--text-col", "message", "--label-col", "kind") == 2

@@ -133,6 +133,10 @@ def test_the_budget_ends_training_and_shortens_the_schedule():
     fitted = stopper.fit_schedule(stopping.FIT_AFTER_STEPS, 500, loop_started)
     assert stopping.FIT_AFTER_STEPS < fitted < 25
     assert stopper.fit_schedule(stopping.FIT_AFTER_STEPS + 1, fitted, loop_started) == fitted
+    # refitted after a check: more time left now, so it grows back, but never past the plan
+    stopper.checks.append(stopping.Check(step=20, accuracy=0.5, loss=1.0, seconds=0.0))
+    stopper.budget_s = 1e6
+    assert stopper.fit_schedule(20, fitted, loop_started) == 500
 
 
 def test_automatic_epochs_grow_with_labels_and_shrink_with_data():

@@ -78,7 +78,7 @@ class ClassifyTask(ClassifyTraining, Task):
         A long text gives one item per window (each labelled as the text: training learns
         from all of it, and validation pools the windows as inference does). Each extra view
         is added as often as ``train.view_repeats`` says (``repeat=False``: once, for
-        validation). A view such as a headline is a few tokens against an article's 256, so
+        validation; a view never trained on is not validated on either). A view such as a headline is a few tokens against an article's 256, so
         repeating it trains the short form more for little time.
         """
         index = {label: i for i, label in enumerate(self.labels)}
@@ -95,7 +95,7 @@ class ClassifyTask(ClassifyTraining, Task):
             label = index[r["label"]]
             add(r["text"], label)
             for name, view in r.get("views", {}).items():
-                times = cfg.repeats(name) if repeat else 1
+                times = cfg.repeats(name) if repeat else min(1, cfg.repeats(name))
                 if times:
                     add(view, label, times)
         return items, groups

@@ -90,9 +90,11 @@ class Stopper:
     def fit_schedule(self, step: int, total: int, loop_started: float) -> int:
         """The number of steps the budget allows, once ``FIT_AFTER_STEPS`` steps are timed.
 
-        Called after each step; returns ``total`` or fewer (never more), so the learning
-        rate decays to zero by the time the budget is spent, not at a step it never reaches.
-        Validation time is charged by spreading one check's cost over ``every`` steps.
+        Called after each step; fitted after ``FIT_AFTER_STEPS`` steps and again after each
+        validation check, with the step time measured so far (never beyond the planned
+        steps), so the learning rate decays to zero by the time the budget is spent, not at
+        a step it never reaches. Validation time is charged by spreading one check's cost
+        over ``every`` steps.
         """
         self.planned_steps = self.planned_steps or total
         due = step == FIT_AFTER_STEPS or (step > FIT_AFTER_STEPS and self.checks
@@ -103,8 +105,8 @@ class Stopper:
         per_check = (self.checks[-1].seconds if self.checks else per_step * min(self.every, 20))
         per_step += per_check / self.every if self.validate else 0.0
         allowed = step + int(max(0.0, self.budget_s - self.elapsed()) / max(per_step, 1e-6))
-        self.fitted_steps = min(total, max(step + 1, allowed))
-        if self.fitted_steps < total:
+        self.fitted_steps = min(self.planned_steps, max(step + 1, allowed))
+        if self.fitted_steps < self.planned_steps and self.fitted_steps != total:
             log.warning("the budget of %.0f min allows about %d of the %d planned steps: the "
                         "learning-rate schedule now ends there (raise --budget for more)",
                         self.budget_s / 60, self.fitted_steps, self.planned_steps)

@@ -131,8 +131,12 @@ def train_router(adapters_dir, backbone, *, command: str = "", fit_only: bool = 
             staging = folder.with_name(f".{NAME}.staging")
             shutil.rmtree(staging, ignore_errors=True)
             write_manifest(specs, staging)
+            # routes.csv holds training-split texts only, so its own split leaves almost nothing
+            # to validate on: training stops on the turns that fit the gate (never the test ones)
+            val = [{"text": t, "label": route} for t, route, _ in validation_pairs(specs, build_router(specs))]
             try:
-                train_adapter(AdapterSpec.from_dir(staging), backbone, folder, command=command)
+                train_adapter(AdapterSpec.from_dir(staging), backbone, folder, command=command,
+                              val_rows=val)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return _fit(specs, folder, backbone, command, fit_only)

@@ -68,7 +68,8 @@ def extra_training_rows(spec: AdapterSpec) -> list[dict]:
 
 def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: float | None = None,
                   max_examples: int | None = None, eval_examples: int | None = 1000,
-                  command: str = "", parallel=None, budget_minutes: float | None = None) -> dict:
+                  command: str = "", parallel=None, budget_minutes: float | None = None,
+                  val_rows: list[dict] | None = None) -> dict:
     """Train ``spec`` on ``backbone`` and write the adapter folder ``out_dir`` atomically.
 
     Nothing is written to ``out_dir`` until training and evaluation have finished, so a
@@ -79,6 +80,7 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
             accumulation (None = this process alone). Only the main process evaluates
             and saves; the others return their training figures.
         budget_minutes: classify training's time budget (default ``train.budget_minutes``).
+        val_rows: what classify training validates on to stop (default: the validation split).
 
     Returns:
         the metrics dict also written to ``metrics.json``.
@@ -95,7 +97,7 @@ def train_adapter(spec: AdapterSpec, backbone, out_dir: str | Path, *, epochs: f
             for line in recover(Path(out_dir), retirer(Path(out_dir), "interrupted save")):
                 log.warning("%s", line)
         return _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command,
-                      parallel)
+                      parallel, val_rows)
 
 
 def check_context(spec: AdapterSpec, backbone) -> None:
@@ -111,7 +113,8 @@ def _manifest(spec: AdapterSpec) -> str:
     return str(spec.folder / MANIFEST) if spec.folder else f"adapter '{spec.name}'"
 
 
-def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command, parallel) -> dict:
+def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command, parallel,
+           val_rows=None) -> dict:
     spec, splits = training_rows(spec, max_examples)
     epochs = epochs if epochs is not None else spec.train.epochs
     torch.manual_seed(spec.train.seed)
@@ -123,7 +126,8 @@ def _train(spec, backbone, out_dir, epochs, max_examples, eval_examples, command
     task = task_class(spec.kind)(spec, backbone)
     t0 = time.perf_counter()
     if spec.kind == "classify":  # stops when the validation score stops improving
-        stats = task.fit(splits.train, epochs, spec.train.seed, parallel=parallel, val_rows=splits.val)
+        stats = task.fit(splits.train, epochs, spec.train.seed, parallel=parallel,
+                         val_rows=splits.val if val_rows is None else val_rows)
     else:  # generation: the planned epochs (automatic = one pass)
         stats = task.fit(splits.train, 1.0 if epochs is None else epochs, spec.train.seed,
                          parallel=parallel)
