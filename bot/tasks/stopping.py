@@ -115,7 +115,9 @@ class Stopper:
     def after_step(self, step: int, total: int) -> bool:
         """Validate when due (and at the last step); True when training should stop now."""
         last = step >= total
-        if self.validate is not None and (step % self.every == 0 or last):
+        # the last step is checked too, unless a check ran a few steps before it
+        recent = bool(self.checks) and step - self.checks[-1].step < max(1, self.every // 4)
+        if self.validate is not None and (step % self.every == 0 or (last and not recent)):
             self._check(step)
         if self.patience and self._since_best >= self.patience:
             self.reason = (f"no better validation score in {self.patience} checks (best at step "
