@@ -1,0 +1,179 @@
+"""Long texts read whole (windows, pooled) and training that stops when it has learned."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from helpers import WORDS, make_tiny_backbone, task_on_fresh_backbone
+
+from bot.engine.pooling import pool_windows
+from bot.engine.scheduler import classify_now
+from bot.errors import SpecError
+from bot.manifests.spec import AdapterSpec
+from bot.tasks import stopping
+from bot.tasks.classify import ClassifyTask
+
+TEMPLATE = "Classify this.\n\n{text}\n\nTopic:"
+
+
+def long_text(words=120):
+    return " ".join(f"w{i}" for i in range(words))
+
+
+def test_a_long_text_is_cut_into_overlapping_windows_that_cover_it_whole():
+    bb = make_tiny_backbone()
+    text = long_text()
+    windows = bb.windows(TEMPLATE, text, 96, 16)
+    assert len(windows) > 2
+    bodies = [w[len("Classify this.\n\n"):-len("\n\nTopic:")] for w in windows]
+    assert all(w.endswith("Topic:") for w in windows)
+    assert all(len(bb.tokenizer(w)["input_ids"]) <= 96 for w in windows)
+    assert text.startswith(bodies[0]) and text.endswith(bodies[-1])
+    for a, b in zip(bodies, bodies[1:]):  # each window starts inside the previous one
+        assert text.index(b) < text.index(a) + len(a)
+        assert text.index(b) > text.index(a)
+    assert " ".join(bodies).count("w119") >= 1 and "w0 " in bodies[0]
+
+
+def test_window_limit_and_short_texts_keep_the_old_prompt():
+    bb = make_tiny_backbone()
+    text = long_text()
+    assert bb.windows(TEMPLATE, text, 96, 1) == [bb.fit_template(TEMPLATE, text, 96)]
+    assert len(bb.windows(TEMPLATE, text, 96, 2)) == 2
+    assert bb.windows(TEMPLATE, "short", 96, 8) == [TEMPLATE.format(text="short")]
+
+
+def test_pooling_is_a_normalised_geometric_mean_and_leaves_single_windows_alone():
+    one = torch.tensor([[0.7, 0.2, 0.1]]).log()
+    assert torch.allclose(pool_windows(one, [0]).exp(), one.exp())
+    sure, vague = torch.tensor([0.9, 0.05, 0.05]), torch.tensor([1 / 3, 1 / 3, 1 / 3])
+    pooled = pool_windows(torch.stack([sure.log(), vague.log(), vague.log()]), [0, 0, 0]).exp()[0]
+    geo = (sure * vague * vague) ** (1 / 3)
+    assert torch.allclose(pooled, geo / geo.sum(), atol=1e-6)
+    assert pooled.argmax() == 0 and pooled[0] > 0.5  # the sure window still decides
+    two = pool_windows(torch.stack([sure.log(), vague.log(), sure.log()]), [0, 1, 1]).exp()
+    assert two.shape == (2, 3) and torch.allclose(two.sum(-1), torch.ones(2))
+
+
+def _task(bb, max_windows=8):
+    spec = AdapterSpec.from_dict({"name": "pets", "kind": "classify", "labels": ["cat", "dog"],
+                                  "template": TEMPLATE, "lora": {"r": 4},
+                                  "train": {"max_length": 64, "max_windows": max_windows}})
+    torch.manual_seed(0)
+    bb.add_adapter("pets", spec.lora.to_peft(model=bb.base))
+    return ClassifyTask(spec, bb)
+
+
+def test_predict_and_the_engine_pool_the_windows_of_a_long_text_alike():
+    bb = make_tiny_backbone()
+    task = _task(bb)
+    text = long_text(60)
+    probs = task.predict([text, "meow"])
+    assert task.last_windows[0] > 1 and task.last_windows[1] == 1
+    prompts = task.prompts(text)
+    each = task.log_probs_from_states(bb.pooled(prompts, "pets", 64))
+    expected = pool_windows(each, [0] * len(prompts)).exp()[0]
+    assert [probs[0][x] for x in task.labels] == pytest.approx(expected.tolist(), abs=1e-5)
+    engine = classify_now(bb, {"pets": task}, [text, "meow"], ["pets", "pets"], 64, chunk=3)
+    for a, b in zip(engine, probs):
+        assert [a[x] for x in task.labels] == pytest.approx([b[x] for x in task.labels], abs=1e-4)
+
+
+def test_evaluate_says_which_texts_were_windowed():
+    task = _task(make_tiny_backbone(), max_windows=2)
+    result = task.evaluate([{"text": long_text(80), "label": "cat"}, {"text": "woof", "label": "dog"}])
+    assert result["text"]["windowed"] == {"texts": 1, "windows": 3, "max_windows": 2, "at_limit": 1}
+
+
+def test_training_items_are_windows_labelled_as_their_text():
+    task = _task(make_tiny_backbone())
+    items, groups = task._items([{"text": long_text(60), "label": "dog"}, {"text": "meow", "label": "cat"}])
+    assert len(items) > 2 and {label for _, label in items[:-1]} == {1} and items[-1][1] == 0
+    assert groups == [0] * (len(items) - 1) + [1]
+
+
+def _stopper(scores, patience=2, budget_s=1e9, every=1):
+    calls = iter(scores)
+    weight = torch.zeros(3)
+    stopper = stopping.Stopper(validate=lambda: next(calls), params=[weight], budget_s=budget_s,
+                               patience=patience, every=every)
+    return stopper, weight
+
+
+def test_training_stops_after_patience_checks_without_a_better_score_and_keeps_the_best():
+    # accuracy, loss per check: best at step 2 (a tie on accuracy loses on loss at step 3)
+    stopper, weight = _stopper([(0.5, 1.0), (0.6, 0.8), (0.6, 0.9), (0.55, 0.7), (0.7, 0.1)])
+    stopper.planned_steps = 10
+    stopped_at = None
+    for step in range(1, 11):
+        weight.fill_(step)
+        if stopper.after_step(step, 10):
+            stopped_at = step
+            break
+    assert stopped_at == 4 and stopper.best.step == 2
+    assert "no better validation score in 2 checks" in stopper.reason
+    assert stopper.restore_best() and torch.equal(weight, torch.full((3,), 2.0))
+    summary = stopper.summary()
+    assert summary["best_step"] == 2 and len(summary["validation"]) == 4
+
+
+def test_the_budget_ends_training_and_shortens_the_schedule():
+    stopper, _ = _stopper([(0.5, 1.0)] * 100, patience=0, budget_s=0.0)
+    stopper.planned_steps = 50
+    assert stopper.after_step(1, 50) and "time budget" in stopper.reason
+    # fitted after FIT_AFTER_STEPS: with 1 s left and 1 s per step, few steps remain
+    stopper, _ = _stopper([], patience=0, budget_s=10.0, every=1000)
+    stopper.validate = None
+    stopper.planned_steps = 500
+    loop_started = stopper.started - stopping.FIT_AFTER_STEPS * 0.9  # 0.9 s per step so far
+    fitted = stopper.fit_schedule(stopping.FIT_AFTER_STEPS, 500, loop_started)
+    assert stopping.FIT_AFTER_STEPS < fitted < 25
+    assert stopper.fit_schedule(stopping.FIT_AFTER_STEPS + 1, fitted, loop_started) == fitted
+    # refitted after a check: more time left now, so it grows back, but never past the plan
+    stopper.checks.append(stopping.Check(step=20, accuracy=0.5, loss=1.0, seconds=0.0))
+    stopper.budget_s = 1e6
+    assert stopper.fit_schedule(20, fitted, loop_started) == 500
+
+
+def test_automatic_epochs_grow_with_labels_and_shrink_with_data():
+    assert stopping.auto_epochs(13_000, 2) == 3
+    assert stopping.auto_epochs(3_800, 50) == 7
+    assert stopping.auto_epochs(300, 2) == 10
+    assert stopping.auto_epochs(100_000, 500) == 10
+    assert all(2 <= stopping.auto_epochs(n, k) <= 10 for n in (10, 1000, 10**6) for k in (2, 20, 200))
+
+
+def test_fit_with_validation_records_why_it_stopped_and_uses_every_example():
+    rng = random.Random(1)
+    data = [{"text": f"the {rng.choice(WORDS[lab])} {i}", "label": lab}
+            for i, lab in enumerate(rng.choice(sorted(WORDS)) for _ in range(48))]
+    for cache in (False, None):
+        task = task_on_fresh_backbone()
+        stats = task.fit(data[:32], None, seed=0, cache=cache, val_rows=data[32:])
+        assert stats["stop_reason"] and stats["validation"]
+        assert stats["epochs_planned"] == stopping.auto_epochs(32, 2)
+        assert stats["steps"] <= stats["planned_steps"] == math.ceil(4 * stats["epochs_planned"])
+        assert stats["val_rows"] == 16 and stats["train_items"] == 32
+        assert 0.0 <= stats["best_val_accuracy"] <= 1.0
+
+
+def test_manifest_checks_name_the_new_training_keys():
+    base = {"name": "x", "kind": "classify", "labels": ["a", "b"]}
+    assert AdapterSpec.from_dict({**base, "train": {"epochs": None}}).train.epochs is None
+    for key, value in (("patience", -1), ("budget_minutes", 0), ("max_windows", 0), ("epochs", 0)):
+        with pytest.raises(SpecError, match=f"train.{key}"):
+            AdapterSpec.from_dict({**base, "train": {key: value}})
+
+
+def test_the_eval_report_says_which_texts_were_read_as_windows():
+    from bot.eval.report import _windowed_text
+
+    views = {"text": {"n": 409, "windowed": {"texts": 170, "windows": 390, "max_windows": 8, "at_limit": 2}},
+             "headline": {"n": 409, "windowed": {"texts": 0, "windows": 409, "max_windows": 8, "at_limit": 0}}}
+    line = _windowed_text({"views": views})
+    assert "text: 170 of 409 texts, 390 windows" in line and "2 reached the limit of 8" in line
+    assert "headline" not in line
+    assert _windowed_text({"views": {"text": {"n": 5, "windowed": {"texts": 0}}}}) == ""
