@@ -19,11 +19,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from peft import LoraConfig
 
 from bot.engine import SamplingParams, Scheduler
 from bot.manifests import versions
 from bot.manifests.spec import AdapterSpec
 from bot.model.backbone import Backbone
+from bot.model.families import DEFAULT_TARGET_MODULES
 from bot.routing import Router
 from bot.serve.limits import Limits
 from bot.serve.state import ServerState
@@ -144,7 +146,6 @@ class EngineGenerator:
 
 def spread_backbone(seed: int = 0) -> Backbone:
     """A tiny Llama whose logits are well apart (init std 0.5), so greedy ties are rare."""
-    from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -156,6 +157,17 @@ def spread_backbone(seed: int = 0) -> Backbone:
     for name in ("a", "b"):
         bb.add_adapter(name, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                         target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    return bb
+
+
+NO_LLAMA = "llama-cpp-python is not installed: pip install -e '.[llamacpp]' (compiles ~15 min) or set BOT_LLAMACPP_PATH"
+
+
+def with_random_lora(bb, name="chat", seed=0):
+    """``bb`` with a random (non-zero) LoRA adapter ``name`` on every default target module."""
+    torch.manual_seed(seed)
+    bb.add_adapter(name, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                    target_modules=list(DEFAULT_TARGET_MODULES)))
     return bb
 
 
@@ -237,6 +249,16 @@ class Oracle:
         self.seen += texts
         rest = (1 - self.sure) / (len(self.labels) - 1)
         return [{n: (self.sure if n == self.answers.get(t) else rest) for n in self.labels} for t in texts]
+
+
+ENCODER_TEXTS = ["hello there", "  leading and trailing spaces  ", "", "x",
+                 "How do I bake banana bread? " * 40,  # longer than max_seq_length: truncated alike
+                 "Émile a dit: ça va? 😀", "Stocks fell sharply after the bank raised rates"]
+
+
+def st_encode(model, texts):
+    """The reference vectors: SentenceTransformer.encode, normalised."""
+    return model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
 
 
 # ------------------------------------------------------------------ toy data and adapters
@@ -387,8 +409,6 @@ MAX_LEN = 256
 def make_state(tmp_path, *, limits=LIMITS, max_queue=16, max_batch=4, api_key=KEY,
                default_max_tokens=None) -> ServerState:
     """Generation adapter "a", classify adapter "mood" (and the router for "auto")."""
-    from peft import LoraConfig
-
     bb = make_tiny_backbone()
     bb.add_adapter("a", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                    target_modules=["q_proj", "v_proj"]))
@@ -500,3 +520,10 @@ def slow_steps(monkeypatch, sched, seconds=0.01):
 
     monkeypatch.setattr(sched.runner, "step", step)
 
+
+def reply(r) -> tuple[str, str]:
+    """(text, finish_reason) of the first choice of a 200 chat or completions answer."""
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    return text, choice["finish_reason"]

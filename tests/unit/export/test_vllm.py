@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from bot.errors import ExportError
 from bot.export.vllm import VLLM_LORA_MODULES, export
-from bot.manifests.spec import AdapterSpec
 
 
 def _config(bb) -> dict:
@@ -367,37 +366,3 @@ def test_cli_export(tmp_path, capsys):
     make_adapter(bb, tmp_path / "adapters", "base-classify-2", "generate")
     assert main(["export", "base-classify-2", "--to", str(tmp_path / "o2"), *common]) == 2
     assert "collides with the exported backbone folder" in capsys.readouterr().err
-
-
-@pytest.mark.integration
-def test_committed_chat_adapter_exports_and_decodes_like_bot(tmp_path):
-    """The real embedded backbone: the committed `chat` adapter via plain peft, 2 prompts."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bot.manifests.registry import load_task
-    from bot.model.backbone import Backbone
-    from bot.util.assets import repo_root
-
-    adapters = repo_root() / "adapters"
-    bb = Backbone.load()
-    task = load_task(bb, AdapterSpec.from_dir(adapters / "chat"))
-    out = tmp_path / "out"
-    manifest = export(["chat"], out, backbone=bb, adapters_dir=adapters)
-    assert manifest["generate"]["chat"]["rank"] == 8 and manifest["max_lora_rank"] == 8
-    fast = EngineGenerator(bb, "fp32")
-    model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, out / "chat").eval()
-    tok = AutoTokenizer.from_pretrained(out / "base")  # what vLLM tokenizes with
-    for prompt in ["Hi there, how are you today?", "What should I cook for dinner tonight?"]:
-        ids = task.prompt_ids(prompt)
-        assert tok.apply_chat_template(task.messages(prompt), add_generation_prompt=True,
-                                       return_dict=True, return_tensors="pt")["input_ids"].tolist() \
-            == ids.tolist()
-        kwargs = {"max_new_tokens": 8, "repetition_penalty": 1.1}
-        ours = fast.generate(ids, adapter="chat", **kwargs)[0].tolist()
-        with torch.inference_mode():
-            theirs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    do_sample=False, pad_token_id=bb.tokenizer.pad_token_id,
-                                    **kwargs)[0, ids.shape[1]:].tolist()
-        assert theirs == ours, (prompt, bb.tokenizer.decode(ours), bb.tokenizer.decode(theirs))

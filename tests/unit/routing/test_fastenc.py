@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import ENCODER_TEXTS, st_encode
 
 from bot.errors import DataError
-from bot.routing.encoder import ENCODER_INT8
 from bot.routing.fastenc import DirectEncoder
-
-TEXTS = ["hello there", "  leading and trailing spaces  ", "", "x",
-         "How do I bake banana bread? " * 40,  # longer than max_seq_length: truncated alike
-         "Émile a dit: ça va? 😀", "Stocks fell sharply after the bank raised rates"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +21,7 @@ def tiny_model(tmp_path_factory):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    words = sorted({w for t in TEXTS for w in t.lower().replace("?", " ? ").split()})
+    words = sorted({w for t in ENCODER_TEXTS for w in t.lower().replace("?", " ? ").split()})
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", *words]))
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     config = BertConfig(vocab_size=len(words) + 6, hidden_size=32, num_hidden_layers=2,
@@ -36,22 +32,18 @@ def tiny_model(tmp_path_factory):
                                device="cpu")
 
 
-def _reference(model, texts):
-    return model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-
-
 def test_direct_encoder_gives_the_vectors_of_encode(tiny_model):
     direct = DirectEncoder(tiny_model, batch_size=3)  # several batches, sorted by length
-    got = direct.encode(TEXTS)
-    assert got.shape == (len(TEXTS), 32) and got.dtype == np.float32
-    assert np.abs(got - _reference(tiny_model, TEXTS)).max() < 1e-5
-    for text in TEXTS:  # one at a time, as the router embeds a turn
-        assert np.abs(direct.encode([text]) - _reference(tiny_model, [text])).max() < 1e-5
+    got = direct.encode(ENCODER_TEXTS)
+    assert got.shape == (len(ENCODER_TEXTS), 32) and got.dtype == np.float32
+    assert np.abs(got - st_encode(tiny_model, ENCODER_TEXTS)).max() < 1e-5
+    for text in ENCODER_TEXTS:  # one at a time, as the router embeds a turn
+        assert np.abs(direct.encode([text]) - st_encode(tiny_model, [text])).max() < 1e-5
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
 def test_int8_encoder_is_close_but_not_identical(tiny_model):
-    exact, int8 = DirectEncoder(tiny_model).encode(TEXTS), DirectEncoder(tiny_model, int8=True).encode(TEXTS)
+    exact, int8 = DirectEncoder(tiny_model).encode(ENCODER_TEXTS), DirectEncoder(tiny_model, int8=True).encode(ENCODER_TEXTS)
     cosine = (exact * int8).sum(axis=1)
     assert cosine.min() > 0.9 and np.abs(exact - int8).max() > 1e-6
     assert DirectEncoder(tiny_model, int8=True).name_hint.endswith("|int8-rows")
@@ -63,22 +55,6 @@ def test_direct_encoder_refuses_another_pooling(tiny_model):
     cls_model = SentenceTransformer(modules=[tiny_model[0], models.Pooling(32, "cls")], device="cpu")
     with pytest.raises(DataError, match="mean Pooling.*Fix:"):
         DirectEncoder(cls_model)
-
-
-@pytest.mark.integration
-def test_bundled_encoder_is_direct_and_matches_sentence_transformers():
-    from bot.routing import load_encoder
-
-    direct = load_encoder(int8=False)
-    plain = load_encoder(direct=False)
-    assert isinstance(direct, DirectEncoder) and not isinstance(plain, DirectEncoder)
-    texts = [*TEXTS, "What is the capital of Japan?", "I absolutely loved this movie"]
-    assert np.abs(direct.encode(texts) - _reference(plain, texts)).max() < 1e-5
-    # the default (int8 linear layers) stays close to the exact vectors on real text
-    default = load_encoder()
-    assert default.int8 == ENCODER_INT8
-    cosine = (default.encode(texts) * _reference(plain, texts)).sum(axis=1)
-    assert cosine.min() > 0.9, cosine
 
 
 def test_router_only_eval_keeps_the_other_sections_of_a_report(tmp_path, monkeypatch):

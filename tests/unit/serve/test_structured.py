@@ -16,7 +16,7 @@ import threading
 
 import jsonschema_rs
 import pytest
-from helpers import assert_openai_error, make_state, post, wait_until
+from helpers import assert_openai_error, make_state, post, reply, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,13 +53,6 @@ schemas = st.one_of(objects(), objects(inner=st.one_of(leaf, objects(inner=leaf,
 FAST = settings(max_examples=int(os.environ.get("STRUCT_EXAMPLES", 25)), deadline=None,
                 derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def reply(r) -> tuple[str, str]:
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    text = choice["message"]["content"] if "message" in choice else choice["text"]
-    return text, choice["finish_reason"]
 
 
 @FAST
@@ -196,31 +189,3 @@ def test_a_classify_adapter_cannot_follow_a_format(server):
         "model": "mood", "messages": [{"role": "user", "content": "great"}],
         "response_format": {"type": "json_object"}})
     assert_openai_error(r, 400, "classify adapter", param="model")
-
-
-@pytest.mark.integration
-def test_real_backbone_replies_validate(tmp_path):
-    from bot.model.backbone import Backbone
-    from bot.serve.state import ServerState, scheduler_for
-
-    bb = Backbone.load()
-    state = ServerState(bb, {}, scheduler_for(bb, {}, precision="fp32", max_len=512), None, None)
-    cases = [
-        {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
-                                          "age": {"type": "integer", "minimum": 0,
-                                                  "maximum": 120}},
-         "required": ["name", "age"], "additionalProperties": False},
-        {"type": "object", "properties": {"colours": {"type": "array", "maxItems": 3, "items": {
-            "enum": ["red", "green", "blue"]}}}, "required": ["colours"],
-         "additionalProperties": False},
-    ]
-    with BackgroundServer(state) as srv:
-        for schema in cases:
-            r = post(srv, "/v1/chat/completions", {
-                "model": bb.info.name, "max_tokens": 60, "messages": [
-                    {"role": "user", "content": "Describe a person as JSON."}],
-                "response_format": {"type": "json_schema", "json_schema": {"name": "p",
-                                                                          "schema": schema}}})
-            text, reason = reply(r)
-            assert reason == "stop", text
-            jsonschema_rs.validate(schema, json.loads(text))
