@@ -7,6 +7,7 @@ weights, so the unit tests run in seconds on a CPU.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 # after the variables above: transformers reads HF_HUB_OFFLINE when it is imported
-from helpers import make_tiny_backbone, make_tokenizer  # noqa: E402
+from helpers import make_tiny_backbone, make_tokenizer, toy_spec  # noqa: E402
+
+from bot.training.train import train_adapter  # noqa: E402
 
 
 @pytest.fixture
@@ -28,3 +31,12 @@ def tiny_backbone():
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One trained classify adapter folder ('pets'); tests copy it, never change it."""
+    base = tmp_path_factory.mktemp("trained")
+    spec = toy_spec(base, epochs=0.5)
+    train_adapter(spec, make_tiny_backbone(), spec.folder)
+    return spec.folder

@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import socket
 import time
 import zlib
@@ -369,6 +370,21 @@ def make_adapter(bb, root, name, kind, *, r=8, layers=None, labels=("cat", "dog"
 
 
 # ------------------------------------------------------------------ adapter folders and versions
+
+def adapters_with(tmp_path, trained, *names) -> Path:
+    """An adapters/ folder holding copies of the trained adapter under ``names`` (same manifest name)."""
+    root = tmp_path / "adapters"
+    for name in names:
+        shutil.copytree(trained, root / name)
+    return root
+
+
+def write_exact(path: Path, text: str) -> Path:
+    """Write ``text`` as given: no newline translation (the user-file tests write raw CR, U+2028 and form feeds)."""
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
 def tree(root: Path, skip=(".versions", ".trash", ".changes")) -> dict[str, str]:
     """{relative path: sha256} of every file under ``root``, bookkeeping folders left out."""
     out = {}
