@@ -1,8 +1,12 @@
-"""Issue 11: the bare backbone as the ``assistant`` route, self-distillation data, helpfulness."""
+"""The bare backbone as the ``assistant`` route (bot.tasks.bare, issue 11): ``kind: base``
+manifests, the route that fits no other, and the server's ``model: assistant``.
+
+Issue 11's distillation data is tested in tests/unit/training/test_distill.py, its
+helpfulness report in tests/unit/eval/test_helpful.py.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,15 +14,11 @@ from helpers import REPO, ROUTES, WordHashEncoder, make_tiny_backbone
 
 from bot.chat import ChatSession
 from bot.errors import SpecError
-from bot.eval.helpful import met
-from bot.eval.report import write_report
 from bot.manifests.registry import load_all
 from bot.manifests.spec import AdapterSpec, LoraSettings
 from bot.routing import Router
 from bot.serve.state import ServerState, scheduler_for
 from bot.tasks.generate import GenerateTask
-from bot.training.distill import whole_sentences
-from bot.training.train import data_files, training_rows
 
 ASSISTANT = ["what is the capital of france", "explain how a rainbow forms please"]
 
@@ -107,59 +107,6 @@ def test_the_server_answers_model_assistant_with_the_bare_backbone():
 
 
 # ------------------------------------------------------------ self-distillation data
-def test_train_extra_rows_join_training_only_and_survive_a_save(tmp_path):
-    folder = tmp_path / "talk"
-    folder.mkdir()
-    rows = [{"prompt": f"question {i}?", "reply": f"answer {i}."} for i in range(40)]
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    extra = [{"prompt": "why?", "reply": "Because. It is so."}] * 3
-    (folder / "extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
-    (folder / "extra.meta.json").write_text("{}")
-    spec = AdapterSpec(name="talk", kind="generate", folder=folder,
-                       data={"path": "data.jsonl", "train_extra": ["extra.jsonl"]})
-    _, splits = training_rows(spec)
-    assert sum(r["prompt"] == "why?" for r in splits.train) == 3
-    assert all(r["prompt"] != "why?" for r in splits.val + splits.test)
-    assert {p.name for p in data_files(spec, folder)} == {"data.jsonl", "extra.jsonl", "extra.meta.json"}
-    with pytest.raises(SpecError, match="train_extra"):
-        AdapterSpec(name="talk", kind="generate", data={"path": "d.jsonl", "train_extra": "x.jsonl"})
-
-
-def test_a_cut_reply_keeps_whole_sentences_only():
-    assert whole_sentences("One. Two! Three is cut mid") == "One. Two!"
-    assert whole_sentences("no end at all") == ""
-    assert whole_sentences("Say \"hi.\" Then go") == "Say \"hi.\""
-
-
-def test_the_committed_distillation_file_is_not_the_held_out_set():
-    rows = [json.loads(line) for line in (REPO / "adapters/chat/self_distill.jsonl").open()]
-    held = {json.loads(line)["prompt"].lower() for line in (REPO / "tests/data/instructions.jsonl").open()}
-    assert len(rows) >= 400 and all(r["reply"] for r in rows)
-    assert not {r["prompt"].lower() for r in rows} & held
-    meta = json.loads((REPO / "adapters/chat/self_distill.meta.json").read_text())
-    assert meta["command"].startswith("bot distill") and meta["rows"] == len(rows)
-
-
-def test_instructions_file_is_well_formed():
-    rows = [json.loads(line) for line in (REPO / "tests/data/instructions.jsonl").open()]
-    assert len(rows) >= 40 and len({r["prompt"] for r in rows}) == len(rows)
-    assert {r["kind"] for r in rows} == {"question", "request"}
-    assert all(len(r["reply"].split(". ")) >= 2 for r in rows if "\n" not in r["reply"])
 
 
 # ------------------------------------------------------------ the report
-def test_helpfulness_targets_and_report_section(tmp_path):
-    figures = {"ppl_ratio": 1.05, "length_ratio": 0.5, "dialogue_ppl_change": -0.3}
-    assert met(figures) == {"ppl_ratio": True, "length_ratio": False, "dialogue_ppl_change": True}
-    assert met({})["ppl_ratio"] is None
-    ins = {**figures, "n": 1, "ppl_base": 10.0, "ppl_adapter": 10.5, "length_base": 40,
-           "length_adapter": 20, "max_tokens": 160, "routed_to": {"assistant": 1}, "met": met(figures),
-           "samples": [{"prompt": "How?", "base": "Like so. Then.", "adapter": "So.",
-                        "route": "assistant", "routed": "Like so. Then."}]}
-    results = {"tasks": {"chat": {"kind": "generate", "status": "ok", "ppl_base": 50.0, "ppl_adapter": 30.0,
-                                  "instructions": ins},
-                         "assistant": {"kind": "base", "status": "ok", "verdict": "bare backbone"}}}
-    _, md = write_report(results, tmp_path, plots=False)
-    text = md.read_text()
-    assert "| assistant | bare backbone |" in text
-    assert "NOT MET" in text and "**assistant**: Like so. Then." in text
