@@ -253,3 +253,50 @@ def test_every_exception_class_lives_in_errors():
                  and any(isinstance(b, ast.Name) and (b.id.endswith(("Error", "Exception")) or b.id in
                          {"ServeError", "BotError", "QueueFull", "UnknownModel"}) for b in node.bases)]
     assert elsewhere == []
+
+
+# ------------------------------------------------------------------ the tests' own layout (issue 24)
+TEST_FILES = sorted((ROOT / "tests").rglob("*.py"))
+
+
+def _test_module_imports(source: str) -> list[str]:
+    """The test modules (``test_*``, ``conftest``) that ``source`` imports, at the top or in a
+    function body; shared code belongs in tests/helpers.py."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or "", *(f"{node.module}.{a.name}" if node.module else a.name for a in node.names)]
+        else:
+            continue
+        found += [n for n in names if n.split(".")[-1].startswith("test_") or n.split(".")[-1] == "conftest"]
+    return found
+
+
+def test_the_test_import_finder_finds_imports_of_test_modules():
+    assert _test_module_imports("import os\nfrom test_router import HashEncoder\n") == ["test_router"]
+    assert _test_module_imports("def f():\n    import test_add_flow as flow\n") == ["test_add_flow"]
+    assert _test_module_imports("from conftest import make_tiny_backbone\n") == ["conftest"]
+    assert _test_module_imports("from tests.unit.serve import test_api\n") == ["tests.unit.serve.test_api"]
+    assert _test_module_imports("from . import test_api\n") == ["test_api"]
+    assert _test_module_imports("from helpers import make_router\nfrom bot.tasks import task_class\n") == []
+
+
+def test_no_test_module_imports_another():
+    assert len(TEST_FILES) > 40 and ROOT / "tests" / "helpers.py" in TEST_FILES
+    imports = {str(p.relative_to(ROOT)): found for p in TEST_FILES
+               if (found := _test_module_imports(p.read_text(encoding="utf-8")))}
+    assert imports == {}
+
+
+def test_tests_mirror_the_package_and_no_two_share_a_file_name():
+    """pytest imports test files by their base name (rootdir-relative, no packages): two modules of
+    one name would collide. tests/unit/<package>/ only for packages that bot/ has."""
+    tests = [p for p in TEST_FILES if p.name.startswith("test_")]
+    names = [p.name for p in tests]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
+    packages = {p.parent.name for p in MODULES.values() if p.name == "__init__.py"} | {"demo"}
+    folders = {p.parent.relative_to(ROOT / "tests").parts for p in tests}
+    assert all(f in {("unit",), ("integration",), ("browser",)} or (f[0] == "unit" and f[1] in packages)
+               for f in folders), folders
