@@ -191,7 +191,6 @@ class HashEncoder:
         return out
 
 
-
 class WordHashEncoder:
     """Stand-in sentence encoder: each word bumps one of ``dim`` buckets."""
 
@@ -236,8 +235,6 @@ HELDOUT = {
     "topic": ["bank shares fall", "minister wins election", "team wins final", "tech chip firm"],
     "chat": ["zebra xylophone", "quantum banana soup", "nice weather we have", "bye now"],
 }
-
-
 
 
 class Oracle:
@@ -289,7 +286,6 @@ def toy_spec(tmp_path, epochs=4.0) -> AdapterSpec:
     return AdapterSpec.from_dir(folder)
 
 
-
 def task_on_fresh_backbone(layers=(2, 3), dtype=torch.float32, dropout=0.05):
     bb = Backbone.from_model(make_tiny_model(seed=0, layers=4), make_tokenizer(), name="tiny4")
     bb.compute_dtype = dtype
@@ -302,7 +298,6 @@ def task_on_fresh_backbone(layers=(2, 3), dtype=torch.float32, dropout=0.05):
     torch.manual_seed(0)
     bb.add_adapter("pets", spec.lora.to_peft(4))
     return ClassifyTask(spec, bb)
-
 
 
 ROUTE_VOCAB = {
@@ -336,7 +331,6 @@ def route_spec(root, route: str) -> AdapterSpec:
     }, folder / "adapter.yaml")
     spec.save(folder)
     return AdapterSpec.from_dir(folder)
-
 
 
 PET_TEMPLATE = "Pet words: {text}\nAnimal:"
@@ -413,7 +407,6 @@ def save_new(folder: Path, tag: str) -> Path:
                             versions.retirer(folder))
 
 
-
 # ------------------------------------------------------------------ a tiny server
 KEY = "reliability-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -446,17 +439,11 @@ def make_state(tmp_path, *, limits=LIMITS, max_queue=16, max_batch=4, api_key=KE
                        limits=limits)
 
 
-
 def post(srv, path, body, **kw):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(srv.url + path, content=data, timeout=30,
                       headers={**AUTH, "Content-Type": "application/json", **kw.pop("headers", {})},
                       **kw)
-
-
-
-def chat_body(text="hello there", **kw):
-    return {"model": "a", "messages": [{"role": "user", "content": text}], "max_tokens": 4, **kw}
 
 
 def assert_openai_error(r, status, *words, param="unset"):
@@ -525,9 +512,8 @@ def wait_until(cond, limit_s=10.0, step=0.01) -> bool:
     return cond()
 
 
-# ------------------------------------------------------------------ item 1
-
 def slow_steps(monkeypatch, sched, seconds=0.01):
+    """Make each engine step of ``sched`` take ``seconds`` longer (a client can leave mid-reply)."""
     real = sched.runner.step
 
     def step(*args, **kw):

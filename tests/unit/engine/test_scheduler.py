@@ -25,8 +25,6 @@ PROMPTS = ["hello there", "what is the weather like today in paris?", "x",
            "short one", "numbers 1 2 3 4 5 6 7 8 9"]
 
 
-
-
 def hf_greedy(bb: Backbone, prompt_ids: list[int], adapter: str | None, n: int) -> list[int]:
     """The reference: transformers' own generate() through peft, one request alone."""
     ids = torch.tensor([prompt_ids])

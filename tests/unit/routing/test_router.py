@@ -20,9 +20,6 @@ from bot.routing import encoder as encoder_module
 DATA = HANDWRITTEN  # the hand-written turns ship with the package (bot/routing/chat_turns.jsonl)
 
 
-# Held-out turns: none of them is a route example.
-
-
 # ----- commands -------------------------------------------------------------------------------
 
 def test_override_wins_and_strips_prefix():

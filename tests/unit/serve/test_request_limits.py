@@ -17,7 +17,6 @@ from helpers import (
     KEY,
     MAX_LEN,
     assert_openai_error,
-    chat_body,
     connect,
     make_state,
     metric,
@@ -37,22 +36,8 @@ def server(tmp_path_factory):
         yield srv
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def chat_body(text="hello there", **kw):
+    return {"model": "a", "messages": [{"role": "user", "content": text}], "max_tokens": 4, **kw}
 
 
 # ------------------------------------------------------------------ item 1

@@ -27,8 +27,6 @@ def rows(n=64, seed=0):
     return out
 
 
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_cached_training_matches_uncached(dtype, tol):
     data = rows()
