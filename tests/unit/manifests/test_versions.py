@@ -6,6 +6,7 @@ first (no cleanup, like SIGKILL), then check that the next start puts a whole fo
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -87,12 +88,16 @@ def test_bot_list_shows_versions_with_scores_and_dates(tmp_path, capsys):
 
 # ----- an interrupted swap (issue 28, item 7) ---------------------------------------------------
 
+# The child runs helpers.save_new (and the fake_adapter it writes with) from their source, so
+# that it loads only what they use: importing helpers would load torch, seconds per child.
 CHILD = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    sys.path.insert(0, {tests!r})
-    from helpers import save_new
+    from bot.manifests import versions
+    from bot.util.fsutil import atomic_dir_write
+""")
+KILL = textwrap.dedent("""
     real, calls = os.rename, [0]
 
     def rename(src, dst, *a, **k):
@@ -107,7 +112,8 @@ CHILD = textwrap.dedent("""
 
 
 def run_killed(folder: Path, kill_at: int) -> int:
-    code = CHILD.format(root=str(REPO), tests=str(REPO / "tests"), kill_at=kill_at, folder=str(folder))
+    code = "\n".join([CHILD.format(root=str(REPO)), inspect.getsource(fake_adapter), inspect.getsource(save_new),
+                      KILL.format(kill_at=kill_at, folder=str(folder))])
     return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode
 
 
