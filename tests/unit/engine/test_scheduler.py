@@ -1,7 +1,7 @@
-"""Serving on a tiny random model: continuous batching, multi-LoRA rows, the HTTP API.
+"""The engine's scheduler (bot.engine.Scheduler) on a tiny random model: continuous batching,
+multi-LoRA rows, cancelling, refusals, seeded sampling and chat sessions sharing batches.
 
-The HTTP tests start a real server (uvicorn on a free port) and talk to it with the
-real `openai` client, as a user would.
+The HTTP API over it is tested in tests/unit/serve/.
 """
 
 from __future__ import annotations
