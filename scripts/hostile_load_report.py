@@ -1,4 +1,4 @@
-"""Run the hostile-mix load test (tests/test_reliability_load.py) and write its figures.
+"""Run the hostile-mix load test (tests/unit/serve/test_hostile_load.py) and write its figures.
 
     python scripts/hostile_load_report.py [--runs 3] [--out reports/serve_load.md]
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from bot.model.info import machine  # noqa: E402
 from bot.util.fsutil import atomic_write_text  # noqa: E402
 
-TEST = "tests/test_reliability_load.py"
+TEST = "tests/unit/serve/test_hostile_load.py"
 COLUMNS = [("health_p50_ms", "/health p50 ms"), ("health_p99_ms", "/health p99 ms (target <= 100)"),
            ("health_max_ms", "/health max ms"), ("stream_gap_p99_ms", "stream gap p99 ms"),
            ("stream_gap_max_ms", "longest stream gap ms (target <= 1000)"),
@@ -53,7 +53,7 @@ def main() -> int:
     lines = ["# `bot serve` under a hostile mix (issue 28)", "",
              f"Command: `python scripts/hostile_load_report.py --runs {args.runs}`  ",
              f"Machine: {machine()}; run {started}", "",
-             "Each run is `tests/test_reliability_load.py` in a fresh process: the tiny random "
+             "Each run is `tests/unit/serve/test_hostile_load.py` in a fresh process: the tiny random "
              "model served on loopback, a chat stream running and `/health` polled every 20 ms "
              "while a 10,000-text `/v1/classify`, a 50 MB body, 20 half-sent bodies, one "
              "half-sent head and 300 requests naming unknown 10 KB models arrive at once.", "",

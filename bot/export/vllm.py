@@ -17,7 +17,7 @@ What vLLM's LoRA loader accepts (sources, read 2026; facts only, no code copied)
   ``score``, a linear layer without bias over the last token's final hidden state,
   followed by a softmax: the same maths as bot's classify task.
 peft writes a ``modules_to_save`` module as ``base_model.model.<name>.weight`` (checked
-with peft 0.21 in tests/test_export.py).
+with peft 0.21 in tests/unit/export/test_vllm.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``SentenceTransformer.encode`` spends several milliseconds per call on bookkeeping (feature
 dicts, length sorting, device moves, the module pipeline) that a router turn, one short text at a
 time, does not need. ``DirectEncoder`` runs the same steps itself under ``torch.inference_mode``
-and gives the same vectors as ``encode(..., normalize_embeddings=True)`` (tests/test_router_fast.py
+and gives the same vectors as ``encode(..., normalize_embeddings=True)`` (tests/unit/routing/test_fastenc.py
 checks to 1e-5). It refuses any model that is not "one Transformer, mean pooling, optional
 Normalize", so a different pipeline can never be encoded wrongly.
 

@@ -5,7 +5,7 @@ bodies themselves, off the event loop, so FastAPI's own document would show no b
 Bounds that the handlers check in code, with their own messages, are written into the
 schemas as plain JSON Schema keywords (``json_schema_extra`` in bot.serve.api), so the
 document describes what the server accepts; a property-based run (schemathesis,
-tests/test_serve_openapi.py) sends it generated requests and finds no 500.
+tests/unit/serve/test_openapi.py) sends it generated requests and finds no 500.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ERRORS = {"400": "bad body: the message names the field and the fix",
           "401": "missing or wrong API key", "403": "adapter loading needs an API key",
           "404": "unknown model or adapter", "408": "the body arrived too slowly",
           "413": "body over --max-body-bytes", "429": "queue full (Retry-After)",
-          "500": "unexpected error (never for bad input; tests/test_serve_openapi.py)"}
+          "500": "unexpected error (never for bad input; tests/unit/serve/test_openapi.py)"}
 
 
 def document(posts: dict[str, tuple[type[BaseModel], str, bool]], secured: bool,

@@ -6,7 +6,7 @@ micro-batches. Each micro-batch loss is weighted by its share of the global batc
 (examples for a classifier, reply tokens for a generator) times the number of
 processes, so DDP's gradient *mean* across processes equals the gradient of the
 global batch's loss: one process with batch B and N processes with B/N rows each
-train the same adapter, up to float rounding (tests/test_accelerate.py checks it).
+train the same adapter, up to float rounding (tests/unit/training/test_parallel.py checks it).
 """
 
 from __future__ import annotations
