@@ -101,16 +101,3 @@ def test_the_eval_report_says_which_texts_were_read_as_windows():
     assert "headline" not in line
     assert _windowed_text({"views": {"text": {"n": 5, "windowed": {"texts": 0}}}}) == ""
 
-
-def test_the_last_step_is_not_checked_again_right_after_a_check():
-    stopper, weight = _stopper([(0.5, 1.0), (0.6, 0.5), (0.7, 0.1)], patience=0, every=10)
-    stopper.planned_steps = 21
-    for step in range(1, 22):
-        weight.fill_(step)
-        stopper.after_step(step, 21)
-    assert [c.step for c in stopper.checks] == [10, 20]  # 21 is within a quarter of `every` of 20
-    stopper, _ = _stopper([(0.5, 1.0), (0.6, 0.5)], patience=0, every=10)
-    stopper.planned_steps = 15
-    for step in range(1, 16):
-        stopper.after_step(step, 15)
-    assert [c.step for c in stopper.checks] == [10, 15]
