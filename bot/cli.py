@@ -427,18 +427,26 @@ def cmd_demo(args) -> int:
 # -------------------------------------------------------------------- parser
 # figures: metrics.json of each adapter and reports/bench.md (2-core x86_64 CPU, bf16 autocast)
 TRAIN_EPILOG = """\
-time on the 2-core reference machine, frozen-layer cache on (topic and
-sentiment: LoRA on layers 24-29): sentiment (1.5 epochs) 16.5 min and topic
-(3 epochs) 19.5 min, each measured alone; chat 6.5 min. the cache is built once
-per distinct training prompt (topic 5 min, sentiment 6 min idle); then a topic epoch costs
-0.47x of the uncached wall time (cache_speedup 2.13x, 2.28x CPU time) and a
-sentiment epoch 0.47x (2.11x): the fewer layers carry LoRA, the more the cache
-saves.
+classify training stops when the validation score stops improving
+(train.patience checks in a row, 3 checks per epoch; the best checkpoint is
+kept) or when --budget is spent (train.budget_minutes, default 20 min on 2
+cores, cache pass included); the learning-rate schedule is fitted to the
+budget. train.epochs is the most passes; null (bot add's default) plans
+2 + labels/10 passes, at least ~3,000 examples, at most 10. texts longer than
+train.max_length are read whole as up to train.max_windows windows.
+what the default adapters take on the 2-core reference machine (each
+metrics.json holds its command): sentiment (LoRA on layers 18-29, 1 epoch)
+29.8 min with --budget 35 on a shared machine (cache 7 min, 937 MB); topic
+(layers 24-29, 3 epochs, articles cut to 256 tokens) 19.5 min alone; chat
+6.5 min. the frozen-layer cache is built once per distinct training prompt;
+then a topic epoch costs 0.47x of the uncached wall time (cache_speedup
+2.13x) and a sentiment epoch 0.71x (1.41x, measured for layers 18-29): the
+fewer layers carry LoRA, the more the cache saves.
 the cache holds 4 bytes x hidden size x distinct training tokens: topic 887 MB,
-sentiment 927 MB. up to $BOT_TRAIN_CACHE_MB (default 1024) it stays in memory,
+sentiment 937 MB. up to $BOT_TRAIN_CACHE_MB (default 1024) it stays in memory,
 above that it is a temporary file under $BOT_CACHE/train-states (deleted after).
 training threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) and use the
-cores other jobs leave free (BOT_TRAIN_THREADS overrides).
+cores other jobs leave free at the start (BOT_TRAIN_THREADS overrides).
 """
 
 
