@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +13,17 @@ from bot.engine.threads import _pause_fn, off_engine, release_pool
 
 
 def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+    """The process's thread count once it has stopped changing (workers of an earlier test's
+    finished thread may still be exiting; counting them mid-exit hid a new worker once)."""
+    last, same = len(os.listdir("/proc/self/task")), 0
+    for _ in range(60):
+        time.sleep(0.05)
+        now = len(os.listdir("/proc/self/task"))
+        same = same + 1 if now == last else 0
+        last = now
+        if same >= 3:
+            break
+    return last
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or _pause_fn() is None,
