@@ -633,9 +633,11 @@ def classify_now(backbone, classifiers: dict, texts: list[str], adapters: list[s
         states = backbone.pooled([p for _, p in part], names, max_length)
         for j, (name, s) in enumerate(zip(names, states)):
             log_probs[start + j] = classifiers[name].log_probs_from_states(s[None])[0]
+    per_text: list[list] = [[] for _ in texts]  # rows are in text order: one pass groups them
+    for (owner, _), lp in zip(rows, log_probs):
+        per_text[owner].append(lp)
     out = []
-    for i, name in enumerate(adapters):
-        mine = [lp for (owner, _), lp in zip(rows, log_probs) if owner == i]
+    for name, mine in zip(adapters, per_text):
         pooled = pool_windows(torch.stack(mine), [0] * len(mine))[0].exp()
         out.append(dict(zip(classifiers[name].labels, pooled.tolist())))
     return out
