@@ -25,9 +25,10 @@ demo: install
 test: install browser-deps
 	$(PY) -m pytest -q
 
-# Unit tests only (tiny random model, seconds).
+# Unit tests on the tiny random model, one worker per core (under a minute on 2 cores);
+# the slow-marked ones (extra processes, servers, several trainings) run in `make test`.
 test-fast: install
-	$(PY) -m pytest -q -m "not integration and not browser"
+	$(PY) -m pytest -q -n auto --dist loadscope -m "not integration and not browser and not slow"
 
 browser-deps:
 	@sh scripts/ensure-chromium.sh

@@ -11,14 +11,19 @@ Public API::
 
 from bot.errors import AdapterError, BotError, DataError, FingerprintMismatch, SpecError
 from bot.manifests.spec import AdapterSpec
-from bot.model.backbone import Backbone
 
 __all__ = ["Backbone", "AdapterSpec", "BotError", "AdapterError", "DataError",
            "FingerprintMismatch", "SpecError", "ChatSession", "Router", "RouteChoice", "Turn"]
 
 
 def __getattr__(name):
-    # lazy: the router pulls in sentence-transformers, the session pulls in the router
+    # lazy: the backbone pulls in torch and transformers, the router sentence-transformers and
+    # the session the router; importing any bot module (bot.manifests for `bot list`, a
+    # subprocess that only swaps folders) should not pay for them
+    if name == "Backbone":
+        from bot.model import backbone  # lazy: see above
+
+        return backbone.Backbone
     if name in ("Router", "RouteChoice"):
         from bot import routing  # lazy: see above
 

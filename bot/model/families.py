@@ -12,10 +12,12 @@ the default list.
 from __future__ import annotations
 
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from bot.errors import AdapterError, BackboneError
+
+if TYPE_CHECKING:  # annotations only: reading a manifest (bot.manifests.spec) needs no torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,9 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
     bitsandbytes' 8/4-bit layers subclass nn.Linear; a layer peft already wrapped shows up
     as ``<name>.base_layer`` and counts under ``<name>``.
     """
-    from transformers.pytorch_utils import Conv1D  # lazy: transformers is heavy
+    # lazy: torch and transformers are heavy, and bot.manifests reads manifests without them
+    import torch
+    from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
@@ -120,7 +124,9 @@ def model_from_weights(backbone, state: dict[str, torch.Tensor]) -> torch.nn.Mod
     assigned without a copy. Buffers left out of state dicts (rotary tables) are taken
     from the backbone, which has the same module paths outside its LoRA layers.
     """
-    from transformers import AutoModelForCausalLM  # lazy: transformers is heavy
+    # lazy: torch and transformers are heavy, and bot.manifests reads manifests without them
+    import torch
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(backbone.base.config, dtype=torch.float32)

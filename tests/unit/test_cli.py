@@ -46,6 +46,7 @@ def test_each_subcommand_help_runs_and_names_its_flags(name, capsys):
             assert flag in out
 
 
+@pytest.mark.slow
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "bot.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout

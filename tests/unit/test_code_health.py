@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ ROOT = Path(bot.__file__).resolve().parent.parent
 LIBRARY = sorted([*(ROOT / "bot").rglob("*.py"), *(ROOT / "demo").rglob("*.py")])
 
 
+@functools.cache  # several rules walk the same modules
 def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"))
 

@@ -37,6 +37,7 @@ def add(root, bb, route, tmp_path, **kw):
                          eval_examples=None, **kw)
 
 
+@pytest.mark.slow
 def test_add_train_reports_every_route_and_proves_the_others_untouched(world, tmp_path):
     root, bb = world
     digests = {n: changes.weight_digest(root / n) for n in ("pets", "food")}
@@ -72,6 +73,7 @@ def test_add_train_reports_every_route_and_proves_the_others_untouched(world, tm
     assert done["absent"] and not (root / "weather").exists() and tree(root) == before
 
 
+@pytest.mark.slow
 def test_strict_refuses_a_route_that_takes_turns_away_and_changes_nothing(world, tmp_path):
     root, bb = world
     before = tree(root)
@@ -90,6 +92,7 @@ def test_strict_refuses_a_route_that_takes_turns_away_and_changes_nothing(world,
     assert report["applied"] and report["warnings"] and (root / "animals").is_dir()
 
 
+@pytest.mark.slow
 def test_rm_reports_and_moves_to_the_trash(world, tmp_path):
     root, bb = world
     add(root, bb, "weather", tmp_path)
@@ -103,6 +106,7 @@ def test_rm_reports_and_moves_to_the_trash(world, tmp_path):
     assert tree(root) == before
 
 
+@pytest.mark.slow
 def test_retraining_keeps_the_previous_version_and_reports_the_router_unchanged(world):
     root, bb = world
     spec = AdapterSpec.from_dir(root / "pets")
@@ -126,6 +130,7 @@ def test_own_score_drop_compares_equal_sized_views_only():
     assert "+5.0%" in own_score_drop({"heldout": {"ppl_adapter": 20.0}}, {"heldout": {"ppl_adapter": 21.0}})
 
 
+@pytest.mark.slow
 def test_cli_add_train_prints_one_report(world, tmp_path, monkeypatch, capsys):
     from bot.cli import main
 
@@ -148,6 +153,7 @@ def test_cli_add_train_prints_one_report(world, tmp_path, monkeypatch, capsys):
     assert "weather" in [s.name for s in discover(root)]
 
 
+@pytest.mark.slow
 def test_a_server_routes_over_a_loaded_adapter_with_the_report(world, tmp_path):
     """What /v1/load_lora_adapter calls once the adapter is loaded (bot.serve.api wires it)."""
     from types import SimpleNamespace
@@ -174,6 +180,7 @@ def test_a_server_routes_over_a_loaded_adapter_with_the_report(world, tmp_path):
     assert len(list(root.glob(".changes/*-load-*.md"))) == 2
 
 
+@pytest.mark.slow
 def test_cli_train_again_prints_the_report_and_strict_rolls_a_worse_version_back(world, monkeypatch, capsys):
     from bot.cli import main
 

@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from helpers import AUTH, connect, make_state, read_all, request_head
 
 from bot.serve.limits import Limits
@@ -144,6 +145,7 @@ def big_classify(url, result):
     result["classify_n"] = len(r.json().get("data", [])) if r.status_code == 200 else 0
 
 
+@pytest.mark.slow
 def test_hostile_mix_keeps_health_fast_and_streams_flowing(tmp_path, record_property):
     state = make_state(tmp_path, limits=LIMITS, max_queue=64, max_batch=8)
     with BackgroundServer(state) as srv:

@@ -54,6 +54,7 @@ def check(served, op, mode, seen: dict) -> None:
     run()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_generated_request_gets_a_500(served, mode):
     """Schemathesis' requests from the served document: valid ones, then ones that break it."""

@@ -123,6 +123,7 @@ def test_2_characters_are_checked_before_tokenizing(server, monkeypatch):
     assert ok.status_code == 200 and calls == [1]
 
 
+@pytest.mark.slow
 def test_2_tokenizing_runs_off_the_event_loop(server, monkeypatch):
     real = server.state.prompt_ids
 
@@ -295,6 +296,7 @@ def test_9_a_missing_max_tokens_is_the_rest_of_the_context(server):
 
 
 # ------------------------------------------------------------------ item 10
+@pytest.mark.slow
 def test_10_half_sent_headers_are_closed_after_the_header_timeout(server):
     sock = connect(server)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
@@ -306,6 +308,7 @@ def test_10_half_sent_headers_are_closed_after_the_header_timeout(server):
     assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
 
 
+@pytest.mark.slow
 def test_10_a_silent_connection_is_closed_too(server):
     sock = connect(server)
     t0 = time.monotonic()
@@ -314,6 +317,7 @@ def test_10_a_silent_connection_is_closed_too(server):
     assert time.monotonic() - t0 < 3
 
 
+@pytest.mark.slow
 def test_10_half_sent_bodies_get_408_after_the_body_timeout(server):
     socks = [connect(server) for _ in range(5)]
     for s in socks:
@@ -328,6 +332,7 @@ def test_10_half_sent_bodies_get_408_after_the_body_timeout(server):
         assert b"--body-timeout" in reply and b"connection: close" in reply.lower()
 
 
+@pytest.mark.slow
 def test_10_an_idle_keep_alive_connection_is_closed(server):
     sock = connect(server)
     sock.sendall(f"GET /health HTTP/1.1\r\nHost: {server.url[7:]}\r\n\r\n".encode())

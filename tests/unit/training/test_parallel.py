@@ -47,6 +47,7 @@ def max_diff(a: Path, b: Path, name: str) -> float:
     return max(float((x[k] - y[k]).abs().max()) for k in x)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("BOT_COMPUTE", "fp32")
     backbone = tmp_path / "backbone"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bot.cli import main
 from bot.manifests.spec import AdapterSpec
 from bot.training.train import training_rows
@@ -24,6 +26,7 @@ def test_rare_labels_refused_by_default_and_kept_with_min_per_label(tmp_path, ca
     assert sum(s for s in splits.sizes().values()) == 62
 
 
+@pytest.mark.slow
 def test_bot_train_runs_with_passive_openmp_waiting(tmp_path):
     """A real `python -m bot.cli train` re-executes itself once with OMP_WAIT_POLICY=PASSIVE."""
     import os
