@@ -87,7 +87,7 @@ class ChatSession:
         self.previous: str | None = None
         self.failures: dict[str, str] = {}
         self._scheduler = scheduler
-        # bot.llamacpp.LlamaCppGenerator for generated replies (`bot chat --engine llamacpp`)
+        # bot.engine.llamacpp.LlamaCppGenerator for generated replies (`bot chat --engine llamacpp`)
         self.llama = llama
         self._llama_usable: dict[str, bool] = {}  # adapter -> GGUF LoRA written (checked once)
 
@@ -267,7 +267,7 @@ def run_terminal_chat(*, adapters_dir: str | Path | None = None, backbone: str |
 
     Args:
         engine: "torch" or "llamacpp" for generated replies (None: $BOT_ENGINE, else torch);
-            see bot.llamacpp.chat_engine.
+            see bot.engine.llamacpp.chat_engine.
         adapters_dir: folder holding the adapter folders (None: the default).
         backbone: backbone name, folder, .gguf file or hub id (None: the embedded default).
         device: auto|cpu|cuda|mps (None: $BOT_DEVICE or auto).

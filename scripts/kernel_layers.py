@@ -1,4 +1,4 @@
-"""Time one linear layer at batch 1 under each kernel (the figures in bot/kernels.py's docstring).
+"""Time one linear layer at batch 1 under each kernel (the figures in bot/engine/precision.py's docstring).
 
     python scripts/kernel_layers.py
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python scripts/kernel_layers.py
@@ -16,7 +16,8 @@ import time
 import warnings
 
 import torch
-from bot.kernels import Float16WeightLinear, Int8WeightLinear
+
+from bot.engine.precision import Float16WeightLinear, Int8WeightLinear
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
 

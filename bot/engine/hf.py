@@ -98,7 +98,7 @@ class LoraEngine:
 
     Args:
         backbone: a loaded Backbone (its adapters are read from its peft model).
-        precision: a kernel of bot.kernels.KINDS: "fp32" shares the backbone's weights
+        precision: a kernel of bot.engine.precision.KINDS: "fp32" shares the backbone's weights
             (no copy; exact); the others convert a copy once.
     """
 

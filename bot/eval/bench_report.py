@@ -99,9 +99,6 @@ def _isa_section(rec: dict) -> list[str]:
         chosen = " ← chosen" if r["path"] == f"fast_{k['kind']}" else ""
         agree = "" if r["agree"] is None else f"{r['agree']:.0%}"
         lines.append(f"| {r['label']}{chosen} | {r['engine']} | {r['tokens_per_s']:.1f} | {r['vs_fp32']:.2f} | {agree} |")
-    if rec.get("fast_vs_generate"):
-        lines += ["", f"Fast path ({k['kind']}) = {rec['fast_vs_generate']:.2f}x the same engine through "
-                  "transformers generate() (bot.decode's lean loop, same run)."]
     if rec["fast_vs_llamacpp"] is not None:
         lines += ["", f"Fast path ({k['kind']}) = {rec['fast_vs_llamacpp']:.2f}x llama.cpp; "
                   f"bot's llama.cpp engine with the adapter = {rec['llamacpp_engine_vs_llamacpp']:.2f}x "

@@ -1,4 +1,4 @@
-"""bot.llamacpp: our LoRA adapters as GGUF LoRA files, and llama.cpp computing what PyTorch computes.
+"""bot.engine.llamacpp: our LoRA adapters as GGUF LoRA files, and llama.cpp computing what PyTorch computes.
 
 The file-format test always runs (it needs only the ``gguf`` package). The engine tests need
 llama-cpp-python (``pip install -e '.[llamacpp]'``, or ``BOT_LLAMACPP_PATH`` naming a
