@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from bot.engine import Scheduler
+from bot.engine.profile import render_profile, step_profile
 from bot.engine.runner import make_runner
 from bot.errors import ConfigError, DataError, NoUsage
 from bot.eval import llama_server as ls
@@ -116,6 +117,22 @@ def measure_quality(bb, task, n_rows: int = 60) -> dict:
         del runner
     out["precision"] = names[-1]
     out["ppl_ratio"] = round(out[f"ppl_{names[-1]}"] / out["ppl_fp32"], 4)
+    return out
+
+
+PROFILE_ROWS = (1, 16)  # one stream, and a full batch of the bench's 16 clients
+
+
+def measure_profile(bb, adapter: str | None) -> list[dict]:
+    """Where one decode step's time goes at 1 and 16 rows, in the kernels `bot serve` picks."""
+    runner = make_runner(bb, "auto", max(PROFILE_ROWS), 2048)
+    if runner.name != "lean":
+        return []
+    if adapter:
+        runner.add_adapter(adapter)
+    out = [step_profile(runner, rows, adapter=adapter) for rows in PROFILE_ROWS]
+    del runner
+    gc.collect()
     return out
 
 
@@ -225,7 +242,8 @@ class CpuMeter:
             return None
         busy, mine, server, t = (e - s for e, s in zip(end, self.start))
         ticks = t * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        return round(max(0.0, busy - mine - server) / ticks, 3) if ticks > 0 else None
+        # /proc/stat counts whole ticks (10 ms), so a short busy interval can read above 1
+        return round(min(1.0, max(0.0, busy - mine - server) / ticks), 3) if ticks > 0 else None
 
 
 def run_level(base_url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int,
@@ -327,6 +345,7 @@ def _measure_engine(adapters_dir, backbone):
     bb = Backbone.load(backbone)
     tasks, _ = load_all(bb, adapters_dir)
     quality = measure_quality(bb, tasks["chat"]) if "chat" in tasks else None
+    features["step_profile"] = measure_profile(bb, "chat" if "chat" in tasks else None)
     return features, memory, quality, bb, tasks
 
 
@@ -721,6 +740,11 @@ def render_serve(result: dict) -> str:
                   f"adapter, {m[keys[1]]} MB with 4; {m['per_adapter_mb']} MB per extra adapter "
                   f"(its LoRA tensors: {m['lora_mb']} MB); the larger of the two is "
                   f"{m['adapter_memory_share']:.2%} of the {m['backbone_mb']} MB backbone.", ""]
+        if f.get("step_profile"):
+            lines += ["Where one engine step's time goes (`bot.engine.profile`: torch.profiler "
+                      "self CPU time per step, decode rows at 150 tokens of context, every other "
+                      "row on `chat`; 'other' is the glue between kernels: norms, casts, rotary, "
+                      "slicing):", "", *render_profile(f["step_profile"]), ""]
         q = rec.get("quality")
         if q:
             reduced = q[f"ppl_{q['precision']}"]

@@ -200,6 +200,25 @@ def test_report_without_against_keeps_the_serve_only_tables():
     assert "llama-server" not in md and "| speedup_8 |" in md and "Memory (fp32 engine)" in md
 
 
+
+def test_report_shows_where_each_isa_step_time_goes():
+    rec = _record("native", {1: 0.2, 8: 0.4}, 0.3)
+    rec["features"]["step_profile"] = [
+        {"rows": r, "kernel": "w8h", "step_ms": 15.0 * r, "profiled_ms": 14.0 * r, "context": 150,
+         "adapter": "chat", "ms": {"body": 7.0 * r, "head": 1.5 * r, "lora": 1.0 * r,
+                                   "attention": 1.0 * r, "other": 3.5 * r},
+         "ops_per_step": {"body": 120, "head": 1, "lora": 96, "attention": 60, "other": 1400}}
+        for r in (1, 16)]
+    result = load_bench.make_result([rec], command_line="bot bench --serve", machine="m", code="c",
+                                    against=None)
+    md = load_bench.render_serve(result)
+    assert "Where one engine step's time goes" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| 1 | w8h", "| 16 | w8h"))]
+    assert len(rows) == 2 and "7.0 (50%)" in rows[0] and "1400 / 1677" in rows[1]
+    # a record without a profile (transformers runner, or an older serve.json) has no section
+    rec["features"].pop("step_profile")
+    assert "Where one engine step" not in load_bench.render_serve(result)
+
 # ------------------------------------------------------------------ llama-server helpers
 def test_lora_field_names_every_adapter_so_none_takes_a_server_default():
     names = ["chat", "chat2"]
