@@ -102,7 +102,7 @@ def step_profile(runner, rows: int, *, context: int = 150, adapter: str | None =
 def render_profile(profiles: list[dict]) -> list[str]:
     """Markdown lines: one row per profiled batch size."""
     lines = ["| decode rows | kernel | step ms (wall) | profiled ms | "
-             + " | ".join(f"{b} ms" for b in BUCKETS) + " | ops per step (other / all) |",
+             + " | ".join(f"{b} ms" for b in BUCKETS) + " | dispatcher calls per step (other / all; nested calls counted) |",
              "|---|---|---|---|" + "---|" * len(BUCKETS) + "---|"]
     for p in profiles:
         cells = [f"{p['ms'][b]} ({p['ms'][b] / p['profiled_ms']:.0%})" if p["profiled_ms"] else "0"
