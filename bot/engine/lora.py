@@ -212,6 +212,10 @@ class BankSet:
     def nbytes(self) -> int:
         return sum(b.nbytes() for row in self.banks for b in row if b is not None)
 
+    def widest_stack(self) -> int:
+        """The most LoRA columns any layer group stacks (0 without adapters)."""
+        return max((b.b.shape[0] for row in self.banks for b in row if b is not None), default=0)
+
     def plan(self, token_adapters: list[str | None]) -> LoraPlan | None:
         """What one step adds: None when no token uses a served adapter."""
         used = {a for a in token_adapters

@@ -73,7 +73,7 @@ def step_profile(runner, rows: int, *, context: int = 150, adapter: str | None =
     """
     segs = [Segment(i, context, [42 + i], adapter if i % 2 == 0 else None) for i in range(rows)]
     vocab = runner.lean.vocab
-    rank = max((b.a_t.shape[1] for row in runner.banks.banks for b in row if b is not None), default=0)
+    rank = runner.banks.widest_stack()
     with torch.inference_mode():
         for _ in range(2):
             runner.step(segs)
@@ -102,7 +102,8 @@ def step_profile(runner, rows: int, *, context: int = 150, adapter: str | None =
 def render_profile(profiles: list[dict]) -> list[str]:
     """Markdown lines: one row per profiled batch size."""
     lines = ["| decode rows | kernel | step ms (wall) | profiled ms | "
-             + " | ".join(f"{b} ms" for b in BUCKETS) + " | dispatcher calls per step (other / all; nested calls counted) |",
+             + " | ".join(f"{b} ms" for b in BUCKETS)
+             + " | dispatcher calls per step (other / all; nested calls counted) |",
              "|---|---|---|---|" + "---|" * len(BUCKETS) + "---|"]
     for p in profiles:
         cells = [f"{p['ms'][b]} ({p['ms'][b] / p['profiled_ms']:.0%})" if p["profiled_ms"] else "0"

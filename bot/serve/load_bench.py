@@ -100,40 +100,35 @@ def measure_memory(backbone, adapters_dir, extra: int = 3) -> dict:
             "precision": sched.precision}
 
 
-def measure_quality(bb, task, n_rows: int = 60) -> dict:
-    """Held-out reply perplexity through the serving engine: this CPU's precision vs fp32."""
+def measure_quality(bb, task, auto, n_rows: int = 60) -> dict:
+    """Held-out reply perplexity through the serving engine: this CPU's precision vs fp32.
+
+    ``auto``: a runner in the kernels `bot serve` picks here (``task`` added to it).
+    """
     rows = spec_splits(task.spec).test[:n_rows]
     out = {"n": len(rows)}
-    names = []
-    for precision in ("fp32", "auto"):  # auto: the kernels bot serve picks for this CPU
-        runner = make_runner(bb, precision, 8, 2048)
-        runner.add_adapter(task.name)
-        if runner.precision in names:
-            break
-        names.append(runner.precision)
+    runners = [auto]
+    if auto.precision != "fp32":
+        fp32 = make_runner(bb, "fp32", 8, 2048)
+        fp32.add_adapter(task.name)
+        runners.insert(0, fp32)
+    for runner in runners:
         out[f"ppl_{runner.precision}"] = round(task.perplexity(
             rows, batch_size=8, logits=lambda enc, r=runner: r.sequence_logits(
                 enc, [task.name] * len(enc["input_ids"]))), 3)
-        del runner
-    out["precision"] = names[-1]
-    out["ppl_ratio"] = round(out[f"ppl_{names[-1]}"] / out["ppl_fp32"], 4)
+    out["precision"] = auto.precision
+    out["ppl_ratio"] = round(out[f"ppl_{auto.precision}"] / out["ppl_fp32"], 4)
     return out
 
 
 PROFILE_ROWS = (1, 16)  # one stream, and a full batch of the bench's 16 clients
 
 
-def measure_profile(bb, adapter: str | None) -> list[dict]:
-    """Where one decode step's time goes at 1 and 16 rows, in the kernels `bot serve` picks."""
-    runner = make_runner(bb, "auto", max(PROFILE_ROWS), 2048)
+def measure_profile(runner, adapter: str | None) -> list[dict]:
+    """Where one decode step's time goes at 1 and 16 rows (``runner``: `bot serve`'s kernels)."""
     if runner.name != "lean":
         return []
-    if adapter:
-        runner.add_adapter(adapter)
-    out = [step_profile(runner, rows, adapter=adapter) for rows in PROFILE_ROWS]
-    del runner
-    gc.collect()
-    return out
+    return [step_profile(runner, rows, adapter=adapter) for rows in PROFILE_ROWS]
 
 
 # ------------------------------------------------------------------- load
@@ -344,8 +339,15 @@ def _measure_engine(adapters_dir, backbone):
     gc.collect()
     bb = Backbone.load(backbone)
     tasks, _ = load_all(bb, adapters_dir)
-    quality = measure_quality(bb, tasks["chat"]) if "chat" in tasks else None
-    features["step_profile"] = measure_profile(bb, "chat" if "chat" in tasks else None)
+    chat = "chat" if "chat" in tasks else None
+    # one runner in the kernels bot serve picks, for the perplexity check and the profile
+    runner = make_runner(bb, "auto", max(PROFILE_ROWS), 2048)
+    if chat:
+        runner.add_adapter(chat)
+    quality = measure_quality(bb, tasks[chat], runner) if chat else None
+    features["step_profile"] = measure_profile(runner, chat)
+    del runner
+    gc.collect()
     return features, memory, quality, bb, tasks
 
 
