@@ -39,6 +39,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "classification passes (auto: bf16 where the CPU has it natively)"),
     Setting("BOT_KERNEL", None, "force the engine's matmul kernel(s), e.g. w8 or w8,bf16 "
             "(default: measured once per CPU, bot.engine.tuning)"),
+    Setting("BOT_NATIVE", "auto", "auto|off: the compiled decode step (bot.engine.native; "
+            "built once with the system's C++ compiler, else the Python step runs)"),
     Setting("BOT_ENGINE", "torch", "torch|llamacpp: the terminal chat's decoder when --engine "
             "is not given"),
     Setting("BOT_LLAMACPP_PATH", None, "a site-packages folder holding llama-cpp-python, for "

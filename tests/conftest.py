@@ -28,6 +28,18 @@ def _one_torch_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _native_loop_loaded():
+    """Build or load the compiled decode loop once per worker, in the real ``$BOT_CACHE``.
+
+    Tests that point BOT_CACHE at a temporary folder would otherwise rebuild it there
+    (about 30 s); loaded once, the process keeps it (bot.engine.native).
+    """
+    from bot.engine import native  # lazy: see the module docstring
+
+    native.module()
+
+
 @pytest.fixture
 def tiny_backbone():
     # lazy: helpers imports transformers (see the module docstring)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bot.engine import native
 from bot.engine.precision import activation_dtype, head_kind, linear_for
 from bot.engine.slotcache import grow
 
@@ -172,6 +173,11 @@ class LeanModel:
                         ly.post_attention_layernorm.variance_epsilon)) for ly in inner.layers]
         self.final_norm = (inner.norm.weight.detach().float(), inner.norm.variance_epsilon)
         self.n_layers = len(inner.layers)
+        self.native_norms = [w for pair in self.norms for w, _ in pair]
+        self.native_eps = [float(eps) for pair in self.norms for _, eps in pair]
+        # the compiled loop (bot.engine.native) covers SiLU MLPs on the CPU
+        self.native_ok = (getattr(cfg, "hidden_act", "") in ("silu", "swish")
+                          and self.embed.device.type == "cpu" and self.head_dim % 2 == 0)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         dev = self.embed.device
         with torch.inference_mode():
@@ -205,14 +211,53 @@ class LeanModel:
         slot = torch.tensor([s.slot for s in order for _ in s.ids], device=dev)
         n = ids.shape[0]
         cache.ensure(max(pos_list) + 1)
+        x = F.embedding(ids, self.embed).float()
+        lora = banks.plan([s.adapter for s in order for _ in s.ids]) if banks else None
+        dtype = weights.dtype
+        compiled = None if chunks or every else self._native(weights)
+        if compiled is not None:  # decoding rows only: every layer in one compiled call
+            x = self._native_layers(compiled, x, slot, pos, weights, cache, lora)
+        else:
+            x = self._layers(x, slot, pos, singles, chunks, weights, cache, lora)
+        if every:
+            return weights.head(_cast(_rms(x, self.final_norm), dtype)).float()
+        wanted, end = [], 0
+        for s in order:
+            end += len(s.ids)
+            if s.want:
+                wanted.append(end - 1)
+        if not wanted:
+            return torch.empty(0, self.vocab)
+        last = x[torch.tensor(wanted, device=dev)] if len(wanted) != n else x
+        logits = weights.head(_cast(_rms(last, self.final_norm), dtype)).float()
+        # rows back in the caller's segment order
+        back = {id(s): i for i, s in enumerate(s for s in order if s.want)}
+        index = [back[id(s)] for s in segments if s.want]
+        if index != list(range(len(index))):
+            logits = logits[torch.tensor(index, device=logits.device)]
+        return logits
+
+    def _native(self, weights: Weights):
+        """The compiled layer loop for ``weights``, or None where the Python loop must run."""
+        if not self.native_ok or native.weight_args(weights) is None:
+            return None
+        return native.module()
+
+    def _native_layers(self, compiled, x, slot, pos, weights: Weights, cache: KVCache, lora):
+        tensors, scales = native.lora_args(lora, self.n_layers)
+        return compiled.decode_layers(
+            x, native.weight_args(weights), self.native_norms, self.native_eps, self.cos[pos],
+            self.sin[pos], cache.k, cache.v, slot, pos, tensors, scales, self.heads,
+            self.kv_heads, self.head_dim, self.inter, self.scaling, weights.dtype == torch.bfloat16)
+
+    def _layers(self, x, slot, pos, singles, chunks, weights: Weights, cache: KVCache, lora):
+        """Every decoder layer in Python (any mix of decoding rows and prompt chunks)."""
+        n, dev, dtype = x.shape[0], x.device, weights.dtype
         # each token's key/value rows in a layer's cache seen as (rows * kv_heads * capacity, head_dim)
         rows = ((slot[:, None] * self.kv_heads + torch.arange(self.kv_heads, device=dev)[None])
                 * cache.capacity + pos[:, None]).reshape(-1)
-        x = F.embedding(ids, self.embed).float()
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (N, 1, head_dim)
-        lora = banks.plan([s.adapter for s in order for _ in s.ids]) if banks else None
         single = self._single_plan(singles, dev)
-        dtype = weights.dtype
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
         for li, (qkv_w, o_w, gu_w, down_w) in enumerate(weights.layers):
             n1, n2 = self.norms[li]
@@ -239,24 +284,7 @@ class LeanModel:
             x = x + down_w(_cast(a, dtype))
             if lora is not None and lora.touches(li, 3):
                 lora.add(li, 3, a.float(), x)
-        if every:
-            return weights.head(_cast(_rms(x, self.final_norm), dtype)).float()
-        wanted, end = [], 0
-        for s in order:
-            end += len(s.ids)
-            if s.want:
-                wanted.append(end - 1)
-        if not wanted:
-            return torch.empty(0, self.vocab)
-        last = x[torch.tensor(wanted, device=dev)] if len(wanted) != n else x
-        logits = weights.head(_cast(_rms(last, self.final_norm), dtype)).float()
-        # rows back in the caller's segment order
-        back = {id(s): i for i, s in enumerate(s for s in order if s.want)}
-        index = [back[id(s)] for s in segments if s.want]
-        if index != list(range(len(index))):
-            logits = logits[torch.tensor(index, device=logits.device)]
-        return logits
-
+        return x
     def _single_plan(self, singles: list[Segment], dev):
         """Rows, key width and additive mask of the step's single-query tokens."""
         if not singles:

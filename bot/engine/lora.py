@@ -264,6 +264,17 @@ class LoraPlan:
             return self.only in bank.cols
         return any(name in bank.cols for key in self.rows for name in adapter_names(key))
 
+    def native_part(self, layer: int, group: int):
+        """What :meth:`add` applies, as (A_t, B, row mask or None, scale); None: nothing."""
+        bank = self.banks.banks[layer][group]
+        if bank is None:
+            return None
+        if self.only is not None:
+            view = bank.views.get(self.only)
+            return None if view is None else (*view[:2], None, view[2])
+        mask = self._mask(bank)
+        return None if mask is None else (bank.a_t, bank.b, mask, 1.0)
+
     def add(self, layer: int, group: int, h: torch.Tensor, y: torch.Tensor) -> None:
         """``y += LoRA(h)`` in place for every token of the step (group of ``layer``).
 

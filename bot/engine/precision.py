@@ -209,21 +209,23 @@ def linear_for(weight: torch.Tensor, bias: torch.Tensor | None, kind: str):
     if body == "w4" and inp % 32 == 0 and out % 8 == 0:
         return Int4WeightLinear(weight, bias).forward
     act = torch.bfloat16 if body == "w4" else activation_dtype(body)
-    return _int8_call(Int8WeightLinear(weight, bias, act))
+    return Int8Call(Int8WeightLinear(weight, bias, act))
 
 
-def _int8_call(layer: Int8WeightLinear):
-    """``layer`` as a bare call for the lean step's (tokens, in) inputs: one kernel call, no
-    reshapes (a decode step makes 120 of these calls; each skipped op is ~1-3 us)."""
-    qweight, scale, bias, act = layer.qweight, layer.scale, layer.bias, layer.act_dtype
-    mm = torch._weight_int8pack_mm
+class Int8Call:
+    """``Int8WeightLinear`` as a bare call for the lean step's (tokens, in) inputs: one kernel
+    call, no reshapes (a decode step makes 120 of these calls; each skipped op is ~1-3 us).
+    Its tensors are attributes, for bot.engine.native."""
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, layer: Int8WeightLinear):
+        self.layer = layer
+        self.qweight, self.scale, self.bias, self.act = layer.qweight, layer.scale, layer.bias, layer.act_dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
-            return layer.forward(x)
-        y = mm(x if x.dtype == act else x.to(act), qweight, scale)
-        return y if bias is None else y + bias
-    return run
+            return self.layer.forward(x)
+        y = torch._weight_int8pack_mm(x if x.dtype == self.act else x.to(self.act), self.qweight, self.scale)
+        return y if self.bias is None else y + self.bias
 
 
 def convert(model: nn.Module, kind: str) -> nn.Module:

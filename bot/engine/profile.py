@@ -12,7 +12,8 @@ of history, every other one on a generation adapter when one is loaded) is stepp
 * ``lora``: the stacked LoRA products (a matmul over the adapters' stacked rank columns)
   and the add of their result;
 * ``attention``: the scores and weighted sums (batched matmuls, fused attention,
-  softmax) and the cache writes;
+  softmax; in the compiled decode loop its attention and its rotary-and-cache-write
+  loops) and the cache writes;
 * ``other``: everything else, with the number of op calls per step (norms, casts,
   rotary, slicing: the Python-driven glue between the kernels).
 
@@ -30,7 +31,9 @@ from torch.profiler import ProfilerActivity, profile
 from bot.engine.lean import Segment
 
 BUCKETS = ("body", "head", "lora", "attention", "other")
-_ATTENTION = ("bmm", "scaled_dot_product", "softmax", "index_copy")
+# bot::* ops: the compiled decode loop's (bot/engine/native.cpp); its score exp is aten::exp_
+_ATTENTION = ("bmm", "scaled_dot_product", "softmax", "index_copy", "bot::attention",
+              "bot::rotary_cache_write", "aten::exp_")
 _BODY_KERNELS = ("_weight_int8pack_mm", "_weight_int4pack_mm")
 _MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::linear", "aten::matmul")
 

@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from bot.engine import native
 from bot.engine.hf import LoraEngine
 from bot.engine.lean import LeanModel, Segment, Weights, supports, why_not
 from bot.engine.lora import BankSet
@@ -57,6 +58,8 @@ class LeanRunner:
         self.weights = {k: Weights(model, k) for k in dict.fromkeys((self.small, self.large))}
         del model  # the weights hold what they need (fp32 ones share the backbone's tensors)
         self.cache = self.lean.new_cache(max_rows, max_len)
+        if self.lean.native_ok:
+            native.module()  # built (once per machine) or loaded now, not in the first reply
         lm = self.lean
         hidden = lm.embed.shape[1]
         sizes = [(lm.q_size + 2 * lm.kv_size, hidden, [0, lm.q_size, lm.q_size + lm.kv_size]),

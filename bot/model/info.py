@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from bot.engine import native
 from bot.engine.lean import SUPPORTED, why_not
 from bot.engine.llamacpp import import_llama_cpp, source_gguf
 from bot.engine.precision import DESCRIPTIONS
@@ -95,7 +96,7 @@ def decode_line(bb) -> str:
     reason = why_not(bb.base)
     if not reason:
         return ("lean batched step (bot.engine.lean: fused matmuls, per-row KV cache, stacked "
-                "LoRA per token, chunked prefill)")
+                f"LoRA per token, chunked prefill); compiled decode loop: {native.status()}")
     return f"transformers forward (no lean step for {reason}; the lean step covers {', '.join(SUPPORTED)})"
 
 

@@ -57,6 +57,8 @@ def test_a_base_only_batch_spends_nothing_on_lora(runner):
     ("quantized::linear_dynamic_fp16", [[16, 576], []], "head"),
     ("aten::mm", [[16, 576], [576, 49152]], "head"),
     ("aten::rms_norm", [[16, 576], [], [576], []], "other"),
+    ("bot::attention", [], "attention"),
+    ("bot::rms_norm", [], "other"),
 ])
 def test_each_op_goes_to_its_bucket(name, shapes, expected):
     assert bucket(name, shapes, vocab=49152, rank=24) == expected

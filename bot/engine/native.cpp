@@ -1,0 +1,216 @@
+// The lean decode step's layer loop in C++ (bot/engine/native.py builds and loads it).
+//
+// One call runs every decoder layer for a batch of decoding rows (one new token each).
+// The weight matmuls and the LoRA products go through ATen, as in the Python step; the
+// small per-row work between them (RMSNorm, rotary, the cache write, attention over each
+// row's own prefix) is plain single-threaded loops here (the extension is built without
+// OpenMP, so it cannot start a second thread pool beside torch's). The Python step spends about a third of a
+// one-row step issuing ~5,000 small tensor ops; here a layer is ~15 ATen calls.
+//
+// Layouts (all float32 unless said, contiguous):
+//   x: (n, hidden) residual stream, updated in place and returned;
+//   w: 12 tensors per layer: qkv, o, gate_up, down, each as (weight, scale, bias): the
+//      weight is int8 (N, K) for the int8 weight-only kernel (scale given) or a dense
+//      (N, K) weight in the activation dtype (scale empty); empty tensors for no bias;
+//   norms: 2 per layer (input, post-attention) RMSNorm weights, eps: their epsilons;
+//   cos, sin: (n, head_dim) rotary factors of each row's position (sin sign-folded:
+//      rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin);
+//   kc, vc: per layer (rows, kv_heads, capacity, head_dim) caches;
+//   slot, pos: (n,) int64: each row's cache row and the position of its new token;
+//   lora: 3 per (layer, group) with group 0 qkv, 1 o, 2 gate_up, 3 down: stacked A^T
+//      (in, r), stacked B (r, out), and a per-row column mask (n, r) or empty (then
+//      lscale scales the product); all empty: no LoRA on that group.
+
+#include <torch/extension.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+bool present(const Tensor& t) { return t.defined() && t.numel() > 0; }
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// out = weight * x / sqrt(mean(x^2) + eps), row by row
+Tensor rms(const Tensor& x, const Tensor& weight, double eps) {
+  RECORD_FUNCTION("bot::rms_norm", std::vector<c10::IValue>());
+  const int64_t n = x.size(0), d = x.size(1);
+  Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = xp + r * d;
+    float* o = op + r * d;
+    const float inv = 1.0f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t i = 0; i < d; ++i) o[i] = wp[i] * (xr[i] * inv);
+  }
+  return out;
+}
+
+Tensor linear(const Tensor& x, const Tensor* w, at::ScalarType act) {
+  const Tensor& weight = w[0];
+  const Tensor& scale = w[1];
+  const Tensor& bias = w[2];
+  Tensor in = x.scalar_type() == act ? x : x.to(act);
+  if (present(scale)) {
+    Tensor y = at::_weight_int8pack_mm(in, weight, scale);
+    return present(bias) ? y + bias : y;
+  }
+  return present(bias) ? at::linear(in, weight, bias) : at::linear(in, weight);
+}
+
+Tensor as_float(const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+bool has_lora(const std::vector<Tensor>& lora, int64_t entry) {
+  return !lora.empty() && present(lora[3 * entry]);
+}
+
+// y += LoRA(h) for one layer group (see the layout notes above)
+void lora_add(const Tensor& h, Tensor& y, const std::vector<Tensor>& lora,
+              const std::vector<double>& lscale, int64_t entry) {
+  if (!has_lora(lora, entry)) return;
+  const Tensor& a_t = lora[3 * entry];
+  const Tensor& b = lora[3 * entry + 1];
+  const Tensor& mask = lora[3 * entry + 2];
+  Tensor t = at::mm(h, a_t);
+  if (present(mask)) {
+    t.mul_(mask);
+    y.addmm_(t, b);
+  } else {
+    y.addmm_(t, b, 1.0, lscale[entry]);
+  }
+}
+
+// rotate q and k of each row, write k and v into the row's cache, q into q_out
+void rope_store(const Tensor& qkv, const Tensor& cos, const Tensor& sin, Tensor& q_out,
+                Tensor& kc, Tensor& vc, const int64_t* slot, const int64_t* pos,
+                int64_t hq, int64_t hk, int64_t hd) {
+  RECORD_FUNCTION("bot::rotary_cache_write", std::vector<c10::IValue>());
+  const int64_t n = qkv.size(0), width = qkv.size(1), cap = kc.size(2), half = hd / 2;
+  const float* src = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* qp = q_out.data_ptr<float>();
+  float* kp = kc.data_ptr<float>();
+  float* vp = vc.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = src + r * width;
+    const float* c = cp + r * hd;
+    const float* s = sp + r * hd;
+    for (int64_t h = 0; h < hq + hk; ++h) {
+      const float* xin = row + h * hd;
+      float* out = h < hq ? qp + (r * hq + h) * hd
+                          : kp + ((slot[r] * hk + (h - hq)) * cap + pos[r]) * hd;
+      for (int64_t i = 0; i < half; ++i) out[i] = xin[i] * c[i] + xin[i + half] * s[i];
+      for (int64_t i = half; i < hd; ++i) out[i] = xin[i] * c[i] + xin[i - half] * s[i];
+    }
+    const float* v = row + (hq + hk) * hd;
+    for (int64_t h = 0; h < hk; ++h)
+      std::copy(v + h * hd, v + (h + 1) * hd, vp + ((slot[r] * hk + h) * cap + pos[r]) * hd);
+  }
+}
+
+// each row's query heads over positions 0..pos of its own cache row (no padding, no mask)
+Tensor attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const int64_t* slot,
+              const int64_t* pos, int64_t hq, int64_t hk, int64_t hd, double scaling) {
+  RECORD_FUNCTION("bot::attention", std::vector<c10::IValue>());
+  const int64_t n = q.size(0), cap = kc.size(2), group = hq / hk, pairs = n * hq;
+  std::vector<int64_t> offset(pairs + 1, 0);
+  for (int64_t p = 0; p < pairs; ++p) offset[p + 1] = offset[p] + pos[p / hq] + 1;
+  Tensor scores = at::empty({offset[pairs]}, q.options());
+  Tensor out = at::zeros({n, hq * hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  float* sp = scores.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = static_cast<float>(scaling);
+  // scores, minus each pair's maximum
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t r = p / hq, h = p % hq, len = pos[r] + 1;
+    const float* qv = qp + p * hd;
+    const float* keys = kp + (slot[r] * hk + h / group) * cap * hd;
+    float* s = sp + offset[p];
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = dot(qv, keys + t * hd, hd) * scale;
+      top = std::max(top, s[t]);
+    }
+    for (int64_t t = 0; t < len; ++t) s[t] -= top;
+  }
+  scores.exp_();  // one vectorized exp over every pair's scores
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t r = p / hq, h = p % hq, len = pos[r] + 1;
+    const float* vals = vp + (slot[r] * hk + h / group) * cap * hd;
+    const float* s = sp + offset[p];
+    float total = 0.0f;
+    for (int64_t t = 0; t < len; ++t) total += s[t];
+    const float inv = 1.0f / total;
+    float* o = op + p * hd;
+    for (int64_t t = 0; t < len; ++t) {
+      const float a = s[t] * inv;
+      const float* v = vals + t * hd;
+      for (int64_t i = 0; i < hd; ++i) o[i] += a * v[i];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<Tensor>& norms,
+                     const std::vector<double>& eps, const Tensor& cos, const Tensor& sin,
+                     std::vector<Tensor> kc, std::vector<Tensor> vc, const Tensor& slot,
+                     const Tensor& pos, const std::vector<Tensor>& lora,
+                     const std::vector<double>& lscale, int64_t hq, int64_t hk, int64_t hd,
+                     int64_t inter, double scaling, bool bf16_activations) {
+  at::NoGradGuard no_grad;
+  const at::ScalarType act = bf16_activations ? at::kBFloat16 : at::kFloat;
+  const int64_t n = x.size(0), layers = static_cast<int64_t>(kc.size());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 expected");
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == 12 * layers, "12 weight tensors per layer expected");
+  TORCH_CHECK(lora.empty() || static_cast<int64_t>(lora.size()) == 12 * layers, "3 LoRA tensors per layer group");
+  const int64_t* sl = slot.data_ptr<int64_t>();
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  Tensor q = at::empty({n, hq * hd}, x.options());
+  for (int64_t li = 0; li < layers; ++li) {
+    const Tensor* lw = &w[12 * li];
+    Tensor h = rms(x, norms[2 * li], eps[2 * li]);
+    Tensor qkv = as_float(linear(h, lw, act)).contiguous();
+    lora_add(h, qkv, lora, lscale, 4 * li);
+    rope_store(qkv, cos, sin, q, kc[li], vc[li], sl, ps, hq, hk, hd);
+    Tensor attn = attend(q, kc[li], vc[li], sl, ps, hq, hk, hd, scaling);
+    x.add_(linear(attn, lw + 3, act));
+    lora_add(attn, x, lora, lscale, 4 * li + 1);
+    h = rms(x, norms[2 * li + 1], eps[2 * li + 1]);
+    // gate/up stay in the kernel's dtype unless LoRA adds to them (as the Python step does)
+    Tensor gu = linear(h, lw + 6, act);
+    if (has_lora(lora, 4 * li + 2)) {
+      gu = as_float(gu).contiguous();
+      lora_add(h, gu, lora, lscale, 4 * li + 2);
+    }
+    Tensor a = at::silu(gu.narrow(1, 0, inter)).mul_(gu.narrow(1, inter, inter));
+    x.add_(linear(a, lw + 9, act));
+    if (has_lora(lora, 4 * li + 3)) lora_add(as_float(a), x, lora, lscale, 4 * li + 3);
+  }
+  return x;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_layers", &decode_layers, "every decoder layer for a batch of decoding rows");
+}

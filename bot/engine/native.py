@@ -1,0 +1,168 @@
+"""The lean decode step's layer loop compiled from ``native.cpp``, where a C++ compiler is at hand.
+
+A decoding step (one new token per request, no prompt chunk) spends a third of its time
+at one row in the ~5,000 small tensor ops Python issues between the weight matmuls
+(``bot bench --serve``'s step profile). ``native.cpp`` runs every decoder layer in one
+call: the matmuls and LoRA products through ATen exactly as the Python step does, the
+norms, rotary, cache writes and attention as plain loops.
+
+It is built once per torch version, CPU capability and source with
+``torch.utils.cpp_extension`` (about 30 s on 2 cores; the ``ninja`` package and the
+system's C++ compiler) into ``$BOT_CACHE/native/``, and loaded from there afterwards.
+Where the build fails (no compiler), ``BOT_NATIVE=off``, or the step needs something
+the loop does not cover (prompt chunks, int4 body weights, an activation other than
+SiLU, a GPU), the Python step runs: same results, slower. ``bot info`` says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from bot import settings
+from bot.engine.precision import Int8Call
+from bot.util.assets import cache_dir, writable_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.cpp")
+ENV = "BOT_NATIVE"
+_EMPTY = torch.empty(0)
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """The CPU capability torch dispatches to here and matching compiler flags.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` (an AVX2-only laptop, emulated) gives AVX2 code too.
+    """
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith("AVX512"):
+        return cap, ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"]
+    if cap.startswith("AVX2"):
+        return cap, ["-mavx2", "-mfma"]
+    return cap, []
+
+
+def _tag() -> tuple[str, list[str]]:
+    """The build's name (capability and a digest of source, torch version and flags), flags."""
+    cap, flags = _isa_flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *flags]).encode())
+    return f"{cap.lower()}-{key.hexdigest()[:12]}", flags
+
+
+def _off() -> bool:
+    return (settings.get(ENV) or "auto").strip().lower() in ("0", "off", "no", "false")
+
+
+def _build():
+    from torch.utils.cpp_extension import load  # lazy: imports setuptools; only on first use
+
+    tag, flags = _tag()
+    folder = writable_cache_dir(f"native/{tag}")
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja  # lazy: only to put its binary on PATH for the build
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    except ImportError:
+        pass
+    try:
+        if not any(folder.glob("*.so")):
+            log.info("engine: building the native decode step once (about 30 s) in %s", folder)
+        return load(name=f"bot_native_{tag.replace('-', '_')}", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", *flags], build_directory=str(folder), verbose=False)
+    finally:
+        os.environ["PATH"] = path
+
+
+def module():
+    """The compiled module, or None (see :func:`reason`). Built or loaded once per process."""
+    with _lock:
+        if "module" not in _state:
+            mod, why = None, ""
+            if _off():
+                why = f"turned off ({ENV}=off)"
+            else:
+                try:
+                    mod = _build()
+                except Exception as exc:  # no compiler, no ninja, a failed build: Python step
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+                    why = f"could not be built ({first})"
+                    log.warning("engine: the native decode step %s; the Python step runs instead", why)
+            _state.update(module=mod, reason=why)
+        return _state["module"]
+
+
+def reason() -> str:
+    """Why the native step is not in use ('' when it is, or before the first try)."""
+    return _state.get("reason", "")
+
+
+def status() -> str:
+    """One line for ``bot info``: whether decoding steps run the compiled loop (builds nothing)."""
+    if _off():
+        return f"off ({ENV}=off): decoding steps run in Python"
+    if _state.get("module") is not None:
+        return f"in use ({_state['module'].__file__})"
+    if _state.get("reason"):
+        return f"not in use: {_state['reason']}; decoding steps run in Python"
+    folder = cache_dir() / "native" / _tag()[0]
+    if any(folder.glob("*.so")):
+        return f"built in {folder}; loaded by the first chat, demo or serve"
+    return "not built yet: built by the first chat, demo or serve (about 30 s, with the system's C++ compiler)"
+
+
+def weight_args(weights) -> list[torch.Tensor] | None:
+    """``weights``' layers as the 12 tensors per layer ``decode_layers`` takes (cached on it).
+
+    None when some layer's kernel is not one the loop runs (int4, fbgemm float16).
+    """
+    if getattr(weights, "native", False) is not False:
+        return weights.native
+    flat: list[torch.Tensor] | None = []
+    for layer in weights.layers:
+        for lin in layer:
+            if isinstance(lin, Int8Call):
+                if lin.act != weights.dtype:
+                    flat = None
+                    break
+                flat += [lin.qweight, lin.scale, _or_empty(lin.bias)]
+            elif hasattr(lin, "weight") and hasattr(lin, "bias"):
+                flat += [lin.weight, _EMPTY, _or_empty(lin.bias)]
+            else:
+                flat = None
+                break
+        if flat is None:
+            break
+    weights.native = flat
+    return flat
+
+
+def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    return _EMPTY if t is None else t
+
+
+def lora_args(plan, n_layers: int, groups: int = 4) -> tuple[list[torch.Tensor], list[float]]:
+    """One step's LoRA for ``decode_layers``: 3 tensors and a scale per (layer, group)."""
+    if plan is None:
+        return [], []
+    tensors: list[torch.Tensor] = []
+    scales: list[float] = []
+    for li in range(n_layers):
+        for g in range(groups):
+            parts = plan.native_part(li, g)
+            if parts is None:
+                tensors += [_EMPTY, _EMPTY, _EMPTY]
+                scales.append(0.0)
+            else:
+                a_t, b, mask, scale = parts
+                tensors += [a_t, b, _or_empty(mask)]
+                scales.append(scale)
+    return tensors, scales

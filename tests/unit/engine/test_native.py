@@ -1,0 +1,110 @@
+"""bot.engine.native: the compiled decode loop gives the Python step's logits, and the engine
+falls back to the Python step when the loop is off or cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from helpers import make_tiny_backbone
+from peft import LoraConfig
+
+from bot.engine import native
+from bot.engine.lean import LeanModel, Segment
+from bot.engine.runner import make_runner
+from bot.model.families import DEFAULT_TARGET_MODULES
+from bot.model.info import decode_line
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler on PATH: the native loop cannot be built")
+
+
+@pytest.fixture
+def bb():
+    backbone = make_tiny_backbone()
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i + 1)
+        backbone.add_adapter(name, LoraConfig(r=4 + 4 * i, lora_alpha=8, init_lora_weights=False,
+                                              target_modules=list(DEFAULT_TARGET_MODULES)))
+    return backbone
+
+
+def _runner(bb, kind):
+    runner = make_runner(bb, kind, 6, 128)
+    for name in ("a", "b"):
+        runner.add_adapter(name)
+    prompts = [[5, 9, 13, 2], [7, 7, 1, 30, 31, 2, 9], [3, 4], [11, 12, 13, 14, 15]]
+    # prefill (prompt chunks: always the Python loop) in rows 0, 2, 3, 5
+    runner.step([Segment(slot, 0, ids, None) for slot, ids in zip((0, 2, 3, 5), prompts)])
+    return runner, {0: 4, 2: 7, 3: 2, 5: 5}
+
+
+def _both(runner, segs, monkeypatch):
+    """The same decode step through the Python loop and the compiled one (same cache state)."""
+    calls = []
+    real = LeanModel._native_layers
+    monkeypatch.setattr(LeanModel, "_native_layers",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    runner.lean.native_ok = False
+    py = runner.step(segs)
+    runner.lean.native_ok = True
+    compiled = runner.step(segs)  # writes the same keys/values at the same positions
+    assert calls, "the compiled loop did not run"
+    return py, compiled
+
+
+@needs_compiler
+@pytest.mark.parametrize("adapters", [(None, None, None, None), ("a", "a", "a", "a"),
+                                      ("a", None, "b", "a")], ids=["base", "one-adapter", "mixed"])
+def test_compiled_decode_step_gives_the_python_steps_logits_in_fp32(bb, adapters, monkeypatch):
+    assert native.module() is not None, native.reason()
+    runner, lengths = _runner(bb, "fp32")
+    # rows out of order and not contiguous, each at its own length
+    order = (3, 0, 5, 2)
+    segs = [Segment(slot, lengths[slot], [20 + slot], a) for slot, a in zip(order, adapters)]
+    py, compiled = _both(runner, segs, monkeypatch)
+    assert py.shape == compiled.shape == (4, runner.lean.vocab)
+    torch.testing.assert_close(compiled, py, atol=2e-4, rtol=1e-4)
+    assert torch.equal(compiled.argmax(-1), py.argmax(-1))
+    alone = runner.step([segs[2]])  # one row alone: the same row of the batch
+    torch.testing.assert_close(alone[0], compiled[2], atol=2e-4, rtol=1e-4)
+
+
+@needs_compiler
+def test_compiled_decode_step_follows_the_int8_kernel(bb, monkeypatch):
+    runner, lengths = _runner(bb, "w8")
+    segs = [Segment(slot, lengths[slot], [20 + slot], a) for slot, a in zip((0, 2, 3), ("b", None, "a"))]
+    py, compiled = _both(runner, segs, monkeypatch)
+    # bf16 activations: the same kernels and roundings; float32 sums in another order
+    torch.testing.assert_close(compiled, py, atol=0.05, rtol=0.02)
+
+
+@needs_compiler
+def test_the_engine_line_says_the_compiled_loop_is_in_use(bb):
+    assert native.module() is not None
+    assert "compiled decode loop: in use" in decode_line(bb)
+
+
+def test_off_runs_the_python_step_and_says_so(bb, monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("BOT_NATIVE", "off")
+    assert native.module() is None
+    assert "BOT_NATIVE=off" in native.reason() and "BOT_NATIVE=off" in decode_line(bb)
+    runner, lengths = _runner(bb, "fp32")
+    called = []
+    monkeypatch.setattr(LeanModel, "_native_layers", lambda *a, **k: called.append(1))
+    out = runner.step([Segment(0, lengths[0], [21], "a")])
+    assert out.shape == (1, runner.lean.vocab) and not called
+
+
+def test_a_failed_build_falls_back_with_the_compilers_reason(monkeypatch, tmp_path):
+    broken = tmp_path / "native.cpp"
+    broken.write_text('#error "deliberately broken"\n')
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("BOT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BOT_NATIVE", "auto")
+    assert native.module() is None
+    assert native.reason().startswith("could not be built")
+    assert "Python" in native.status()
