@@ -81,6 +81,16 @@ def make_tiny_backbone(seed: int = 0, name: str = "tiny-llama"):
     return Backbone.from_model(make_tiny_model(seed), make_tokenizer(), name=name)
 
 
+def tiny_backbone_with_generators():
+    """The tiny backbone with two random LoRA adapters 'a' (r=4) and 'b' (r=8) on every projection."""
+    backbone = make_tiny_backbone()
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i + 1)
+        backbone.add_adapter(name, LoraConfig(r=4 + 4 * i, lora_alpha=8, init_lora_weights=False,
+                                              target_modules=list(DEFAULT_TARGET_MODULES)))
+    return backbone
+
+
 FAMILIES = ("qwen2", "gpt2", "gpt_neox", "gemma")
 """Causal LM families besides Llama that the tests build (bot.model.families handles their names)."""
 

@@ -6,23 +6,16 @@ import queue
 
 import pytest
 import torch
-from helpers import make_tiny_backbone
-from peft import LoraConfig
+from helpers import tiny_backbone_with_generators
 
 from bot.engine import SamplingParams, Scheduler
-from bot.model.families import DEFAULT_TARGET_MODULES
 
 PROMPTS = ["hello there", "what is a cat?", "tell me a story about the sea", "hi"]
 
 
 @pytest.fixture
 def bb():
-    backbone = make_tiny_backbone()
-    for i, name in enumerate(("a", "b")):
-        torch.manual_seed(i + 1)
-        backbone.add_adapter(name, LoraConfig(r=4 + 4 * i, lora_alpha=8, init_lora_weights=False,
-                                              target_modules=list(DEFAULT_TARGET_MODULES)))
-    return backbone
+    return tiny_backbone_with_generators()
 
 
 def _hf_greedy(bb, ids: list[int], adapter, n: int) -> list[int]:

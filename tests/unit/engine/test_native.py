@@ -7,13 +7,11 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_tiny_backbone
-from peft import LoraConfig
+from helpers import tiny_backbone_with_generators
 
 from bot.engine import native
 from bot.engine.lean import LeanModel, Segment
 from bot.engine.runner import make_runner
-from bot.model.families import DEFAULT_TARGET_MODULES
 from bot.model.info import decode_line
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -22,12 +20,7 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which
 
 @pytest.fixture
 def bb():
-    backbone = make_tiny_backbone()
-    for i, name in enumerate(("a", "b")):
-        torch.manual_seed(i + 1)
-        backbone.add_adapter(name, LoraConfig(r=4 + 4 * i, lora_alpha=8, init_lora_weights=False,
-                                              target_modules=list(DEFAULT_TARGET_MODULES)))
-    return backbone
+    return tiny_backbone_with_generators()
 
 
 def _runner(bb, kind):
