@@ -38,6 +38,9 @@ from bot.engine.slotcache import grow
 
 # model types whose decoder layers are exactly Llama's (no sliding window, no extra norms)
 SUPPORTED = ("llama", "qwen2")
+# steps of more tokens than this (long prompts prefilled whole) run the Python loop: the
+# compiled loop's gain is per op, and a long prefill is all matmul
+NATIVE_MAX_TOKENS = 512
 
 
 def supports(model: nn.Module) -> bool:
@@ -214,9 +217,9 @@ class LeanModel:
         x = F.embedding(ids, self.embed).float()
         lora = banks.plan([s.adapter for s in order for _ in s.ids]) if banks else None
         dtype = weights.dtype
-        compiled = None if chunks or every else self._native(weights)
-        if compiled is not None:  # decoding rows only: every layer in one compiled call
-            x = self._native_layers(compiled, x, slot, pos, weights, cache, lora)
+        compiled = None if every or n > NATIVE_MAX_TOKENS else self._native(weights)
+        if compiled is not None:  # every layer in one compiled call
+            x = self._native_layers(compiled, x, slot, pos, singles, chunks, weights, cache, lora)
         else:
             x = self._layers(x, slot, pos, singles, chunks, weights, cache, lora)
         if every:
@@ -243,11 +246,17 @@ class LeanModel:
             return None
         return native.module()
 
-    def _native_layers(self, compiled, x, slot, pos, weights: Weights, cache: KVCache, lora):
+    def _native_layers(self, compiled, x, slot, pos, singles, chunks, weights: Weights,
+                       cache: KVCache, lora):
         tensors, scales = native.lora_args(lora, self.n_layers)
+        spans, start = [], len(singles)
+        for s in chunks:
+            spans.append((start, len(s.ids), s.pos))
+            start += len(s.ids)
+        spans = torch.tensor(spans, dtype=torch.long).reshape(-1, 3)
         return compiled.decode_layers(
             x, native.weight_args(weights), self.native_norms, self.native_eps, self.cos[pos],
-            self.sin[pos], cache.k, cache.v, slot, pos, tensors, scales, self.heads,
+            self.sin[pos], cache.k, cache.v, slot, pos, tensors, scales, len(singles), spans, self.heads,
             self.kv_heads, self.head_dim, self.inter, self.scaling, weights.dtype == torch.bfloat16)
 
     def _layers(self, x, slot, pos, singles, chunks, weights: Weights, cache: KVCache, lora):

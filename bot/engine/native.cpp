@@ -1,10 +1,11 @@
 // The lean decode step's layer loop in C++ (bot/engine/native.py builds and loads it).
 //
-// One call runs every decoder layer for a batch of decoding rows (one new token each).
+// One call runs every decoder layer for one step's tokens: decoding rows (one new token
+// each) first, then prompt chunks (consecutive tokens of one row).
 // The weight matmuls and the LoRA products go through ATen, as in the Python step; the
 // small per-row work between them (RMSNorm, rotary, the cache write, attention over each
-// row's own prefix) is plain single-threaded loops here (the extension is built without
-// OpenMP, so it cannot start a second thread pool beside torch's). The Python step spends about a third of a
+// row's own prefix) is plain loops here, the attention split over torch's own OpenMP threads
+// (built with -fopenmp, the extension binds to the libgomp.so.1 torch has already loaded). The Python step spends about a third of a
 // one-row step issuing ~5,000 small tensor ops; here a layer is ~15 ATen calls.
 //
 // Layouts (all float32 unless said, contiguous):
@@ -16,12 +17,15 @@
 //   cos, sin: (n, head_dim) rotary factors of each row's position (sin sign-folded:
 //      rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin);
 //   kc, vc: per layer (rows, kv_heads, capacity, head_dim) caches;
-//   slot, pos: (n,) int64: each row's cache row and the position of its new token;
+//   slot, pos: (n,) int64: each token's cache row and position;
+//   singles: the first `singles` tokens are decoding rows; chunks: (m, 3) int64 rows of
+//      (first token, length, first position) for the prompt chunks after them;
 //   lora: 3 per (layer, group) with group 0 qkv, 1 o, 2 gate_up, 3 down: stacked A^T
 //      (in, r), stacked B (r, out), and a per-row column mask (n, r) or empty (then
 //      lscale scales the product); all empty: no LoRA on that group.
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
@@ -127,48 +131,77 @@ void rope_store(const Tensor& qkv, const Tensor& cos, const Tensor& sin, Tensor&
 
 // each row's query heads over positions 0..pos of its own cache row (no padding, no mask)
 Tensor attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const int64_t* slot,
-              const int64_t* pos, int64_t hq, int64_t hk, int64_t hd, double scaling) {
+              const int64_t* pos, int64_t singles, int64_t hq, int64_t hk, int64_t hd, double scaling) {
   RECORD_FUNCTION("bot::attention", std::vector<c10::IValue>());
-  const int64_t n = q.size(0), cap = kc.size(2), group = hq / hk, pairs = n * hq;
+  const int64_t n = q.size(0), cap = kc.size(2), group = hq / hk, pairs = singles * hq;
+  Tensor out = at::zeros({n, hq * hd}, q.options());
+  if (pairs == 0) return out;
   std::vector<int64_t> offset(pairs + 1, 0);
   for (int64_t p = 0; p < pairs; ++p) offset[p + 1] = offset[p] + pos[p / hq] + 1;
   Tensor scores = at::empty({offset[pairs]}, q.options());
-  Tensor out = at::zeros({n, hq * hd}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = kc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();
   float* sp = scores.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = static_cast<float>(scaling);
+  // pairs per thread task: about 32k multiply-adds each, so one short row stays on one thread
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, offset[pairs] / pairs * hd));
   // scores, minus each pair's maximum
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t r = p / hq, h = p % hq, len = pos[r] + 1;
-    const float* qv = qp + p * hd;
-    const float* keys = kp + (slot[r] * hk + h / group) * cap * hd;
-    float* s = sp + offset[p];
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < len; ++t) {
-      s[t] = dot(qv, keys + t * hd, hd) * scale;
-      top = std::max(top, s[t]);
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r = p / hq, h = p % hq, len = pos[r] + 1;
+      const float* qv = qp + p * hd;
+      const float* keys = kp + (slot[r] * hk + h / group) * cap * hd;
+      float* s = sp + offset[p];
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < len; ++t) {
+        s[t] = dot(qv, keys + t * hd, hd) * scale;
+        top = std::max(top, s[t]);
+      }
+      for (int64_t t = 0; t < len; ++t) s[t] -= top;
     }
-    for (int64_t t = 0; t < len; ++t) s[t] -= top;
-  }
+  });
   scores.exp_();  // one vectorized exp over every pair's scores
-  for (int64_t p = 0; p < pairs; ++p) {
-    const int64_t r = p / hq, h = p % hq, len = pos[r] + 1;
-    const float* vals = vp + (slot[r] * hk + h / group) * cap * hd;
-    const float* s = sp + offset[p];
-    float total = 0.0f;
-    for (int64_t t = 0; t < len; ++t) total += s[t];
-    const float inv = 1.0f / total;
-    float* o = op + p * hd;
-    for (int64_t t = 0; t < len; ++t) {
-      const float a = s[t] * inv;
-      const float* v = vals + t * hd;
-      for (int64_t i = 0; i < hd; ++i) o[i] += a * v[i];
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r = p / hq, h = p % hq, len = pos[r] + 1;
+      const float* vals = vp + (slot[r] * hk + h / group) * cap * hd;
+      const float* s = sp + offset[p];
+      float total = 0.0f;
+      for (int64_t t = 0; t < len; ++t) total += s[t];
+      const float inv = 1.0f / total;
+      float* o = op + p * hd;
+      for (int64_t t = 0; t < len; ++t) {
+        const float a = s[t] * inv;
+        const float* v = vals + t * hd;
+        for (int64_t i = 0; i < hd; ++i) o[i] += a * v[i];
+      }
     }
-  }
+  });
   return out;
+}
+
+// a prompt chunk's tokens over their row's prefix, through ATen's fused attention (faster than
+// the per-token loop for many queries): causal within the chunk, every earlier position seen
+void attend_chunks(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& chunks,
+                   const int64_t* slot, Tensor& out, int64_t hq, int64_t hk, int64_t hd, double scaling) {
+  const int64_t* c = chunks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < chunks.size(0); ++i) {
+    const int64_t start = c[3 * i], t = c[3 * i + 1], pos0 = c[3 * i + 2], end = pos0 + t;
+    Tensor qc = q.narrow(0, start, t).view({t, hq, hd}).transpose(0, 1).unsqueeze(0);
+    Tensor keys = kc.narrow(0, slot[start], 1).narrow(2, 0, end);
+    Tensor vals = vc.narrow(0, slot[start], 1).narrow(2, 0, end);
+    Tensor res;
+    if (pos0 == 0) {
+      res = at::scaled_dot_product_attention(qc, keys, vals, c10::nullopt, 0.0, true, scaling, hk != hq);
+    } else {
+      Tensor allowed = at::arange(end, q.options().dtype(at::kLong)).unsqueeze(0)
+                           .le(at::arange(pos0, end, q.options().dtype(at::kLong)).unsqueeze(1));
+      res = at::scaled_dot_product_attention(qc, keys, vals, allowed, 0.0, false, scaling, hk != hq);
+    }
+    out.narrow(0, start, t).copy_(res.squeeze(0).transpose(0, 1).reshape({t, hq * hd}));
+  }
 }
 
 }  // namespace
@@ -177,7 +210,8 @@ Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<T
                      const std::vector<double>& eps, const Tensor& cos, const Tensor& sin,
                      std::vector<Tensor> kc, std::vector<Tensor> vc, const Tensor& slot,
                      const Tensor& pos, const std::vector<Tensor>& lora,
-                     const std::vector<double>& lscale, int64_t hq, int64_t hk, int64_t hd,
+                     const std::vector<double>& lscale, int64_t singles, const Tensor& chunks,
+                     int64_t hq, int64_t hk, int64_t hd,
                      int64_t inter, double scaling, bool bf16_activations) {
   at::NoGradGuard no_grad;
   const at::ScalarType act = bf16_activations ? at::kBFloat16 : at::kFloat;
@@ -194,7 +228,8 @@ Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<T
     Tensor qkv = as_float(linear(h, lw, act)).contiguous();
     lora_add(h, qkv, lora, lscale, 4 * li);
     rope_store(qkv, cos, sin, q, kc[li], vc[li], sl, ps, hq, hk, hd);
-    Tensor attn = attend(q, kc[li], vc[li], sl, ps, hq, hk, hd, scaling);
+    Tensor attn = attend(q, kc[li], vc[li], sl, ps, singles, hq, hk, hd, scaling);
+    if (singles < n) attend_chunks(q, kc[li], vc[li], chunks, sl, attn, hq, hk, hd, scaling);
     x.add_(linear(attn, lw + 3, act));
     lora_add(attn, x, lora, lscale, 4 * li + 1);
     h = rms(x, norms[2 * li + 1], eps[2 * li + 1]);
@@ -212,5 +247,5 @@ Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_layers", &decode_layers, "every decoder layer for a batch of decoding rows");
+  m.def("decode_layers", &decode_layers, "every decoder layer for one step's tokens");
 }

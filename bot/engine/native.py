@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.cpp")
 ENV = "BOT_NATIVE"
+# -fopenmp: parallel loops on torch's OpenMP threads (the extension binds to the libgomp.so.1
+# torch loaded, so there is one thread pool, not two)
+BUILD = "-O3 -fopenmp"
 _EMPTY = torch.empty(0)
 _lock = threading.Lock()
 _state: dict = {}
@@ -53,7 +56,7 @@ def _isa_flags() -> tuple[str, list[str]]:
 def _tag() -> tuple[str, list[str]]:
     """The build's name (capability and a digest of source, torch version and flags), flags."""
     cap, flags = _isa_flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *flags]).encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *flags, BUILD]).encode())
     return f"{cap.lower()}-{key.hexdigest()[:12]}", flags
 
 
@@ -77,7 +80,8 @@ def _build():
         if not any(folder.glob("*.so")):
             log.info("engine: building the native decode step once (about 30 s) in %s", folder)
         return load(name=f"bot_native_{tag.replace('-', '_')}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", *flags], build_directory=str(folder), verbose=False)
+                    extra_cflags=[*BUILD.split(), *flags], extra_ldflags=["-fopenmp"],
+                    build_directory=str(folder), verbose=False)
     finally:
         os.environ["PATH"] = path
 

@@ -4,6 +4,7 @@ falls back to the Python step when the loop is off or cannot be built."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,18 @@ def test_compiled_decode_step_gives_the_python_steps_logits_in_fp32(bb, adapters
 
 
 @needs_compiler
+def test_compiled_step_with_prompt_chunks_gives_the_python_steps_logits(bb, monkeypatch):
+    runner, lengths = _runner(bb, "fp32")
+    segs = [Segment(3, lengths[3], [23], "b"), Segment(0, lengths[0], [20], None),
+            Segment(1, 0, [40, 41, 42, 43, 44, 45], "a"),  # a new prompt's first chunk
+            Segment(5, lengths[5], [50, 51, 52], None),  # a later chunk: cached prefix + causal
+            Segment(4, 0, [60, 61, 62], "a", want=False)]  # a chunk whose logits are not wanted
+    py, compiled = _both(runner, segs, monkeypatch)
+    assert py.shape == compiled.shape == (4, runner.lean.vocab)
+    torch.testing.assert_close(compiled, py, atol=2e-4, rtol=1e-4)
+
+
+@needs_compiler
 def test_compiled_decode_step_follows_the_int8_kernel(bb, monkeypatch):
     runner, lengths = _runner(bb, "w8")
     segs = [Segment(slot, lengths[slot], [20 + slot], a) for slot, a in zip((0, 2, 3), ("b", None, "a"))]
@@ -77,6 +90,16 @@ def test_compiled_decode_step_follows_the_int8_kernel(bb, monkeypatch):
 def test_the_engine_line_says_the_compiled_loop_is_in_use(bb):
     assert native.module() is not None
     assert "compiled decode loop: in use" in decode_line(bb)
+
+
+@needs_compiler
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_the_loop_shares_torchs_openmp_runtime():
+    """Built with -fopenmp, it must bind to the libgomp torch loaded: one thread pool, not two."""
+    assert native.module() is not None
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if "gomp" in line.split()[-1]}
+    assert len(runtimes) == 1, runtimes
 
 
 def test_off_runs_the_python_step_and_says_so(bb, monkeypatch):
