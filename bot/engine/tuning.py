@@ -73,10 +73,12 @@ def model_shape(model) -> str:
     return f"{type(model).__name__}-h{c.hidden_size}-l{c.num_hidden_layers}-v{c.vocab_size}"
 
 
-def cache_key(features: dict, shape: str) -> str:
+def cache_key(features: dict, shape: str, step: str = "python") -> str:
+    """``step``: the lean step's layer loop the kernels were timed in (``compiled``: the
+    bot.engine.native loop, whose lower per-op cost can change which kernel wins)."""
     isa = features.get("isa_env", {}).get("ONEDNN_MAX_CPU_ISA", "")
     return (f"{features['aten_capability']}{'/' + isa if isa else ''}|bf16={features['native_bf16']}"
-            f"|torch={features['torch']}|{shape}")
+            f"|torch={features['torch']}|{shape}|step={step}")
 
 
 def parse(precision: str) -> tuple[str, str] | None:
@@ -203,10 +205,12 @@ def choose(backbone, *, refresh: bool = False, kinds=CANDIDATES) -> Choice:
         refresh: measure again even if a choice is cached for this key.
         kinds: the candidates to measure (float32 is always one).
     """
-    features = cpu_features()
-    key = cache_key(features, model_shape(backbone.base))
+    from bot.engine import native  # lazy: bot.engine.lean (below) imports transformers
+    from bot.engine.lean import supports, why_not
+
     device = getattr(backbone, "device", torch.device("cpu"))
-    from bot.engine.lean import supports, why_not  # lazy: bot.engine.lean imports transformers
+    compiled = device.type == "cpu" and supports(backbone.base) and native.module() is not None
+    key = cache_key(cpu_features(), model_shape(backbone.base), "compiled" if compiled else "python")
 
     if not supports(backbone.base) and not settings.get(KERNEL_ENV):
         return Choice("fp32", "fp32", 1 << 30, f"fp32: the autotuner times the lean step, which does "
