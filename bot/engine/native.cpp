@@ -129,53 +129,66 @@ void rope_store(const Tensor& qkv, const Tensor& cos, const Tensor& sin, Tensor&
   }
 }
 
-// each row's query heads over positions 0..pos of its own cache row (no padding, no mask)
+// each decoding row's query heads over positions 0..pos of its own cache row (no padding, no
+// mask); the query heads that share a key/value head are done together, so each cached key
+// and value is read once per row, not once per query head
 Tensor attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const int64_t* slot,
               const int64_t* pos, int64_t singles, int64_t hq, int64_t hk, int64_t hd, double scaling) {
   RECORD_FUNCTION("bot::attention", std::vector<c10::IValue>());
-  const int64_t n = q.size(0), cap = kc.size(2), group = hq / hk, pairs = singles * hq;
+  const int64_t n = q.size(0), cap = kc.size(2), group = hq / hk, units = singles * hk;
   Tensor out = at::zeros({n, hq * hd}, q.options());
-  if (pairs == 0) return out;
-  std::vector<int64_t> offset(pairs + 1, 0);
-  for (int64_t p = 0; p < pairs; ++p) offset[p + 1] = offset[p] + pos[p / hq] + 1;
-  Tensor scores = at::empty({offset[pairs]}, q.options());
+  if (units == 0) return out;
+  // scores of query head h of row r start at offset[r * hq + h]
+  std::vector<int64_t> offset(singles * hq + 1, 0);
+  for (int64_t p = 0; p < singles * hq; ++p) offset[p + 1] = offset[p] + pos[p / hq] + 1;
+  Tensor scores = at::empty({offset[singles * hq]}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = kc.data_ptr<float>();
   const float* vp = vc.data_ptr<float>();
   float* sp = scores.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = static_cast<float>(scaling);
-  // pairs per thread task: about 32k multiply-adds each, so one short row stays on one thread
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, offset[pairs] / pairs * hd));
-  // scores, minus each pair's maximum
-  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t r = p / hq, h = p % hq, len = pos[r] + 1;
-      const float* qv = qp + p * hd;
-      const float* keys = kp + (slot[r] * hk + h / group) * cap * hd;
-      float* s = sp + offset[p];
-      float top = -std::numeric_limits<float>::infinity();
+  // (row, key/value head) units per thread task: about 64k multiply-adds each
+  const int64_t per_unit = std::max<int64_t>(1, offset[singles * hq] / singles * hd * 2 / hk);
+  const int64_t grain = std::max<int64_t>(1, 65536 / per_unit);
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = u / hk, kv = u % hk, len = pos[r] + 1, first = r * hq + kv * group;
+      const float* keys = kp + (slot[r] * hk + kv) * cap * hd;
+      std::vector<float> top(group, -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < len; ++t) {
-        s[t] = dot(qv, keys + t * hd, hd) * scale;
-        top = std::max(top, s[t]);
+        const float* k = keys + t * hd;
+        for (int64_t g = 0; g < group; ++g) {
+          const float v = dot(qp + (first + g) * hd, k, hd) * scale;
+          sp[offset[first + g] + t] = v;
+          top[g] = std::max(top[g], v);
+        }
       }
-      for (int64_t t = 0; t < len; ++t) s[t] -= top;
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = sp + offset[first + g];
+        for (int64_t t = 0; t < len; ++t) s[t] -= top[g];
+      }
     }
   });
-  scores.exp_();  // one vectorized exp over every pair's scores
-  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t r = p / hq, h = p % hq, len = pos[r] + 1;
-      const float* vals = vp + (slot[r] * hk + h / group) * cap * hd;
-      const float* s = sp + offset[p];
-      float total = 0.0f;
-      for (int64_t t = 0; t < len; ++t) total += s[t];
-      const float inv = 1.0f / total;
-      float* o = op + p * hd;
+  scores.exp_();  // one vectorized exp over every head's scores
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = u / hk, kv = u % hk, len = pos[r] + 1, first = r * hq + kv * group;
+      const float* vals = vp + (slot[r] * hk + kv) * cap * hd;
+      std::vector<float> inv(group);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* s = sp + offset[first + g];
+        float total = 0.0f;
+        for (int64_t t = 0; t < len; ++t) total += s[t];
+        inv[g] = 1.0f / total;
+      }
       for (int64_t t = 0; t < len; ++t) {
-        const float a = s[t] * inv;
         const float* v = vals + t * hd;
-        for (int64_t i = 0; i < hd; ++i) o[i] += a * v[i];
+        for (int64_t g = 0; g < group; ++g) {
+          const float a = sp[offset[first + g] + t] * inv[g];
+          float* o = op + (first + g) * hd;
+          for (int64_t i = 0; i < hd; ++i) o[i] += a * v[i];
+        }
       }
     }
   });

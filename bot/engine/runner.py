@@ -25,6 +25,7 @@ from bot.engine.lean import LeanModel, Segment, Weights, supports, why_not
 from bot.engine.lora import BankSet
 from bot.engine.plain import plain_model
 from bot.engine.precision import for_device
+from bot.engine.prefix import PrefixCache
 from bot.engine.slotcache import SlotCache, decode_mask, prefill_mask
 from bot.engine.tuning import resolve
 
@@ -66,6 +67,7 @@ class LeanRunner:
                  (hidden, lm.q_size, [0]), (2 * lm.inter, hidden, [0, lm.inter]),
                  (hidden, lm.inter, [0])]
         self.banks = BankSet(sizes, lm.n_layers, dev)
+        self.prefixes = PrefixCache(self)
 
     @property
     def adapters(self) -> dict[str, int]:
@@ -86,10 +88,23 @@ class LeanRunner:
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)
 
+    def save_prefix(self, slot: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of row ``slot``'s first ``length`` keys and values, per layer (bot.engine.prefix)."""
+        return [(k[slot, :, :length].clone(), v[slot, :, :length].clone())
+                for k, v in zip(self.cache.k, self.cache.v)]
+
+    def load_prefix(self, saved, slot: int, length: int) -> None:
+        self.cache.ensure(length)
+        for (k, v), kc, vc in zip(saved, self.cache.k, self.cache.v):
+            kc[slot, :, :length] = k
+            vc[slot, :, :length] = v
+
     def add_adapter(self, name: str) -> int:
+        self.prefixes.clear()  # a re-added name may carry other weights
         return self.banks.add_adapter(self.backbone, name)
 
     def remove_adapter(self, name: str) -> None:
+        self.prefixes.clear()
         self.banks.remove_adapter(name)
 
     @torch.inference_mode()

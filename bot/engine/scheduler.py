@@ -486,13 +486,17 @@ class DecodeBatch:
 
     def __init__(self, runner, tokenizer, eos: set[int], max_len: int):
         self.runner, self.tokenizer, self.eos, self.max_len = runner, tokenizer, eos, max_len
+        self.prefixes = getattr(runner, "prefixes", None)  # the lean runner's (bot.engine.prefix)
         self.active: list[Request] = []
         self.steps = 0
         self.metrics = None
 
     def admit(self, r: Request) -> None:
-        """Give ``r`` the next free row; its prompt is prefilled over the next steps."""
+        """Give ``r`` the next free row; its prompt is prefilled over the next steps (from
+        the end of a stored start it shares with an earlier prompt: bot.engine.prefix)."""
         r.slot, r.length = len(self.active), 0
+        if self.prefixes is not None:
+            r.length = self.prefixes.restore(r.slot, r.prompt_ids, r.adapter)
         self.active.append(r)
 
     def step(self, prefill_chunk: int | None) -> None:
@@ -525,6 +529,8 @@ class DecodeBatch:
                 r.first_token_at = now
                 if self.metrics:
                     self.metrics.first_token(r, now - r.created)
+                if self.prefixes is not None:
+                    self.prefixes.learn(r.slot, r.prompt_ids, r.adapter)
             self.accept(r, next(rows))
             if r.finished:
                 done.append(r)
