@@ -7,7 +7,9 @@ On the embedded backbone in the kernels `bot serve` picks here: decode steps of 
 rows (each row at 150 tokens of history, every other row on a random rank-8 adapter when
 ``--lora`` is given), and one mixed step (8 decoding rows plus a 128-token prompt chunk).
 The two paths alternate, 7 rounds of 5 steps each; the median step is printed with the
-ratio. Both paths see the same cache, so their logits are compared too (max difference).
+ratio. (Their logits are equal in float32, tested; in the reduced-precision kernels they
+differ by rounding, and the quality check is the decode perplexity of
+tests/integration/test_native_real.py.)
 """
 
 from __future__ import annotations
@@ -52,24 +54,22 @@ def main() -> None:
     if adapter:
         runner.add_adapter(adapter)
     print(f"{runner.describe()}; compiled loop: {runner.lean.native_ok and 'available' or 'not available'}")
-    print("| step | kernel | Python loop ms | compiled loop ms | speed-up | max logit difference |")
-    print("|---|---|---|---|---|---|")
+    print("| step | kernel | Python loop ms | compiled loop ms | speed-up |")
+    print("|---|---|---|---|---|")
     for name, (rows, chunk) in CASES.items():
         segs = _segments(rows, chunk, adapter)
         times: dict[bool, list[float]] = {False: [], True: []}
-        out = {}
         with torch.inference_mode():
             for _ in range(7):
                 for compiled in (False, True):
                     runner.lean.native_ok = compiled
-                    out[compiled] = runner.step(segs)
+                    runner.step(segs)
                     t0 = time.perf_counter()
                     for _ in range(5):
                         runner.step(segs)
                     times[compiled].append((time.perf_counter() - t0) / 5)
         py, nat = (1000 * statistics.median(times[c]) for c in (False, True))
-        diff = (out[False] - out[True]).abs().max().item()
-        print(f"| {name} | {runner.kind_for(rows + chunk)} | {py:.2f} | {nat:.2f} | {py / nat:.2f}x | {diff:.2g} |")
+        print(f"| {name} | {runner.kind_for(rows + chunk)} | {py:.2f} | {nat:.2f} | {py / nat:.2f}x |")
 
 
 if __name__ == "__main__":
