@@ -26,6 +26,7 @@ of the model once (:class:`Weights`) and the step is plain tensor calls.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ from torch import nn
 from bot.engine import native
 from bot.engine.precision import activation_dtype, head_kind, linear_for
 from bot.engine.slotcache import grow
+
+log = logging.getLogger(__name__)
 
 # model types whose decoder layers are exactly Llama's (no sliding window, no extra norms)
 SUPPORTED = ("llama", "qwen2")
@@ -219,8 +222,15 @@ class LeanModel:
         dtype = weights.dtype
         compiled = None if every or n > NATIVE_MAX_TOKENS else self._native(weights)
         if compiled is not None:  # every layer in one compiled call
-            x = self._native_layers(compiled, x, slot, pos, singles, chunks, weights, cache, lora)
-        else:
+            try:
+                x = self._native_layers(compiled, x, slot, pos, singles, chunks, weights, cache, lora)
+            except RuntimeError as err:  # the Python loop redoes the step (same cache positions)
+                log.warning("engine: the compiled decode loop failed (%s); the Python loop runs "
+                            "from now on", str(err).splitlines()[0][:200])
+                self.native_ok = False
+                compiled = None
+                x = F.embedding(ids, self.embed).float()
+        if compiled is None:
             x = self._layers(x, slot, pos, singles, chunks, weights, cache, lora)
         if every:
             return weights.head(_cast(_rms(x, self.final_norm), dtype)).float()

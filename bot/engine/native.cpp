@@ -236,6 +236,8 @@ Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<T
   const int64_t* ps = pos.data_ptr<int64_t>();
   Tensor q = at::empty({n, hq * hd}, x.options());
   for (int64_t li = 0; li < layers; ++li) {
+    TORCH_CHECK(kc[li].is_contiguous() && vc[li].is_contiguous() && kc[li].scalar_type() == at::kFloat,
+                "layer ", li, ": contiguous float32 key/value caches expected");
     const Tensor* lw = &w[12 * li];
     Tensor h = rms(x, norms[2 * li], eps[2 * li]);
     Tensor qkv = as_float(linear(h, lw, act)).contiguous();

@@ -102,6 +102,24 @@ def test_the_loop_shares_torchs_openmp_runtime():
     assert len(runtimes) == 1, runtimes
 
 
+@needs_compiler
+def test_a_failing_compiled_call_is_redone_in_python_and_the_loop_stays_off(bb, monkeypatch, caplog):
+    runner, lengths = _runner(bb, "fp32")
+    segs = [Segment(0, lengths[0], [20], "a"), Segment(2, lengths[2], [22], None)]
+    runner.lean.native_ok = False
+    expected = runner.step(segs)
+    runner.lean.native_ok = True
+
+    def broken(self, compiled, x, *args):
+        x.mul_(3)  # damage the input, as a half-done call could
+        raise RuntimeError("simulated failure inside the compiled loop")
+    monkeypatch.setattr(LeanModel, "_native_layers", broken)
+    got = runner.step(segs)
+    torch.testing.assert_close(got, expected)
+    assert runner.lean.native_ok is False
+    assert "simulated failure" in caplog.text
+
+
 def test_off_runs_the_python_step_and_says_so(bb, monkeypatch):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("BOT_NATIVE", "off")
