@@ -3,7 +3,10 @@ falls back to the Python step when the loop is off or cannot be built."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,14 +95,35 @@ def test_the_engine_line_says_the_compiled_loop_is_in_use(bb):
     assert "compiled decode loop: in use" in decode_line(bb)
 
 
+_RUNTIMES = """
+import json
+from pathlib import Path
+
+def runtimes():
+    return sorted({l.split()[-1] for l in Path("/proc/self/maps").read_text().splitlines()
+                   if "gomp" in l.split()[-1]})
+
+import torch
+torch.ones(64, 64) @ torch.ones(64, 64)
+before = runtimes()
+from bot.engine import native
+assert native.module() is not None, native.reason()
+print(json.dumps([before, runtimes()]))
+"""
+
+
 @needs_compiler
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
 def test_the_loop_shares_torchs_openmp_runtime():
-    """Built with -fopenmp, it must bind to the libgomp torch loaded: one thread pool, not two."""
-    assert native.module() is not None
-    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                if "gomp" in line.split()[-1]}
-    assert len(runtimes) == 1, runtimes
+    """Built with -fopenmp, it must bind to the libgomp torch loaded: one thread pool, not two.
+
+    In a fresh process (other libraries, e.g. scikit-learn, bring their own libgomp)."""
+    native.module()  # built here first, so the child only loads it
+    out = subprocess.run([sys.executable, "-c", _RUNTIMES], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    before, after = json.loads(out.strip().splitlines()[-1])
+    assert len(before) == 1 and "torch" in before[0], before
+    assert after == before
 
 
 @needs_compiler
