@@ -220,7 +220,8 @@ class LeanModel:
         x = F.embedding(ids, self.embed).float()
         lora = banks.plan([s.adapter for s in order for _ in s.ids]) if banks else None
         dtype = weights.dtype
-        compiled = None if every or n > NATIVE_MAX_TOKENS else self._native(weights)
+        covered = self.native_ok and not every and n <= NATIVE_MAX_TOKENS
+        compiled = native.module() if covered and native.weight_args(weights) is not None else None
         if compiled is not None:  # every layer in one compiled call
             try:
                 x = self._native_layers(compiled, x, slot, pos, singles, chunks, weights, cache, lora)
@@ -249,12 +250,6 @@ class LeanModel:
         if index != list(range(len(index))):
             logits = logits[torch.tensor(index, device=logits.device)]
         return logits
-
-    def _native(self, weights: Weights):
-        """The compiled layer loop for ``weights``, or None where the Python loop must run."""
-        if not self.native_ok or native.weight_args(weights) is None:
-            return None
-        return native.module()
 
     def _native_layers(self, compiled, x, slot, pos, singles, chunks, weights: Weights,
                        cache: KVCache, lora):
@@ -304,6 +299,7 @@ class LeanModel:
             if lora is not None and lora.touches(li, 3):
                 lora.add(li, 3, a.float(), x)
         return x
+
     def _single_plan(self, singles: list[Segment], dev):
         """Rows, key width and additive mask of the step's single-query tokens."""
         if not singles:

@@ -150,6 +150,8 @@ class BankSet:
         self.device = device
         self.banks: list[list[LoraBank | None]] = [[None] * len(sizes) for _ in range(n_layers)]
         self.adapters: dict[str, int] = {}  # name -> bytes of its float32 LoRA matrices
+        # adapter -> its per-layer arguments for the compiled loop (bot.engine.native.lora_args)
+        self.native_cache: dict[str, tuple] = {}
 
     def add_adapter(self, backbone, name: str) -> int:
         """Stack adapter ``name`` (loaded on ``backbone``'s peft model); returns its bytes.
@@ -198,9 +200,11 @@ class BankSet:
             bank.add(name, [(o, a.to(self.device), b.to(self.device)) for o, a, b in parts],
                      scales[(layer, group)])
         self.adapters[name] = nbytes
+        self.native_cache.clear()
         return nbytes
 
     def remove_adapter(self, name: str) -> None:
+        self.native_cache.clear()
         for row in self.banks:
             for gi, bank in enumerate(row):
                 if bank is not None and name in bank.cols:

@@ -6,12 +6,15 @@ at one row in the ~5,000 small tensor ops Python issues between the weight matmu
 call: the matmuls and LoRA products through ATen exactly as the Python step does, the
 norms, rotary, cache writes and attention as plain loops.
 
+Prompt chunks go through ATen's fused attention inside the same call.
+
 It is built once per torch version, CPU capability and source with
-``torch.utils.cpp_extension`` (about 30 s on 2 cores; the ``ninja`` package and the
+``torch.utils.cpp_extension`` (about 35 s on 2 cores; the ``ninja`` package and the
 system's C++ compiler) into ``$BOT_CACHE/native/``, and loaded from there afterwards.
 Where the build fails (no compiler), ``BOT_NATIVE=off``, or the step needs something
-the loop does not cover (prompt chunks, int4 body weights, an activation other than
-SiLU, a GPU), the Python step runs: same results, slower. ``bot info`` says which.
+the loop does not cover (int4 body weights, an activation other than SiLU, a GPU, steps
+of over 512 tokens, scoring every position), the Python step runs: same results, slower.
+``bot info`` says which.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def _build():
         pass
     try:
         if not any(folder.glob("*.so")):
-            log.info("engine: building the native decode step once (about 30 s) in %s", folder)
+            log.info("engine: building the native decode step once (about 35 s) in %s", folder)
         return load(name=f"bot_native_{tag.replace('-', '_')}", sources=[str(SOURCE)],
                     extra_cflags=[*BUILD.split(), *flags], extra_ldflags=["-fopenmp"],
                     build_directory=str(folder), verbose=False)
@@ -120,7 +123,7 @@ def status() -> str:
     folder = cache_dir() / "native" / _tag()[0]
     if any(folder.glob("*.so")):
         return f"built in {folder}; loaded by the first chat, demo or serve"
-    return "not built yet: built by the first chat, demo or serve (about 30 s, with the system's C++ compiler)"
+    return "not built yet: built by the first chat, demo or serve (about 35 s, with the system's C++ compiler)"
 
 
 def weight_args(weights) -> list[torch.Tensor] | None:
@@ -128,25 +131,19 @@ def weight_args(weights) -> list[torch.Tensor] | None:
 
     None when some layer's kernel is not one the loop runs (int4, fbgemm float16).
     """
-    if getattr(weights, "native", False) is not False:
-        return weights.native
-    flat: list[torch.Tensor] | None = []
-    for layer in weights.layers:
-        for lin in layer:
-            if isinstance(lin, Int8Call):
-                if lin.act != weights.dtype:
-                    flat = None
-                    break
-                flat += [lin.qweight, lin.scale, _or_empty(lin.bias)]
-            elif hasattr(lin, "weight") and hasattr(lin, "bias"):
-                flat += [lin.weight, _EMPTY, _or_empty(lin.bias)]
-            else:
-                flat = None
-                break
-        if flat is None:
-            break
-    weights.native = flat
-    return flat
+    if not hasattr(weights, "native"):
+        parts = [_linear_args(lin, weights.dtype) for layer in weights.layers for lin in layer]
+        weights.native = None if None in parts else [t for p in parts for t in p]
+    return weights.native
+
+
+def _linear_args(lin, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """(weight, scale or empty, bias or empty) of one fused linear, None if the loop cannot run it."""
+    if isinstance(lin, Int8Call):
+        return [lin.qweight, lin.scale, _or_empty(lin.bias)] if lin.act == dtype else None
+    if hasattr(lin, "weight") and hasattr(lin, "bias"):
+        return [lin.weight, _EMPTY, _or_empty(lin.bias)]
+    return None
 
 
 def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
@@ -154,9 +151,16 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
 
 
 def lora_args(plan, n_layers: int, groups: int = 4) -> tuple[list[torch.Tensor], list[float]]:
-    """One step's LoRA for ``decode_layers``: 3 tensors and a scale per (layer, group)."""
+    """One step's LoRA for ``decode_layers``: 3 tensors and a scale per (layer, group).
+
+    A step on one adapter alone (a single chat) reuses the lists built for it before
+    (``BankSet.native_cache``, emptied when adapters change); mixed steps build them.
+    """
     if plan is None:
         return [], []
+    cache = plan.banks.native_cache
+    if plan.only is not None and plan.only in cache:
+        return cache[plan.only]
     tensors: list[torch.Tensor] = []
     scales: list[float] = []
     for li in range(n_layers):
@@ -169,4 +173,6 @@ def lora_args(plan, n_layers: int, groups: int = 4) -> tuple[list[torch.Tensor],
                 a_t, b, mask, scale = parts
                 tensors += [a_t, b, _or_empty(mask)]
                 scales.append(scale)
+    if plan.only is not None:
+        cache[plan.only] = (tensors, scales)
     return tensors, scales
