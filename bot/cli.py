@@ -26,7 +26,7 @@ from bot.model.device import DEVICES, LOAD_IN
 from bot.util.assets import default_adapters_dir
 
 # bot.engine.precision.KINDS, spelled out so `bot --help` does not import torch (tests/unit/engine/test_kernels.py checks)
-KERNEL_KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h", "w8q")
+KERNEL_KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h", "w8q", "q8", "q8h")
 
 
 def _command_line(argv) -> str:

@@ -10,9 +10,10 @@
 //
 // Layouts (all float32 unless said, contiguous):
 //   x: (n, hidden) residual stream, updated in place and returned;
-//   w: 12 tensors per layer: qkv, o, gate_up, down, each as (weight, scale, bias): the
-//      weight is int8 (N, K) for the int8 weight-only kernel (scale given) or a dense
-//      (N, K) weight in the activation dtype (scale empty); empty tensors for no bias;
+//   w: 16 tensors per layer: qkv, o, gate_up, down, each as (weight, scale, bias, corr): the
+//      weight is int8 (N, K) for the int8 weight-only kernel (scale given), packed int8
+//      for the int8 x int8 kernel (corr given, see q8_linear), or a dense (N, K) weight in
+//      the activation dtype (scale empty); empty tensors for no bias / no corr;
 //   norms: 2 per layer (input, post-attention) RMSNorm weights, eps: their epsilons;
 //   cos, sin: (n, head_dim) rotary factors of each row's position (sin sign-folded:
 //      rotate_half(x) * sin == roll(x, head_dim / 2) * signed_sin);
@@ -30,8 +31,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 using at::Tensor;
 
@@ -66,10 +73,244 @@ Tensor rms(const Tensor& x, const Tensor& weight, double eps) {
   return out;
 }
 
+// ---------------------------------------------------------------- int8 x int8 matmuls
+// y = x @ w.T (+ bias) with w int8 and x quantized on the fly to int8, both in blocks of 32
+// values along k, each block with its own scale (llama.cpp's Q8_0 layout: a block scale
+// keeps an outlier from flattening the rest of its row). The products are integer dot
+// products (AVX512-VNNI vpdpbusd, or AVX2 vpmaddubsw), four times the multiply-adds of a
+// float32 FMA per instruction, and each weight byte is read once per step however many
+// rows the step has, where ATen's int8 weight-only kernel re-reads the weights per block of
+// rows (slower than bf16 from 4 rows up).
+//
+// Weights are packed once (bot/engine/precision.py, Q8Call): (N/16, K/4, 16, 4) int8 so one
+// 64-byte load holds 4 consecutive k of 16 output rows; their scales (N/16, K/32, 16) float;
+// corr (N/16, K/32, 16) int32 = 128 * each row's weight sum over a block (the VNNI
+// instruction multiplies unsigned activations, so it is given x + 128 and corr undoes it).
+constexpr int64_t QB = 32;
+
+enum class Q8Path { vnni, avx2, scalar };
+
+Q8Path q8_path() {
+#if defined(__AVX512F__)
+  static const bool vnni = __builtin_cpu_supports("avx512vnni");
+  if (vnni) return Q8Path::vnni;
+#endif
+#if defined(__AVX2__)
+  return Q8Path::avx2;
+#else
+  return Q8Path::scalar;
+#endif
+}
+
+// rows of x (m, k) -> q (m, kp) int8 (+128 as uint8 when `offset`), s (m, kp / 32)
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* s, bool offset) {
+  const int64_t blocks = kp / QB;
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    float buf[QB];
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t k0 = b * QB, len = std::max<int64_t>(0, std::min(QB, k - k0));
+        float amax = 0.0f;
+        for (int64_t i = 0; i < QB; ++i) {
+          buf[i] = i < len ? x[r * k + k0 + i] : 0.0f;
+          amax = std::max(amax, std::fabs(buf[i]));
+        }
+        const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        s[r * blocks + b] = scale;
+        int8_t* out = q + r * kp + k0;
+        for (int64_t i = 0; i < QB; ++i) {
+          const int v = static_cast<int>(std::nearbyint(buf[i] * inv));
+          const int c = std::min(127, std::max(-127, v));
+          out[i] = offset ? static_cast<int8_t>(static_cast<uint8_t>(c + 128)) : static_cast<int8_t>(c);
+        }
+      }
+    }
+  });
+}
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+#if defined(__AVX512F__)
+#define Q8_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+// MB rows x NB blocks of 16 outputs, over all of k
+template <int MB, int NB>
+Q8_VNNI void q8_tile_vnni(const int8_t* w, const int32_t* corr, const float* sw, const int8_t* xq,
+                          const float* sx, int64_t kp, const float* bias, float* y, int64_t ldy) {
+  const int64_t blocks = kp / QB, wstride = kp * 16, cstride = blocks * 16;
+  __m512 fa[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) fa[i][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i ia[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) ia[i][j] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < QB / 4; ++t) {
+      const int64_t k = b * QB + t * 4;
+      __m512i wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(w + j * wstride + k * 16);
+      for (int i = 0; i < MB; ++i) {
+        const __m512i xb = _mm512_set1_epi32(load4(xq + i * kp + k));
+        for (int j = 0; j < NB; ++j) ia[i][j] = _mm512_dpbusd_epi32(ia[i][j], xb, wv[j]);
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const __m512i c = _mm512_loadu_si512(corr + j * cstride + b * 16);
+      const __m512 ws = _mm512_loadu_ps(sw + j * cstride + b * 16);
+      for (int i = 0; i < MB; ++i)
+        fa[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[i][j], c)),
+                                   _mm512_mul_ps(ws, _mm512_set1_ps(sx[i * blocks + b])), fa[i][j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const __m512 bi = bias ? _mm512_loadu_ps(bias + j * 16) : _mm512_setzero_ps();
+    for (int i = 0; i < MB; ++i) _mm512_storeu_ps(y + i * ldy + j * 16, _mm512_add_ps(fa[i][j], bi));
+  }
+}
+#endif
+
+#if defined(__AVX2__)
+// MB rows x one block of 16 outputs (two 8-lane halves), over all of k; x signed: |x| times
+// w with x's sign keeps vpmaddubsw's 16-bit pair sums within range (2 * 127 * 127)
+template <int MB>
+void q8_tile_avx2(const int8_t* w, const float* sw, const int8_t* xq, const float* sx, int64_t kp,
+                  const float* bias, float* y, int64_t ldy) {
+  const int64_t blocks = kp / QB;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 fa[MB][2];
+  for (int i = 0; i < MB; ++i) fa[i][0] = fa[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i ia[MB][2];
+    for (int i = 0; i < MB; ++i) ia[i][0] = ia[i][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < QB / 4; ++t) {
+      const int64_t k = b * QB + t * 4;
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 16));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 16 + 32));
+      for (int i = 0; i < MB; ++i) {
+        const __m256i xb = _mm256_set1_epi32(load4(xq + i * kp + k));
+        const __m256i ax = _mm256_sign_epi8(xb, xb);
+        ia[i][0] = _mm256_add_epi32(ia[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones));
+        ia[i][1] = _mm256_add_epi32(ia[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
+      }
+    }
+    const __m256 ws0 = _mm256_loadu_ps(sw + b * 16), ws1 = _mm256_loadu_ps(sw + b * 16 + 8);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 s = _mm256_set1_ps(sx[i * blocks + b]);
+      fa[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][0]), _mm256_mul_ps(ws0, s), fa[i][0]);
+      fa[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][1]), _mm256_mul_ps(ws1, s), fa[i][1]);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m256 bi = bias ? _mm256_loadu_ps(bias + h * 8) : _mm256_setzero_ps();
+    for (int i = 0; i < MB; ++i) _mm256_storeu_ps(y + i * ldy + h * 8, _mm256_add_ps(fa[i][h], bi));
+  }
+}
+#endif
+
+// the portable version of the same sums (no AVX2)
+void q8_tile_scalar(int64_t mb, const int8_t* w, const float* sw, const int8_t* xq, const float* sx,
+                    int64_t kp, const float* bias, float* y, int64_t ldy) {
+  const int64_t blocks = kp / QB;
+  for (int64_t i = 0; i < mb; ++i)
+    for (int64_t lane = 0; lane < 16; ++lane) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t k = b * QB; k < (b + 1) * QB; ++k)
+          dot += static_cast<int32_t>(xq[i * kp + k]) * w[(k / 4) * 64 + lane * 4 + k % 4];
+        acc += static_cast<float>(dot) * (sw[b * 16 + lane] * sx[i * blocks + b]);
+      }
+      y[i * ldy + lane] = acc + (bias ? bias[lane] : 0.0f);
+    }
+}
+
+// x (m, k) float32 -> (m, n) float32 through the packed int8 weights (see above)
+Tensor q8_linear(const Tensor& x_in, const Tensor& packed, const Tensor& corr, const Tensor& scales,
+                 const Tensor& bias) {
+  RECORD_FUNCTION("bot::q8_linear", std::vector<c10::IValue>({x_in, packed}));
+  Tensor x = x_in.scalar_type() == at::kFloat ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 4,
+              "q8 weights: packed (N/16, K/4, 16, 4) int8 expected");
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0) * 16, kp = packed.size(1) * 4;
+  const int64_t nblocks = n / 16, blocks = kp / QB;
+  TORCH_CHECK(x.dim() == 2 && k <= kp && kp % QB == 0, "q8_linear: x has ", k, " columns, the weights take ", kp);
+  TORCH_CHECK(scales.numel() == nblocks * blocks * 16 && corr.numel() == scales.numel(),
+              "q8_linear: scales and corr of (N/16, K/32, 16) expected");
+  const Q8Path path = q8_path();
+  Tensor xq = at::empty({m, kp}, x.options().dtype(at::kChar));
+  Tensor sx = at::empty({m, blocks}, x.options());
+  quantize_rows(x.data_ptr<float>(), m, k, kp, xq.data_ptr<int8_t>(), sx.data_ptr<float>(), path == Q8Path::vnni);
+  Tensor y = at::empty({m, n}, x.options());
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const int32_t* cp = corr.data_ptr<int32_t>();
+  const float* swp = scales.data_ptr<float>();
+  const int8_t* qp = xq.data_ptr<int8_t>();
+  const float* sp = sx.data_ptr<float>();
+  const float* bp = present(bias) ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t pairs = (nblocks + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t nb = 2 * p, width = std::min<int64_t>(2, nblocks - nb);
+      const int8_t* w = wp + nb * kp * 16;
+      const float* sw = swp + nb * blocks * 16;
+      const float* bi = bp ? bp + nb * 16 : nullptr;
+      for (int64_t r = 0; r < m;) {
+        const int8_t* xr = qp + r * kp;
+        const float* sr = sp + r * blocks;
+        float* yr = yp + r * n + nb * 16;
+#if defined(__AVX512F__)
+        if (path == Q8Path::vnni) {
+          const int32_t* c = cp + nb * blocks * 16;
+          const int64_t rows = std::min<int64_t>(4, m - r);
+#define Q8_CASE(R)                                                          \
+  case R:                                                                   \
+    if (width == 2) q8_tile_vnni<R, 2>(w, c, sw, xr, sr, kp, bi, yr, n);     \
+    else q8_tile_vnni<R, 1>(w, c, sw, xr, sr, kp, bi, yr, n);                \
+    break;
+          switch (rows) { Q8_CASE(4) Q8_CASE(3) Q8_CASE(2) Q8_CASE(1) }
+#undef Q8_CASE
+          r += rows;
+          continue;
+        }
+#endif
+        for (int64_t j = 0; j < width; ++j) {
+          const int8_t* wj = w + j * kp * 16;
+          const float* swj = sw + j * blocks * 16;
+          const float* bj = bi ? bi + j * 16 : nullptr;
+#if defined(__AVX2__)
+          if (m - r >= 2) q8_tile_avx2<2>(wj, swj, xr, sr, kp, bj, yr + j * 16, n);
+          else q8_tile_avx2<1>(wj, swj, xr, sr, kp, bj, yr + j * 16, n);
+#else
+          q8_tile_scalar(std::min<int64_t>(2, m - r), wj, swj, xr, sr, kp, bj, yr + j * 16, n);
+#endif
+        }
+        r += std::min<int64_t>(2, m - r);
+      }
+    }
+  });
+  return y;
+}
+
+// which integer dot product q8_linear uses here
+std::string q8_kernel() {
+  switch (q8_path()) {
+    case Q8Path::vnni: return "avx512-vnni";
+    case Q8Path::avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
 Tensor linear(const Tensor& x, const Tensor* w, at::ScalarType act) {
   const Tensor& weight = w[0];
   const Tensor& scale = w[1];
   const Tensor& bias = w[2];
+  if (present(w[3])) return q8_linear(x, weight, w[3], scale, bias);
   Tensor in = x.scalar_type() == act ? x : x.to(act);
   if (present(scale)) {
     Tensor y = at::_weight_int8pack_mm(in, weight, scale);
@@ -230,7 +471,7 @@ Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<T
   const at::ScalarType act = bf16_activations ? at::kBFloat16 : at::kFloat;
   const int64_t n = x.size(0), layers = static_cast<int64_t>(kc.size());
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 expected");
-  TORCH_CHECK(static_cast<int64_t>(w.size()) == 12 * layers, "12 weight tensors per layer expected");
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == 16 * layers, "16 weight tensors per layer expected");
   TORCH_CHECK(lora.empty() || static_cast<int64_t>(lora.size()) == 12 * layers, "3 LoRA tensors per layer group");
   const int64_t* sl = slot.data_ptr<int64_t>();
   const int64_t* ps = pos.data_ptr<int64_t>();
@@ -238,24 +479,24 @@ Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<T
   for (int64_t li = 0; li < layers; ++li) {
     TORCH_CHECK(kc[li].is_contiguous() && vc[li].is_contiguous() && kc[li].scalar_type() == at::kFloat,
                 "layer ", li, ": contiguous float32 key/value caches expected");
-    const Tensor* lw = &w[12 * li];
+    const Tensor* lw = &w[16 * li];
     Tensor h = rms(x, norms[2 * li], eps[2 * li]);
     Tensor qkv = as_float(linear(h, lw, act)).contiguous();
     lora_add(h, qkv, lora, lscale, 4 * li);
     rope_store(qkv, cos, sin, q, kc[li], vc[li], sl, ps, hq, hk, hd);
     Tensor attn = attend(q, kc[li], vc[li], sl, ps, singles, hq, hk, hd, scaling);
     if (singles < n) attend_chunks(q, kc[li], vc[li], chunks, sl, attn, hq, hk, hd, scaling);
-    x.add_(linear(attn, lw + 3, act));
+    x.add_(linear(attn, lw + 4, act));
     lora_add(attn, x, lora, lscale, 4 * li + 1);
     h = rms(x, norms[2 * li + 1], eps[2 * li + 1]);
     // gate/up stay in the kernel's dtype unless LoRA adds to them (as the Python step does)
-    Tensor gu = linear(h, lw + 6, act);
+    Tensor gu = linear(h, lw + 8, act);
     if (has_lora(lora, 4 * li + 2)) {
       gu = as_float(gu).contiguous();
       lora_add(h, gu, lora, lscale, 4 * li + 2);
     }
     Tensor a = at::silu(gu.narrow(1, 0, inter)).mul_(gu.narrow(1, inter, inter));
-    x.add_(linear(a, lw + 9, act));
+    x.add_(linear(a, lw + 12, act));
     if (has_lora(lora, 4 * li + 3)) lora_add(as_float(a), x, lora, lscale, 4 * li + 3);
   }
   return x;
@@ -263,4 +504,6 @@ Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layers", &decode_layers, "every decoder layer for one step's tokens");
+  m.def("q8_linear", &q8_linear, "x @ w.T * scale + bias through packed int8 weights, x quantized in blocks of 32");
+  m.def("q8_kernel", &q8_kernel, "which integer dot product q8_linear uses on this CPU");
 }

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from bot import settings
-from bot.engine.precision import Int8Call
 from bot.util.assets import cache_dir, writable_cache_dir
 
 log = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ def status() -> str:
 
 
 def weight_args(weights) -> list[torch.Tensor] | None:
-    """``weights``' layers as the 12 tensors per layer ``decode_layers`` takes (cached on it).
+    """``weights``' layers as the 16 tensors per layer ``decode_layers`` takes (cached on it).
 
     None when some layer's kernel is not one the loop runs (int4, fbgemm float16).
     """
@@ -138,11 +137,15 @@ def weight_args(weights) -> list[torch.Tensor] | None:
 
 
 def _linear_args(lin, dtype: torch.dtype) -> list[torch.Tensor] | None:
-    """(weight, scale or empty, bias or empty) of one fused linear, None if the loop cannot run it."""
-    if isinstance(lin, Int8Call):
-        return [lin.qweight, lin.scale, _or_empty(lin.bias)] if lin.act == dtype else None
+    """(weight, scale or empty, bias or empty, corr or empty) of one fused linear, None if the
+    loop cannot run it."""
+    # by attributes (bot.engine.precision imports this module): Q8Call, Int8Call, _Dense
+    if hasattr(lin, "corr"):
+        return None if lin.padded else [lin.packed, lin.scale, _or_empty(lin.bias), lin.corr]
+    if hasattr(lin, "qweight"):
+        return [lin.qweight, lin.scale, _or_empty(lin.bias), _EMPTY] if lin.act == dtype else None
     if hasattr(lin, "weight") and hasattr(lin, "bias"):
-        return [lin.weight, _EMPTY, _or_empty(lin.bias)]
+        return [lin.weight, _EMPTY, _or_empty(lin.bias), _EMPTY]
     return None
 
 

@@ -36,13 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+from bot.engine import native
+
 log = logging.getLogger(__name__)
 
-KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h", "w8q")
+KINDS = ("fp32", "bf16", "w8", "w8f", "w4", "w8h", "bf16h", "w8q", "q8", "q8h")
 # measured at first use; w4 (int4 body) is opt-in: the embedded backbone's body is GGUF Q4_1,
 # but re-quantizing the de-quantized weights does not land on the same grid (probe
 # perplexity 1.11x fp32, over the gate), and packing it costs seconds
-CANDIDATES = ("fp32", "bf16", "w8", "w8f", "w8h", "bf16h", "w8q")
+CANDIDATES = ("fp32", "bf16", "w8", "w8f", "w8h", "bf16h", "w8q", "q8", "q8h")
 DESCRIPTIONS = {
     "fp32": "float32 weights and math (exact)",
     "bf16": "bfloat16 weights and activations",
@@ -52,6 +54,8 @@ DESCRIPTIONS = {
     "w8h": "w8, with the output head in float16 weights and float32 activations",
     "bf16h": "bf16, with the output head in float16 weights and float32 activations",
     "w8q": "w8, with the output head in int4 weight-only (groups of 32)",
+    "q8": "int8 weights (one scale per row) times int8 activations (one scale per 32 values)",
+    "q8h": "q8, with the output head in float16 weights and float32 activations",
 }
 MAX_PPL_RATIO = 1.02
 # a candidate must beat float32 by this margin to be chosen over the exact kernel (timing noise)
@@ -74,15 +78,15 @@ PROBE_TEXT = (
 )
 
 # head kernel of each kind (the body's kernel is BODY's)
-HEAD = {"w8h": "f16", "bf16h": "f16", "w8q": "w4"}
-BODY = {"w8h": "w8", "bf16h": "bf16", "w8q": "w8"}
+HEAD = {"w8h": "f16", "bf16h": "f16", "w8q": "w4", "q8h": "f16"}
+BODY = {"w8h": "w8", "bf16h": "bf16", "w8q": "w8", "q8h": "q8"}
 # kinds with CPU-only layers (int8/int4 weight-only, fbgemm): other devices fall back to bf16
-QUANTIZED = ("w8", "w8f", "w4", "w8h", "bf16h", "w8q")
+QUANTIZED = ("w8", "w8f", "w4", "w8h", "bf16h", "w8q", "q8", "q8h")
 
 
 def activation_dtype(kind: str) -> torch.dtype:
     """The dtype activations use under ``kind``."""
-    return torch.float32 if BODY.get(kind, kind) in ("fp32", "w8f") else torch.bfloat16
+    return torch.float32 if BODY.get(kind, kind) in ("fp32", "w8f", "q8") else torch.bfloat16
 
 
 def head_kind(kind: str) -> str:
@@ -205,6 +209,8 @@ def linear_for(weight: torch.Tensor, bias: torch.Tensor | None, kind: str):
     body = BODY.get(kind, kind)
     if body in ("fp32", "bf16"):
         return _Dense(weight, bias, activation_dtype(body))
+    if body == "q8":
+        return Q8Call(weight, bias)
     out, inp = weight.shape
     if body == "w4" and inp % 32 == 0 and out % 8 == 0:
         return Int4WeightLinear(weight, bias).forward
@@ -228,6 +234,61 @@ class Int8Call:
         return y if self.bias is None else y + self.bias
 
 
+class Q8Call:
+    """int8 weights times int8 activations: ``native.cpp``'s ``q8_linear``.
+
+    Weights and activations are int8 in blocks of 32 values along the input, each block
+    with its own scale (llama.cpp's Q8_0 layout; the per-tensor scale of dynamic
+    quantization put the probe perplexity at 2.6x, see above). Weights are packed so one
+    64-byte load holds 4 inputs of 16 outputs. Needs the compiled engine loop
+    (bot.engine.native); without it building one raises RuntimeError and the kernel choice
+    skips the kinds that use it. Outputs and inputs are zero-padded to the kernel's blocks
+    of 16 and 32 (a padded layer runs in the Python step: the compiled loop takes exact widths).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        mod = native.module()
+        if mod is None:
+            raise RuntimeError(f"the q8 kernel needs the compiled engine loop, which is {native.reason()}")
+        out, inp = weight.shape
+        rows, cols = out + (-out % 16), inp + (-inp % 32)  # zero-padded up to the kernel's blocks
+        w = F.pad(weight.detach().float(), (0, cols - inp, 0, rows - out)).view(rows, cols // 32, 32)
+        scale = w.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+        q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        self.packed = q.view(rows // 16, 16, cols // 4, 4).permute(0, 2, 1, 3).contiguous()
+        # the VNNI kernel multiplies x + 128 (unsigned): 128 * each block's weight sum undoes it
+        self.corr = _by_block(q.sum(-1, dtype=torch.int32) * 128)
+        self.scale = _by_block(scale)
+        self.bias = None if bias is None else F.pad(bias.detach().float(), (0, rows - out)).contiguous()
+        self.in_features, self.out_features, self.padded = inp, out, rows != out
+        self._op, self._bias = mod.q8_linear, torch.empty(0) if bias is None else self.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._op(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), self.packed, self.corr, self.scale,
+                     self._bias)
+        if self.padded:
+            y = y[:, :self.out_features]
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _by_block(t: torch.Tensor) -> torch.Tensor:
+    """(N, K/32) per-block values -> (N/16, K/32, 16), the order the kernel reads them."""
+    rows, blocks = t.shape
+    return t.view(rows // 16, 16, blocks).permute(0, 2, 1).contiguous()
+
+
+class Q8Linear(nn.Module):
+    """:class:`Q8Call` as a module (transformers' forward, for families the lean step lacks)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.call = Q8Call(weight, bias)
+        self.in_features, self.out_features = self.call.in_features, self.call.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(x)
+
+
 def convert(model: nn.Module, kind: str) -> nn.Module:
     """Put ``model`` (float32, frozen) into kernel ``kind`` in place (the transformers fallback).
 
@@ -242,7 +303,7 @@ def convert(model: nn.Module, kind: str) -> nn.Module:
         head = model.get_output_embeddings()
         model.set_output_embeddings(Float16WeightLinear(head.weight, head.bias))
     body = BODY.get(kind, kind)
-    if body in ("w8", "w8f", "w4"):
+    if body in ("w8", "w8f", "w4", "q8"):
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
@@ -251,6 +312,8 @@ def convert(model: nn.Module, kind: str) -> nn.Module:
 
 
 def _quantized(child: nn.Linear, kind: str) -> nn.Module:
+    if kind == "q8":
+        return Q8Linear(child.weight, child.bias)
     if kind == "w4" and child.in_features % 32 == 0 and child.out_features % 8 == 0:
         return Int4WeightLinear(child.weight, child.bias)
     if kind == "w4":  # shapes the int4 kernel cannot take stay at 8 bits

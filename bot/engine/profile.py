@@ -6,7 +6,8 @@ of history, every other one on a generation adapter when one is loaded) is stepp
 ``steps`` times under ``torch.profiler``; each op's self CPU time goes to one bucket:
 
 * ``body``: the decoder's weight matmuls in the step's kernel (int8/int4 weight-only
-  kernels, bf16/float32 ``mm``/``addmm`` over the hidden or MLP width);
+  kernels, the compiled loop's int8 x int8 ``bot::q8_linear``, bf16/float32
+  ``mm``/``addmm`` over the hidden or MLP width);
 * ``head``: the output head (a matmul with the vocabulary as a dimension, or fbgemm's
   float16 linear);
 * ``lora``: the stacked LoRA products (a matmul over the adapters' stacked rank columns)
@@ -45,6 +46,8 @@ def bucket(name: str, shapes: list, vocab: int, rank: int) -> str:
     matmul whose 2-D input ends in at most that many columns is a LoRA product.
     """
     mats = [s for s in shapes if isinstance(s, (list, tuple)) and s and all(isinstance(d, int) for d in s)]
+    if name == "bot::q8_linear":  # int8 x int8; its weights are packed (outputs / 16, ...)
+        return "head" if any(len(s) == 4 and s[0] * 16 == vocab for s in mats) else "body"
     if "linear_dynamic_fp16" in name or any(vocab in s for s in mats):
         return "head"
     if any(k in name for k in _BODY_KERNELS):

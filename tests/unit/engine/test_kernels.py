@@ -50,7 +50,7 @@ def test_every_kernel_scores_text_within_two_percent_of_fp32(bb, kind):
 
     ref = ppl("fp32")
     assert ppl(kind) == pytest.approx(ref, rel=kernels.MAX_PPL_RATIO - 1)
-    assert kernels.activation_dtype(kind) == (torch.float32 if kind in ("fp32", "w8f") else torch.bfloat16)
+    assert kernels.activation_dtype(kind) == (torch.float32 if kind in ("fp32", "w8f", "q8", "q8h") else torch.bfloat16)
     s.close()
 
 
