@@ -102,6 +102,45 @@ Q8Path q8_path() {
 #endif
 }
 
+#if defined(__AVX512F__)
+// one full block of 32 values: its scale, and the values rounded (half to even, as
+// std::nearbyint under the default rounding mode) and packed to int8 (+128: flip bit 7)
+inline float quantize_block(const float* x, int8_t* out, bool offset) {
+  const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  const __m128i q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)));
+  const __m128i q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)));
+  const __m128i flip = _mm_set1_epi8(offset ? static_cast<char>(0x80) : 0);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_xor_si128(q0, flip));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_xor_si128(q1, flip));
+  return amax / 127.0f;
+}
+#elif defined(__AVX2__)
+inline float quantize_block(const float* x, int8_t* out, bool offset) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 a = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float amax = _mm_cvtss_f32(h);
+  const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+  // the packs work within 128-bit lanes: a final permute puts the 32 bytes back in order
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  const __m256i ordered = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i flip = _mm256_set1_epi8(offset ? static_cast<char>(0x80) : 0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_xor_si256(ordered, flip));
+  return amax / 127.0f;
+}
+#endif
+
 // rows of x (m, k) -> q (m, kp) int8 (+128 as uint8 when `offset`), s (m, kp / 32)
 void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, float* s, bool offset) {
   const int64_t blocks = kp / QB;
@@ -110,14 +149,20 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kp, int8_t* q, 
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t k0 = b * QB, len = std::max<int64_t>(0, std::min(QB, k - k0));
+        int8_t* out = q + r * kp + k0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+        if (len == QB) {
+          s[r * blocks + b] = quantize_block(x + r * k + k0, out, offset);
+          continue;
+        }
+#endif
         float amax = 0.0f;
         for (int64_t i = 0; i < QB; ++i) {
           buf[i] = i < len ? x[r * k + k0 + i] : 0.0f;
           amax = std::max(amax, std::fabs(buf[i]));
         }
-        const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        s[r * blocks + b] = scale;
-        int8_t* out = q + r * kp + k0;
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        s[r * blocks + b] = amax / 127.0f;
         for (int64_t i = 0; i < QB; ++i) {
           const int v = static_cast<int>(std::nearbyint(buf[i] * inv));
           const int c = std::min(127, std::max(-127, v));
