@@ -548,7 +548,10 @@ Tensor decode_layers(Tensor x, const std::vector<Tensor>& w, const std::vector<T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_layers", &decode_layers, "every decoder layer for one step's tokens");
-  m.def("q8_linear", &q8_linear, "x @ w.T * scale + bias through packed int8 weights, x quantized in blocks of 32");
+  // without the GIL: the server's threads stream tokens and take requests while a step runs
+  m.def("decode_layers", &decode_layers, "every decoder layer for one step's tokens",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("q8_linear", &q8_linear, "x @ w.T + bias through packed int8 weights, x quantized in blocks of 32",
+        py::call_guard<py::gil_scoped_release>());
   m.def("q8_kernel", &q8_kernel, "which integer dot product q8_linear uses on this CPU");
 }

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -81,11 +82,25 @@ def _build():
     try:
         if not any(folder.glob("*.so")):
             log.info("engine: building the native decode step once (about 35 s) in %s", folder)
-        return load(name=f"bot_native_{tag.replace('-', '_')}", sources=[str(SOURCE)],
-                    extra_cflags=[*BUILD.split(), *flags], extra_ldflags=["-fopenmp"],
-                    build_directory=str(folder), verbose=False)
+        mod = load(name=f"bot_native_{tag.replace('-', '_')}", sources=[str(SOURCE)],
+                   extra_cflags=[*BUILD.split(), *flags], extra_ldflags=["-fopenmp"],
+                   build_directory=str(folder), verbose=False)
     finally:
         os.environ["PATH"] = path
+    _prune(folder)
+    return mod
+
+
+def _prune(current: Path) -> None:
+    """Remove this CPU capability's builds of other sources or torch versions (a few MB each).
+
+    One build per capability is kept, so two torch versions sharing one ``BOT_CACHE``
+    rebuild in turn (35 s each) rather than pile up folders."""
+    cap = current.name.rsplit("-", 1)[0]
+    for old in current.parent.glob(f"{cap}-*"):
+        if old != current and old.is_dir():
+            log.info("engine: removing an older build of the native decode step, %s", old)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def module():

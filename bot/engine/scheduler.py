@@ -258,6 +258,10 @@ class Scheduler(BlockingCalls):
             QueueFull: ``max_queue`` requests are already waiting or running.
         """
         params.check()
+        if threading.current_thread() is not self._thread:
+            # a caller that ran torch work in this thread holds an OpenMP team: a second team
+            # in the process makes every decode step pay futex wake-ups (bot.engine.threads)
+            release_pool()
         if (self.auto_adapters and adapter is not None and adapter not in self.runner.adapters
                 and adapter in self.backbone.adapters):
             self.call(lambda: adapter in self.runner.adapters or self.runner.add_adapter(adapter))
@@ -422,9 +426,17 @@ class ClassifyQueue:
         """Queue ``job`` (refused while ``sched`` is full), wake the engine, wait for the answer."""
         if not job.texts:
             return []
+        # shortest texts first: a slice's texts are padded to its longest, so similar lengths
+        # together waste less (64 chat prompts of 3-40 tokens on AVX2: 5.2 -> 4.1 s)
+        order = sorted(range(len(job.texts)), key=lambda i: len(job.texts[i]))
+        job.texts, job.adapters = [job.texts[i] for i in order], [job.adapters[i] for i in order]
         release_pool()
         _enqueue(sched, lambda: self.jobs.append(job))
-        return job.future.result()
+        answers = job.future.result()
+        out: list = [None] * len(answers)
+        for pos, i in enumerate(order):
+            out[i] = answers[pos]
+        return out
 
     def slice(self, metrics) -> None:
         """Answer up to CLASSIFY_SLICE waiting texts (oldest jobs first) in one pass."""

@@ -166,3 +166,12 @@ def test_a_failed_build_falls_back_with_the_compilers_reason(monkeypatch, tmp_pa
     assert native.module() is None
     assert native.reason().startswith("could not be built")
     assert "Python" in native.status()
+
+
+def test_a_new_build_removes_older_builds_of_the_same_capability(tmp_path):
+    current = tmp_path / "avx512-aaaaaaaaaaaa"
+    for name in ("avx512-aaaaaaaaaaaa", "avx512-bbbbbbbbbbbb", "avx2-cccccccccccc"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.so").write_bytes(b"")
+    native._prune(current)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avx2-cccccccccccc", "avx512-aaaaaaaaaaaa"]
