@@ -415,9 +415,85 @@ void rope_store(const Tensor& qkv, const Tensor& cos, const Tensor& sin, Tensor&
   }
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// one SIMD register of floats, for the attention loops below
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int64_t VW = 16;
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+#else
+using Vec = __m256;
+constexpr int64_t VW = 8;
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline float vsum(Vec v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
+// scores s[t] = q . k_t * scale for t < len, four positions at a time; returns their maximum
+// (C registers per head vector: head_dim = C * VW)
+template <int C>
+float scores_simd(const float* q, const float* keys, int64_t len, float scale, float* s) {
+  Vec qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = vload(q + c * VW);
+  constexpr int64_t hd = C * VW;
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t t = 0;
+  for (; t + 4 <= len; t += 4) {
+    Vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    const float* k = keys + t * hd;
+    for (int c = 0; c < C; ++c) {
+      a0 = vfma(qv[c], vload(k + c * VW), a0);
+      a1 = vfma(qv[c], vload(k + hd + c * VW), a1);
+      a2 = vfma(qv[c], vload(k + 2 * hd + c * VW), a2);
+      a3 = vfma(qv[c], vload(k + 3 * hd + c * VW), a3);
+    }
+    s[t] = vsum(a0) * scale;
+    s[t + 1] = vsum(a1) * scale;
+    s[t + 2] = vsum(a2) * scale;
+    s[t + 3] = vsum(a3) * scale;
+    top = std::max(top, std::max(std::max(s[t], s[t + 1]), std::max(s[t + 2], s[t + 3])));
+  }
+  for (; t < len; ++t) {
+    Vec a = vzero();
+    for (int c = 0; c < C; ++c) a = vfma(qv[c], vload(keys + t * hd + c * VW), a);
+    s[t] = vsum(a) * scale;
+    top = std::max(top, s[t]);
+  }
+  return top;
+}
+
+// o = sum_t w[t] * v_t * inv, the output in registers
+template <int C>
+void values_simd(const float* w, const float* vals, int64_t len, float inv, float* o) {
+  Vec acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = vzero();
+  constexpr int64_t hd = C * VW;
+  for (int64_t t = 0; t < len; ++t) {
+    const Vec a = vset(w[t]);
+    for (int c = 0; c < C; ++c) acc[c] = vfma(a, vload(vals + t * hd + c * VW), acc[c]);
+  }
+  const Vec f = vset(inv);
+  for (int c = 0; c < C; ++c) vstore(o + c * VW, vmul(acc[c], f));
+}
+#endif
+
 // each decoding row's query heads over positions 0..pos of its own cache row (no padding, no
-// mask); the query heads that share a key/value head are done together, so each cached key
-// and value is read once per row, not once per query head
+// mask); the query heads that share a key/value head are done in one task, so each cached
+// key and value block is fetched from memory once per row, not once per query head
 Tensor attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const int64_t* slot,
               const int64_t* pos, int64_t singles, int64_t hq, int64_t hk, int64_t hd, double scaling) {
   RECORD_FUNCTION("bot::attention", std::vector<c10::IValue>());
@@ -434,6 +510,10 @@ Tensor attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const int64_t
   float* sp = scores.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = static_cast<float>(scaling);
+  int chunks = 0;  // head_dim in SIMD registers, when the SIMD loops take it
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if (hd % VW == 0 && (hd / VW == 2 || hd / VW == 4 || hd / VW == 8 || hd / VW == 16)) chunks = static_cast<int>(hd / VW);
+#endif
   // (row, key/value head) units per thread task: about 64k multiply-adds each
   const int64_t per_unit = std::max<int64_t>(1, offset[singles * hq] / singles * hd * 2 / hk);
   const int64_t grain = std::max<int64_t>(1, 65536 / per_unit);
@@ -441,18 +521,24 @@ Tensor attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const int64_t
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / hk, kv = u % hk, len = pos[r] + 1, first = r * hq + kv * group;
       const float* keys = kp + (slot[r] * hk + kv) * cap * hd;
-      std::vector<float> top(group, -std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < len; ++t) {
-        const float* k = keys + t * hd;
-        for (int64_t g = 0; g < group; ++g) {
-          const float v = dot(qp + (first + g) * hd, k, hd) * scale;
-          sp[offset[first + g] + t] = v;
-          top[g] = std::max(top[g], v);
-        }
-      }
       for (int64_t g = 0; g < group; ++g) {
+        const float* qg = qp + (first + g) * hd;
         float* s = sp + offset[first + g];
-        for (int64_t t = 0; t < len; ++t) s[t] -= top[g];
+        float top = -std::numeric_limits<float>::infinity();
+        switch (chunks) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+          case 2: top = scores_simd<2>(qg, keys, len, scale, s); break;
+          case 4: top = scores_simd<4>(qg, keys, len, scale, s); break;
+          case 8: top = scores_simd<8>(qg, keys, len, scale, s); break;
+          case 16: top = scores_simd<16>(qg, keys, len, scale, s); break;
+#endif
+          default:
+            for (int64_t t = 0; t < len; ++t) {
+              s[t] = dot(qg, keys + t * hd, hd) * scale;
+              top = std::max(top, s[t]);
+            }
+        }
+        for (int64_t t = 0; t < len; ++t) s[t] -= top;
       }
     }
   });
@@ -461,19 +547,24 @@ Tensor attend(const Tensor& q, const Tensor& kc, const Tensor& vc, const int64_t
     for (int64_t u = begin; u < end; ++u) {
       const int64_t r = u / hk, kv = u % hk, len = pos[r] + 1, first = r * hq + kv * group;
       const float* vals = vp + (slot[r] * hk + kv) * cap * hd;
-      std::vector<float> inv(group);
       for (int64_t g = 0; g < group; ++g) {
-        const float* s = sp + offset[first + g];
+        const float* w = sp + offset[first + g];
         float total = 0.0f;
-        for (int64_t t = 0; t < len; ++t) total += s[t];
-        inv[g] = 1.0f / total;
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        const float* v = vals + t * hd;
-        for (int64_t g = 0; g < group; ++g) {
-          const float a = sp[offset[first + g] + t] * inv[g];
-          float* o = op + (first + g) * hd;
-          for (int64_t i = 0; i < hd; ++i) o[i] += a * v[i];
+        for (int64_t t = 0; t < len; ++t) total += w[t];
+        const float inv = 1.0f / total;
+        float* o = op + (first + g) * hd;
+        switch (chunks) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+          case 2: values_simd<2>(w, vals, len, inv, o); break;
+          case 4: values_simd<4>(w, vals, len, inv, o); break;
+          case 8: values_simd<8>(w, vals, len, inv, o); break;
+          case 16: values_simd<16>(w, vals, len, inv, o); break;
+#endif
+          default:
+            for (int64_t t = 0; t < len; ++t) {
+              const float a = w[t] * inv;
+              for (int64_t i = 0; i < hd; ++i) o[i] += a * vals[t * hd + i];
+            }
         }
       }
     }

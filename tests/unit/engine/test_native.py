@@ -4,6 +4,7 @@ falls back to the Python step when the loop is off or cannot be built."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -175,3 +176,37 @@ def test_a_new_build_removes_older_builds_of_the_same_capability(tmp_path):
         (tmp_path / name / "x.so").write_bytes(b"")
     native._prune(current)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["avx2-cccccccccccc", "avx512-aaaaaaaaaaaa"]
+
+
+_AVX2_STEP = """
+import json, torch
+from helpers import tiny_backbone_with_generators
+from bot.engine import native
+from bot.engine.lean import Segment
+from bot.engine.runner import make_runner
+assert native.module() is not None, native.reason()
+bb = tiny_backbone_with_generators()
+runner = make_runner(bb, "fp32", 6, 128)
+runner.add_adapter("a")
+runner.step([Segment(0, 0, list(range(5, 45)), None), Segment(2, 0, [7, 7, 1, 30], "a")])
+segs = [Segment(2, 4, [20], "a"), Segment(0, 40, [21], None)]
+runner.lean.native_ok = False
+py = runner.step(segs)
+runner.lean.native_ok = True
+compiled = runner.step(segs)
+print(json.dumps({"isa": torch.backends.cpu.get_cpu_capability(), "native_ok": runner.lean.native_ok,
+                  "diff": float((compiled - py).abs().max())}))
+"""
+
+
+@needs_compiler
+def test_the_avx2_build_gives_the_python_steps_logits():
+    """The AVX2 build's SIMD attention and q8-free fp32 step, in a fresh process built for AVX2."""
+    here = Path(__file__).resolve()
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "PYTHONPATH": os.pathsep.join([str(here.parents[2]), str(here.parents[3]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _AVX2_STEP], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["isa"] == "AVX2" and result["native_ok"]
+    assert result["diff"] < 2e-4
