@@ -176,9 +176,7 @@ class Scheduler(BlockingCalls):
         self.classifiers = dict(classifiers or {})
         for name in generators or []:
             self.runner.add_adapter(name)
-        self.max_batch = max_batch
-        self.max_queue = max_queue
-        self.auto_adapters = auto_adapters
+        self.max_batch, self.max_queue, self.auto_adapters = max_batch, max_queue, auto_adapters
         self.batch = DecodeBatch(self.runner, self.tokenizer, eos_ids(backbone), self.max_len)
         self.batch.metrics = metrics
         self._cond = threading.Condition()
@@ -259,9 +257,7 @@ class Scheduler(BlockingCalls):
         """
         params.check()
         if threading.current_thread() is not self._thread:
-            # a caller that ran torch work in this thread holds an OpenMP team: a second team
-            # in the process makes every decode step pay futex wake-ups (bot.engine.threads)
-            release_pool()
+            release_pool()  # a caller's own OpenMP team would slow every step (bot.engine.threads)
         if (self.auto_adapters and adapter is not None and adapter not in self.runner.adapters
                 and adapter in self.backbone.adapters):
             self.call(lambda: adapter in self.runner.adapters or self.runner.add_adapter(adapter))
