@@ -60,7 +60,7 @@ DESCRIPTIONS = {
     "w8h": "w8, with the output head in float16 weights and float32 activations",
     "bf16h": "bf16, with the output head in float16 weights and float32 activations",
     "w8q": "w8, with the output head in int4 weight-only (groups of 32)",
-    "q8": "int8 weights (one scale per row) times int8 activations (one scale per 32 values)",
+    "q8": "int8 weights times int8 activations, each with one scale per 32 values",
     "q8h": "q8, with the output head in float16 weights and float32 activations",
 }
 MAX_PPL_RATIO = 1.02
