@@ -437,13 +437,15 @@ train.max_length are read whole as up to train.max_windows windows.
 what the default adapters take on the 2-core reference machine (each
 metrics.json holds its command): sentiment (LoRA on layers 18-29, 1 epoch)
 29.8 min with --budget 35 on a shared machine (cache 7 min, 937 MB); topic
-(layers 24-29, 3 epochs, articles cut to 256 tokens) 19.5 min alone; chat
+(layers 24-29, 3 epochs, whole articles as up to 3 windows of 512 tokens,
+headlines twice) 61 min with --budget 70 alone (cache 12 min, 1.9 GB); chat
 6.5 min. the frozen-layer cache is built once per distinct training prompt;
 then a topic epoch costs 0.47x of the uncached wall time (cache_speedup
-2.13x) and a sentiment epoch 0.71x (1.41x, measured for layers 18-29): the
-fewer layers carry LoRA, the more the cache saves.
-the cache holds 4 bytes x hidden size x distinct training tokens: topic 887 MB,
-sentiment 937 MB. up to $BOT_TRAIN_CACHE_MB (default 1024) it stays in memory,
+2.13x, measured with articles cut to 256 tokens) and a sentiment epoch 0.71x
+(1.41x, measured for layers 18-29): the fewer layers carry LoRA, the more the
+cache saves.
+the cache holds 4 bytes x hidden size x distinct training tokens: topic
+1,917 MB, sentiment 937 MB. up to $BOT_TRAIN_CACHE_MB (default 1024) it stays in memory,
 above that it is a temporary file under $BOT_CACHE/train-states (deleted after).
 training threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) and use the
 cores other jobs leave free at the start (BOT_TRAIN_THREADS overrides).
