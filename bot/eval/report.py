@@ -294,11 +294,12 @@ def _classify_section(name: str, t: dict, out_dir: Path, plots: bool) -> list[st
 def _windowed_text(t: dict) -> str:
     """Which texts were longer than the adapter's ``max_length`` and read as windows."""
     parts = []
-    for view, m in (t.get("views") or {}).items():
+    # eval_classify keeps the whole text's scores under "adapter" and each view's under "views"
+    for view, m in {"text": t.get("adapter") or {}, **(t.get("views") or {})}.items():
         w = m.get("windowed") or {}
         if w.get("texts"):
-            limit = (f"; {w['at_limit']} reached the limit of {w['max_windows']} windows and were "
-                     "read from their start only" if w.get("at_limit") else "")
+            limit = (f"; {w['at_limit']} were longer than the limit of {w['max_windows']} windows "
+                     "and were read from their start only" if w.get("at_limit") else "")
             parts.append(f"{view}: {w['texts']} of {m.get('n', DASH)} texts, {w['windows']} windows "
                          f"in all{limit}")
     if not parts:

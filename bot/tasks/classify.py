@@ -163,11 +163,19 @@ class ClassifyTask(ClassifyTraining, Task):
             windows = self.last_windows
             if len(windows) != len(texts):  # predict was replaced (tests, reports): count again
                 windows = [len(self.prompts(t, max_length)) for t in texts]
+            limit = self.spec.train.max_windows
             metrics["windowed"] = {"texts": sum(n > 1 for n in windows), "windows": sum(windows),
-                                   "max_windows": self.spec.train.max_windows,
-                                   "at_limit": sum(n >= self.spec.train.max_windows > 1 for n in windows)}
+                                   "max_windows": limit,
+                                   "at_limit": sum(n >= limit > 1 and self._cut(t, max_length)
+                                                   for n, t in zip(windows, texts))}
             result[view or "text"] = metrics
         return result
+
+    def _cut(self, text: str, max_length: int | None = None) -> bool:
+        """True when ``text`` needs more windows than ``train.max_windows`` (its end goes unread)."""
+        cfg = self.spec.train
+        return len(self.backbone.windows(self.spec.template, text, max_length or cfg.max_length,
+                                         cfg.max_windows + 1)) > cfg.max_windows
 
     def reply(self, probs: dict[str, float]) -> str:
         label = max(probs, key=probs.get)

@@ -78,10 +78,17 @@ def test_predict_and_the_engine_pool_the_windows_of_a_long_text_alike():
         assert [a[x] for x in task.labels] == pytest.approx([b[x] for x in task.labels], abs=1e-4)
 
 
-def test_evaluate_says_which_texts_were_windowed():
+def test_evaluate_says_which_texts_were_windowed_and_which_were_cut_at_the_limit():
     task = _task(make_tiny_backbone(), max_windows=2)
-    result = task.evaluate([{"text": long_text(80), "label": "cat"}, {"text": "woof", "label": "dog"}])
-    assert result["text"]["windowed"] == {"texts": 1, "windows": 3, "max_windows": 2, "at_limit": 1}
+    two = max(w for w in range(1, 200) if len(task.prompts(long_text(w))) == 2
+              and len(task.backbone.windows(TEMPLATE, long_text(w), 64, 3)) == 2)  # read whole in 2
+    rows = [{"text": long_text(200), "label": "cat"}, {"text": long_text(two), "label": "cat"},
+            {"text": "woof", "label": "dog"}]
+    assert len(task.prompts(long_text(200))) == 2 and task._cut(long_text(200))
+    assert not task._cut(long_text(two)) and not task._cut("woof")
+    result = task.evaluate(rows)
+    # both long texts hit the 2-window limit; only the first has text past it
+    assert result["text"]["windowed"] == {"texts": 2, "windows": 5, "max_windows": 2, "at_limit": 1}
 
 
 def test_training_items_are_windows_labelled_as_their_text():
@@ -92,12 +99,16 @@ def test_training_items_are_windows_labelled_as_their_text():
 
 
 def test_the_eval_report_says_which_texts_were_read_as_windows():
+    """Through eval_classify's real result: the whole text's figures sit under "adapter"."""
+    from bot.eval.evaluate import eval_classify
     from bot.eval.report import _windowed_text
 
-    views = {"text": {"n": 409, "windowed": {"texts": 170, "windows": 390, "max_windows": 8, "at_limit": 2}},
-             "headline": {"n": 409, "windowed": {"texts": 0, "windows": 409, "max_windows": 8, "at_limit": 0}}}
-    line = _windowed_text({"views": views})
-    assert "text: 170 of 409 texts, 390 windows" in line and "2 reached the limit of 8" in line
+    task = _task(make_tiny_backbone(), max_windows=2)
+    rows = [{"text": long_text(200), "label": "cat", "views": {"headline": "a cat"}},
+            {"text": "woof", "label": "dog", "views": {"headline": "a dog"}}]
+    result = eval_classify(task, rows, rows * 3, with_zero_shot=False)
+    line = _windowed_text(result)
+    assert "text: 1 of 2 texts, 3 windows in all" in line, line
+    assert "1 were longer than the limit of 2 windows" in line
     assert "headline" not in line
-    assert _windowed_text({"views": {"text": {"n": 5, "windowed": {"texts": 0}}}}) == ""
-
+    assert _windowed_text({"adapter": {"n": 5, "windowed": {"texts": 0}}, "views": {}}) == ""
