@@ -445,8 +445,9 @@ then a topic epoch costs 0.47x of the uncached wall time (cache_speedup
 (1.41x, measured for layers 18-29): the fewer layers carry LoRA, the more the
 cache saves.
 the cache holds 4 bytes x hidden size x distinct training tokens: topic
-1,917 MB, sentiment 937 MB. up to $BOT_TRAIN_CACHE_MB (default 1024) it stays in memory,
-above that it is a temporary file under $BOT_CACHE/train-states (deleted after).
+1,917 MB, sentiment 937 MB. up to $BOT_TRAIN_CACHE_MB (default 1024) it stays
+in memory, above that it is a temporary file under $BOT_CACHE/train-states
+(deleted after).
 training threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) and use the
 cores other jobs leave free at the start (BOT_TRAIN_THREADS overrides).
 """
