@@ -440,8 +440,8 @@ metrics.json holds its command): sentiment (LoRA on layers 18-29, 1 epoch)
 (layers 24-29, 3 epochs, whole articles as up to 3 windows of 512 tokens,
 headlines twice) 61 min with --budget 70 alone (cache 12 min, 1.9 GB); chat
 6.5 min. the frozen-layer cache is built once per distinct training prompt;
-then a topic epoch costs 0.47x of the uncached wall time (cache_speedup
-2.13x, measured with articles cut to 256 tokens) and a sentiment epoch 0.71x
+then a topic epoch costs 0.48x of the uncached wall time (cache_speedup
+2.10x, 512-token windows) and a sentiment epoch 0.71x
 (1.41x, measured for layers 18-29): the fewer layers carry LoRA, the more the
 cache saves.
 the cache holds 4 bytes x hidden size x distinct training tokens: topic
