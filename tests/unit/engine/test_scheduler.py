@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 import torch
@@ -84,8 +85,11 @@ def test_requests_join_and_leave_between_steps(bb):
     sched.eos = set()
     tok = bb.tokenizer
     first = queue.Queue()
-    long_req = sched.submit(tok(PROMPTS[0])["input_ids"], "a", SamplingParams(max_tokens=60),
-                            first.put)
+    def paced(out):  # each of the long request's tokens takes >= 5 ms, so the short request's
+        first.put(out)  # submit (which may first release this thread's OpenMP team) cannot lose
+        time.sleep(0.005)  # the race against 60 steps of the tiny model
+
+    long_req = sched.submit(tok(PROMPTS[0])["input_ids"], "a", SamplingParams(max_tokens=60), paced)
     first.get()  # it has produced a token: it is decoding
     short = run_all(sched, [(tok(PROMPTS[1])["input_ids"], "b")], 8)[0]
     assert not long_req.finished, "the short request had to wait for the long one"
